@@ -1,0 +1,3 @@
+"""imgcls: train, compare and understand image classifiers."""
+
+__version__ = "0.1.0"

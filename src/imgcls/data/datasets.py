@@ -1,0 +1,187 @@
+"""One entry point, `load_dataset`, for every data source; splits are batched as uint8 tensors.
+
+Small data lives in memory as a uint8 tensor and is sliced a batch at a time (no workers, no
+per-image Python). Large image folders stream through a DataLoader instead. Either way a split
+yields (uint8 N x 3 x H x W, int64 N) batches in the order it is given, so the training loop,
+augmentation and resumption are the same for both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from imgcls.data import cifar, folder
+from imgcls.errors import UserError
+
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
+
+
+@dataclass
+class Split:
+    labels: torch.Tensor
+    images: torch.Tensor | None = None  # uint8 N x 3 x H x W, in memory
+    stream: folder.StreamingImages | None = None  # or decoded on demand
+    workers: int = 0
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, order: torch.Tensor, batch_size: int):
+        """Yield (images, labels) batches visiting the indices in `order`."""
+        if self.images is not None:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                yield self.images[idx], self.labels[idx]
+            return
+        loader = torch.utils.data.DataLoader(
+            self.stream,
+            batch_size=batch_size,
+            sampler=order.tolist(),
+            num_workers=self.workers,
+            collate_fn=folder.collate_skipping_unreadable,
+            generator=torch.Generator().manual_seed(0),  # keeps the global RNG (dropout) untouched
+        )
+        yield from loader
+
+    def subset(self, idx: torch.Tensor) -> Split:
+        if self.images is not None:
+            return Split(self.labels[idx], images=self.images[idx])
+        files = [self.stream.files[i] for i in idx.tolist()]
+        labels = [self.stream.labels[i] for i in idx.tolist()]
+        stream = folder.StreamingImages(files, labels, self.stream.size)
+        return Split(self.labels[idx], stream=stream, workers=self.workers)
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    train: Split
+    val: Split
+    test: Split | None
+    # What a comparison must agree on: source, split rules, sizes and a hash of the labels.
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> Split:
+        found = getattr(self, name, None) if name in ("train", "val", "test") else None
+        if found is None:
+            have = [n for n in ("train", "val", "test") if getattr(self, n) is not None]
+            raise UserError(f"dataset {self.name} has no '{name}' split; use one of {', '.join(have)}")
+        return found
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(1024):  # bounded float memory for large sets
+        resized = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True)
+        out.append(resized.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def _labels_hash(*label_sets: torch.Tensor | None) -> str:
+    h = hashlib.sha256()
+    for labels in label_sets:
+        if labels is not None:
+            h.update(labels.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _carve_val(images, labels, fraction, seed):
+    keep, held = folder.stratified_split(labels, fraction, seed)
+    return Split(labels[keep], images=images[keep]), Split(labels[held], images=images[held])
+
+
+def _load_mini():
+    root = resources.files("imgcls.data") / "cifar10_mini"
+    meta = json.loads((root / "labels.json").read_text())
+    out = []
+    for split in ("train", "test"):
+        mosaic = np.asarray(Image.open(io.BytesIO((root / f"{split}.webp").read_bytes())).convert("RGB"))
+        rows, cols = mosaic.shape[0] // 32, mosaic.shape[1] // 32
+        data = mosaic.reshape(rows, 32, cols, 32, 3).transpose(0, 2, 4, 1, 3).reshape(-1, 3, 32, 32)
+        data = np.ascontiguousarray(data)
+        if hashlib.sha256(data.tobytes()).hexdigest() != meta[f"{split}_sha256"]:
+            raise UserError(f"the bundled cifar10-mini {split} file is damaged; reinstall imgcls")
+        out += [torch.from_numpy(data), torch.tensor(meta[split], dtype=torch.int64)]
+    return (*out, meta["classes"])
+
+
+def load_dataset(
+    data: str,
+    data_dir: str | None = None,
+    img_size: int | None = None,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    mode: str = "auto",
+    workers: int = 2,
+    download: bool = True,
+) -> Dataset:
+    """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split."""
+    if data in ("cifar10", "cifar10-mini"):
+        if data == "cifar10":
+            root = Path(data_dir) if data_dir else cifar.default_root()
+            x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(root, download)
+        else:
+            x_train, y_train, x_test, y_test, classes = _load_mini()
+        size = img_size or 32
+        x_train, x_test = _resize(x_train, size), _resize(x_test, size)
+        train, val = _carve_val(x_train, y_train, val_fraction, split_seed)
+        test = Split(y_test, images=x_test)
+        mean, std, source = CIFAR_MEAN, CIFAR_STD, data
+    else:
+        if data_dir:
+            raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
+        train, val, test, classes, size = _load_folder(
+            Path(data), img_size or 64, val_fraction, split_seed, mode, workers
+        )
+        mean, std, source = IMAGENET_MEAN, IMAGENET_STD, str(Path(data).resolve())
+    fingerprint = {
+        "source": source,
+        "img_size": size,
+        "val_fraction": val_fraction,
+        "split_seed": split_seed,
+        "sizes": {n: len(s) for n, s in (("train", train), ("val", val), ("test", test)) if s},
+        "labels_sha256": _labels_hash(train.labels, val.labels, test.labels if test else None),
+    }
+    name = data if data in ("cifar10", "cifar10-mini") else Path(data).name
+    return Dataset(name, classes, size, mean, std, train, val, test, fingerprint)
+
+
+def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mode: str, workers: int):
+    classes, found = folder.scan(root)
+    n_files = sum(len(files) for files, _ in found.values())
+    stream = mode == "stream" or (mode == "auto" and n_files * 3 * size * size > MEMORY_LIMIT_BYTES)
+    splits: dict[str, Split] = {}
+    for name, (files, labels) in found.items():
+        if stream:
+            ds = folder.StreamingImages(files, labels, size)
+            splits[name] = Split(torch.tensor(labels, dtype=torch.int64), stream=ds, workers=workers)
+        else:
+            images, kept = folder.decode_all(files, labels, size)
+            splits[name] = Split(kept, images=images)
+    if "val" not in splits:
+        keep, held = folder.stratified_split(splits["train"].labels, val_fraction, split_seed)
+        splits["val"] = splits["train"].subset(held)
+        splits["train"] = splits["train"].subset(keep)
+    return splits["train"], splits["val"], splits.get("test"), classes, size

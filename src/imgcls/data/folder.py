@@ -1,0 +1,144 @@
+"""Image folders in ImageFolder layout: decoding, corrupt-file handling, stratified splits."""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from imgcls.errors import UserError
+
+IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _class_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTS and p.is_file())
+
+
+def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]]:
+    """Return (classes, {split: (files, labels)}) for `root`.
+
+    `root` holds either train/ [val/] [test/] folders of class folders, or class folders alone
+    (then everything is 'train' and the caller splits it).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"data folder {root} does not exist; pass --data an existing image folder")
+    has_splits = (root / "train").is_dir()
+    train_root = root / "train" if has_splits else root
+    classes = [d.name for d in _class_dirs(train_root)]
+    if len(classes) < 2:
+        found = f"only one class folder ({classes[0]})" if classes else "no class folders"
+        raise UserError(
+            f"{train_root} has {found}; a classifier needs at least two: "
+            "put each class's images in its own subfolder"
+        )
+    splits = {}
+    for name in SPLIT_NAMES if has_splits else ("train",):
+        split_root = root / name if has_splits else root
+        if not split_root.is_dir():
+            continue
+        extra = sorted({d.name for d in _class_dirs(split_root)} - set(classes))
+        if extra:
+            raise UserError(
+                f"{split_root} has class folders {', '.join(extra)} that train/ lacks; "
+                "give every split the same class folders"
+            )
+        files, labels = [], []
+        for idx, cls in enumerate(classes):
+            found = _images_in(split_root / cls)
+            files += found
+            labels += [idx] * len(found)
+        if name == "train":
+            empty = [c for i, c in enumerate(classes) if i not in set(labels)]
+            if empty:
+                raise UserError(f"class folder(s) {', '.join(empty)} in {split_root} hold no images")
+        splits[name] = (files, labels)
+    return classes, splits
+
+
+def load_image(path: Path, size: int) -> np.ndarray:
+    """Decode to RGB, resize the shorter side to `size` and centre-crop: H x W x 3 uint8."""
+    with Image.open(path) as img:
+        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is enough
+        img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+        return np.asarray(img, dtype=np.uint8)
+
+
+def _try_load(path: Path, size: int) -> np.ndarray | str:
+    try:
+        return load_image(path, size)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def decode_all(files: list[Path], labels: list[int], size: int, threads: int = 2):
+    """Decode every file into one uint8 N x 3 x size x size tensor, skipping unreadable ones."""
+    # Pillow releases the GIL while decoding, so threads overlap the work without processes.
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(lambda p: _try_load(p, size), files))
+    images, kept, skipped = [], [], 0
+    for path, label, result in zip(files, labels, results, strict=True):
+        if isinstance(result, str):
+            skipped += 1
+            warn(f"skipped unreadable image {path} ({result})")
+            continue
+        images.append(result)
+        kept.append(label)
+    if skipped:
+        warn(f"skipped {skipped} unreadable image(s) of {len(files)}")
+    if not images:
+        raise UserError("no readable images were found; check the image files")
+    array = np.stack(images).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(kept, dtype=torch.int64)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
+    """Indices (keep, held_out): `fraction` of each class held out, chosen by `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    keep, held = [], []
+    for cls in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == cls).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        n_held = max(1, round(fraction * len(idx))) if len(idx) > 1 else 0
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(held)).values
+
+
+class StreamingImages(torch.utils.data.Dataset):
+    """Decodes files on demand, for folders too large to hold in memory."""
+
+    def __init__(self, files: list[Path], labels: list[int], size: int):
+        self.files, self.labels, self.size = files, labels, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        result = _try_load(self.files[i], self.size)
+        if isinstance(result, str):
+            warn(f"skipped unreadable image {self.files[i]} ({result})")
+            return None
+        return torch.from_numpy(result.transpose(2, 0, 1).copy()), self.labels[i]
+
+
+def collate_skipping_unreadable(items):
+    items = [it for it in items if it is not None]
+    if not items:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    images, labels = zip(*items, strict=True)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
