@@ -1,0 +1,153 @@
+"""Vision Transformer (Dosovitskiy et al., 2021), written to be read in one sitting.
+
+image -> patches (strided conv) -> [CLS] + patch tokens + learned positions
+      -> depth x (pre-norm attention, pre-norm GELU MLP) -> LayerNorm -> head on [CLS]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from imgcls.models.registry import register
+
+
+@dataclass
+class ViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    dim: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, attn_dropout: float, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_dropout = attn_dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        p = self.attn_dropout if self.training else 0.0
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # fused kernel
+        return self.drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        hidden = int(cfg.dim * cfg.mlp_ratio)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.attn = Attention(cfg.dim, cfg.heads, cfg.attn_dropout, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.dim, hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.Linear(hidden, cfg.dim), nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    num_prefix_tokens = 1  # the CLS token; Grad-CAM drops prefix tokens to get the patch grid
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.img_size // cfg.patch_size
+        self.num_features = cfg.dim
+        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + self.grid**2, cfg.dim))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.Sequential(*[Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim, eps=1e-6)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight  # like a linear layer over the flattened patch
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
+        nn.init.zeros_(self.patch_embed.bias)
+
+    def _pos_embed_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """Position embeddings, bicubically interpolated when the patch grid differs."""
+        if grid_h == grid_w == self.grid:
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        patch_pos = patch_pos.reshape(1, self.grid, self.grid, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)  # B x D x H/p x W/p
+        grid_h, grid_w = x.shape[-2:]
+        x = x.flatten(2).transpose(1, 2)  # B x N x D
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = self.pos_drop(x + self._pos_embed_for(grid_h, grid_w))
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0]
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+
+def _vit(num_classes: int, **overrides) -> VisionTransformer:
+    return VisionTransformer(ViTConfig(num_classes=num_classes, **overrides))
+
+
+@register("vit_cifar", img_size=32, family="vit", description="ViT for 32x32: patch 4, dim 256, depth 6, 8 heads")
+def vit_cifar(num_classes: int = 10, **kw) -> VisionTransformer:
+    return _vit(num_classes, img_size=32, patch_size=4, dim=256, depth=6, heads=8, **kw)
+
+
+@register("vit_ti16", img_size=224, family="vit", description="ViT-Ti/16: dim 192, depth 12, 3 heads")
+def vit_ti16(num_classes: int = 1000, **kw) -> VisionTransformer:
+    return _vit(num_classes, dim=192, depth=12, heads=3, **kw)
+
+
+@register("vit_s16", img_size=224, family="vit", description="ViT-S/16: dim 384, depth 12, 6 heads")
+def vit_s16(num_classes: int = 1000, **kw) -> VisionTransformer:
+    return _vit(num_classes, dim=384, depth=12, heads=6, **kw)
+
+
+@register("vit_b16", img_size=224, family="vit", description="ViT-B/16: dim 768, depth 12, 12 heads")
+def vit_b16(num_classes: int = 1000, **kw) -> VisionTransformer:
+    return _vit(num_classes, dim=768, depth=12, heads=12, **kw)
+
+
+@register("vit_l16", img_size=224, family="vit", description="ViT-L/16: dim 1024, depth 24, 16 heads")
+def vit_l16(num_classes: int = 1000, **kw) -> VisionTransformer:
+    return _vit(num_classes, dim=1024, depth=24, heads=16, **kw)
