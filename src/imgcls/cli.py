@@ -1,0 +1,162 @@
+"""The `imgcls` command: a thin layer that parses flags and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from imgcls.config import TrainConfig
+
+DESCRIPTION = "Train, evaluate and use image classifiers, offline and fast on a CPU."
+
+TRAIN_HELP = {
+    "data": "cifar10, cifar10-mini (bundled, the default) or a path to an image folder",
+    "data_dir": "for cifar10: the folder that holds cifar-10-batches-py/ "
+                "(default $IMGCLS_DATA/cifar10, else ~/.cache/imgcls/cifar10)",
+    "img_size": "input size in pixels (default: the model's native size; 64 for image folders "
+                "when the model has none)",
+    "val_fraction": "fraction of train held out for validation when the data has no val split (0.1)",
+    "split_seed": "seed of the train/val split, fixed apart from --seed so runs share one split (0)",
+    "data_mode": "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
+    "workers": "DataLoader workers when streaming (2)",
+    "model": "a registered model (see imgcls models) or timm/<name> (default resnet18_cifar)",
+    "epochs": "number of epochs (10)",
+    "batch_size": "training batch size (128)",
+    "lr": "peak AdamW learning rate (1e-3)",
+    "weight_decay": "AdamW weight decay, not applied to biases and norms (0.05)",
+    "warmup_epochs": "linear warm-up length in epochs before cosine decay (1)",
+    "label_smoothing": "label smoothing epsilon (0)",
+    "aug": "training augmentation: none, or basic = random crop with padding + horizontal flip (basic)",
+    "seed": "seed for initialisation, order and augmentation (0)",
+    "out": "run folder (default runs/<data>-<model>, numbered if taken); an existing run is never overwritten",
+    "device": "auto, cpu or cuda (auto)",
+    "precision": "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16",
+    "eval_batch_size": "batch size for evaluation (512)",
+    "quiet": "no progress bar or per-epoch lines, only the final summary",
+}
+
+
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            p.add_argument(flag, action="store_const", const=True, default=None, help=TRAIN_HELP[f.name])
+            continue
+        kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+        p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=TRAIN_HELP[f.name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser = argparse.ArgumentParser(prog="imgcls", description=DESCRIPTION, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", parents=[common], help="train a model; writes a run folder",
+                           description="Train a model. Flags override the --recipe file, which overrides defaults.")
+    train.add_argument("--recipe", metavar="YAML", help="YAML file of train options (keys as the flags)")
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
+    _add_train_flags(train)
+
+    ev = sub.add_parser("eval", parents=[common], help="evaluate a run; writes eval-<split>.json into it")
+    ev.add_argument("run", help="run folder")
+    ev.add_argument("--data", help="evaluate on other data with the same classes (default: the run's)")
+    ev.add_argument("--data-dir", help="as in train, for --data cifar10")
+    ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (test)")
+    ev.add_argument("--checkpoint", default="best", help="best (chosen on val), last, or a file (best)")
+    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    pr = sub.add_parser("predict", parents=[common], help="classify image files with a trained run")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("images", nargs="+", help="image files (jpg, png, webp, bmp)")
+    pr.add_argument("--topk", type=int, default=3, help="classes to show per image (3)")
+    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
+    pr.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+
+    sub.add_parser("models", parents=[common], help="list the registered models with parameter counts")
+    return parser
+
+
+def cmd_train(args) -> int:
+    from imgcls.config import build_config
+    from imgcls.errors import UserError
+    from imgcls.reporting.console import print_summary
+    from imgcls.rundir import SUMMARY, read_json
+    from imgcls.training.train import fit
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if args.resume:
+        given = sorted(k for k, v in flags.items() if v is not None and k != "quiet")
+        if given or args.recipe:
+            names = ", ".join("--" + k.replace("_", "-") for k in given) or "--recipe"
+            raise UserError(f"--resume continues a run with its saved config; drop {names}")
+        run = fit(resume=args.resume)
+    else:
+        run = fit(build_config(args.recipe, **flags))
+    print_summary(read_json(run / SUMMARY))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from imgcls.evaluation.evaluate import evaluate_run
+    from imgcls.reporting.console import print_eval
+
+    result, out = evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device)
+    print_eval(result, args.split, args.run)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from imgcls.evaluation.evaluate import predict_files
+    from imgcls.evaluation.predict import load_run
+    from imgcls.reporting.console import print_predictions
+
+    print_predictions(predict_files(load_run(args.run, args.checkpoint), args.images, args.topk), args.json)
+    return 0
+
+
+def cmd_models(args) -> int:
+    import torch
+
+    from imgcls.models import count_parameters, create_model, list_models
+    from imgcls.reporting.console import print_models
+
+    rows = []
+    for spec in list_models():
+        num_classes = 10 if spec.img_size <= 32 else 1000
+        with torch.device("meta"):  # counts parameters without allocating them
+            params = count_parameters(create_model(spec.name, num_classes))
+        rows.append({"name": spec.name, "params": params, "img_size": spec.img_size,
+                     "family": spec.family, "description": spec.description, "num_classes": num_classes})
+    print_models(rows)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from imgcls.errors import UserError
+    from imgcls.training.train import Interrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"imgcls: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"imgcls: {e}; continue with: imgcls train --resume {e.run_dir}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("imgcls: aborted", file=sys.stderr)
+        return 130
+    except Exception as e:  # anything unforeseen still gets one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"imgcls: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,109 @@
+"""Training configuration: one plain dataclass, filled from defaults, a YAML recipe, then flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from imgcls.errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "cifar10-mini"  # cifar10, cifar10-mini, or a path to an image folder
+    data_dir: str | None = None  # folder that holds cifar-10-batches-py/ (cifar10 only)
+    img_size: int | None = None  # None: the model's native input size
+    val_fraction: float = 0.1  # carved from train (stratified) when the data has no val split
+    split_seed: int = 0  # fixed apart from `seed`, so every run of a comparison sees one split
+    data_mode: str = "auto"  # auto | memory | stream
+    workers: int = 2  # DataLoader workers, streaming mode only
+    # model
+    model: str = "resnet18_cifar"
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    aug: str = "basic"  # none | basic
+    # run
+    seed: int = 0
+    out: str | None = None
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    eval_batch_size: int = 512
+    quiet: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe: a mapping of TrainConfig fields (dashes or underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe {path} does not exist; pass a YAML file to --recipe")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe {path} must be a mapping of option: value")
+    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    unknown = sorted(set(values) - FIELDS)
+    if unknown:
+        raise UserError(
+            f"recipe {path}: unknown option(s) {', '.join(unknown)}; "
+            f"valid options are {', '.join(sorted(FIELDS))}"
+        )
+    return values
+
+
+def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the recipe, then explicit overrides (None means 'not given')."""
+    values: dict[str, Any] = {}
+    if recipe is not None:
+        values.update(read_recipe(recipe))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    choices = {
+        "data_mode": ("auto", "memory", "stream"),
+        "device": ("auto", "cpu", "cuda"),
+        "precision": ("auto", "fp32", "bf16", "fp16"),
+        "aug": ("none", "basic"),
+    }
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
+    positive = ("epochs", "batch_size", "eval_batch_size")
+    for name in positive:
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+    if cfg.img_size is not None and cfg.img_size < 8:
+        raise UserError("--img-size must be at least 8 pixels")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise UserError("--val-fraction must be between 0 and 1 (exclusive)")
+    if cfg.lr <= 0:
+        raise UserError("--lr must be positive")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise UserError("--label-smoothing must be in [0, 1)")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a run's resolved config.yaml back into a TrainConfig."""
+    values = yaml.safe_load(Path(path).read_text())
+    return TrainConfig(**values)

@@ -1,0 +1,1 @@
+"""Evaluation: inference over splits, metrics, and trained runs loaded back."""

@@ -1,0 +1,77 @@
+"""Inference: logits over a split, and a trained run loaded back for evaluation or prediction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls import rundir
+from imgcls.config import TrainConfig, load_config
+from imgcls.data import Split, normalize
+from imgcls.data.folder import load_image
+from imgcls.errors import UserError
+from imgcls.models import create_model
+from imgcls.models.checkpoint import load_checkpoint
+from imgcls.runtime import autocast
+
+
+@torch.inference_mode()
+def predict_logits(model, split: Split, mean, std, device, precision: str, batch_size: int = 512):
+    """(logits float32, labels) for every image of `split`, in order, on the CPU."""
+    model.eval()
+    all_logits, all_labels = [], []
+    for images, labels in split.batches(torch.arange(len(split)), batch_size):
+        if len(images) == 0:
+            continue
+        x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    config: TrainConfig
+    dataset: dict  # dataset.json: classes, img_size, mean, std, fingerprint
+    model: torch.nn.Module
+    checkpoint: Path
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset["classes"]
+
+
+def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None) -> TrainedRun:
+    """A run's config and model with weights from `checkpoint` ("best", "last" or a file path)."""
+    path = rundir.require_run(path)
+    cfg = load_config(path / rundir.CONFIG)
+    info_path = path / rundir.DATASET
+    if not info_path.is_file():
+        raise UserError(f"{path} has no {rundir.DATASET}; the run never started training, train it again")
+    info = rundir.read_json(info_path)
+    ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
+    ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
+    model = create_model(cfg.model, len(info["classes"]))
+    model.load_state_dict(ckpt["model"])
+    model = model.to(device or torch.device("cpu"), memory_format=torch.channels_last).eval()
+    return TrainedRun(path, cfg, info, model, ckpt_path)
+
+
+def load_images(paths: list[str | Path], img_size: int) -> torch.Tensor:
+    """Files -> uint8 N x 3 x S x S with the same resize and crop that training data got."""
+    arrays = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise UserError(f"image {p} does not exist; check the path")
+        try:
+            arrays.append(load_image(p, img_size))
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read image {p} ({e}); pass a jpg, png, webp or bmp file") from e
+    return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())

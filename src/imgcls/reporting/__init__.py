@@ -1,0 +1,1 @@
+"""Reporting: renders results that training and evaluation wrote."""

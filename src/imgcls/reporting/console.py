@@ -1,0 +1,67 @@
+"""Terminal output for results: plain dicts in, rich tables out."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title=f"run {summary['run']}", show_header=False)
+    rows = [
+        ("model", f"{summary['model']} ({summary['params'] / 1e6:.2f}M params)"),
+        ("data", f"{summary['data']} ({summary['num_classes']} classes)"),
+        ("best val accuracy", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']}/{summary['epochs']})"),
+        ("test accuracy, selected on val", _pct(summary["test_acc"])),
+        ("test accuracy, final epoch", _pct(summary["test_acc_final"])),
+        ("training time", f"{summary['train_time_s']:.1f} s ({summary['train_images_per_s']:.0f} img/s)"),
+        ("device", f"{summary['device']} {summary['precision']}"),
+    ]
+    for key, value in rows:
+        table.add_row(key, value)
+    console.print(table)
+    if summary["test_split"] is None:
+        console.print("this dataset has no test split: validation accuracy is the held-out figure")
+
+
+def print_eval(result: dict, split: str, run: str) -> None:
+    head = f"{run} on {split} ({result['n']} images): accuracy {_pct(result['accuracy'])}"
+    if "top5_accuracy" in result:
+        head += f", top-5 {_pct(result['top5_accuracy'])}"
+    head += f", loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.4f}"
+    console.print(head, soft_wrap=True)
+    table = Table("class", "precision", "recall", "F1", "support")
+    for row in result["per_class"]:
+        table.add_row(row["class"], f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}",
+                      str(row["support"]))
+    console.print(table)
+    cm = Table("true \\ predicted", *[c[:8] for c in result["classes"]], title="confusion matrix")
+    for name, row in zip(result["classes"], result["confusion_matrix"], strict=True):
+        cm.add_row(name, *[str(v) for v in row])
+    console.print(cm)
+
+
+def print_predictions(predictions: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(predictions, indent=2))
+        return
+    for p in predictions:
+        ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])
+        console.print(f"{p['image']}: {ranked}", soft_wrap=True, highlight=False)
+
+
+def print_models(rows: list[dict]) -> None:
+    table = Table("name", "params", "classes", "input", "family", "description")
+    for r in rows:
+        table.add_row(r["name"], f"{r['params'] / 1e6:.2f}M", str(r["num_classes"]), f"{r['img_size']}px",
+                      r["family"], r["description"])
+    console.print(table)
+    console.print("and any timm model as timm/<name> (e.g. timm/convnext_atto)")

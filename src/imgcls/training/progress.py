@@ -1,0 +1,54 @@
+"""A live progress bar (loss, accuracy, images/s) and a line per epoch; silent with --quiet."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
+
+
+class Progress:
+    def __init__(self, epochs: int, steps_per_epoch: int, batch_size: int, quiet: bool = False):
+        self.epochs, self.steps, self.quiet = epochs, steps_per_epoch, quiet
+        self.console = Console(stderr=True)
+        self.bar = RichProgress(
+            TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+            disable=quiet,
+        )
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, meter) -> None:
+        if self.task is not None:
+            self.bar.remove_task(self.task)
+        self.task = self.bar.add_task("train", total=self.steps, completed=meter.steps, epoch=epoch + 1,
+                                      epochs=self.epochs, loss=0.0, acc=0.0, ips=0.0)
+
+    def update(self, meter) -> None:
+        if self.quiet:
+            return
+        n = max(meter.images, 1)
+        self.bar.update(self.task, completed=meter.steps, loss=meter.loss_sum / n, acc=meter.correct / n,
+                        ips=meter.images / max(meter.seconds, 1e-9))
+
+    def end_epoch(self, record: dict) -> None:
+        if self.quiet:
+            return
+        self.console.print(
+            f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f} "
+            f"acc {record['train_acc']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  "
+            f"lr {record['lr']:.2e}  {record['epoch_time']:.1f}s  {record['images_per_s']:.0f} img/s",
+            soft_wrap=True,
+        )

@@ -1,0 +1,330 @@
+"""The training loop: `train_one_epoch`, and `fit`, which runs epochs, checkpoints and resumes.
+
+State that decides the numbers (weights, optimizer, schedule, both random streams and the
+position inside the epoch) is saved in last.pt at every epoch end and on Ctrl-C, so a resumed
+run ends with exactly the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import timm.optim
+import torch
+import torch.nn.functional as F
+import torchvision
+import yaml
+
+import imgcls
+from imgcls import rundir
+from imgcls.config import TrainConfig, load_config
+from imgcls.data import Dataset, TrainAugment, load_dataset, normalize
+from imgcls.errors import UserError
+from imgcls.evaluation.predict import predict_logits
+from imgcls.models import count_parameters, create_model, model_spec
+from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from imgcls.training.progress import Progress
+
+
+class Interrupted(Exception):
+    """Training stopped early (Ctrl-C or a step limit); last.pt holds the resumable state."""
+
+    def __init__(self, run_dir: Path, epoch: int, step: int):
+        super().__init__(f"stopped in epoch {epoch + 1} after step {step}")
+        self.run_dir, self.epoch, self.step = run_dir, epoch, step
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of the current epoch; saved with the checkpoint so a resumed epoch adds up."""
+
+    steps: int = 0
+    images: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    meter: EpochMeter = field(default_factory=EpochMeter)  # progress inside the next epoch
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+
+
+def _stream_seed(seed: int, epoch: int, stream: int) -> int:
+    return (seed * 1_000_003 + epoch * 7 + stream) % 2**63
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR factor per step: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
+    # timm's factory leaves biases and norm weights out of weight decay.
+    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+    return optimizer, scheduler
+
+
+class StopOnSigint:
+    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, augment, aug_gen, meter: EpochMeter, *,
+                    dataset: Dataset, device, precision: str, label_smoothing: float,
+                    should_stop, progress: Progress) -> bool:
+    """Train over `batches`, adding to `meter`. Returns False when asked to stop early."""
+    model.train()
+    for images, labels in batches:
+        if should_stop():
+            return False
+        start = time.perf_counter()
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        x = normalize(augment(images, aug_gen), dataset.mean, dataset.std)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(x)
+            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = len(labels)
+        meter.steps += 1
+        meter.images += n
+        meter.loss_sum += loss.item() * n
+        meter.correct += (logits.argmax(1) == labels).sum().item()
+        meter.seconds += time.perf_counter() - start
+        progress.update(meter)
+    return True
+
+
+def _save_last(path: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
+               num_classes: int, aug_gen: torch.Generator) -> None:
+    save_checkpoint(
+        {
+            "model_name": cfg.model,
+            "num_classes": num_classes,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": state.epoch,
+            "meter": state.meter.as_dict(),
+            "best_val_acc": state.best_val_acc,
+            "best_epoch": state.best_epoch,
+            "train_seconds": state.train_seconds,
+            "aug_rng": aug_gen.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        path,
+    )
+
+
+def _versions() -> dict:
+    return {
+        "imgcls": imgcls.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
+        stop_after_steps: int | None = None) -> Path:
+    """Train a new run from `cfg`, or continue the run in `resume`. Returns the run folder.
+
+    `stop_after_steps` stops (as Ctrl-C would) once that many optimizer steps have run in
+    total; used to time-box a job and by the resume test.
+    """
+    if resume is not None:
+        run_dir = rundir.require_run(resume)
+        cfg = load_config(run_dir / rundir.CONFIG)
+        if (run_dir / rundir.SUMMARY).exists():
+            raise UserError(f"{run_dir} already finished training; evaluate it with imgcls eval {run_dir}")
+        if not (run_dir / rundir.LAST).exists():
+            raise UserError(f"{run_dir} has no {rundir.LAST} to resume from; start the run again")
+    assert cfg is not None
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
+    dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
+                           cfg.split_seed, cfg.data_mode, cfg.workers)
+    if resume is None:
+        run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
+        cfg.out = str(run_dir)
+        cfg.img_size = dataset.img_size
+        (run_dir / rundir.CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        rundir.write_json(run_dir / rundir.DATASET, {
+            "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
+            "mean": dataset.mean, "std": dataset.std, "fingerprint": dataset.fingerprint,
+        })
+
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, dataset.num_classes)
+    model = model.to(device, memory_format=torch.channels_last)
+    steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
+    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
+    state, aug_gen = TrainState(), torch.Generator()
+
+    if resume is not None:
+        ckpt = load_checkpoint(run_dir / rundir.LAST, cfg.model, dataset.num_classes)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = TrainState(ckpt["epoch"], EpochMeter(**ckpt["meter"]), ckpt["best_val_acc"],
+                           ckpt["best_epoch"], ckpt["train_seconds"])
+        aug_gen.set_state(ckpt["aug_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"]:
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        # Epochs logged after the checkpoint was written are redone, so drop their lines.
+        kept = [m for m in rundir.read_metrics(run_dir) if m["epoch"] <= state.epoch]
+        rundir.atomic_write_bytes(run_dir / rundir.METRICS, "".join(_jsonl(m) for m in kept).encode())
+
+    augment = TrainAugment(cfg.aug, dataset.img_size)
+    last_path, best_path = run_dir / rundir.LAST, run_dir / rundir.BEST
+    progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, quiet=cfg.quiet)
+    with StopOnSigint() as sigint, progress:
+        if not cfg.quiet:  # printed once Ctrl-C is handled, so a caller may interrupt from here on
+            print(f"run {run_dir}: {cfg.model} ({count_parameters(model) / 1e6:.2f}M params) on "
+                  f"{dataset.name} {dataset.img_size}px, train/val/test "
+                  f"{len(dataset.train)}/{len(dataset.val)}/{len(dataset.test) if dataset.test else 0}, "
+                  f"{device.type} {precision}", flush=True)
+        for epoch in range(state.epoch, cfg.epochs):
+            order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(
+                _stream_seed(cfg.seed, epoch, 0)))
+            if state.meter.steps == 0:
+                aug_gen.manual_seed(_stream_seed(cfg.seed, epoch, 1))
+            skip = state.meter.steps * cfg.batch_size
+            batches = dataset.train.batches(order[skip:], cfg.batch_size)
+
+            def should_stop(epoch=epoch):
+                done = epoch * steps_per_epoch + state.meter.steps
+                return sigint.requested or (stop_after_steps is not None and done >= stop_after_steps)
+
+            progress.start_epoch(epoch, state.meter)
+            finished = train_one_epoch(
+                model, batches, optimizer, scheduler, augment, aug_gen, state.meter,
+                dataset=dataset, device=device, precision=precision,
+                label_smoothing=cfg.label_smoothing, should_stop=should_stop, progress=progress,
+            )
+            if not finished:
+                _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
+                raise Interrupted(run_dir, epoch, state.meter.steps)
+
+            logits, labels = predict_logits(model, dataset.val, dataset.mean, dataset.std, device,
+                                            precision, cfg.eval_batch_size)
+            meter = state.meter
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": meter.loss_sum / meter.images,
+                "train_acc": meter.correct / meter.images,
+                "val_loss": F.cross_entropy(logits, labels).item(),
+                "val_acc": (logits.argmax(1) == labels).float().mean().item(),
+                "lr": optimizer.param_groups[0]["lr"],
+                "epoch_time": meter.seconds,
+                "images_per_s": meter.images / max(meter.seconds, 1e-9),
+            }
+            with open(run_dir / rundir.METRICS, "a") as f:
+                f.write(_jsonl(record))
+            progress.end_epoch(record)
+            state.epoch, state.train_seconds = epoch + 1, state.train_seconds + meter.seconds
+            state.meter = EpochMeter()
+            if record["val_acc"] > state.best_val_acc:
+                state.best_val_acc, state.best_epoch = record["val_acc"], epoch + 1
+                save_checkpoint({"model_name": cfg.model, "num_classes": dataset.num_classes,
+                                 "model": model.state_dict(), "epoch": epoch + 1,
+                                 "val_acc": record["val_acc"]}, best_path)
+            _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
+
+    summary = _summarize(run_dir, cfg, dataset, model, state, device, precision)
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    return run_dir
+
+
+def _jsonl(record: dict) -> str:
+    return json.dumps(record) + "\n"
+
+
+def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: TrainState,
+               device, precision: str) -> dict:
+    """Test accuracy of the checkpoint chosen on validation, and of the final weights."""
+    metrics = rundir.read_metrics(run_dir)
+    test_final = test_best = None
+    if dataset.test is not None:
+        def test_acc(m):
+            logits, labels = predict_logits(m, dataset.test, dataset.mean, dataset.std, device,
+                                            precision, cfg.eval_batch_size)
+            return (logits.argmax(1) == labels).float().mean().item()
+
+        test_final = test_acc(model)
+        best = load_checkpoint(run_dir / rundir.BEST, cfg.model, dataset.num_classes)
+        model.load_state_dict(best["model"])
+        test_best = test_acc(model)
+    images = sum(m["epoch_time"] * m["images_per_s"] for m in metrics)
+    return {
+        "run": str(run_dir),
+        "model": cfg.model,
+        "data": dataset.name,
+        "num_classes": dataset.num_classes,
+        "params": count_parameters(model),
+        "epochs": cfg.epochs,
+        "best_epoch": state.best_epoch,
+        "best_val_acc": state.best_val_acc,
+        "final_val_acc": metrics[-1]["val_acc"],
+        "test_acc": test_best,
+        "test_acc_final": test_final,
+        "test_split": "test" if dataset.test is not None else None,
+        "train_time_s": state.train_seconds,
+        "train_images_per_s": images / max(state.train_seconds, 1e-9),
+        "device": device.type,
+        "precision": precision,
+        "seed": cfg.seed,
+        "versions": _versions(),
+    }
