@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls.data import load_dataset
+
+SHARED = os.environ.get("IMGCLS_DATA")
+
+
+def shared_path(name: str) -> Path:
+    """A dataset under $IMGCLS_DATA, or skip: the full copies are not part of the repository."""
+    if not SHARED or not (Path(SHARED) / name).exists():
+        pytest.skip(f"set IMGCLS_DATA to the folder holding {name}/ to run this test")
+    return Path(SHARED) / name
+
+
+@pytest.fixture(scope="session")
+def mini():
+    return load_dataset("cifar10-mini")
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, mini) -> Path:
+    """A small ImageFolder (train/ and test/, 3 classes) written as real PNG and JPEG files."""
+    root = tmp_path_factory.mktemp("tiny")
+    for split, source, per_class in (("train", mini.train, 40), ("test", mini.test, 10)):
+        for cls in range(3):
+            folder = root / split / mini.classes[cls]
+            folder.mkdir(parents=True)
+            idx = np.flatnonzero(source.labels.numpy() == cls)[:per_class]
+            for n, i in enumerate(idx):
+                ext = "png" if n % 2 else "jpg"
+                Image.fromarray(source.images[i].permute(1, 2, 0).numpy()).save(folder / f"{n:03d}.{ext}")
+    return root

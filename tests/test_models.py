@@ -1,0 +1,73 @@
+import pytest
+import torch
+
+from imgcls.errors import UserError
+from imgcls.models import count_parameters, create_model, list_models
+
+
+def _params_on_meta(name: str, num_classes: int) -> int:
+    with torch.device("meta"):
+        return count_parameters(create_model(name, num_classes))
+
+
+def test_resnet18_cifar_parameter_count():
+    assert _params_on_meta("resnet18_cifar", 10) == 11_173_962
+
+
+@pytest.mark.parametrize("name, published", [
+    ("vit_ti16", 5.7e6), ("vit_s16", 22e6), ("vit_b16", 86e6), ("vit_l16", 307e6),
+])
+def test_vit_parameter_counts_match_published(name, published):
+    assert abs(_params_on_meta(name, 1000) - published) / published < 0.02
+
+
+def test_vit_cifar_counts_what_its_configuration_gives():
+    # patch 4, dim 256, depth 6, 8 heads, MLP 4x: 4.77M, not the ~8M often quoted
+    assert _params_on_meta("vit_cifar", 10) == 4_771_082
+
+
+@pytest.mark.parametrize("name", [s.name for s in list_models() if s.img_size <= 32])
+def test_common_surface_forward_backward(name):
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=7)
+    x = torch.randn(2, 3, 32, 32)
+    features = model.forward_features(x)
+    logits = model.forward_head(features)
+    assert logits.shape == (2, 7)
+    assert model.forward_head(features, pre_logits=True).shape == (2, model.num_features)
+    model.eval()
+    assert torch.allclose(model(x), model.forward_head(model.forward_features(x)), atol=1e-5)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
+
+
+def test_large_vits_run_forward_and_backward_at_224():
+    torch.manual_seed(0)
+    model = create_model("vit_ti16", num_classes=5)
+    out = model(torch.randn(1, 3, 224, 224))
+    out.sum().backward()
+    assert out.shape == (1, 5) and model.patch_embed.weight.grad is not None
+
+
+def test_vit_interpolates_position_embeddings_for_other_sizes():
+    model = create_model("vit_cifar", num_classes=10).eval()
+    assert model(torch.randn(1, 3, 48, 40)).shape == (1, 10)
+    tokens = model.forward_features(torch.randn(1, 3, 48, 40))
+    assert tokens.shape[1] == 1 + 12 * 10
+
+
+def test_timm_models_pass_through_with_the_same_surface():
+    model = create_model("timm/resnet10t", num_classes=4)
+    x = torch.randn(1, 3, 64, 64)
+    assert model.forward_head(model.forward_features(x)).shape == (1, 4)
+    model.reset_classifier(2)
+    assert model(x).shape == (1, 2)
+
+
+@pytest.mark.parametrize("name", ["resnet99", "timm/not_a_model"])
+def test_unknown_model_is_a_user_error(name):
+    with pytest.raises(UserError, match="model"):
+        create_model(name, 10)

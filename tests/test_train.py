@@ -1,0 +1,100 @@
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from imgcls import rundir
+from imgcls.config import build_config
+from imgcls.errors import UserError
+from imgcls.models import count_parameters, create_model
+from imgcls.training.train import Interrupted, fit, warmup_cosine
+
+TIMING = ("epoch_time", "images_per_s")
+
+
+def _cfg(data, out, **kw):
+    base = dict(data=str(data), model="fastnet_cifar_small", epochs=2, batch_size=32, img_size=32,
+                out=str(out), quiet=True)
+    return build_config(**{**base, **kw})
+
+
+def _metrics(run):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(run)]
+
+
+def test_run_directory_is_complete(tiny_folder, tmp_path):
+    run = fit(_cfg(tiny_folder, tmp_path / "run", epochs=1))
+    for name in (rundir.CONFIG, rundir.DATASET, rundir.METRICS, rundir.SUMMARY, rundir.LAST, rundir.BEST):
+        assert (run / name).is_file(), name
+    config = yaml.safe_load((run / rundir.CONFIG).read_text())
+    assert config["model"] == "fastnet_cifar_small" and config["img_size"] == 32 and config["aug"] == "basic"
+    (epoch1,) = rundir.read_metrics(run)
+    assert set(epoch1) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time",
+                           "images_per_s"}
+    summary = json.loads((run / rundir.SUMMARY).read_text())
+    assert summary["params"] == count_parameters(create_model("fastnet_cifar_small", 3))
+    assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_split"] == "test"
+    assert summary["versions"]["torch"] == torch.__version__ and summary["seed"] == 0
+
+
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_path):
+    straight = fit(_cfg(tiny_folder, tmp_path / "straight"))
+    # 108 training images at batch 32: 4 steps an epoch. Stop inside epoch 1, then inside epoch 2.
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, tmp_path / "stopped"), stop_after_steps=2)
+    assert not (tmp_path / "stopped" / rundir.SUMMARY).exists()
+    with pytest.raises(Interrupted):
+        fit(resume=tmp_path / "stopped", stop_after_steps=6)
+    resumed = fit(resume=tmp_path / "stopped")
+    assert _metrics(resumed) == _metrics(straight)
+    a, b = (json.loads((r / rundir.SUMMARY).read_text()) for r in (straight, resumed))
+    for key in ("test_acc", "test_acc_final", "best_epoch", "best_val_acc"):
+        assert a[key] == b[key], key
+    wa = torch.load(straight / rundir.LAST, weights_only=True)["model"]
+    wb = torch.load(resumed / rundir.LAST, weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_same_seed_same_metrics_other_seed_differs(tiny_folder, tmp_path):
+    a = fit(_cfg(tiny_folder, tmp_path / "a", epochs=1))
+    b = fit(_cfg(tiny_folder, tmp_path / "b", epochs=1))
+    c = fit(_cfg(tiny_folder, tmp_path / "c", epochs=1, seed=1))
+    assert _metrics(a) == _metrics(b)
+    assert _metrics(a) != _metrics(c)
+
+
+def test_finished_run_cannot_be_resumed_and_existing_out_is_kept(tiny_folder, tmp_path):
+    run = fit(_cfg(tiny_folder, tmp_path / "done", epochs=1))
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(UserError, match="already finished"):
+        fit(resume=run)
+    with pytest.raises(UserError, match="already exists"):
+        fit(_cfg(tiny_folder, run, epochs=1))
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_warmup_then_cosine_schedule():
+    f = warmup_cosine(total_steps=110, warmup_steps=10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_recipe_then_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: vit_cifar\nepochs: 3\nbatch-size: 64\n")
+    cfg = build_config(recipe, epochs=5)
+    assert (cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == ("vit_cifar", 5, 64, 1e-3)
+    recipe.write_text("epochz: 3\n")
+    with pytest.raises(UserError, match="unknown option.*epochz"):
+        build_config(recipe)
+
+
+def test_default_quickstart_reaches_a_sensible_accuracy_on_mini(tmp_path):
+    """The default data path end to end: two epochs of the small CNN beat chance by far."""
+    run = fit(build_config(model="fastnet_cifar_small", epochs=2, out=str(tmp_path / "q"), quiet=True))
+    summary = json.loads((run / rundir.SUMMARY).read_text())
+    assert summary["test_acc"] > 0.25  # chance is 0.10
+    assert math.isclose(summary["best_val_acc"], max(m["val_acc"] for m in rundir.read_metrics(run)))
