@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make run` and `make test`. Both create .venv when missing.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Datasets for the tests that use the full copies; tests skip those when it is unset.
+export IMGCLS_DATA ?= $(wildcard $(abspath ../shared/datasets))
+
+.PHONY: run test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch and torchvision are pinned in pyproject.toml (torch==2.14.1, torchvision==0.29.1).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/imgcls train --recipe recipes/quickstart.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench scripts
+
+test: lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs
