@@ -21,7 +21,7 @@ run: $(STAMP)
 	$(BIN)/imgcls train --recipe recipes/quickstart.yaml
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff check $(wildcard src tests bench scripts)
 
 test: lint
 	$(BIN)/python -m pytest -q
