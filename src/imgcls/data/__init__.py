@@ -1,6 +1,6 @@
-"""Data: dataset loading, splits, and batch transforms."""
+"""Data: dataset loading, splits, augmentation and batch mixing."""
 
 from imgcls.data.datasets import Dataset, Split, load_dataset
-from imgcls.data.presets import TrainAugment, normalize
+from imgcls.data.presets import AUGMENTATIONS, TrainTransform, normalize, per_image_transform
 
-__all__ = ["Dataset", "Split", "TrainAugment", "load_dataset", "normalize"]
+__all__ = ["AUGMENTATIONS", "Dataset", "Split", "TrainTransform", "load_dataset", "normalize", "per_image_transform"]

@@ -25,6 +25,7 @@ from imgcls.errors import UserError
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
 
 
@@ -136,6 +137,7 @@ def load_dataset(
     mode: str = "auto",
     workers: int = 2,
     download: bool = True,
+    normalize: str = "auto",
 ) -> Dataset:
     """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split."""
     if data in ("cifar10", "cifar10-mini"):
@@ -156,6 +158,8 @@ def load_dataset(
             Path(data), img_size or 64, val_fraction, split_seed, mode, workers
         )
         mean, std, source = IMAGENET_MEAN, IMAGENET_STD, str(Path(data).resolve())
+    if normalize != "auto":
+        mean, std = NORMALIZATIONS[normalize]
     fingerprint = {
         "source": source,
         "img_size": size,

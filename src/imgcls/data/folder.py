@@ -122,8 +122,9 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
 class StreamingImages(torch.utils.data.Dataset):
     """Decodes files on demand, for folders too large to hold in memory."""
 
-    def __init__(self, files: list[Path], labels: list[int], size: int):
+    def __init__(self, files: list[Path], labels: list[int], size: int, transform=None):
         self.files, self.labels, self.size = files, labels, size
+        self.transform = transform  # per-image training augmentation, run in the workers
 
     def __len__(self) -> int:
         return len(self.files)
@@ -133,7 +134,8 @@ class StreamingImages(torch.utils.data.Dataset):
         if isinstance(result, str):
             warn(f"skipped unreadable image {self.files[i]} ({result})")
             return None
-        return torch.from_numpy(result.transpose(2, 0, 1).copy()), self.labels[i]
+        image = torch.from_numpy(result.transpose(2, 0, 1).copy())
+        return (self.transform(image) if self.transform else image), self.labels[i]
 
 
 def collate_skipping_unreadable(items):

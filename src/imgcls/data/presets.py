@@ -1,49 +1,37 @@
-"""Batch transforms: augmentation on whole uint8 batches, then normalisation.
+"""Training recipes: the batch pipeline for in-memory data and its torchvision twin for streams.
 
-Random parameters are drawn per sample from an explicit torch.Generator, so a run is
-reproducible and resumable mid-epoch; the pixel work is vectorised over the batch.
+    none            nothing
+    basic           random crop (zero padding of size/8: 4 px at 32) + horizontal flip
+    standard        RandomResizedCrop(0.8-1) + flip + ColorJitter(.2, .2, .2, .1) + rotation <= 15
+                    + RandomErasing(0.2)
+    randaugment     crop + flip + RandAugment(2 ops, magnitude 9)
+    trivialaugment  crop + flip + TrivialAugmentWide
+    autoaugment     crop + flip + AutoAugment (CIFAR-10 policy up to 64 px, ImageNet's above)
+
+In memory, `BatchTransform` runs a recipe on whole uint8 batches with per-sample parameters
+(data/augment.py). A streamed folder runs `per_image_transform`, the same recipe in
+torchvision.transforms.v2, in its DataLoader workers. Random erasing (on normalised pixels),
+Mixup/CutMix and label smoothing then act on the batch in both cases.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+import torchvision.transforms.v2 as T
 
-AUGMENTATIONS = ("none", "basic")
+from imgcls.data import augment as A
+from imgcls.data.mixing import Mixer
 
-
-def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `pad` and crop back to size at a per-sample offset, uniform in [0, 2*pad]."""
-    n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
-    dev = images.device
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
-    rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
-    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
-    batch = torch.arange(n, device=dev)[:, None, None, None]
-    chans = torch.arange(c, device=dev)[None, :, None, None]
-    return padded[batch, chans, rows, cols]
+AUGMENTATIONS = ("none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment")
+DEFAULT_ERASING = {"standard": 0.2}
 
 
-def random_hflip(images: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> torch.Tensor:
-    flip = (torch.rand(len(images), generator=gen) < p).to(images.device)
-    return torch.where(flip[:, None, None, None], images.flip(3), images)
+def crop_padding(img_size: int) -> int:
+    return max(1, img_size // 8)  # 4 pixels at 32x32, the classic CIFAR recipe
 
 
-class TrainAugment:
-    """The training recipe as a callable on uint8 batches: `aug(images, gen) -> images`."""
-
-    def __init__(self, name: str, img_size: int):
-        if name not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {name}")
-        self.name = name
-        self.pad = max(1, img_size // 8)  # 4 pixels at 32x32, the classic CIFAR recipe
-
-    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        if self.name == "basic":
-            images = random_hflip(random_crop(images, self.pad, gen), gen)
-        return images
+def _autoaugment_policy(img_size: int) -> T.AutoAugmentPolicy:
+    return T.AutoAugmentPolicy.CIFAR10 if img_size <= 64 else T.AutoAugmentPolicy.IMAGENET
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
@@ -51,3 +39,62 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
     std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
     return (images.float() - mean_t) / std_t
+
+
+class BatchAugment:
+    """A recipe's pixel stage on uint8 batches: `aug(images, gen) -> images`."""
+
+    def __init__(self, name: str, img_size: int):
+        if name not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {name}")
+        self.name, self.pad = name, crop_padding(img_size)
+        self.auto = {
+            "randaugment": lambda: A.BatchRandAugment(img_size, img_size, num_ops=2, magnitude=9),
+            "trivialaugment": lambda: A.BatchTrivialAugment(img_size, img_size),
+            "autoaugment": lambda: A.BatchAutoAugment(img_size, img_size, _autoaugment_policy(img_size)),
+        }.get(name, lambda: None)()
+
+    def __call__(self, images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if self.name == "none":
+            return images
+        if self.name == "standard":
+            images = A.random_hflip(A.random_resized_crop(images, gen, scale=(0.8, 1.0)), gen)
+            images = A.color_jitter(images, gen, 0.2, 0.2, 0.2, 0.1)
+            return A.rotate(images, A.uniform(len(images), -15.0, 15.0, gen))
+        images = A.random_hflip(A.random_crop(images, self.pad, gen), gen)
+        return self.auto(images, gen) if self.auto is not None else images
+
+
+def per_image_transform(name: str, img_size: int) -> T.Compose:
+    """The same recipe as torchvision v2 transforms on one uint8 image (for streamed folders)."""
+    crop_flip = [T.RandomCrop(img_size, padding=crop_padding(img_size)), T.RandomHorizontalFlip()]
+    steps = {
+        "none": [T.Identity()],
+        "basic": crop_flip,
+        "standard": [T.RandomResizedCrop(img_size, scale=(0.8, 1.0), antialias=True), T.RandomHorizontalFlip(),
+                     T.ColorJitter(0.2, 0.2, 0.2, 0.1), T.RandomRotation(15)],
+        "randaugment": [*crop_flip, T.RandAugment(num_ops=2, magnitude=9)],
+        "trivialaugment": [*crop_flip, T.TrivialAugmentWide()],
+        "autoaugment": [*crop_flip, T.AutoAugment(_autoaugment_policy(img_size))],
+    }[name]
+    return T.Compose(steps)
+
+
+class TrainTransform:
+    """uint8 batch + labels -> normalised float batch + soft targets, per the run's settings."""
+
+    def __init__(self, aug: str, img_size: int, mean, std, num_classes: int, random_erasing: float | None = None,
+                 mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0, mix_switch_prob: float = 0.5,
+                 label_smoothing: float = 0.0, pixels_done: bool = False):
+        self.pixels = None if pixels_done else BatchAugment(aug, img_size)
+        self.mean, self.std = mean, std
+        self.erasing = DEFAULT_ERASING.get(aug, 0.0) if random_erasing is None else random_erasing
+        self.mixer = Mixer(num_classes, mixup, cutmix, mix_prob, mix_switch_prob, label_smoothing)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+        if self.pixels is not None:
+            images = self.pixels(images, gen)
+        x = normalize(images, self.mean, self.std)
+        if self.erasing > 0:
+            x = A.random_erasing(x, self.erasing, gen)
+        return self.mixer(x, labels, gen)
