@@ -7,9 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.data import TrainAugment, load_dataset
+from imgcls.data import load_dataset
+from imgcls.data.augment import random_crop, random_hflip
 from imgcls.data.cifar import load_cifar10, read_batch
-from imgcls.data.presets import random_crop, random_hflip
+from imgcls.data.presets import BatchAugment
 from imgcls.errors import UserError
 from tests.conftest import shared_path
 
@@ -137,7 +138,7 @@ def test_cats_vs_dogs_loads():
 
 def test_basic_augmentation_keeps_shape_dtype_and_is_seeded(mini):
     x = mini.train.images[:256]
-    aug = TrainAugment("basic", 32)
+    aug = BatchAugment("basic", 32)
     a = aug(x, torch.Generator().manual_seed(0))
     b = aug(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)

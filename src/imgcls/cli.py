@@ -26,8 +26,16 @@ TRAIN_HELP = {
     "lr": "peak AdamW learning rate (1e-3)",
     "weight_decay": "AdamW weight decay, not applied to biases and norms (0.05)",
     "warmup_epochs": "linear warm-up length in epochs before cosine decay (1)",
-    "label_smoothing": "label smoothing epsilon (0)",
-    "aug": "training augmentation: none, or basic = random crop with padding + horizontal flip (basic)",
+    "aug": "training augmentation: none; basic = random crop (padding size/8) + flip; standard = "
+           "RandomResizedCrop(0.8-1) + flip + ColorJitter + rotation 15 + erasing 0.2; randaugment (2 ops, "
+           "magnitude 9), trivialaugment, autoaugment, each after crop + flip (basic)",
+    "random_erasing": "random erasing probability on top of any recipe (default: 0.2 for standard, else 0)",
+    "mixup": "Mixup with Beta(ALPHA, ALPHA); the flag alone means 0.2 (off by default)",
+    "cutmix": "CutMix with Beta(ALPHA, ALPHA); the flag alone means 1.0 (off by default)",
+    "mix_prob": "probability that a batch is mixed at all (1.0)",
+    "mix_switch_prob": "with both Mixup and CutMix: probability a mixed batch uses CutMix (0.5)",
+    "label_smoothing": "label smoothing epsilon, applied once, also to mixed targets (0)",
+    "normalize": "normalisation statistics: auto (CIFAR's for CIFAR, ImageNet's for folders), cifar, imagenet",
     "seed": "seed for initialisation, order and augmentation (0)",
     "out": "run folder (default runs/<data>-<model>, numbered if taken); an existing run is never overwritten",
     "device": "auto, cpu or cuda (auto)",
@@ -37,13 +45,20 @@ TRAIN_HELP = {
 }
 
 
+MIX_DEFAULTS = {"mixup": 0.2, "cutmix": 1.0}
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, action="store_const", const=True, default=None, help=TRAIN_HELP[f.name])
             continue
-        kind = {"int": int, "int | None": int, "float": float}.get(f.type, str)
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+        if f.name in MIX_DEFAULTS:  # "--mixup" alone switches it on at the usual alpha
+            p.add_argument(flag, type=kind, nargs="?", const=MIX_DEFAULTS[f.name], default=None, metavar="ALPHA",
+                           help=TRAIN_HELP[f.name])
+            continue
         p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=TRAIN_HELP[f.name])
 
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from imgcls.data.datasets import NORMALIZATIONS
+from imgcls.data.presets import AUGMENTATIONS
 from imgcls.errors import UserError
 
 
@@ -30,8 +32,15 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    # augmentation and regularisation
+    aug: str = "basic"  # none | basic | standard | randaugment | trivialaugment | autoaugment
+    random_erasing: float | None = None  # probability; None: the recipe's own (0.2 in standard)
+    mixup: float = 0.0  # Beta alpha; 0 is off
+    cutmix: float = 0.0  # Beta alpha; 0 is off
+    mix_prob: float = 1.0  # chance a batch is mixed at all
+    mix_switch_prob: float = 0.5  # with both on: chance a mixed batch uses CutMix
     label_smoothing: float = 0.0
-    aug: str = "basic"  # none | basic
+    normalize: str = "auto"  # auto (the dataset's own) | cifar | imagenet
     # run
     seed: int = 0
     out: str | None = None
@@ -84,7 +93,8 @@ def _validate(cfg: TrainConfig) -> None:
         "data_mode": ("auto", "memory", "stream"),
         "device": ("auto", "cpu", "cuda"),
         "precision": ("auto", "fp32", "bf16", "fp16"),
-        "aug": ("none", "basic"),
+        "aug": AUGMENTATIONS,
+        "normalize": ("auto", *NORMALIZATIONS),
     }
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
@@ -101,6 +111,12 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("--lr must be positive")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError("--label-smoothing must be in [0, 1)")
+    for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
+        value = getattr(cfg, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise UserError(f"--{name.replace('_', '-')} is a probability: give a value in [0, 1]")
+    if cfg.mixup < 0 or cfg.cutmix < 0:
+        raise UserError("--mixup and --cutmix take a Beta alpha > 0 (or 0 for off)")
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -27,8 +27,8 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, 
         raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
                         f"{trained.classes}; evaluate on data with the same classes")
     precision = resolve_precision(cfg.precision, dev)
-    logits, labels = predict_logits(trained.model, dataset.split(split), dataset.mean, dataset.std,
-                                    dev, precision, cfg.eval_batch_size)
+    logits, labels = predict_logits(trained.model, dataset.split(split), trained.dataset["mean"],
+                                    trained.dataset["std"], dev, precision, cfg.eval_batch_size)
     result = classification_metrics(logits, labels, trained.classes)
     result.update(split=split, data=dataset.name, checkpoint=str(trained.checkpoint))
     out = trained.path / f"eval-{split}.json"

@@ -26,7 +26,8 @@ import yaml
 import imgcls
 from imgcls import rundir
 from imgcls.config import TrainConfig, load_config
-from imgcls.data import Dataset, TrainAugment, load_dataset, normalize
+from imgcls.data import Dataset, TrainTransform, load_dataset, per_image_transform
+from imgcls.data.mixing import soft_cross_entropy
 from imgcls.errors import UserError
 from imgcls.evaluation.predict import predict_logits
 from imgcls.models import count_parameters, create_model, model_spec
@@ -114,9 +115,8 @@ class StopOnSigint:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, augment, aug_gen, meter: EpochMeter, *,
-                    dataset: Dataset, device, precision: str, label_smoothing: float,
-                    should_stop, progress: Progress) -> bool:
+def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransform, aug_gen, meter: EpochMeter,
+                    *, device, precision: str, should_stop, progress: Progress) -> bool:
     """Train over `batches`, adding to `meter`. Returns False when asked to stop early."""
     model.train()
     for images, labels in batches:
@@ -124,11 +124,11 @@ def train_one_epoch(model, batches, optimizer, scheduler, augment, aug_gen, mete
             return False
         start = time.perf_counter()
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        x = normalize(augment(images, aug_gen), dataset.mean, dataset.std)
+        x, targets = transform(images, labels, aug_gen)  # augmented, normalised, mixed; soft targets
         x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
-            loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        loss = soft_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -137,7 +137,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, augment, aug_gen, mete
         meter.steps += 1
         meter.images += n
         meter.loss_sum += loss.item() * n
-        meter.correct += (logits.argmax(1) == labels).sum().item()
+        meter.correct += (logits.argmax(1) == targets.argmax(1)).sum().item()  # the dominant label when mixed
         meter.seconds += time.perf_counter() - start
         progress.update(meter)
     return True
@@ -194,7 +194,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     precision = resolve_precision(cfg.precision, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
-                           cfg.split_seed, cfg.data_mode, cfg.workers)
+                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=cfg.normalize)
     if resume is None:
         run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
         cfg.out = str(run_dir)
@@ -227,7 +227,13 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         kept = [m for m in rundir.read_metrics(run_dir) if m["epoch"] <= state.epoch]
         rundir.atomic_write_bytes(run_dir / rundir.METRICS, "".join(_jsonl(m) for m in kept).encode())
 
-    augment = TrainAugment(cfg.aug, dataset.img_size)
+    streamed = dataset.train.stream is not None
+    if streamed:  # pixel augmentation runs per image in the DataLoader workers
+        dataset.train.stream.transform = per_image_transform(cfg.aug, dataset.img_size)
+    transform = TrainTransform(
+        cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes, cfg.random_erasing,
+        cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing, pixels_done=streamed,
+    )
     last_path, best_path = run_dir / rundir.LAST, run_dir / rundir.BEST
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, quiet=cfg.quiet)
     with StopOnSigint() as sigint, progress:
@@ -250,9 +256,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
 
             progress.start_epoch(epoch, state.meter)
             finished = train_one_epoch(
-                model, batches, optimizer, scheduler, augment, aug_gen, state.meter,
-                dataset=dataset, device=device, precision=precision,
-                label_smoothing=cfg.label_smoothing, should_stop=should_stop, progress=progress,
+                model, batches, optimizer, scheduler, transform, aug_gen, state.meter,
+                device=device, precision=precision, should_stop=should_stop, progress=progress,
             )
             if not finished:
                 _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
