@@ -30,3 +30,14 @@ def test_topk():
     logits = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.02, 0.08]])
     assert topk_accuracy(logits, torch.tensor([2, 1]), 1) == 0.0
     assert topk_accuracy(logits, torch.tensor([2, 1]), 2) == 0.5
+
+
+def test_ece_hand_computed():
+    from imgcls.evaluation.calibration import expected_calibration_error
+
+    # confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 1.0 (right); 10 bins
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    logits = probs.clamp(min=1e-12).log()
+    # bin 9 holds 0.9, 0.9, 1.0: |2.8 - 2| = 0.8; bin 6 holds 0.6: |0.6 - 1| = 0.4; ECE = 1.2 / 4
+    assert expected_calibration_error(logits, labels, bins=10) == pytest.approx(0.3, abs=1e-5)

@@ -29,6 +29,7 @@ from imgcls.config import TrainConfig, load_config
 from imgcls.data import Dataset, TrainTransform, load_dataset, per_image_transform
 from imgcls.data.mixing import soft_cross_entropy
 from imgcls.errors import UserError
+from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.predict import predict_logits
 from imgcls.models import count_parameters, create_model, model_spec
 from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
@@ -299,19 +300,20 @@ def _jsonl(record: dict) -> str:
 
 def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: TrainState,
                device, precision: str) -> dict:
-    """Test accuracy of the checkpoint chosen on validation, and of the final weights."""
+    """Test accuracy (and ECE) of the checkpoint chosen on validation, and accuracy of the final weights."""
     metrics = rundir.read_metrics(run_dir)
-    test_final = test_best = None
+    test_final = test_best = test_ece = None
     if dataset.test is not None:
-        def test_acc(m):
-            logits, labels = predict_logits(m, dataset.test, dataset.mean, dataset.std, device,
-                                            precision, cfg.eval_batch_size)
-            return (logits.argmax(1) == labels).float().mean().item()
+        def test_logits(m):
+            return predict_logits(m, dataset.test, dataset.mean, dataset.std, device, precision, cfg.eval_batch_size)
 
-        test_final = test_acc(model)
+        logits, labels = test_logits(model)
+        test_final = (logits.argmax(1) == labels).float().mean().item()
         best = load_checkpoint(run_dir / rundir.BEST, cfg.model, dataset.num_classes)
         model.load_state_dict(best["model"])
-        test_best = test_acc(model)
+        logits, labels = test_logits(model)
+        test_best = (logits.argmax(1) == labels).float().mean().item()
+        test_ece = expected_calibration_error(logits, labels)
     images = sum(m["epoch_time"] * m["images_per_s"] for m in metrics)
     return {
         "run": str(run_dir),
@@ -325,6 +327,7 @@ def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: 
         "final_val_acc": metrics[-1]["val_acc"],
         "test_acc": test_best,
         "test_acc_final": test_final,
+        "test_ece": test_ece,
         "test_split": "test" if dataset.test is not None else None,
         "train_time_s": state.train_seconds,
         "train_images_per_s": images / max(state.train_seconds, 1e-9),
