@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 from imgcls.config import TrainConfig
 
@@ -90,6 +91,31 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
 
     sub.add_parser("models", parents=[common], help="list the registered models with parameter counts")
+
+    cmp_ = sub.add_parser("compare", parents=[common], help="train variants over seeds and compare them",
+                          description="Run an experiment file, or the flag form (--data and --models). "
+                                      "Finished runs in --out are kept; rerunning does only what is left.")
+    cmp_.add_argument("experiment", nargs="?", help="experiment YAML (see experiments/)")
+    cmp_.add_argument("--data", help="flag form: dataset for every variant")
+    cmp_.add_argument("--models", help="flag form: comma-separated models, one variant each")
+    cmp_.add_argument("--epochs", type=int, help="flag form: epochs for every variant")
+    cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: the file's, else 0)")
+    cmp_.add_argument("--data-dir", help="as in train, for cifar10")
+    cmp_.add_argument("--out", required=True, help="folder for all runs and the results files")
+    cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    prev = sub.add_parser("augment-preview", parents=[common], help="draw originals next to augmented versions")
+    prev.add_argument("--data", default="cifar10-mini", help="as in train (cifar10-mini)")
+    prev.add_argument("--data-dir", help="as in train, for cifar10")
+    prev.add_argument("--aug", default="basic", help="recipe, as in train (basic)")
+    prev.add_argument("--img-size", type=int, help="as in train (default 32, or 64 for folders)")
+    prev.add_argument("--random-erasing", type=float, help="as in train")
+    prev.add_argument("--mixup", type=float, nargs="?", const=0.2, default=0.0, metavar="ALPHA", help="as in train")
+    prev.add_argument("--cutmix", type=float, nargs="?", const=1.0, default=0.0, metavar="ALPHA", help="as in train")
+    prev.add_argument("--label-smoothing", type=float, default=0.0, help="as in train")
+    prev.add_argument("--n", type=int, default=8, help="images per row (8)")
+    prev.add_argument("--seed", type=int, default=0, help="seed (0)")
+    prev.add_argument("--out", default="augment-preview.png", help="PNG file to write")
     return parser
 
 
@@ -149,7 +175,47 @@ def cmd_models(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models}
+def cmd_compare(args) -> int:
+    from imgcls.errors import UserError
+    from imgcls.reporting.tables import aggregate, to_markdown, write_tables
+    from imgcls.training.compare import experiment_from_flags, read_experiment, run_experiment
+
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    if args.experiment:
+        if args.models or args.data:
+            raise UserError("give either an experiment file or --data/--models, not both")
+        exp = read_experiment(args.experiment)
+        exp.seeds = seeds or exp.seeds
+    elif args.data and args.models:
+        exp = experiment_from_flags(args.data, args.models.split(","), args.epochs, seeds or [0], {})
+    else:
+        raise UserError("pass an experiment file, or --data and --models for the flag form")
+    records = run_experiment(exp, args.out, args.data_dir, args.quiet)
+    rows = aggregate(records)
+    write_tables(rows, Path(args.out))
+    print(to_markdown(rows))
+    print(f"wrote {args.out}/results.json, results.csv, results.md")
+    return 0
+
+
+def cmd_augment_preview(args) -> int:
+    from imgcls.config import build_config
+    from imgcls.data import TrainTransform, load_dataset
+    from imgcls.data.preview import preview_rows
+    from imgcls.reporting.figures import image_grid
+
+    cfg = build_config(data=args.data, aug=args.aug, random_erasing=args.random_erasing, mixup=args.mixup,
+                       cutmix=args.cutmix, label_smoothing=args.label_smoothing)  # validates the options
+    dataset = load_dataset(cfg.data, args.data_dir, args.img_size)
+    transform = TrainTransform(cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
+                               cfg.random_erasing, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
+    rows, captions, titles = preview_rows(dataset, transform, args.n, seed=args.seed)
+    print(f"wrote {image_grid(rows, captions, titles, Path(args.out))}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
+            "compare": cmd_compare, "augment-preview": cmd_augment_preview}
 
 
 def main(argv: list[str] | None = None) -> int:
