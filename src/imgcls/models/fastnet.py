@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from imgcls.models.registry import register
+from imgcls.models.surface import ClassifierSurface
 
 
 def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -24,7 +25,7 @@ class ConvGroup(nn.Sequential):
         super().__init__(first[0], nn.MaxPool2d(2), *first[1:], *_conv_bn(c_out, c_out))
 
 
-class FastNet(nn.Module):
+class FastNet(ClassifierSurface, nn.Module):
     def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), in_chans: int = 3):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, 24, kernel_size=2, padding=0), nn.GELU())
@@ -40,15 +41,6 @@ class FastNet(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.amax(dim=(2, 3))  # global max-pool, as airbench
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 @register("fastnet_cifar", img_size=32, family="cnn", description="airbench94-style CNN, widths 64/256/256")

@@ -7,9 +7,10 @@ import torch.nn as nn
 import torchvision
 
 from imgcls.models.registry import register
+from imgcls.models.surface import ClassifierSurface
 
 
-class ResNetCifar(nn.Module):
+class ResNetCifar(ClassifierSurface, nn.Module):
     """torchvision resnet18 with a 3x3 stride-1 stem and no max-pool, so 32x32 inputs keep
     32x32 maps in the first stage (the 7x7/2 stem and pool would shrink them to 8x8)."""
 
@@ -21,7 +22,7 @@ class ResNetCifar(nn.Module):
         self.stem = nn.Sequential(conv, net.bn1, net.relu)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.num_features = 512
-        self.fc = net.fc
+        self.head = net.fc
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -29,16 +30,7 @@ class ResNetCifar(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=(2, 3))
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        return x if pre_logits else self.head(x)
 
 
 @register("resnet18_cifar", img_size=32, family="cnn", description="ResNet-18, CIFAR stem (3x3/1, no pool)")

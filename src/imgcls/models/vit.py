@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imgcls.models.registry import register
+from imgcls.models.surface import ClassifierSurface
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(ClassifierSurface, nn.Module):
     num_prefix_tokens = 1  # the CLS token; Grad-CAM drops prefix tokens to get the patch grid
 
     def __init__(self, cfg: ViTConfig):
@@ -113,15 +114,6 @@ class VisionTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0]
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 def _vit(num_classes: int, **overrides) -> VisionTransformer:
