@@ -40,8 +40,12 @@ class Progress:
         if self.quiet:
             return
         n = max(meter.images, 1)
-        self.bar.update(self.task, completed=meter.steps, loss=meter.loss_sum / n, acc=meter.correct / n,
-                        ips=meter.images / max(meter.seconds, 1e-9))
+        loss, acc, ips = meter.loss_sum / n, meter.correct / n, meter.images / max(meter.seconds, 1e-9)
+        self.bar.update(self.task, completed=meter.steps, loss=loss, acc=acc, ips=ips)
+        tenth = max(1, self.steps // 10)
+        if not self.console.is_terminal and meter.steps % tenth == 0:  # a log file gets a line per 10%
+            self.console.print(f"  step {meter.steps}/{self.steps}  loss {loss:.4f}  acc {acc:.4f}  {ips:.0f} img/s",
+                               soft_wrap=True)
 
     def end_epoch(self, record: dict) -> None:
         if self.quiet:
