@@ -30,6 +30,8 @@ def test_run_directory_is_complete(tiny_folder, tmp_path):
         assert (run / name).is_file(), name
     config = yaml.safe_load((run / rundir.CONFIG).read_text())
     assert config["model"] == "fastnet_cifar_small" and config["img_size"] == 32 and config["aug"] == "basic"
+    # resolved values, not "auto" or None
+    assert (config["normalize"], config["random_erasing"], config["mixup"]) == ("imagenet", 0.0, 0.0)
     (epoch1,) = rundir.read_metrics(run)
     assert set(epoch1) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time",
                            "images_per_s"}

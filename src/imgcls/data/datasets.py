@@ -75,6 +75,7 @@ class Dataset:
     train: Split
     val: Split
     test: Split | None
+    normalization: str  # "cifar" or "imagenet": which statistics mean/std are
     # What a comparison must agree on: source, split rules, sizes and a hash of the labels.
     fingerprint: dict = field(default_factory=dict)
 
@@ -150,16 +151,17 @@ def load_dataset(
         x_train, x_test = _resize(x_train, size), _resize(x_test, size)
         train, val = _carve_val(x_train, y_train, val_fraction, split_seed)
         test = Split(y_test, images=x_test)
-        mean, std, source = CIFAR_MEAN, CIFAR_STD, data
+        normalization, source = "cifar", data
     else:
         if data_dir:
             raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
         train, val, test, classes, size = _load_folder(
             Path(data), img_size or 64, val_fraction, split_seed, mode, workers
         )
-        mean, std, source = IMAGENET_MEAN, IMAGENET_STD, str(Path(data).resolve())
+        normalization, source = "imagenet", str(Path(data).resolve())
     if normalize != "auto":
-        mean, std = NORMALIZATIONS[normalize]
+        normalization = normalize
+    mean, std = NORMALIZATIONS[normalization]
     fingerprint = {
         "source": source,
         "img_size": size,
@@ -169,7 +171,7 @@ def load_dataset(
         "labels_sha256": _labels_hash(train.labels, val.labels, test.labels if test else None),
     }
     name = data if data in ("cifar10", "cifar10-mini") else Path(data).name
-    return Dataset(name, classes, size, mean, std, train, val, test, fingerprint)
+    return Dataset(name, classes, size, mean, std, train, val, test, normalization, fingerprint)
 
 
 def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mode: str, workers: int):

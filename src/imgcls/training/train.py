@@ -28,6 +28,7 @@ from imgcls import rundir
 from imgcls.config import TrainConfig, load_config
 from imgcls.data import Dataset, TrainTransform, load_dataset, per_image_transform
 from imgcls.data.mixing import soft_cross_entropy
+from imgcls.data.presets import DEFAULT_ERASING
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.predict import predict_logits
@@ -199,7 +200,10 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     if resume is None:
         run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
         cfg.out = str(run_dir)
-        cfg.img_size = dataset.img_size
+        # Record resolved values, not "auto"/None, so the config says exactly what ran.
+        cfg.img_size, cfg.normalize = dataset.img_size, dataset.normalization
+        if cfg.random_erasing is None:
+            cfg.random_erasing = DEFAULT_ERASING.get(cfg.aug, 0.0)
         (run_dir / rundir.CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         rundir.write_json(run_dir / rundir.DATASET, {
             "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
