@@ -116,3 +116,13 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_folder, tmp_path):
     stdout, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
     assert len(rundir.read_metrics(out)) == 20 and (out / rundir.SUMMARY).is_file()
+
+
+def test_augment_preview_writes_a_grid(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "grid.png"
+    assert main(["augment-preview", "--aug", "standard", "--cutmix", "--n", "4", "--out", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG" and img.width > 300 and img.height > 300
+    assert str(out) in capsys.readouterr().out

@@ -100,3 +100,19 @@ def test_default_quickstart_reaches_a_sensible_accuracy_on_mini(tmp_path):
     summary = json.loads((run / rundir.SUMMARY).read_text())
     assert summary["test_acc"] > 0.25  # chance is 0.10
     assert math.isclose(summary["best_val_acc"], max(m["val_acc"] for m in rundir.read_metrics(run)))
+
+
+def test_streamed_folder_trains_with_the_torchvision_twin(tiny_folder, tmp_path):
+    run = fit(_cfg(tiny_folder, tmp_path / "stream", epochs=1, data_mode="stream", workers=0, aug="randaugment"))
+    summary = json.loads((run / rundir.SUMMARY).read_text())
+    assert summary["test_acc"] is not None and len(rundir.read_metrics(run)) == 1
+
+
+def test_every_augmentation_setting_is_recorded(tiny_folder, tmp_path):
+    run = fit(_cfg(tiny_folder, tmp_path / "aug", epochs=1, aug="randaugment", mixup=0.2, cutmix=1.0,
+                   label_smoothing=0.1))
+    config = yaml.safe_load((run / rundir.CONFIG).read_text())
+    recorded = {k: config[k] for k in ("aug", "random_erasing", "mixup", "cutmix", "mix_prob", "mix_switch_prob",
+                                       "label_smoothing", "normalize")}
+    assert recorded == {"aug": "randaugment", "random_erasing": 0.0, "mixup": 0.2, "cutmix": 1.0, "mix_prob": 1.0,
+                        "mix_switch_prob": 0.5, "label_smoothing": 0.1, "normalize": "imagenet"}
