@@ -17,6 +17,7 @@ def test_flag_form_aggregates_seeds_and_skips_finished_runs(tiny_folder, tmp_pat
     table = (out / "results.md").read_text()
     assert table.count("| fastnet_cifar_small |") == 1 and table.count("| vit_cifar |") == 1
     assert "± " in table and (out / "results.csv").read_text().count("\n") == 3
+    assert (out / "accuracy_per_epoch.png").stat().st_size > 1000 and (out / "accuracy_vs_time.png").is_file()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/summary.json")}
     capsys.readouterr()
     assert main(argv) == 0  # second time: nothing is retrained

@@ -71,3 +71,10 @@ def test_timm_models_pass_through_with_the_same_surface():
 def test_unknown_model_is_a_user_error(name):
     with pytest.raises(UserError, match="model"):
         create_model(name, 10)
+
+
+def test_forward_gflops_counts_matmuls_and_convolutions():
+    from imgcls.models.flops import forward_gflops
+
+    assert forward_gflops(create_model("resnet18_cifar", 10), 32) == pytest.approx(1.11, abs=0.01)
+    assert forward_gflops(create_model("vit_cifar", 10), 32) == pytest.approx(0.615, abs=0.01)

@@ -177,6 +177,7 @@ def cmd_models(args) -> int:
 
 def cmd_compare(args) -> int:
     from imgcls.errors import UserError
+    from imgcls.reporting.figures import comparison_charts
     from imgcls.reporting.tables import aggregate, to_markdown, write_tables
     from imgcls.training.compare import experiment_from_flags, read_experiment, run_experiment
 
@@ -193,8 +194,9 @@ def cmd_compare(args) -> int:
     records = run_experiment(exp, args.out, args.data_dir, args.quiet)
     rows = aggregate(records)
     write_tables(rows, Path(args.out))
+    charts = comparison_charts(records, Path(args.out))
     print(to_markdown(rows))
-    print(f"wrote {args.out}/results.json, results.csv, results.md")
+    print(f"wrote {args.out}/results.json, results.csv, results.md, {', '.join(p.name for p in charts)}")
     return 0
 
 

@@ -129,6 +129,11 @@ def _load_mini():
     return (*out, meta["classes"])
 
 
+def data_source(data: str) -> str:
+    """How a dataset is named in fingerprints: the built-in name, or the folder's absolute path."""
+    return data if data in ("cifar10", "cifar10-mini") else str(Path(data).resolve())
+
+
 def load_dataset(
     data: str,
     data_dir: str | None = None,
@@ -151,19 +156,19 @@ def load_dataset(
         x_train, x_test = _resize(x_train, size), _resize(x_test, size)
         train, val = _carve_val(x_train, y_train, val_fraction, split_seed)
         test = Split(y_test, images=x_test)
-        normalization, source = "cifar", data
+        normalization = "cifar"
     else:
         if data_dir:
             raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
         train, val, test, classes, size = _load_folder(
             Path(data), img_size or 64, val_fraction, split_seed, mode, workers
         )
-        normalization, source = "imagenet", str(Path(data).resolve())
+        normalization = "imagenet"
     if normalize != "auto":
         normalization = normalize
     mean, std = NORMALIZATIONS[normalization]
     fingerprint = {
-        "source": source,
+        "source": data_source(data),
         "img_size": size,
         "val_fraction": val_fraction,
         "split_seed": split_seed,

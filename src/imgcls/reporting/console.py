@@ -23,6 +23,8 @@ def print_summary(summary: dict) -> None:
         ("test accuracy, selected on val", _pct(summary["test_acc"])),
         ("test accuracy, final epoch", _pct(summary["test_acc_final"])),
         ("training time", f"{summary['train_time_s']:.1f} s ({summary['train_images_per_s']:.0f} img/s)"),
+        ("forward cost", f"{summary['gflops']:.3f} GFLOPs/img"),
+        ("inference", f"{summary['inference_images_per_s']:.0f} img/s"),
         ("device", f"{summary['device']} {summary['precision']}"),
     ]
     for key, value in rows:

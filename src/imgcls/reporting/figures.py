@@ -32,3 +32,31 @@ def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titl
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def comparison_charts(records: list[dict], out: Path) -> list[Path]:
+    """Validation accuracy per epoch, and against cumulative training time, for every variant
+    (mean over its seeds), each chart in one PNG."""
+    by_variant: dict[str, list[list[dict]]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r["metrics"])
+    paths = []
+    for name, x_key, x_label in (("accuracy_per_epoch.png", "epoch", "epoch"),
+                                 ("accuracy_vs_time.png", "seconds", "training time (s)")):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for variant, runs in by_variant.items():
+            n = min(len(m) for m in runs)
+            acc = np.mean([[e["val_acc"] for e in m[:n]] for m in runs], axis=0)
+            seconds = np.mean([np.cumsum([e["epoch_time"] for e in m[:n]]) for m in runs], axis=0)
+            xs = np.arange(1, n + 1) if x_key == "epoch" else seconds
+            ax.plot(xs, 100 * acc, marker="o", markersize=3, label=variant)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out) / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

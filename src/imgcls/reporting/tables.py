@@ -34,6 +34,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "variant": row["variant"],
             "model": runs[0]["model"],
             "params": runs[0]["params"],
+            "gflops": runs[0].get("gflops"),
             "seeds": len(runs),
             "val_acc": val, "val_acc_std": val_sd,
             "test_acc": acc, "test_acc_std": acc_sd,
@@ -42,6 +43,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "test_ece": ece, "test_ece_std": ece_sd,
             "train_time_s": statistics.fmean(s["train_time_s"] for s in runs),
             "train_images_per_s": statistics.fmean(s["train_images_per_s"] for s in runs),
+            "inference_images_per_s": _mean_std([s.get("inference_images_per_s") for s in runs])[0],
         })
     return out
 
@@ -58,17 +60,22 @@ def _pm(mean: float, sd: float, scale: float = 100.0, digits: int = 2) -> str:
     return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
 
 
+def _num(value, digits: int) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f}"
+
+
 def to_markdown(rows: list[dict]) -> str:
     lines = [
-        "| variant | model | params | test acc % (val-selected) | test acc % (final epoch) | gain vs first | "
-        "ECE % | train time s | train img/s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | model | params | GFLOPs/img | test acc % (val-selected) | test acc % (final epoch) | "
+        "gain vs first | ECE % | train time s | train img/s | inference img/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['variant']} | {r['model']} | {r['params'] / 1e6:.2f}M | {_pm(r['test_acc'], r['test_acc_std'])} | "
-            f"{_pm(r['test_acc_final'], r['test_acc_final_std'])} | {100 * r['gain']:+.2f} | "
-            f"{_pm(r['test_ece'], r['test_ece_std'])} | {r['train_time_s']:.0f} | {r['train_images_per_s']:.0f} |"
+            f"| {r['variant']} | {r['model']} | {r['params'] / 1e6:.2f}M | {_num(r['gflops'], 3)} | "
+            f"{_pm(r['test_acc'], r['test_acc_std'])} | {_pm(r['test_acc_final'], r['test_acc_final_std'])} | "
+            f"{100 * r['gain']:+.2f} | {_pm(r['test_ece'], r['test_ece_std'])} | {r['train_time_s']:.0f} | "
+            f"{r['train_images_per_s']:.0f} | {_num(r['inference_images_per_s'], 0)} |"
         )
     seeds = sorted({r["seeds"] for r in rows})
     lines.append("")

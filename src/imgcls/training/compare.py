@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from imgcls import rundir
-from imgcls.config import FIELDS, build_config
+from imgcls.config import FIELDS, TrainConfig, build_config
+from imgcls.data.datasets import data_source
 from imgcls.errors import UserError
 from imgcls.training.train import fit
 
@@ -71,6 +72,7 @@ def experiment_from_flags(data: str, models: list[str], epochs: int | None, seed
 def run_experiment(exp: Experiment, out: str | Path, data_dir: str | None = None, quiet: bool = False) -> list[dict]:
     """Train what is missing, then return one record per (variant, seed)."""
     out = Path(out)
+    _check_planned_data(exp, out)
     out.mkdir(parents=True, exist_ok=True)
     records, fingerprint = [], None
     for variant, options in exp.variants.items():
@@ -98,6 +100,19 @@ def run_experiment(exp: Experiment, out: str | Path, data_dir: str | None = None
     rundir.write_json(out / RESULTS, {"experiment": exp.name, "train": exp.train, "seeds": exp.seeds,
                                       "variants": exp.variants, "fingerprint": fingerprint, "runs": records})
     return records
+
+
+def _check_planned_data(exp: Experiment, out: Path) -> None:
+    """Refuse before training anything when runs already in `out` used other data or splits."""
+    planned = {"source": data_source(exp.train.get("data", TrainConfig.data)),
+               "val_fraction": exp.train.get("val_fraction", TrainConfig.val_fraction),
+               "split_seed": exp.train.get("split_seed", TrainConfig.split_seed)}
+    for info_path in sorted(out.glob(f"*/seed-*/{rundir.DATASET}")):
+        found = rundir.read_json(info_path)["fingerprint"]
+        differs = [k for k, v in planned.items() if found[k] != v]
+        if differs:
+            raise UserError(f"{info_path.parent} was trained on different data or splits ({', '.join(differs)}) "
+                            f"than this experiment; use a fresh --out for a different dataset")
 
 
 def _clear_unstarted(run: Path) -> None:

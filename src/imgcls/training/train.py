@@ -34,6 +34,7 @@ from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.predict import predict_logits
 from imgcls.models import count_parameters, create_model, model_spec
 from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.models.flops import forward_gflops
 from imgcls.runtime import autocast, resolve_device, resolve_precision, seed_everything
 from imgcls.training.progress import Progress
 
@@ -304,18 +305,23 @@ def _jsonl(record: dict) -> str:
 
 def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: TrainState,
                device, precision: str) -> dict:
-    """Test accuracy (and ECE) of the checkpoint chosen on validation, and accuracy of the final weights."""
+    """Test accuracy (and ECE) of the checkpoint chosen on validation, accuracy of the final weights,
+    and the cost of the model: forward GFLOPs per image and inference throughput."""
     metrics = rundir.read_metrics(run_dir)
+    held_out = dataset.test if dataset.test is not None else dataset.val
+
+    def predict(m):
+        return predict_logits(m, held_out, dataset.mean, dataset.std, device, precision, cfg.eval_batch_size)
+
+    final_logits, labels = predict(model)
+    best = load_checkpoint(run_dir / rundir.BEST, cfg.model, dataset.num_classes)
+    model.load_state_dict(best["model"])
+    start = time.perf_counter()
+    logits, labels = predict(model)
+    inference_ips = len(labels) / (time.perf_counter() - start)
     test_final = test_best = test_ece = None
     if dataset.test is not None:
-        def test_logits(m):
-            return predict_logits(m, dataset.test, dataset.mean, dataset.std, device, precision, cfg.eval_batch_size)
-
-        logits, labels = test_logits(model)
-        test_final = (logits.argmax(1) == labels).float().mean().item()
-        best = load_checkpoint(run_dir / rundir.BEST, cfg.model, dataset.num_classes)
-        model.load_state_dict(best["model"])
-        logits, labels = test_logits(model)
+        test_final = (final_logits.argmax(1) == labels).float().mean().item()
         test_best = (logits.argmax(1) == labels).float().mean().item()
         test_ece = expected_calibration_error(logits, labels)
     images = sum(m["epoch_time"] * m["images_per_s"] for m in metrics)
@@ -325,6 +331,7 @@ def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: 
         "data": dataset.name,
         "num_classes": dataset.num_classes,
         "params": count_parameters(model),
+        "gflops": forward_gflops(model, dataset.img_size),
         "epochs": cfg.epochs,
         "best_epoch": state.best_epoch,
         "best_val_acc": state.best_val_acc,
@@ -335,6 +342,7 @@ def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: 
         "test_split": "test" if dataset.test is not None else None,
         "train_time_s": state.train_seconds,
         "train_images_per_s": images / max(state.train_seconds, 1e-9),
+        "inference_images_per_s": inference_ips,
         "device": device.type,
         "precision": precision,
         "seed": cfg.seed,
