@@ -15,8 +15,8 @@ TRAIN_HELP = {
     "data": "cifar10, cifar10-mini (bundled, the default) or a path to an image folder",
     "data_dir": "for cifar10: the folder that holds cifar-10-batches-py/ "
                 "(default $IMGCLS_DATA/cifar10, else ~/.cache/imgcls/cifar10)",
-    "img_size": "input size in pixels (default: the model's native size; 64 for image folders "
-                "when the model has none)",
+    "img_size": "input size in pixels (default: the model's native size, 32 for the CIFAR models; "
+                "ViT position embeddings are interpolated for other sizes)",
     "val_fraction": "fraction of train held out for validation when the data has no val split (0.1)",
     "split_seed": "seed of the train/val split, fixed apart from --seed so runs share one split (0)",
     "data_mode": "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
