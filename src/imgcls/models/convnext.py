@@ -17,3 +17,19 @@ from imgcls.models.registry import register
 def convnext_cifar(num_classes: int = 10, drop_path_rate: float = 0.1, **kw) -> ConvNeXt:
     return ConvNeXt(num_classes=num_classes, depths=(2, 2, 6, 2), dims=(64, 128, 256, 512), patch_size=2,
                     drop_path_rate=drop_path_rate, ls_init_value=1e-6, **kw)
+
+
+def _timm_convnext(arch: str):
+    def build(num_classes: int = 1000, **kw):
+        import timm
+
+        return timm.create_model(arch, num_classes=num_classes, **kw)
+
+    return build
+
+
+# The standard ImageNet-size ConvNeXts, by their usual names (timm builds them).
+for _arch, _desc in (("convnext_atto", "3.7M"), ("convnext_femto", "5.2M"), ("convnext_pico", "9.0M"),
+                     ("convnext_nano", "15.6M"), ("convnext_tiny", "28.6M")):
+    register(_arch, img_size=224, family="cnn", description=f"timm's {_arch} ({_desc} params at 1000 classes)")(
+        _timm_convnext(_arch))
