@@ -66,4 +66,4 @@ def print_models(rows: list[dict]) -> None:
         table.add_row(r["name"], f"{r['params'] / 1e6:.2f}M", str(r["num_classes"]), f"{r['img_size']}px",
                       r["family"], r["description"])
     console.print(table)
-    console.print("and any timm model as timm/<name> (e.g. timm/convnext_atto)")
+    console.print("and any timm model as timm/<name> (e.g. timm/efficientnet_b0)")
