@@ -56,16 +56,21 @@ def require_run(path: str | Path) -> Path:
     return path
 
 
+def refuse_existing(out: str | Path) -> None:
+    """An explicit --out that already holds files is refused, never overwritten."""
+    path = Path(out)
+    if path.exists() and any(path.iterdir()):
+        raise UserError(
+            f"{path} already exists and is not empty; choose another --out, "
+            f"or continue a run there with imgcls train --resume {path}"
+        )
+
+
 def new_run_dir(out: str | None, data: str, model: str) -> Path:
-    """The folder for a new run. An explicit --out that already holds a run is refused, never
-    overwritten; the default name gets a numeric suffix instead."""
+    """The folder for a new run: --out if free, else runs/<data>-<model> with a numeric suffix if taken."""
     if out:
+        refuse_existing(out)
         path = Path(out)
-        if path.exists() and any(path.iterdir()):
-            raise UserError(
-                f"{path} already exists and is not empty; choose another --out, "
-                f"or continue a run there with imgcls train --resume {path}"
-            )
     else:
         base = Path("runs") / f"{Path(data).name}-{model.replace('/', '_')}"
         path, n = base, 1

@@ -193,30 +193,32 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         if not (run_dir / rundir.LAST).exists():
             raise UserError(f"{run_dir} has no {rundir.LAST} to resume from; start the run again")
     assert cfg is not None
+    if resume is None and cfg.out:
+        rundir.refuse_existing(cfg.out)  # before the slow part, so the user learns at once
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=cfg.normalize)
-    if resume is None:
-        run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
-        cfg.out = str(run_dir)
-        # Record resolved values, not "auto"/None, so the config says exactly what ran.
-        cfg.img_size, cfg.normalize = dataset.img_size, dataset.normalization
-        if cfg.random_erasing is None:
-            cfg.random_erasing = DEFAULT_ERASING.get(cfg.aug, 0.0)
-        (run_dir / rundir.CONFIG).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        rundir.write_json(run_dir / rundir.DATASET, {
-            "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
-            "mean": dataset.mean, "std": dataset.std, "fingerprint": dataset.fingerprint,
-        })
-
     seed_everything(cfg.seed)
     model = create_model(cfg.model, dataset.num_classes)
     model = model.to(device, memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
     state, aug_gen = TrainState(), torch.Generator()
+
+    if resume is None:  # the folder is made only once data and model are ready, so a failure leaves none
+        run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
+        cfg.out = str(run_dir)
+        # Record resolved values, not "auto"/None, so the config says exactly what ran.
+        cfg.img_size, cfg.normalize = dataset.img_size, dataset.normalization
+        if cfg.random_erasing is None:
+            cfg.random_erasing = DEFAULT_ERASING.get(cfg.aug, 0.0)
+        rundir.atomic_write_bytes(run_dir / rundir.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+        rundir.write_json(run_dir / rundir.DATASET, {
+            "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
+            "mean": dataset.mean, "std": dataset.std, "fingerprint": dataset.fingerprint,
+        })
 
     if resume is not None:
         ckpt = load_checkpoint(run_dir / rundir.LAST, cfg.model, dataset.num_classes)
