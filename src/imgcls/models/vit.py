@@ -126,6 +126,12 @@ def vit_cifar(num_classes: int = 10, **kw) -> VisionTransformer:
     return _vit(num_classes, img_size=32, patch_size=4, dim=256, depth=6, heads=8, **kw)
 
 
+@register("vit_cifar_tiny", img_size=32, family="vit",
+          description="small ViT for 32x32 CPU runs: patch 4, dim 128, depth 4, 4 heads, MLP 2x")
+def vit_cifar_tiny(num_classes: int = 10, **kw) -> VisionTransformer:
+    return _vit(num_classes, img_size=32, patch_size=4, dim=128, depth=4, heads=4, mlp_ratio=2.0, **kw)
+
+
 @register("vit_ti16", img_size=224, family="vit", description="ViT-Ti/16: dim 192, depth 12, 3 heads")
 def vit_ti16(num_classes: int = 1000, **kw) -> VisionTransformer:
     return _vit(num_classes, dim=192, depth=12, heads=3, **kw)
