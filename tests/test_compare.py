@@ -39,6 +39,15 @@ def test_variants_cannot_change_the_shared_budget(tmp_path):
         read_experiment(exp)
 
 
+@pytest.mark.parametrize("name", ["cnn_vs_vit_cifar10", "cnn_vs_vit_cats_dogs", "quickstart"])
+def test_shipped_comparisons_are_valid(name, monkeypatch):
+    monkeypatch.setenv("IMGCLS_DATA", "/data")
+    exp = read_experiment(f"experiments/{name}.yaml")
+    assert len(exp.variants) >= 2 and exp.seeds
+    if name == "cnn_vs_vit_cats_dogs":
+        assert exp.train["data"] == "/data/cats-vs-dogs"
+
+
 def test_shipped_augmentation_experiment_is_valid():
     exp = read_experiment("experiments/augmentation.yaml")
     assert list(exp.variants) == ["none", "basic", "mixup", "cutmix", "randaugment", "mixup+cutmix"]

@@ -8,6 +8,7 @@ left. Runs whose data or split differ are refused, never averaged.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def read_experiment(path: str | Path) -> Experiment:
         raise UserError(f"{path} needs a 'variants' mapping: name -> train options")
     train = _options(raw.get("train", {}), f"{path} train")
     if "data" in raw:
-        train["data"] = raw["data"]
+        train["data"] = os.path.expandvars(str(raw["data"]))  # e.g. ${IMGCLS_DATA}/cats-vs-dogs
     variants = {}
     for name, opts in raw["variants"].items():
         opts = _options(opts, f"{path} variant {name}")
