@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titles: list[str], out: Path) -> Path:
@@ -51,6 +52,8 @@ def comparison_charts(records: list[dict], out: Path) -> list[Path]:
             xs = np.arange(1, n + 1) if x_key == "epoch" else seconds
             ax.plot(xs, 100 * acc, marker="o", markersize=3, label=variant)
         ax.set_xlabel(x_label)
+        if x_key == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("validation accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
