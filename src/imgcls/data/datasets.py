@@ -39,8 +39,11 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, order: torch.Tensor, batch_size: int):
-        """Yield (images, labels) batches visiting the indices in `order`."""
+    def batches(self, order: torch.Tensor, batch_size: int, seed: int = 0):
+        """Yield (images, labels) batches visiting the indices in `order`.
+
+        `seed` seeds the DataLoader's workers when streaming (their per-image augmentation), so give
+        each epoch its own."""
         if self.images is not None:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
@@ -52,7 +55,7 @@ class Split:
             sampler=order.tolist(),
             num_workers=self.workers,
             collate_fn=folder.collate_skipping_unreadable,
-            generator=torch.Generator().manual_seed(0),  # keeps the global RNG (dropout) untouched
+            generator=torch.Generator().manual_seed(seed),  # keeps the global RNG (dropout) untouched
         )
         yield from loader
 

@@ -256,7 +256,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
             if state.meter.steps == 0:
                 aug_gen.manual_seed(_stream_seed(cfg.seed, epoch, 1))
             skip = state.meter.steps * cfg.batch_size
-            batches = dataset.train.batches(order[skip:], cfg.batch_size)
+            batches = dataset.train.batches(order[skip:], cfg.batch_size, seed=_stream_seed(cfg.seed, epoch, 2))
 
             def should_stop(epoch=epoch):
                 done = epoch * steps_per_epoch + state.meter.steps
