@@ -112,9 +112,10 @@ def _labels_hash(*label_sets: torch.Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _carve_val(images, labels, fraction, seed):
-    keep, held = folder.stratified_split(labels, fraction, seed)
-    return Split(labels[keep], images=images[keep]), Split(labels[held], images=images[held])
+def _carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(train, val): `fraction` of each class of `train` held out, chosen by `seed`."""
+    keep, held = folder.stratified_split(train.labels, fraction, seed)
+    return train.subset(keep), train.subset(held)
 
 
 def _load_mini():
@@ -157,7 +158,7 @@ def load_dataset(
             x_train, y_train, x_test, y_test, classes = _load_mini()
         size = img_size or 32
         x_train, x_test = _resize(x_train, size), _resize(x_test, size)
-        train, val = _carve_val(x_train, y_train, val_fraction, split_seed)
+        train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed)
         test = Split(y_test, images=x_test)
         normalization = "cifar"
     else:
@@ -195,7 +196,5 @@ def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mo
             images, kept = folder.decode_all(files, labels, size)
             splits[name] = Split(kept, images=images)
     if "val" not in splits:
-        keep, held = folder.stratified_split(splits["train"].labels, val_fraction, split_seed)
-        splits["val"] = splits["train"].subset(held)
-        splits["train"] = splits["train"].subset(keep)
+        splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, split_seed)
     return splits["train"], splits["val"], splits.get("test"), classes, size

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from imgcls import rundir
-from imgcls.data import load_dataset, normalize
+from imgcls.data import load_dataset
 from imgcls.errors import UserError
 from imgcls.evaluation.metrics import classification_metrics
-from imgcls.evaluation.predict import TrainedRun, load_images, load_run, predict_logits
-from imgcls.runtime import autocast, resolve_device, resolve_precision
+from imgcls.evaluation.predict import TrainedRun, forward_batch, load_images, load_run, predict_logits
+from imgcls.runtime import resolve_device, resolve_precision
 
 
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
@@ -43,10 +43,8 @@ def predict_files(trained: TrainedRun, paths: list[str], topk: int = 3) -> list[
         raise UserError("no images given; pass one or more image files after the run folder")
     images = load_images(paths, trained.dataset["img_size"])
     device = next(trained.model.parameters()).device
-    x = normalize(images.to(device), trained.dataset["mean"], trained.dataset["std"])
     precision = resolve_precision(trained.config.precision, device)
-    with autocast(device, precision):
-        logits = trained.model(x.contiguous(memory_format=torch.channels_last))
+    logits = forward_batch(trained.model, images, trained.dataset["mean"], trained.dataset["std"], device, precision)
     probs = logits.float().softmax(dim=1).cpu()
     k = min(topk, probs.shape[1])
     top = probs.topk(k, dim=1)

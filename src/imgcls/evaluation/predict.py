@@ -18,6 +18,13 @@ from imgcls.models.checkpoint import load_checkpoint
 from imgcls.runtime import autocast
 
 
+def forward_batch(model, images: torch.Tensor, mean, std, device, precision: str) -> torch.Tensor:
+    """Logits for a uint8 batch: normalise, channels-last, autocast. Call under inference_mode."""
+    x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
+    with autocast(device, precision):
+        return model(x)
+
+
 @torch.inference_mode()
 def predict_logits(model, split: Split, mean, std, device, precision: str, batch_size: int = 512):
     """(logits float32, labels) for every image of `split`, in order, on the CPU."""
@@ -26,10 +33,7 @@ def predict_logits(model, split: Split, mean, std, device, precision: str, batch
     for images, labels in split.batches(torch.arange(len(split)), batch_size):
         if len(images) == 0:
             continue
-        x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x)
-        all_logits.append(logits.float().cpu())
+        all_logits.append(forward_batch(model, images, mean, std, device, precision).float().cpu())
         all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
