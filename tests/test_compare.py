@@ -3,7 +3,9 @@ import json
 import pytest
 
 from imgcls.cli import main
+from imgcls.config import build_config
 from imgcls.errors import UserError
+from imgcls.reporting.tables import aggregate, to_markdown
 from imgcls.training.compare import read_experiment
 
 
@@ -39,13 +41,30 @@ def test_variants_cannot_change_the_shared_budget(tmp_path):
         read_experiment(exp)
 
 
-@pytest.mark.parametrize("name", ["cnn_vs_vit_cifar10", "cnn_vs_vit_cats_dogs", "quickstart"])
+@pytest.mark.parametrize("name", ["cnn_vs_vit_cifar10", "cnn_vs_vit_cats_dogs", "quickstart", "transfer_cats_dogs"])
 def test_shipped_comparisons_are_valid(name, monkeypatch):
     monkeypatch.setenv("IMGCLS_DATA", "/data")
     exp = read_experiment(f"experiments/{name}.yaml")
     assert len(exp.variants) >= 2 and exp.seeds
-    if name == "cnn_vs_vit_cats_dogs":
+    if name.endswith("cats_dogs"):
         assert exp.train["data"] == "/data/cats-vs-dogs"
+    for options in exp.variants.values():
+        build_config(**{**exp.train, **options})  # every variant is a valid train configuration
+
+
+def _summary(variant, **kw):
+    base = {"model": "m", "params": 1e6, "gflops": 0.1, "test_acc": None, "test_acc_final": None,
+            "test_split": None, "best_val_acc": 0.9, "final_val_acc": 0.8, "train_time_s": 10.0,
+            "train_images_per_s": 100.0, "inference_images_per_s": 200.0}
+    return {"variant": variant, "summary": {**base, **kw}}
+
+
+def test_table_without_a_test_split_reports_final_validation_accuracy():
+    rows = aggregate([_summary("scratch"), _summary("finetune", strategy="finetune", trainable_params=2e5,
+                                                   final_val_acc=0.95)])
+    table = to_markdown(rows)
+    assert "val acc % (final epoch)" in table and "test acc" not in table and "ECE" not in table
+    assert "| finetune | m | finetune | 0.2M |" in table and "| 95.00 ± 0.00 |" in table and "+15.00" in table
 
 
 def test_shipped_augmentation_experiment_is_valid():

@@ -44,11 +44,11 @@ def test_common_surface_forward_backward(name):
     assert model(x).shape == (2, 3) and model.get_classifier().out_features == 3
 
 
-@pytest.mark.parametrize("name", [s.name for s in list_models() if s.img_size > 32])
-def test_imagenet_size_models_run_forward_and_backward_at_native_size(name):
+@pytest.mark.parametrize("spec", [s for s in list_models() if s.img_size > 32], ids=lambda s: s.name)
+def test_imagenet_size_models_run_forward_and_backward_at_native_size(spec):
     torch.manual_seed(0)
-    model = create_model(name, num_classes=5)
-    out = model(torch.randn(1, 3, 224, 224))
+    model = create_model(spec.name, num_classes=5)
+    out = model(torch.randn(1, 3, spec.img_size, spec.img_size))
     out.sum().backward()
     assert out.shape == (1, 5)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

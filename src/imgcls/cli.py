@@ -22,6 +22,20 @@ TRAIN_HELP = {
     "data_mode": "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
     "workers": "DataLoader workers when streaming (2)",
     "model": "a registered model (see imgcls models) or timm/<name> (default resnet18_cifar)",
+    "pretrained": "start from pretrained weights: alone, the model's own (efficientnet_lite0-2 from their PyPI "
+                  "packages, timm/<name> and convnext_* from timm's hub, online); or a .safetensors/.pth file "
+                  "(the head is replaced when the class count differs); brings the weights' mean/std and crop",
+    "strategy": "auto (finetune with --pretrained, else scratch), scratch, feature-extract (frozen backbone, "
+                "BatchNorm statistics too; new head), finetune (all layers, per-group rates) or gradual "
+                "(feature-extract, then unfreeze groups from the top down)",
+    "head": "classifier head: linear, or mlp (Linear-256, ReLU, Dropout 0.3, Linear) (linear)",
+    "cache_features": "feature-extract only: run the frozen backbone once over the unaugmented images and train "
+                      "the head on those features (seconds instead of minutes on a CPU); disables image "
+                      "augmentation",
+    "layer_decay": "finetune/gradual: the head trains at --lr, each layer group below at D times the rate above",
+    "group_lrs": "finetune/gradual: one rate per layer group, bottom (stem) to top (head), comma-separated",
+    "unfreeze_every": "gradual: unfreeze the next layer group down every K epochs (default 1)",
+    "unfreeze_at": "gradual: unfreeze the next layer group down after each of these epochs, e.g. 2,4,6",
     "epochs": "number of epochs (10)",
     "batch_size": "training batch size (128)",
     "lr": "peak AdamW learning rate (1e-3)",
@@ -49,13 +63,27 @@ TRAIN_HELP = {
 MIX_DEFAULTS = {"mixup": 0.2, "cutmix": 1.0}
 
 
+def _number_list(kind: type):
+    def parse(text: str) -> list:
+        try:
+            return [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
+
+    return parse
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.type == "bool":
             p.add_argument(flag, action="store_const", const=True, default=None, help=TRAIN_HELP[f.name])
             continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+        if f.name == "pretrained":  # alone: the model's own weights; with a value: a file
+            p.add_argument(flag, nargs="?", const=True, default=None, metavar="FILE", help=TRAIN_HELP[f.name])
+            continue
+        kind = {"int": int, "int | None": int, "float": float, "float | None": float,
+                "list[float] | None": _number_list(float), "list[int] | None": _number_list(int)}.get(f.type, str)
         if f.name in MIX_DEFAULTS:  # "--mixup" alone switches it on at the usual alpha
             p.add_argument(flag, type=kind, nargs="?", const=MIX_DEFAULTS[f.name], default=None, metavar="ALPHA",
                            help=TRAIN_HELP[f.name])

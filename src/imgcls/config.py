@@ -26,6 +26,15 @@ class TrainConfig:
     workers: int = 2  # DataLoader workers, streaming mode only
     # model
     model: str = "resnet18_cifar"
+    # transfer learning
+    pretrained: bool | str = False  # True: the model's own weights (imgcls models); or a weights file
+    strategy: str = "auto"  # auto: finetune with pretrained weights, else scratch
+    head: str = "linear"  # linear | mlp
+    cache_features: bool = False  # feature-extract only: train the head on features computed once
+    layer_decay: float | None = None  # finetune/gradual: each group's rate is D times the one above
+    group_lrs: list[float] | None = None  # finetune/gradual: one rate per layer group, bottom to top
+    unfreeze_every: int | None = None  # gradual: unfreeze the next group down every K epochs
+    unfreeze_at: list[int] | None = None  # gradual: ... or after these epochs
     # optimisation
     epochs: int = 10
     batch_size: int = 128
@@ -54,6 +63,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+STRATEGIES = ("auto", "scratch", "feature-extract", "finetune", "gradual")
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -96,6 +106,8 @@ def _validate(cfg: TrainConfig) -> None:
         "aug": AUGMENTATIONS,
         "normalize": ("auto", *NORMALIZATIONS),
     }
+    choices["strategy"] = STRATEGIES
+    choices["head"] = ("linear", "mlp")
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
@@ -117,6 +129,62 @@ def _validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{name.replace('_', '-')} is a probability: give a value in [0, 1]")
     if cfg.mixup < 0 or cfg.cutmix < 0:
         raise UserError("--mixup and --cutmix take a Beta alpha > 0 (or 0 for off)")
+    _validate_transfer(cfg)
+
+
+def parse_list(value: Any, kind: type, flag: str) -> list | None:
+    """'1e-5,2e-5' or [1e-5, 2e-5] -> [1e-05, 2e-05]."""
+    if value is None or isinstance(value, list) and all(isinstance(v, int | float) for v in value):
+        return None if value is None else [kind(v) for v in value]
+    try:
+        return [kind(v) for v in str(value).split(",")]
+    except ValueError:
+        raise UserError(f"--{flag} takes comma-separated numbers, e.g. 2,4,6") from None
+
+
+def _validate_transfer(cfg: TrainConfig) -> None:
+    cfg.group_lrs = parse_list(cfg.group_lrs, float, "group-lrs")
+    cfg.unfreeze_at = parse_list(cfg.unfreeze_at, int, "unfreeze-at")
+    strategy = resolved_strategy(cfg)
+    if strategy == "scratch" and cfg.pretrained:
+        raise UserError("--strategy scratch trains from random weights; drop --pretrained or use "
+                        "feature-extract, finetune or gradual")
+    if strategy != "scratch" and not cfg.pretrained:
+        raise UserError(f"--strategy {strategy} starts from pretrained weights: add --pretrained (the model's own) "
+                        "or --pretrained path/to/weights.safetensors")
+
+    def given(*names: str) -> list[str]:
+        return [n for n in names if getattr(cfg, n) not in (None, False)]
+
+    wrong = {
+        "feature-extract": given("layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
+        "finetune": given("cache_features", "unfreeze_every", "unfreeze_at"),
+        "gradual": given("cache_features"),
+        "scratch": given("cache_features", "layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
+    }[strategy]
+    if wrong:
+        flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
+        raise UserError(f"{flags} do(es) not apply to --strategy {strategy}; drop it or change the strategy")
+    if cfg.layer_decay is not None and cfg.group_lrs is not None:
+        raise UserError("give either --layer-decay or --group-lrs, not both")
+    if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
+        raise UserError("--layer-decay must be in (0, 1]: each group's rate is that fraction of the one above")
+    if cfg.group_lrs is not None and any(lr <= 0 for lr in cfg.group_lrs):
+        raise UserError("--group-lrs must all be positive")
+    if cfg.unfreeze_every is not None and cfg.unfreeze_at is not None:
+        raise UserError("give either --unfreeze-every or --unfreeze-at, not both")
+    if cfg.unfreeze_every is not None and cfg.unfreeze_every < 1:
+        raise UserError("--unfreeze-every must be a positive number of epochs")
+    if cfg.unfreeze_at is not None and (sorted(cfg.unfreeze_at) != cfg.unfreeze_at or min(cfg.unfreeze_at) < 1):
+        raise UserError("--unfreeze-at takes increasing epoch numbers >= 1, e.g. 2,4,6")
+    if cfg.cache_features and (cfg.mixup or cfg.cutmix or cfg.random_erasing):
+        raise UserError("--cache-features trains on fixed features; drop --mixup, --cutmix and --random-erasing")
+
+
+def resolved_strategy(cfg: TrainConfig) -> str:
+    if cfg.strategy == "auto":
+        return "finetune" if cfg.pretrained else "scratch"
+    return cfg.strategy
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -25,7 +25,10 @@ from imgcls.errors import UserError
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+                  "inception": (INCEPTION_MEAN, INCEPTION_STD), "clip": (CLIP_MEAN, CLIP_STD)}
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
 
 
@@ -38,6 +41,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def img_size(self) -> int:
+        return self.images.shape[-1] if self.images is not None else self.stream.size
 
     def batches(self, order: torch.Tensor, batch_size: int, seed: int = 0):
         """Yield (images, labels) batches visiting the indices in `order`.
@@ -64,7 +71,7 @@ class Split:
             return Split(self.labels[idx], images=self.images[idx])
         files = [self.stream.files[i] for i in idx.tolist()]
         labels = [self.stream.labels[i] for i in idx.tolist()]
-        stream = folder.StreamingImages(files, labels, self.stream.size)
+        stream = folder.StreamingImages(files, labels, self.stream.size, crop_pct=self.stream.crop_pct)
         return Split(self.labels[idx], stream=stream, workers=self.workers)
 
 
@@ -78,7 +85,8 @@ class Dataset:
     train: Split
     val: Split
     test: Split | None
-    normalization: str  # "cifar" or "imagenet": which statistics mean/std are
+    normalization: str  # a key of NORMALIZATIONS: which statistics mean/std are
+    crop_pct: float = 1.0  # folders: centre crop of the shorter side before resizing
     # What a comparison must agree on: source, split rules, sizes and a hash of the labels.
     fingerprint: dict = field(default_factory=dict)
 
@@ -148,8 +156,11 @@ def load_dataset(
     workers: int = 2,
     download: bool = True,
     normalize: str = "auto",
+    crop_pct: float = 1.0,
 ) -> Dataset:
-    """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split."""
+    """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split.
+
+    `crop_pct` < 1 centre-crops folder images (as a pretrained model's own preprocessing does)."""
     if data in ("cifar10", "cifar10-mini"):
         if data == "cifar10":
             root = Path(data_dir) if data_dir else cifar.default_root()
@@ -165,7 +176,7 @@ def load_dataset(
         if data_dir:
             raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
         train, val, test, classes, size = _load_folder(
-            Path(data), img_size or 64, val_fraction, split_seed, mode, workers
+            Path(data), img_size or 64, val_fraction, split_seed, mode, workers, crop_pct
         )
         normalization = "imagenet"
     if normalize != "auto":
@@ -179,21 +190,32 @@ def load_dataset(
         "sizes": {n: len(s) for n, s in (("train", train), ("val", val), ("test", test)) if s},
         "labels_sha256": _labels_hash(train.labels, val.labels, test.labels if test else None),
     }
-    name = data if data in ("cifar10", "cifar10-mini") else Path(data).name
-    return Dataset(name, classes, size, mean, std, train, val, test, normalization, fingerprint)
+    folder_data = data not in ("cifar10", "cifar10-mini")
+    name = Path(data).name if folder_data else data
+    return Dataset(name, classes, size, mean, std, train, val, test, normalization,
+                   crop_pct if folder_data else 1.0, fingerprint)
 
 
-def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mode: str, workers: int):
+def normalization_named(mean, std) -> str | None:
+    """The NORMALIZATIONS key with these statistics, if any."""
+    for name, (m, s) in NORMALIZATIONS.items():
+        if np.allclose(m, mean, atol=1e-4) and np.allclose(s, std, atol=1e-4):
+            return name
+    return None
+
+
+def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mode: str, workers: int,
+                 crop_pct: float = 1.0):
     classes, found = folder.scan(root)
     n_files = sum(len(files) for files, _ in found.values())
     stream = mode == "stream" or (mode == "auto" and n_files * 3 * size * size > MEMORY_LIMIT_BYTES)
     splits: dict[str, Split] = {}
     for name, (files, labels) in found.items():
         if stream:
-            ds = folder.StreamingImages(files, labels, size)
+            ds = folder.StreamingImages(files, labels, size, crop_pct=crop_pct)
             splits[name] = Split(torch.tensor(labels, dtype=torch.int64), stream=ds, workers=workers)
         else:
-            images, kept = folder.decode_all(files, labels, size)
+            images, kept = folder.decode_all(files, labels, size, crop_pct)
             splits[name] = Split(kept, images=images)
     if "val" not in splits:
         splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, split_seed)

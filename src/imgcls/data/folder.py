@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,17 +67,20 @@ def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]
     return classes, splits
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode to RGB, resize the shorter side to `size` and centre-crop: H x W x 3 uint8."""
+def load_image(path: Path, size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """Decode to RGB, resize the shorter side to size / crop_pct and centre-crop size x size
+    (timm's eval transform; crop_pct 1 keeps the whole shorter side): H x W x 3 uint8."""
     with Image.open(path) as img:
-        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when that is enough
-        img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+        need = math.ceil(size / crop_pct)
+        img.draft("RGB", (need, need))  # JPEG: decode at a reduced scale when that is enough
+        bleed = (1.0 - crop_pct) / 2  # the margin cut from every edge before the square is fitted
+        img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC, bleed=bleed)
         return np.asarray(img, dtype=np.uint8)
 
 
-def _try_load(path: Path, size: int) -> np.ndarray | str:
+def _try_load(path: Path, size: int, crop_pct: float = 1.0) -> np.ndarray | str:
     try:
-        return load_image(path, size)
+        return load_image(path, size, crop_pct)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         return f"{type(e).__name__}: {e}"
 
@@ -85,11 +89,11 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def decode_all(files: list[Path], labels: list[int], size: int, threads: int = 2):
+def decode_all(files: list[Path], labels: list[int], size: int, crop_pct: float = 1.0, threads: int = 2):
     """Decode every file into one uint8 N x 3 x size x size tensor, skipping unreadable ones."""
     # Pillow releases the GIL while decoding, so threads overlap the work without processes.
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda p: _try_load(p, size), files))
+        results = list(pool.map(lambda p: _try_load(p, size, crop_pct), files))
     images, kept, skipped = [], [], 0
     for path, label, result in zip(files, labels, results, strict=True):
         if isinstance(result, str):
@@ -122,15 +126,15 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int):
 class StreamingImages(torch.utils.data.Dataset):
     """Decodes files on demand, for folders too large to hold in memory."""
 
-    def __init__(self, files: list[Path], labels: list[int], size: int, transform=None):
-        self.files, self.labels, self.size = files, labels, size
+    def __init__(self, files: list[Path], labels: list[int], size: int, transform=None, crop_pct: float = 1.0):
+        self.files, self.labels, self.size, self.crop_pct = files, labels, size, crop_pct
         self.transform = transform  # per-image training augmentation, run in the workers
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        result = _try_load(self.files[i], self.size)
+        result = _try_load(self.files[i], self.size, self.crop_pct)
         if isinstance(result, str):
             warn(f"skipped unreadable image {self.files[i]} ({result})")
             return None

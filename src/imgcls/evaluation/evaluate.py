@@ -22,7 +22,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, 
     cfg = trained.config
     dataset = load_dataset(data or cfg.data, data_dir if data else (data_dir or cfg.data_dir),
                            trained.dataset["img_size"], cfg.val_fraction, cfg.split_seed, cfg.data_mode,
-                           cfg.workers)
+                           cfg.workers, crop_pct=trained.dataset.get("crop_pct", 1.0))
     if dataset.classes != trained.classes:
         raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
                         f"{trained.classes}; evaluate on data with the same classes")
@@ -41,7 +41,7 @@ def predict_files(trained: TrainedRun, paths: list[str], topk: int = 3) -> list[
     """Top-k classes and probabilities for image files, with the run's own preprocessing."""
     if not paths:
         raise UserError("no images given; pass one or more image files after the run folder")
-    images = load_images(paths, trained.dataset["img_size"])
+    images = load_images(paths, trained.dataset["img_size"], trained.dataset.get("crop_pct", 1.0))
     device = next(trained.model.parameters()).device
     precision = resolve_precision(trained.config.precision, device)
     logits = forward_batch(trained.model, images, trained.dataset["mean"], trained.dataset["std"], device, precision)

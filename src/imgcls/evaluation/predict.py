@@ -25,11 +25,18 @@ def forward_batch(model, images: torch.Tensor, mean, std, device, precision: str
         return model(x)
 
 
+def eval_batch_size(requested: int, img_size: int) -> int:
+    """`requested`, capped at about 2M pixels a batch: 512 CIFAR images are fine, but 512 at 224 px
+    make activations of gigabytes that run several times slower than small batches on a CPU."""
+    return max(1, min(requested, 2**21 // (img_size * img_size)))
+
+
 @torch.inference_mode()
 def predict_logits(model, split: Split, mean, std, device, precision: str, batch_size: int = 512):
     """(logits float32, labels) for every image of `split`, in order, on the CPU."""
     model.eval()
     all_logits, all_labels = [], []
+    batch_size = eval_batch_size(batch_size, split.img_size)
     for images, labels in split.batches(torch.arange(len(split)), batch_size):
         if len(images) == 0:
             continue
@@ -42,7 +49,7 @@ def predict_logits(model, split: Split, mean, std, device, precision: str, batch
 class TrainedRun:
     path: Path
     config: TrainConfig
-    dataset: dict  # dataset.json: classes, img_size, mean, std, fingerprint
+    dataset: dict  # dataset.json: classes, img_size, mean, std, crop_pct, fingerprint
     model: torch.nn.Module
     checkpoint: Path
 
@@ -61,13 +68,13 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     info = rundir.read_json(info_path)
     ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
-    model = create_model(cfg.model, len(info["classes"]))
+    model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
     model.load_state_dict(ckpt["model"])
     model = model.to(device or torch.device("cpu"), memory_format=torch.channels_last).eval()
     return TrainedRun(path, cfg, info, model, ckpt_path)
 
 
-def load_images(paths: list[str | Path], img_size: int) -> torch.Tensor:
+def load_images(paths: list[str | Path], img_size: int, crop_pct: float = 1.0) -> torch.Tensor:
     """Files -> uint8 N x 3 x S x S with the same resize and crop that training data got."""
     arrays = []
     for p in paths:
@@ -75,7 +82,7 @@ def load_images(paths: list[str | Path], img_size: int) -> torch.Tensor:
         if not p.is_file():
             raise UserError(f"image {p} does not exist; check the path")
         try:
-            arrays.append(load_image(p, img_size))
+            arrays.append(load_image(p, img_size, crop_pct))
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read image {p} ({e}); pass a jpg, png, webp or bmp file") from e
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from timm.models.convnext import ConvNeXt
 
-from imgcls.models.registry import register
+from imgcls.models.registry import register, timm_hub_weights, timm_preprocessing
 
 
 @register("convnext_cifar", img_size=32, family="cnn",
@@ -31,5 +31,6 @@ def _timm_convnext(arch: str):
 # The standard ImageNet-size ConvNeXts, by their usual names (timm builds them).
 for _arch, _desc in (("convnext_atto", "3.7M"), ("convnext_femto", "5.2M"), ("convnext_pico", "9.0M"),
                      ("convnext_nano", "15.6M"), ("convnext_tiny", "28.6M")):
-    register(_arch, img_size=224, family="cnn", description=f"timm's {_arch} ({_desc} params at 1000 classes)")(
-        _timm_convnext(_arch))
+    register(_arch, img_size=224, family="cnn", description=f"timm's {_arch} ({_desc} params at 1000 classes)",
+             preprocessing=timm_preprocessing(_arch),
+             pretrained=timm_hub_weights(_arch))(_timm_convnext(_arch))

@@ -35,6 +35,9 @@ class FastNet(ClassifierSurface, nn.Module):
         self.num_features = widths[2]
         self.head = nn.Linear(widths[2], num_classes)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^stem", "blocks": r"^group(\d+)"}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.group3(self.group2(self.group1(self.stem(x))))
 

@@ -24,6 +24,9 @@ class ResNetCifar(ClassifierSurface, nn.Module):
         self.num_features = 512
         self.head = net.fc
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^stem", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))

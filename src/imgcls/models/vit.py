@@ -103,6 +103,11 @@ class VisionTransformer(ClassifierSurface, nn.Module):
         patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
+    def group_matcher(self, coarse: bool = False) -> dict:
+        # As timm's ViT: embeddings first, one group per block, the final norm with the last block.
+        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": [(r"^blocks\.(\d+)", None),
+                                                                         (r"^norm", (99999,))]}
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # B x D x H/p x W/p
         grid_h, grid_w = x.shape[-2:]

@@ -27,6 +27,9 @@ def print_summary(summary: dict) -> None:
         ("inference", f"{summary['inference_images_per_s']:.0f} img/s"),
         ("device", f"{summary['device']} {summary['precision']}"),
     ]
+    if summary.get("strategy", "scratch") != "scratch":
+        trainable = f"{summary['trainable_params'] / 1e6:.3g}M trainable params"
+        rows.insert(1, ("strategy", f"{summary['strategy']}, {trainable}"))
     for key, value in rows:
         table.add_row(key, value)
     console.print(table)

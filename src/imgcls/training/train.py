@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
-import timm.optim
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -25,8 +24,9 @@ import yaml
 
 import imgcls
 from imgcls import rundir
-from imgcls.config import TrainConfig, load_config
-from imgcls.data import Dataset, TrainTransform, load_dataset, per_image_transform
+from imgcls.config import TrainConfig, load_config, resolved_strategy
+from imgcls.data import Dataset, Split, TrainTransform, load_dataset, per_image_transform
+from imgcls.data.datasets import NORMALIZATIONS, normalization_named
 from imgcls.data.mixing import soft_cross_entropy
 from imgcls.data.presets import DEFAULT_ERASING
 from imgcls.errors import UserError
@@ -35,8 +35,19 @@ from imgcls.evaluation.predict import predict_logits
 from imgcls.models import count_parameters, create_model, model_spec
 from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.models.flops import forward_gflops
+from imgcls.models.weights import load_pretrained
 from imgcls.runtime import autocast, resolve_device, resolve_precision, seed_everything
 from imgcls.training.progress import Progress
+from imgcls.training.transfer import (
+    NEVER,
+    FeatureTargets,
+    LayerGroup,
+    apply_schedule,
+    cache_features,
+    optimizer_param_groups,
+    plan_groups,
+    train_mode,
+)
 
 
 class Interrupted(Exception):
@@ -86,9 +97,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int):
-    # timm's factory leaves biases and norm weights out of weight decay.
-    optimizer = timm.optim.create_optimizer_v2(model, "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, groups: list[LayerGroup]):
+    """AdamW over every layer group at its own rate (frozen ones join when they get gradients),
+    with one warm-up + cosine factor scaling all rates alike."""
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, groups, cfg.weight_decay), lr=cfg.lr)
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
@@ -121,14 +133,15 @@ class StopOnSigint:
 def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransform, aug_gen, meter: EpochMeter,
                     *, device, precision: str, should_stop, progress: Progress) -> bool:
     """Train over `batches`, adding to `meter`. Returns False when asked to stop early."""
-    model.train()
+    train_mode(model)  # frozen parts stay in eval mode
     for images, labels in batches:
         if should_stop():
             return False
         start = time.perf_counter()
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         x, targets = transform(images, labels, aug_gen)  # augmented, normalised, mixed; soft targets
-        x = x.contiguous(memory_format=torch.channels_last)
+        if x.dim() == 4:  # images; cached features are B x D
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(x)
         loss = soft_cross_entropy(logits, targets)
@@ -198,13 +211,18 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
+    normalization, crop_pct = _preprocessing(cfg, spec)
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
-                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=cfg.normalize)
+                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
     seed_everything(cfg.seed)
-    model = create_model(cfg.model, dataset.num_classes)
+    model = create_model(cfg.model, dataset.num_classes, head=cfg.head)
+    loaded = None
+    if cfg.pretrained and resume is None:  # a resumed run's weights come from last.pt
+        loaded = load_pretrained(model, spec, cfg.pretrained)
     model = model.to(device, memory_format=torch.channels_last)
+    groups = plan_groups(model, cfg)
     steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
-    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch)
+    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch, groups)
     state, aug_gen = TrainState(), torch.Generator()
 
     if resume is None:  # the folder is made only once data and model are ready, so a failure leaves none
@@ -212,12 +230,16 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         cfg.out = str(run_dir)
         # Record resolved values, not "auto"/None, so the config says exactly what ran.
         cfg.img_size, cfg.normalize = dataset.img_size, dataset.normalization
+        cfg.strategy = resolved_strategy(cfg)
+        if cfg.cache_features:
+            cfg.aug = "none"  # the features are computed once, from unaugmented images
         if cfg.random_erasing is None:
             cfg.random_erasing = DEFAULT_ERASING.get(cfg.aug, 0.0)
         rundir.atomic_write_bytes(run_dir / rundir.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
         rundir.write_json(run_dir / rundir.DATASET, {
             "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
-            "mean": dataset.mean, "std": dataset.std, "fingerprint": dataset.fingerprint,
+            "mean": dataset.mean, "std": dataset.std, "crop_pct": dataset.crop_pct,
+            "fingerprint": dataset.fingerprint,
         })
 
     if resume is not None:
@@ -235,13 +257,24 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         kept = [m for m in rundir.read_metrics(run_dir) if m["epoch"] <= state.epoch]
         rundir.atomic_write_bytes(run_dir / rundir.METRICS, "".join(_jsonl(m) for m in kept).encode())
 
-    streamed = dataset.train.stream is not None
-    if streamed:  # pixel augmentation runs per image in the DataLoader workers
-        dataset.train.stream.transform = per_image_transform(cfg.aug, dataset.img_size)
-    transform = TrainTransform(
-        cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes, cfg.random_erasing,
-        cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing, pixels_done=streamed,
-    )
+    cache_seconds = 0.0
+    if cfg.cache_features:  # the head alone trains, on the frozen backbone's features
+        start = time.perf_counter()
+        apply_schedule(model, groups, 0)
+        train_split, val_split = (
+            cache_features(model, split, dataset.mean, dataset.std, device, precision, cfg.eval_batch_size)
+            for split in (dataset.train, dataset.val))
+        cache_seconds = time.perf_counter() - start
+        trainee, transform = model.get_classifier(), FeatureTargets(dataset.num_classes, cfg.label_smoothing)
+    else:
+        trainee, train_split, val_split = model, dataset.train, dataset.val
+        streamed = dataset.train.stream is not None
+        if streamed:  # pixel augmentation runs per image in the DataLoader workers
+            dataset.train.stream.transform = per_image_transform(cfg.aug, dataset.img_size)
+        transform = TrainTransform(
+            cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes, cfg.random_erasing,
+            cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing, pixels_done=streamed,
+        )
     last_path, best_path = run_dir / rundir.LAST, run_dir / rundir.BEST
     progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, quiet=cfg.quiet)
     with StopOnSigint() as sigint, progress:
@@ -250,13 +283,23 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                   f"{dataset.name} {dataset.img_size}px, train/val/test "
                   f"{len(dataset.train)}/{len(dataset.val)}/{len(dataset.test) if dataset.test else 0}, "
                   f"{device.type} {precision}", flush=True)
+            if loaded is not None:
+                print(loaded, flush=True)
+            if cfg.strategy != "scratch":
+                trained = ", ".join(_describe(g) for g in groups if g.unfreeze_epoch != NEVER)
+                frozen = ", ".join(g.name for g in groups if g.unfreeze_epoch == NEVER)
+                print(f"{cfg.strategy}: {trained}" + (f"; frozen: {frozen}" if frozen else ""), flush=True)
+            if cfg.cache_features:
+                print(f"cached {len(train_split) + len(val_split)} feature vectors in {cache_seconds:.1f} s",
+                      flush=True)
         for epoch in range(state.epoch, cfg.epochs):
+            apply_schedule(model, groups, epoch)
             order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(
                 _stream_seed(cfg.seed, epoch, 0)))
             if state.meter.steps == 0:
                 aug_gen.manual_seed(_stream_seed(cfg.seed, epoch, 1))
             skip = state.meter.steps * cfg.batch_size
-            batches = dataset.train.batches(order[skip:], cfg.batch_size, seed=_stream_seed(cfg.seed, epoch, 2))
+            batches = train_split.batches(order[skip:], cfg.batch_size, seed=_stream_seed(cfg.seed, epoch, 2))
 
             def should_stop(epoch=epoch):
                 done = epoch * steps_per_epoch + state.meter.steps
@@ -264,15 +307,18 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
 
             progress.start_epoch(epoch, state.meter)
             finished = train_one_epoch(
-                model, batches, optimizer, scheduler, transform, aug_gen, state.meter,
+                trainee, batches, optimizer, scheduler, transform, aug_gen, state.meter,
                 device=device, precision=precision, should_stop=should_stop, progress=progress,
             )
             if not finished:
                 _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
                 raise Interrupted(run_dir, epoch, state.meter.steps)
 
-            logits, labels = predict_logits(model, dataset.val, dataset.mean, dataset.std, device,
-                                            precision, cfg.eval_batch_size)
+            if cfg.cache_features:
+                logits, labels = head_logits(trainee, val_split, device, precision), val_split.labels
+            else:
+                logits, labels = predict_logits(model, val_split, dataset.mean, dataset.std, device,
+                                                precision, cfg.eval_batch_size)
             meter = state.meter
             record = {
                 "epoch": epoch + 1,
@@ -280,7 +326,7 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                 "train_acc": meter.correct / meter.images,
                 "val_loss": F.cross_entropy(logits, labels).item(),
                 "val_acc": (logits.argmax(1) == labels).float().mean().item(),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": optimizer.param_groups[-1]["lr"],  # the head's
                 "epoch_time": meter.seconds,
                 "images_per_s": meter.images / max(meter.seconds, 1e-9),
             }
@@ -297,8 +343,43 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
             _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
 
     summary = _summarize(run_dir, cfg, dataset, model, state, device, precision)
+    summary.update(strategy=cfg.strategy, pretrained=cfg.pretrained, layer_groups=[g.record() for g in groups],
+                   trainable_params=sum(_numel(model, g) for g in groups if g.unfreeze_epoch < cfg.epochs),
+                   feature_cache_s=cache_seconds)
+    summary["train_time_s"] += cache_seconds
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return run_dir
+
+
+def _preprocessing(cfg: TrainConfig, spec) -> tuple[str, float]:
+    """(normalisation, crop_pct): pretrained weights bring their own; otherwise the dataset's."""
+    prep = spec.preprocessing if cfg.pretrained else None
+    if prep is None:
+        return cfg.normalize, 1.0
+    if cfg.normalize != "auto":
+        return cfg.normalize, prep.crop_pct
+    name = normalization_named(prep.mean, prep.std)
+    if name is None:
+        raise UserError(f"{cfg.model}'s weights expect mean {prep.mean} and std {prep.std}, which imgcls does not "
+                        f"know by name; pass --normalize with the closest of {', '.join(NORMALIZATIONS)}")
+    return name, prep.crop_pct
+
+
+def _describe(group: LayerGroup) -> str:
+    later = f" from epoch {int(group.unfreeze_epoch) + 1}" if group.unfreeze_epoch > 0 else ""
+    return f"{group.name} lr {group.lr:.3g}{later}"
+
+
+def _numel(model, group: LayerGroup) -> int:
+    params = dict(model.named_parameters())
+    return sum(params[n].numel() for n in group.params)
+
+
+@torch.inference_mode()
+def head_logits(head, features: Split, device, precision: str) -> torch.Tensor:
+    head.eval()
+    with autocast(device, precision):
+        return head(features.images.to(device)).float().cpu()
 
 
 def _jsonl(record: dict) -> str:
@@ -310,22 +391,24 @@ def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: 
     """Test accuracy (and ECE) of the checkpoint chosen on validation, accuracy of the final weights,
     and the cost of the model: forward GFLOPs per image and inference throughput."""
     metrics = rundir.read_metrics(run_dir)
-    held_out = dataset.test if dataset.test is not None else dataset.val
 
-    def predict(m):
-        return predict_logits(m, held_out, dataset.mean, dataset.std, device, precision, cfg.eval_batch_size)
+    def predict(split):
+        start = time.perf_counter()
+        logits, labels = predict_logits(model, split, dataset.mean, dataset.std, device, precision,
+                                        cfg.eval_batch_size)
+        return logits, labels, len(labels) / (time.perf_counter() - start)
 
-    final_logits, labels = predict(model)
-    best = load_checkpoint(run_dir / rundir.BEST, cfg.model, dataset.num_classes)
-    model.load_state_dict(best["model"])
-    start = time.perf_counter()
-    logits, labels = predict(model)
-    inference_ips = len(labels) / (time.perf_counter() - start)
     test_final = test_best = test_ece = None
     if dataset.test is not None:
+        final_logits, labels, _ = predict(dataset.test)
+        if state.best_epoch != cfg.epochs:  # else the final weights are the val-selected ones
+            model.load_state_dict(load_checkpoint(run_dir / rundir.BEST, cfg.model, dataset.num_classes)["model"])
+        logits, labels, inference_ips = predict(dataset.test)
         test_final = (final_logits.argmax(1) == labels).float().mean().item()
         test_best = (logits.argmax(1) == labels).float().mean().item()
         test_ece = expected_calibration_error(logits, labels)
+    else:  # validation metrics are in metrics.jsonl already; time the model on (part of) val
+        _, _, inference_ips = predict(dataset.val.subset(torch.arange(min(len(dataset.val), 512))))
     images = sum(m["epoch_time"] * m["images_per_s"] for m in metrics)
     return {
         "run": str(run_dir),

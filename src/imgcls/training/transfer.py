@@ -1,0 +1,153 @@
+"""Transfer-learning strategies as plain data: which layer groups train from which epoch, at what rate.
+
+The model's parameters fall into layer groups from the input up (stem, each stage, head; see
+`models.surface.layer_groups`). A strategy is then a learning rate and an unfreeze epoch per group:
+  scratch, finetune  every group trains from epoch 0 (finetune: optionally at per-group rates)
+  feature-extract    only the head trains; the backbone, BatchNorm statistics included, never changes
+  gradual            the head first, then one group further down every K epochs (or at listed epochs)
+Every group is in the optimizer from the start; a frozen group has no gradients, so AdamW leaves it
+and its (empty) state alone until it unfreezes — joining at its own rate, the others' state intact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from fnmatch import fnmatch
+
+import torch
+import torch.nn as nn
+
+from imgcls.config import TrainConfig, resolved_strategy
+from imgcls.data import Split, normalize
+from imgcls.data.mixing import soft_targets
+from imgcls.errors import UserError
+from imgcls.evaluation.predict import eval_batch_size
+from imgcls.models.surface import layer_groups
+from imgcls.runtime import autocast
+
+NEVER = math.inf
+
+
+@dataclass
+class LayerGroup:
+    name: str
+    params: list[str]
+    lr: float
+    unfreeze_epoch: float  # first epoch (0-based) in which it trains; NEVER for a frozen backbone
+
+    def record(self) -> dict:
+        d = asdict(self)
+        d["params"] = len(self.params)
+        d["unfreeze_epoch"] = None if self.unfreeze_epoch == NEVER else int(self.unfreeze_epoch)
+        return d
+
+
+def plan_groups(model: nn.Module, cfg: TrainConfig) -> list[LayerGroup]:
+    """Layer groups with the rate and unfreeze epoch the run's strategy gives each."""
+    strategy = resolved_strategy(cfg)
+    try:
+        groups = layer_groups(model)
+    except ValueError as e:
+        if strategy == "scratch":  # plain training needs no structure: one group
+            return [LayerGroup("all", [n for n, _ in model.named_parameters()], cfg.lr, 0)]
+        raise UserError(f"{cfg.model}: {e}; use --strategy scratch") from e
+    names = [name for name, _ in groups]
+    lrs = _group_rates(cfg, names)
+    top = len(groups) - 1
+    if strategy == "feature-extract":
+        starts = [NEVER] * top + [0]
+    elif strategy == "gradual":
+        if cfg.unfreeze_at is not None:
+            at = cfg.unfreeze_at
+        else:
+            every = cfg.unfreeze_every or 1
+            at = [every * k for k in range(1, top + 1)]
+        # The k-th group below the head unfreezes after at[k - 1] epochs; groups beyond the list stay frozen.
+        starts = [NEVER] * top + [0]
+        for k, epoch in enumerate(at[:top], start=1):
+            starts[top - k] = epoch
+    else:
+        starts = [0] * len(groups)
+    return [LayerGroup(name, params, lr, start) for (name, params), lr, start in zip(groups, lrs, starts, strict=True)]
+
+
+def _group_rates(cfg: TrainConfig, names: list[str]) -> list[float]:
+    """--group-lrs as given, or --layer-decay from the head's --lr down, or --lr everywhere."""
+    if cfg.group_lrs is not None:
+        if len(cfg.group_lrs) != len(names):
+            raise UserError(f"--group-lrs has {len(cfg.group_lrs)} rates but {cfg.model} has {len(names)} layer groups "
+                            f"({', '.join(names)}); give one rate per group, bottom to top")
+        return list(cfg.group_lrs)
+    decay = cfg.layer_decay if cfg.layer_decay is not None else 1.0
+    return [cfg.lr * decay ** (len(names) - 1 - i) for i in range(len(names))]
+
+
+def optimizer_param_groups(model: nn.Module, groups: list[LayerGroup], weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: each layer group at its rate, split into decayed weights and
+    undecayed biases/norms (timm's rule: 1-d tensors, biases and the model's no_weight_decay())."""
+    params = dict(model.named_parameters())
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    out = []
+    for group in groups:
+        decay, no_decay = [], []
+        for name in group.params:
+            p = params[name]
+            exempt = p.ndim <= 1 or name.endswith(".bias") or any(fnmatch(name, pat) for pat in skip)
+            (no_decay if exempt else decay).append(p)
+        for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            if members:
+                out.append({"params": members, "lr": group.lr, "weight_decay": wd, "group": group.name})
+    return out
+
+
+def apply_schedule(model: nn.Module, groups: list[LayerGroup], epoch: int) -> None:
+    """Set requires_grad for `epoch` (0-based): a group trains once its unfreeze epoch is reached."""
+    params = dict(model.named_parameters())
+    for group in groups:
+        trains = epoch >= group.unfreeze_epoch
+        for name in group.params:
+            params[name].requires_grad_(trains)
+
+
+def train_mode(model: nn.Module) -> None:
+    """model.train(), except that fully frozen submodules stay in eval mode, so their BatchNorm
+    statistics and stochastic depth do not change what a frozen backbone computes."""
+    model.train()
+    _eval_frozen(model)
+
+
+def _eval_frozen(module: nn.Module) -> None:
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            child.eval()
+        else:
+            _eval_frozen(child)
+
+
+@torch.inference_mode()
+def cache_features(model: nn.Module, split: Split, mean, std, device, precision: str, batch_size: int) -> Split:
+    """The frozen backbone's pooled features (the head's input) for every image of `split`, unaugmented."""
+    model.eval()
+    chunks, labels = [], []
+    for images, y in split.batches(torch.arange(len(split)), eval_batch_size(batch_size, split.img_size)):
+        if len(images) == 0:
+            continue
+        x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            features = model.forward_head(model.forward_features(x), pre_logits=True)
+        chunks.append(features.float().cpu())
+        labels.append(y)
+    return Split(torch.cat(labels), images=torch.cat(chunks))
+
+
+class FeatureTargets:
+    """The training transform for cached features: no pixels to augment, only (smoothed) targets."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
+        self.num_classes, self.smoothing = num_classes, label_smoothing
+
+    def __call__(self, features: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+        ones = torch.ones(len(labels))
+        return features, soft_targets(labels, labels, ones, self.num_classes, self.smoothing)
