@@ -61,6 +61,7 @@ TRAIN_HELP = {
 
 
 MIX_DEFAULTS = {"mixup": 0.2, "cutmix": 1.0}
+METAVARS = {"layer_decay": "D", "group_lrs": "LR,LR,...", "unfreeze_every": "K", "unfreeze_at": "EPOCH,EPOCH,..."}
 
 
 def _number_list(kind: type):
@@ -88,7 +89,8 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, type=kind, nargs="?", const=MIX_DEFAULTS[f.name], default=None, metavar="ALPHA",
                            help=TRAIN_HELP[f.name])
             continue
-        p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=TRAIN_HELP[f.name])
+        metavar = METAVARS.get(f.name, f.name.upper())
+        p.add_argument(flag, type=kind, default=None, metavar=metavar, help=TRAIN_HELP[f.name])
 
 
 def build_parser() -> argparse.ArgumentParser:
