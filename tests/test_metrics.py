@@ -8,8 +8,8 @@ def test_hand_computed_report():
     # true:  0 0 0 1 1 2     pred: 0 0 1 1 2 2
     labels = torch.tensor([0, 0, 0, 1, 1, 2])
     preds = torch.tensor([0, 0, 1, 1, 2, 2])
-    logits = torch.nn.functional.one_hot(preds, 3).float() * 5
-    m = classification_metrics(logits, labels, ["a", "b", "c"])
+    probs = (torch.nn.functional.one_hot(preds, 3).float() * 5).softmax(1)
+    m = classification_metrics(probs, labels, ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
     assert m["accuracy"] == pytest.approx(4 / 6)
     a, b, c = m["per_class"]
@@ -17,6 +17,9 @@ def test_hand_computed_report():
     assert (b["precision"], b["recall"]) == (0.5, 0.5)
     assert (c["precision"], c["recall"], c["f1"]) == (0.5, 1.0, pytest.approx(2 / 3))
     assert a["f1"] == pytest.approx(0.8)
+    assert m["loss"] == pytest.approx(-probs[torch.arange(6), labels].log().mean().item())
+    assert m["most_confused"] == [{"true": "a", "predicted": "b", "count": 1},
+                                  {"true": "b", "predicted": "c", "count": 1}]
 
 
 def test_class_never_predicted_has_zero_precision_not_nan():
@@ -30,14 +33,3 @@ def test_topk():
     logits = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.02, 0.08]])
     assert topk_accuracy(logits, torch.tensor([2, 1]), 1) == 0.0
     assert topk_accuracy(logits, torch.tensor([2, 1]), 2) == 0.5
-
-
-def test_ece_hand_computed():
-    from imgcls.evaluation.calibration import expected_calibration_error
-
-    # confidences 0.9 (right), 0.9 (wrong), 0.6 (right), 1.0 (right); 10 bins
-    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [1.0, 0.0]])
-    labels = torch.tensor([0, 1, 1, 0])
-    logits = probs.clamp(min=1e-12).log()
-    # bin 9 holds 0.9, 0.9, 1.0: |2.8 - 2| = 0.8; bin 6 holds 0.6: |0.6 - 1| = 0.4; ECE = 1.2 / 4
-    assert expected_calibration_error(logits, labels, bins=10) == pytest.approx(0.3, abs=1e-5)

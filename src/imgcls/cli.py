@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (test)")
     ev.add_argument("--checkpoint", default="best", help="best (chosen on val), last, or a file (best)")
     ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--tta", default="none", metavar="MODE",
+                    help="test-time augmentation, compared against none: flip (2 views), flip-crop (flip and "
+                         "two shifted crops, 6 views) or N random views of the training recipe; probabilities "
+                         "are averaged")
+
+    cal = sub.add_parser("calibrate", parents=[common], help="fit a temperature on val; eval and predict use it",
+                         description="Fit temperature scaling (one scale) or vector scaling (a scale and bias "
+                                     "per class) by L-BFGS on the validation split, store it in the run "
+                                     "(calibration.json) and print validation and test metrics before and after.")
+    cal.add_argument("run", help="run folder")
+    cal.add_argument("--method", default="temperature", choices=["temperature", "vector"],
+                     help="temperature (one scale; never changes a prediction) or vector (a scale and bias "
+                          "per class) (temperature)")
+    cal.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+    cal.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     pr = sub.add_parser("predict", parents=[common], help="classify image files with a trained run")
     pr.add_argument("run", help="run folder")
@@ -119,6 +134,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--topk", type=int, default=3, help="classes to show per image (3)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
     pr.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+
+    cam = sub.add_parser("cam", parents=[common], help="Grad-CAM heat-maps over image files",
+                         description="Explain a trained run's predictions: the heat-map of the chosen class over "
+                                     "each image (CNNs: last convolutional stage; ViTs: patch tokens before the "
+                                     "last attention). All images run as one batch.")
+    cam.add_argument("run", help="run folder")
+    cam.add_argument("images", nargs="+", help="image files")
+    cam.add_argument("--class", dest="class_name", metavar="NAME", help="class to explain (default: the predicted)")
+    cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++"], help="(gradcam)")
+    cam.add_argument("--out", default="cam", help="folder for the overlays (cam)")
+    cam.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+
+    rep = sub.add_parser("report", parents=[common], help="one self-contained HTML report of a run or a comparison",
+                         description="For a run: metrics, calibration, TTA, confusion, Grad-CAM and top losses in "
+                                     "RUN/report/report.html. For an imgcls compare folder: the results table and "
+                                     "charts in FOLDER/report.html, linking a report for every run.")
+    rep.add_argument("path", help="run folder or compare folder")
+    rep.add_argument("--tta", default="flip", metavar="MODE", help="test-time augmentation to compare (flip)")
+    rep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     sub.add_parser("models", parents=[common], help="list the registered models with parameter counts")
 
@@ -173,9 +207,20 @@ def cmd_eval(args) -> int:
     from imgcls.evaluation.evaluate import evaluate_run
     from imgcls.reporting.console import print_eval
 
-    result, out = evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device)
+    result, out = evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device,
+                               args.tta)
     print_eval(result, args.split, args.run)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from imgcls.evaluation.evaluate import calibrate_run
+    from imgcls.reporting.console import print_calibration
+    from imgcls.rundir import CALIBRATION
+
+    print_calibration(calibrate_run(args.run, args.method, args.checkpoint, args.device), args.run)
+    print(f"wrote {Path(args.run) / CALIBRATION}")
     return 0
 
 
@@ -185,6 +230,44 @@ def cmd_predict(args) -> int:
     from imgcls.reporting.console import print_predictions
 
     print_predictions(predict_files(load_run(args.run, args.checkpoint), args.images, args.topk), args.json)
+    return 0
+
+
+def cmd_cam(args) -> int:
+    from imgcls.evaluation.cam import explain_files
+    from imgcls.evaluation.predict import load_run
+    from imgcls.reporting.figures import save_cam_overlays
+
+    trained = load_run(args.run, args.checkpoint)
+    images, cams, classes, probs = explain_files(trained, args.images, args.class_name, args.method)
+    captions = [f"{args.method} for '{trained.classes[c]}' (p = {probs[i, c]:.2f}); predicted "
+                f"'{trained.classes[probs[i].argmax()]}'" for i, c in enumerate(classes.tolist())]
+    stems = [Path(p).stem for p in args.images]
+    for path in save_cam_overlays(images, cams, captions, stems, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from imgcls.evaluation.analysis import analyze_run
+    from imgcls.reporting.html import write_comparison_report, write_run_report
+    from imgcls.rundir import REPORT_DIR, REPORT_HTML, read_json, require_run
+
+    path = Path(args.path)
+    if (path / "results.json").is_file():  # a comparison: a report per run, then the overview
+        reports = {}
+        for record in read_json(path / "results.json")["runs"]:
+            run = Path(record["run"])
+            if not (run / REPORT_DIR / REPORT_HTML).is_file():
+                analyze_run(run, args.tta, device=args.device)
+                write_run_report(run)
+            reports[f"{record['variant']} seed {record['seed']}"] = run / REPORT_DIR / REPORT_HTML
+        out = write_comparison_report(path, reports)
+    else:
+        require_run(path)
+        analyze_run(path, args.tta, device=args.device)
+        out = write_run_report(path)
+    print(f"wrote {out}")
     return 0
 
 
@@ -246,8 +329,9 @@ def cmd_augment_preview(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "models": cmd_models,
-            "compare": cmd_compare, "augment-preview": cmd_augment_preview}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
+            "cam": cmd_cam, "report": cmd_report, "models": cmd_models, "compare": cmd_compare,
+            "augment-preview": cmd_augment_preview}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,10 @@ METRICS = "metrics.jsonl"  # one line per finished epoch
 SUMMARY = "summary.json"  # written when training ends
 LAST = "last.pt"  # full training state, for --resume
 BEST = "best.pt"  # weights of the epoch with the best validation accuracy
+CALIBRATION = "calibration.json"  # imgcls calibrate: the scaling fitted on val; eval and predict apply it
+REPORT_DIR = "report"  # imgcls report: figures, galleries and report.html
+ANALYSIS_JSON, ANALYSIS_NPZ = "analysis.json", "analysis.npz"  # in REPORT_DIR: what the report shows
+REPORT_HTML = "report.html"  # in REPORT_DIR of a run, or at the top of a comparison folder
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -98,3 +98,37 @@ class TrainTransform:
         if self.erasing > 0:
             x = A.random_erasing(x, self.erasing, gen)
         return self.mixer(x, labels, gen)
+
+
+def parse_tta(mode: str) -> str | int:
+    """'none', 'flip', 'flip-crop', or a number of random training-recipe views."""
+    if mode in ("none", "flip", "flip-crop"):
+        return mode
+    if mode.isdigit() and int(mode) >= 1:
+        return int(mode)
+    raise ValueError(f"--tta must be flip, flip-crop or a number of views (got '{mode}')")
+
+
+def tta_view_count(mode: str | int) -> int:
+    return mode if isinstance(mode, int) else {"none": 1, "flip": 2, "flip-crop": 6}[mode]
+
+
+def tta_views(images: torch.Tensor, mode: str | int, aug: str, gen: torch.Generator) -> list[torch.Tensor]:
+    """The views test-time augmentation averages over, each a uint8 batch like `images`.
+
+    flip: the image and its mirror. flip-crop: those two plus the image shifted by size/16 pixels
+    (reflect-padded) towards the top-left and the bottom-right, each also mirrored: 6 views.
+    N: N random draws of the training recipe `aug` (no erasing or mixing).
+    """
+    if mode == "none":
+        return [images]
+    if isinstance(mode, int):
+        pixels = BatchAugment(aug, images.shape[-1])
+        return [pixels(images, gen) for _ in range(mode)]
+    views = [images]
+    if mode == "flip-crop":
+        s = max(1, images.shape[-1] // 16)
+        height, width = images.shape[-2:]
+        padded = torch.nn.functional.pad(images.float(), (s, s, s, s), mode="reflect").to(torch.uint8)
+        views += [padded[..., dy : dy + height, dx : dx + width] for dy, dx in ((0, 0), (2 * s, 2 * s))]
+    return views + [v.flip(-1) for v in views]

@@ -1,9 +1,8 @@
-"""Classification metrics computed from logits and labels (plain tensors in, plain data out)."""
+"""Classification metrics from class probabilities and labels (plain tensors in, plain data out)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -23,25 +22,37 @@ def per_class_report(cm: torch.Tensor, classes: list[str]) -> list[dict]:
     return [{"class": c, "precision": p, "recall": r, "f1": f, "support": int(s)} for c, p, r, f, s in columns]
 
 
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    top = scores.topk(min(k, scores.shape[1]), dim=1).indices
     return (top == labels[:, None]).any(dim=1).float().mean().item()
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy, top-5 (5 or more classes), loss, per-class P/R/F1 and the confusion matrix."""
-    preds = logits.argmax(dim=1)
+def most_confused(cm: torch.Tensor, classes: list[str], n: int = 5) -> list[dict]:
+    """The off-diagonal cells with the most images: which true class is taken for which."""
+    off = cm.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().sort(descending=True, stable=True)  # ties in class order
+    k = len(classes)
+    return [{"true": classes[i // k], "predicted": classes[i % k], "count": c}
+            for c, i in zip(counts.tolist()[:n], flat.tolist()[:n], strict=True) if c > 0]
+
+
+def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
+    """Accuracy, top-5 (5 or more classes), NLL, per-class P/R/F1, the confusion matrix and its
+    most-confused pairs, from class probabilities."""
+    preds = probs.argmax(dim=1)
     cm = confusion_matrix(preds, labels, len(classes))
     report = per_class_report(cm, classes)
     out = {
         "n": len(labels),
         "accuracy": (preds == labels).float().mean().item(),
-        "loss": F.cross_entropy(logits.float(), labels).item(),
+        "loss": -probs.gather(1, labels[:, None]).clamp(min=1e-12).log().mean().item(),
         "macro_f1": sum(r["f1"] for r in report) / len(report),
     }
     if len(classes) >= 5:
-        out["top5_accuracy"] = topk_accuracy(logits, labels, 5)
+        out["top5_accuracy"] = topk_accuracy(probs, labels, 5)
     out["per_class"] = report
     out["classes"] = classes
     out["confusion_matrix"] = cm.tolist()
+    out["most_confused"] = most_confused(cm, classes)
     return out

@@ -12,7 +12,9 @@ from imgcls import rundir
 from imgcls.config import TrainConfig, load_config
 from imgcls.data import Split, normalize
 from imgcls.data.folder import load_image
+from imgcls.data.presets import tta_view_count, tta_views
 from imgcls.errors import UserError
+from imgcls.evaluation.calibration import Scaling
 from imgcls.models import create_model
 from imgcls.models.checkpoint import load_checkpoint
 from imgcls.runtime import autocast
@@ -45,6 +47,29 @@ def predict_logits(model, split: Split, mean, std, device, precision: str, batch
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
+@torch.inference_mode()
+def predict_probs(model, split: Split, mean, std, device, precision: str, batch_size: int = 512,
+                  tta: str | int = "none", aug: str = "basic", scaling: Scaling | None = None, seed: int = 0):
+    """(probabilities float64, labels) for every image of `split`: softmax of the (scaled) logits,
+    averaged over the test-time views. A batch's views run as one forward pass."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    n_views = tta_view_count(tta)
+    batch_size = max(1, eval_batch_size(batch_size, split.img_size) // n_views)
+    all_probs, all_labels = [], []
+    for images, labels in split.batches(torch.arange(len(split)), batch_size):
+        if len(images) == 0:
+            continue
+        views = torch.cat(tta_views(images, tta, aug, gen))
+        logits = forward_batch(model, views, mean, std, device, precision).double().cpu()
+        if scaling is not None:
+            logits = scaling.apply(logits)
+        probs = logits.softmax(dim=1).view(n_views, len(images), -1).mean(dim=0)
+        all_probs.append(probs)
+        all_labels.append(labels)
+    return torch.cat(all_probs), torch.cat(all_labels)
+
+
 @dataclass
 class TrainedRun:
     path: Path
@@ -52,6 +77,7 @@ class TrainedRun:
     dataset: dict  # dataset.json: classes, img_size, mean, std, crop_pct, fingerprint
     model: torch.nn.Module
     checkpoint: Path
+    scaling: Scaling | None = None  # from calibration.json, once `imgcls calibrate` has run
 
     @property
     def classes(self) -> list[str]:
@@ -71,7 +97,9 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
     model.load_state_dict(ckpt["model"])
     model = model.to(device or torch.device("cpu"), memory_format=torch.channels_last).eval()
-    return TrainedRun(path, cfg, info, model, ckpt_path)
+    calibration = path / rundir.CALIBRATION
+    scaling = Scaling.from_dict(rundir.read_json(calibration)["scaling"]) if calibration.is_file() else None
+    return TrainedRun(path, cfg, info, model, ckpt_path, scaling)
 
 
 def load_images(paths: list[str | Path], img_size: int, crop_pct: float = 1.0) -> torch.Tensor:

@@ -52,6 +52,42 @@ def print_eval(result: dict, split: str, run: str) -> None:
     for name, row in zip(result["classes"], result["confusion_matrix"], strict=True):
         cm.add_row(name, *[str(v) for v in row])
     console.print(cm)
+    if result["most_confused"]:
+        pairs = ", ".join(f"{p['true']} as {p['predicted']} ({p['count']})" for p in result["most_confused"])
+        console.print(f"most confused: {pairs}", soft_wrap=True)
+    if result.get("scaling"):
+        console.print(f"calibrated: {_scaling(result['scaling'])} (fitted on val by imgcls calibrate)")
+    if "tta" in result:
+        console.print(_before_after(f"test-time augmentation ({result['tta']['mode']}) on {split}", "no TTA", "TTA",
+                                    result["tta"]["without"], result["tta"]["with"]))
+    else:
+        cal = result["calibration"]
+        console.print(f"NLL {cal['nll']:.4f}, ECE {_pct(cal['ece'])}, MCE {_pct(cal['mce'])}, "
+                      f"classwise ECE {_pct(cal['classwise_ece'])}, Brier {cal['brier']:.4f}", soft_wrap=True)
+
+
+METRIC_ROWS = (("accuracy", "accuracy", _pct), ("NLL", "nll", lambda v: f"{v:.4f}"), ("ECE", "ece", _pct),
+               ("MCE", "mce", _pct), ("classwise ECE", "classwise_ece", _pct), ("Brier", "brier", lambda v: f"{v:.4f}"))
+
+
+def _before_after(title: str, left: str, right: str, a: dict, b: dict) -> Table:
+    table = Table("metric", left, right, title=title)
+    for label, key, fmt in METRIC_ROWS:
+        table.add_row(label, fmt(a[key]), fmt(b[key]))
+    return table
+
+
+def _scaling(scaling: dict) -> str:
+    if scaling["method"] == "temperature":
+        return f"temperature {scaling['temperature']:.3f}"
+    return f"vector scaling (scales {min(scaling['scale']):.2f}-{max(scaling['scale']):.2f})"
+
+
+def print_calibration(report: dict, run: str) -> None:
+    console.print(f"{run}: {_scaling(report['scaling'])}, fitted on val; eval and predict apply it from now on")
+    for split, m in report["splits"].items():
+        console.print(_before_after(f"{split} ({'fitted here' if split == 'val' else 'held out'})", "before",
+                                    "after", m["before"], m["after"]))
 
 
 def print_predictions(predictions: list[dict], as_json: bool) -> None:

@@ -63,3 +63,109 @@ def comparison_charts(records: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _save(fig, out: Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, display: int = 160) -> np.ndarray:
+    """An H x W x 3 uint8 image with its [0, 1] heat-map blended on top (jet colours), enlarged to
+    about `display` pixels so that 32x32 inputs stay readable."""
+    from PIL import Image
+
+    scale = max(1, display // image.shape[0])
+    size = (image.shape[1] * scale, image.shape[0] * scale)
+    big = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST), dtype=np.float32)
+    heat = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR))
+    colours = plt.get_cmap("jet")(heat / 255.0)[..., :3] * 255
+    return (0.55 * big + 0.45 * colours).clip(0, 255).astype(np.uint8)
+
+
+def training_curves(metrics: list[dict], out: Path) -> Path:
+    """Loss and accuracy per epoch, train against validation."""
+    epochs = [m["epoch"] for m in metrics]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for key, label in (("train", "train"), ("val", "validation")):
+        ax_loss.plot(epochs, [m[f"{key}_loss"] for m in metrics], marker="o", markersize=3, label=label)
+        ax_acc.plot(epochs, [100 * m[f"{key}_acc"] for m in metrics], marker="o", markersize=3, label=label)
+    for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def confusion_heatmaps(cm: list[list[int]], classes: list[str], out: Path) -> Path:
+    """The confusion matrix as counts and row-normalised (recall per true class), side by side."""
+    counts = np.asarray(cm, dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    k = len(classes)
+    side = max(3.5, 0.5 * k + 1.5)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
+    for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"), (axes[1], rows, "row-normalised", "{:.2f}")):
+        ax.imshow(data, cmap="Blues")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(k), classes, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        if k <= 20:
+            for i in range(k):
+                for j in range(k):
+                    dark = data[i, j] > 0.6 * data.max()
+                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if dark else "black")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> Path:
+    """One panel per (title, reliability_bins(...), ECE): accuracy against confidence per bin, the gap to
+    the diagonal shaded, the bin counts printed above the bars."""
+    fig, axes = plt.subplots(1, len(diagrams), figsize=(4.2 * len(diagrams), 4.2), squeeze=False)
+    for ax, (title, bins, ece) in zip(axes[0], diagrams, strict=True):
+        edges = np.asarray(bins["edges"])
+        width = edges[1] - edges[0]
+        centres = edges[:-1] + width / 2
+        acc = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
+        conf = np.asarray(bins["confidence"], dtype=float)
+        filled = np.asarray(bins["count"]) > 0
+        ax.bar(centres[filled], acc[filled], width=width, edgecolor="black", linewidth=0.5, label="accuracy")
+        gap_low, gap_high = np.minimum(acc, conf), np.maximum(acc, conf)
+        ax.bar(centres[filled], (gap_high - gap_low)[filled], bottom=gap_low[filled], width=width,
+               color="red", alpha=0.3, hatch="//", label="gap to confidence")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        for x, a, n in zip(centres[filled], acc[filled], np.asarray(bins["count"])[filled], strict=True):
+            ax.text(x, min(a, 1.0) + 0.02, str(n), ha="center", fontsize=6, rotation=90)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.12)
+        ax.set_xlabel("confidence")
+        ax.set_ylabel("accuracy")
+        ax.set_title(f"{title}: ECE {100 * ece:.2f}%", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str], stems: list[str],
+                      out: Path) -> list[Path]:
+    """One PNG per image: the image beside its heat-map overlay, with a caption."""
+    paths = []
+    for image, cam, caption, stem in zip(images, cams, captions, stems, strict=True):
+        fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.3))
+        left.imshow(image, interpolation="nearest")
+        right.imshow(cam_overlay(image, cam))
+        for ax in (left, right):
+            ax.axis("off")
+        fig.suptitle(caption, fontsize=9)
+        fig.tight_layout()
+        paths.append(_save(fig, Path(out) / f"{stem}-cam.png"))
+    return paths

@@ -406,7 +406,7 @@ def _summarize(run_dir: Path, cfg: TrainConfig, dataset: Dataset, model, state: 
         logits, labels, inference_ips = predict(dataset.test)
         test_final = (final_logits.argmax(1) == labels).float().mean().item()
         test_best = (logits.argmax(1) == labels).float().mean().item()
-        test_ece = expected_calibration_error(logits, labels)
+        test_ece = expected_calibration_error(logits.softmax(dim=1), labels)
     else:  # validation metrics are in metrics.jsonl already; time the model on (part of) val
         _, _, inference_ips = predict(dataset.val.subset(torch.arange(min(len(dataset.val), 512))))
     images = sum(m["epoch_time"] * m["images_per_s"] for m in metrics)

@@ -1,0 +1,151 @@
+"""One self-contained HTML page per run (images embedded), and one per comparison.
+
+Reads what training (config.yaml, metrics.jsonl, summary.json) and evaluation (report/analysis.*)
+wrote; draws the figures with reporting/figures.py; never trains or infers.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+
+from imgcls import rundir
+from imgcls.reporting import figures
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
+.note { color: #666; font-size: 0.9em; }
+"""
+
+# Marks the page once every image has decoded; a broken image is named on the page.
+CHECK_IMAGES = """
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const broken = images.filter(img => !(img.complete && img.naturalWidth > 0));
+  document.body.dataset.imagesDecoded = `${images.length - broken.length}/${images.length}`;
+  for (const img of broken) img.insertAdjacentText("afterend", `[image ${img.alt} failed to load]`);
+});
+"""
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>{body}</body></html>")
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+METRICS = (("accuracy", "accuracy", _pct), ("NLL", "nll", lambda v: f"{v:.4f}"), ("ECE", "ece", _pct),
+           ("MCE", "mce", _pct), ("classwise ECE", "classwise_ece", _pct), ("Brier", "brier", lambda v: f"{v:.4f}"))
+
+
+def _compare_table(left: str, right: str, a: dict, b: dict) -> str:
+    return _table(["metric", left, right], [[label, fmt(a[key]), fmt(b[key])] for label, key, fmt in METRICS])
+
+
+def _gallery(images: np.ndarray, items: list[dict], title: str, out: Path, cams: np.ndarray | None = None) -> Path:
+    row = [figures.cam_overlay(img, cam) if cams is not None else img
+           for img, cam in zip(images, cams if cams is not None else images, strict=True)]
+    captions = [f"{it['true']} → {it['predicted']}\n{100 * it['probability']:.0f}%" for it in items]
+    return figures.image_grid([row], [captions], [title], out)
+
+
+def write_run_report(run: Path) -> Path:
+    """report/report.html for a run whose report/analysis.* exist (see evaluation.analysis)."""
+    run = Path(run)
+    folder = run / rundir.REPORT_DIR
+    a = rundir.read_json(folder / rundir.ANALYSIS_JSON)
+    arrays = np.load(folder / rundir.ANALYSIS_NPZ)
+    summary = rundir.read_json(run / rundir.SUMMARY)
+    config = (run / rundir.CONFIG).read_text()
+    cal, tta = a["calibration"], a["tta"]
+
+    curves = figures.training_curves(rundir.read_metrics(run), folder / "curves.png")
+    confusion = figures.confusion_heatmaps(a["confusion_matrix"], a["classes"], folder / "confusion.png")
+    reliability = figures.reliability_diagrams(
+        [("before", cal["bins_before"], cal["before"]["ece"]),
+         (f"after, T = {cal['temperature']:.2f}", cal["bins_after"], cal["after"]["ece"])], folder / "reliability.png")
+    n_right = len(a["cam"]["right"])
+    cam_images, cams = arrays["cam_images"], arrays["cams"]
+    galleries = []
+    for name, items, sl in (("right", a["cam"]["right"], slice(0, n_right)),
+                            ("wrong", a["cam"]["wrong"], slice(n_right, None))):
+        if items:
+            galleries.append(_gallery(cam_images[sl], items, f"Grad-CAM, {name}", folder / f"cam_{name}.png", cams[sl]))
+    losses = _gallery(arrays["loss_images"], a["top_losses"], "top losses", folder / "top_losses.png") \
+        if a["top_losses"] else None
+
+    split = a["split"]
+    where = "fitted on val for this report" if cal["fitted_for_report"] else "stored by imgcls calibrate"
+    body = [
+        f"<h1>{html.escape(run.name)}: {html.escape(summary['model'])} on {html.escape(summary['data'])}</h1>",
+        _table(["", ""], [
+            ["parameters", f"{summary['params'] / 1e6:.2f}M"],
+            ["best epoch (val)", f"{summary['best_epoch']} of {summary['epochs']}"],
+            ["best val accuracy", _pct(summary["best_val_acc"])],
+            [f"{split} accuracy (val-selected checkpoint)", _pct(a["accuracy"])],
+            ["training time", f"{summary['train_time_s']:.0f} s ({summary['train_images_per_s']:.0f} img/s)"],
+            ["device", f"{summary['device']} {summary['precision']}"]]),
+        "<h2>Training curves</h2>", _img(curves, "training curves"),
+        f"<h2>Metrics on {split} ({a['n']} images)</h2>",
+        _compare_table("before temperature scaling", f"after (T = {cal['temperature']:.3f})", cal["before"],
+                       cal["after"]),
+        f"<p class=note>The temperature was {where}; it never changes a prediction.</p>",
+        "<h2>Classification report</h2>",
+        _table(["class", "precision", "recall", "F1", "support"],
+               [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+                for r in a["per_class"]]),
+        "<h2>Confusion matrix</h2>", _img(confusion, "confusion matrix"),
+        "<p>Most confused: " + html.escape(", ".join(f"{p['true']} taken for {p['predicted']} ({p['count']})"
+                                                     for p in a["most_confused"]) or "none") + "</p>",
+        "<h2>Reliability</h2>", _img(reliability, "reliability diagrams"),
+        f"<h2>Test-time augmentation ({html.escape(tta['mode'])})</h2>",
+        _compare_table("no TTA", "TTA", tta["without"], tta["with"]),
+        "<h2>Grad-CAM</h2>", "".join(_img(g, g.stem) for g in galleries) or "<p>no images</p>",
+        "<p class=note>The most confident right and wrong predictions; the heat-map explains the predicted "
+        "class.</p>",
+        "<h2>Top losses</h2>", _img(losses, "top losses") if losses else "<p>no images</p>",
+        "<h2>Configuration</h2>", f"<pre>{html.escape(config)}</pre>",
+    ]
+    out = folder / rundir.REPORT_HTML
+    rundir.atomic_write_bytes(out, _page(f"imgcls report: {run.name}", "".join(body)).encode())
+    return out
+
+
+def write_comparison_report(folder: Path, run_reports: dict[str, Path]) -> Path:
+    """report.html for an `imgcls compare` folder: the results table, the charts, links to each run's report."""
+    folder = Path(folder)
+    markdown = (folder / "results.md").read_text().strip().splitlines()
+    header = [c.strip() for c in markdown[0].strip("|").split("|")]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown[2:] if line.startswith("|")]
+    note = " ".join(line for line in markdown[2:] if line and not line.startswith("|"))
+    links = "".join(f'<li><a href="{html.escape(str(path.relative_to(folder)))}">{html.escape(name)}</a></li>'
+                    for name, path in run_reports.items())
+    charts = "".join(_img(p, p.stem) for p in (folder / "accuracy_per_epoch.png", folder / "accuracy_vs_time.png")
+                     if p.is_file())
+    body = (f"<h1>Comparison: {html.escape(folder.name)}</h1>{_table(header, rows)}<p class=note>{html.escape(note)}"
+            f"</p><h2>Curves</h2>{charts}<h2>Runs</h2><ul>{links}</ul>")
+    out = folder / rundir.REPORT_HTML
+    rundir.atomic_write_bytes(out, _page(f"imgcls comparison: {folder.name}", body).encode())
+    return out
