@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
-# A CNN against a ViT on the bundled sample; rerunning reuses the finished runs in runs/quickstart.
+# A CNN against a ViT on the bundled sample, then the HTML report; rerunning reuses finished runs.
 run: $(STAMP)
 	$(BIN)/imgcls compare experiments/quickstart.yaml --out runs/quickstart
+	$(BIN)/imgcls report runs/quickstart
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests bench scripts)
