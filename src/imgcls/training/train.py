@@ -342,11 +342,11 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
                                  "val_acc": record["val_acc"]}, best_path)
             _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
 
+    state.train_seconds += cache_seconds  # the feature pass is part of what training cost
     summary = _summarize(run_dir, cfg, dataset, model, state, device, precision)
     summary.update(strategy=cfg.strategy, pretrained=cfg.pretrained, layer_groups=[g.record() for g in groups],
                    trainable_params=sum(_numel(model, g) for g in groups if g.unfreeze_epoch < cfg.epochs),
                    feature_cache_s=cache_seconds)
-    summary["train_time_s"] += cache_seconds
     rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return run_dir
 
