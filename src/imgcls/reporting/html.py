@@ -65,8 +65,7 @@ def _compare_table(left: str, right: str, a: dict, b: dict) -> str:
 
 
 def _gallery(images: np.ndarray, items: list[dict], title: str, out: Path, cams: np.ndarray | None = None) -> Path:
-    row = [figures.cam_overlay(img, cam) if cams is not None else img
-           for img, cam in zip(images, cams if cams is not None else images, strict=True)]
+    row = list(images) if cams is None else [figures.cam_overlay(i, c) for i, c in zip(images, cams, strict=True)]
     captions = [f"{it['true']} → {it['predicted']}\n{100 * it['probability']:.0f}%" for it in items]
     return figures.image_grid([row], [captions], [title], out)
 
