@@ -47,14 +47,14 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     trained.scaling = scaling
     tta_probs, _ = run_probs(trained, split, parse_tta_flag(tta))
 
+    after_metrics = calibration_metrics(after, labels)
     result = classification_metrics(after, labels, trained.classes)
     result.update(
         split=split_name, run=str(trained.path),
         calibration={"temperature": scaling.temperature, "fitted_for_report": fitted_here,
-                     "before": calibration_metrics(before, labels), "after": calibration_metrics(after, labels),
+                     "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
-        tta={"mode": tta, "without": calibration_metrics(after, labels),
-             "with": calibration_metrics(tta_probs, labels)},
+        tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_probs, labels)},
     )
 
     # Galleries: the highest-loss images, and Grad-CAM on the most confident right and wrong predictions.

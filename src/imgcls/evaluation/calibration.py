@@ -19,24 +19,26 @@ def _bin_index(confidence: torch.Tensor, bins: int) -> torch.Tensor:
     return (confidence * bins).long().clamp(0, bins - 1)
 
 
-def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict:
-    """Per bin of top-1 confidence: count, mean confidence and accuracy (NaN for empty bins)."""
-    confidence, predicted = probs.max(dim=1)
-    correct = (predicted == labels).double()
+def _bin_sums(confidence: torch.Tensor, hit: torch.Tensor, bins: int):
+    """Per bin: (count, sum of confidences, sum of hits), in float64."""
     index = _bin_index(confidence, bins)
     count = torch.bincount(index, minlength=bins).double()
     conf_sum = torch.bincount(index, weights=confidence.double(), minlength=bins)
-    acc_sum = torch.bincount(index, weights=correct, minlength=bins)
+    hit_sum = torch.bincount(index, weights=hit.double(), minlength=bins)
+    return count, conf_sum, hit_sum
+
+
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict:
+    """Per bin of top-1 confidence: count, mean confidence and accuracy (NaN for empty bins)."""
+    confidence, predicted = probs.max(dim=1)
+    count, conf_sum, acc_sum = _bin_sums(confidence, predicted == labels, bins)
     return {"edges": torch.linspace(0, 1, bins + 1).tolist(), "count": count.long().tolist(),
             "confidence": (conf_sum / count).tolist(), "accuracy": (acc_sum / count).tolist()}
 
 
 def _calibration_gaps(confidence: torch.Tensor, hit: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(|accuracy - confidence| per bin, fraction of samples per bin)."""
-    index = _bin_index(confidence, bins)
-    count = torch.bincount(index, minlength=bins).double()
-    conf_sum = torch.bincount(index, weights=confidence.double(), minlength=bins)
-    hit_sum = torch.bincount(index, weights=hit.double(), minlength=bins)
+    count, conf_sum, hit_sum = _bin_sums(confidence, hit, bins)
     gap = torch.where(count > 0, (conf_sum - hit_sum).abs() / count.clamp(min=1), torch.zeros_like(count))
     return gap, count / len(confidence)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from imgcls.evaluation.calibration import negative_log_likelihood
+
 
 def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Rows are true classes, columns predicted classes."""
@@ -46,7 +48,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: l
     out = {
         "n": len(labels),
         "accuracy": (preds == labels).float().mean().item(),
-        "loss": -probs.gather(1, labels[:, None]).clamp(min=1e-12).log().mean().item(),
+        "loss": negative_log_likelihood(probs, labels),
         "macro_f1": sum(r["f1"] for r in report) / len(report),
     }
     if len(classes) >= 5:

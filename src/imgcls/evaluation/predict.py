@@ -21,7 +21,8 @@ from imgcls.runtime import autocast
 
 
 def forward_batch(model, images: torch.Tensor, mean, std, device, precision: str) -> torch.Tensor:
-    """Logits for a uint8 batch: normalise, channels-last, autocast. Call under inference_mode."""
+    """`model`(x) for a uint8 batch (model: any callable, e.g. a feature extractor): normalise,
+    channels-last, autocast. Call under inference_mode."""
     x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
     with autocast(device, precision):
         return model(x)

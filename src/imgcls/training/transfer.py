@@ -19,12 +19,11 @@ import torch
 import torch.nn as nn
 
 from imgcls.config import TrainConfig, resolved_strategy
-from imgcls.data import Split, normalize
+from imgcls.data import Split
 from imgcls.data.mixing import soft_targets
 from imgcls.errors import UserError
-from imgcls.evaluation.predict import eval_batch_size
+from imgcls.evaluation.predict import eval_batch_size, forward_batch
 from imgcls.models.surface import layer_groups
-from imgcls.runtime import autocast
 
 NEVER = math.inf
 
@@ -130,13 +129,15 @@ def _eval_frozen(module: nn.Module) -> None:
 def cache_features(model: nn.Module, split: Split, mean, std, device, precision: str, batch_size: int) -> Split:
     """The frozen backbone's pooled features (the head's input) for every image of `split`, unaugmented."""
     model.eval()
+
+    def pooled_features(x):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
     chunks, labels = [], []
     for images, y in split.batches(torch.arange(len(split)), eval_batch_size(batch_size, split.img_size)):
         if len(images) == 0:
             continue
-        x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            features = model.forward_head(model.forward_features(x), pre_logits=True)
+        features = forward_batch(pooled_features, images, mean, std, device, precision)
         chunks.append(features.float().cpu())
         labels.append(y)
     return Split(torch.cat(labels), images=torch.cat(chunks))
