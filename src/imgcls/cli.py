@@ -37,10 +37,16 @@ TRAIN_HELP = {
     "unfreeze_every": "gradual: unfreeze the next layer group down every K epochs (default 1)",
     "unfreeze_at": "gradual: unfreeze the next layer group down after each of these epochs, e.g. 2,4,6",
     "epochs": "number of epochs (10)",
-    "batch_size": "training batch size (128)",
-    "lr": "peak AdamW learning rate (1e-3)",
-    "weight_decay": "AdamW weight decay, not applied to biases and norms (0.05)",
+    "batch_size": "training batch size; under torchrun the global batch, split evenly across processes (128)",
+    "optimizer": "adamw, or sgd with Nesterov momentum (adamw)",
+    "lr": "peak learning rate (1e-3)",
+    "momentum": "SGD momentum (0.9)",
+    "weight_decay": "weight decay, not applied to biases and norms; decoupled in AdamW (0.05)",
     "warmup_epochs": "linear warm-up length in epochs before cosine decay (1)",
+    "ema": "evaluate and save an exponential moving average of the weights with this decay per step, "
+           "e.g. 0.99 (0, off)",
+    "whiten": "fastnet_* only: initialise the 2x2 stem as a whitening filter of the training images' patches "
+              "(airbench)",
     "aug": "training augmentation: none; basic = random crop (padding size/8) + flip; standard = "
            "RandomResizedCrop(0.8-1) + flip + ColorJitter + rotation 15 + erasing 0.2; randaugment (2 ops, "
            "magnitude 9), trivialaugment, autoaugment, each after crop + flip (basic)",
@@ -55,6 +61,9 @@ TRAIN_HELP = {
     "out": "run folder (default runs/<data>-<model>, numbered if taken); an existing run is never overwritten",
     "device": "auto, cpu or cuda (auto)",
     "precision": "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16",
+    "compile": "torch.compile the training forward pass (a warm-up of tens of seconds; slower than eager on "
+               "some CPUs, so off by default)",
+    "sync_bn": "under torchrun on GPUs: BatchNorm statistics over the global batch (torch's SyncBatchNorm)",
     "eval_batch_size": "batch size for evaluation (512)",
     "quiet": "no progress bar or per-epoch lines, only the final summary",
 }

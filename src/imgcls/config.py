@@ -37,10 +37,14 @@ class TrainConfig:
     unfreeze_at: list[int] | None = None  # gradual: ... or after these epochs
     # optimisation
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split evenly across processes under torchrun
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
     lr: float = 1e-3
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights; 0 is off
+    whiten: bool = False  # initialise the stem from the training images' patch covariance (fastnet_*)
     # augmentation and regularisation
     aug: str = "basic"  # none | basic | standard | randaugment | trivialaugment | autoaugment
     random_erasing: float | None = None  # probability; None: the recipe's own (0.2 in standard)
@@ -55,6 +59,8 @@ class TrainConfig:
     out: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the training forward pass
+    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch
     eval_batch_size: int = 512
     quiet: bool = False
 
@@ -103,6 +109,7 @@ def _validate(cfg: TrainConfig) -> None:
         "data_mode": ("auto", "memory", "stream"),
         "device": ("auto", "cpu", "cuda"),
         "precision": ("auto", "fp32", "bf16", "fp16"),
+        "optimizer": ("adamw", "sgd"),
         "aug": AUGMENTATIONS,
         "normalize": ("auto", *NORMALIZATIONS),
     }
@@ -121,6 +128,10 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("--val-fraction must be between 0 and 1 (exclusive)")
     if cfg.lr <= 0:
         raise UserError("--lr must be positive")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise UserError("--ema is a decay per step: give a value in [0, 1), e.g. 0.999 (0 is off)")
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise UserError("--momentum must be in [0, 1)")
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise UserError("--label-smoothing must be in [0, 1)")
     for name in ("random_erasing", "mix_prob", "mix_switch_prob"):

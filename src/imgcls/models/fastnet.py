@@ -35,6 +35,22 @@ class FastNet(ClassifierSurface, nn.Module):
         self.num_features = widths[2]
         self.head = nn.Linear(widths[2], num_classes)
 
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the 2x2 stem to whiten the patches of `images` (normalised N x 3 x H x W): the
+        eigenvectors of their covariance scaled by 1/sqrt(eigenvalue), each with its negative,
+        as airbench does. The network then starts from decorrelated inputs."""
+        conv = self.stem[0]
+        c, (h, w) = images.shape[1], conv.kernel_size
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).view(-1, c, h, w)
+        if conv.out_channels != 2 * len(filters):
+            raise ValueError(f"the stem has {conv.out_channels} filters; whitening needs {2 * len(filters)}")
+        conv.weight.copy_(torch.cat([filters, -filters]))
+        if conv.bias is not None:
+            conv.bias.zero_()
+
     def group_matcher(self, coarse: bool = False) -> dict:
         return {"stem": r"^stem", "blocks": r"^group(\d+)"}
 

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import yaml
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import imgcls
 from imgcls import rundir
@@ -28,7 +30,7 @@ from imgcls.config import TrainConfig, load_config, resolved_strategy
 from imgcls.data import Dataset, Split, TrainTransform, load_dataset, per_image_transform
 from imgcls.data.datasets import NORMALIZATIONS, normalization_named
 from imgcls.data.mixing import soft_cross_entropy
-from imgcls.data.presets import DEFAULT_ERASING
+from imgcls.data.presets import DEFAULT_ERASING, normalize
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.predict import predict_logits
@@ -37,6 +39,8 @@ from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.models.flops import forward_gflops
 from imgcls.models.weights import load_pretrained
 from imgcls.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from imgcls.training import distributed
+from imgcls.training.distributed import World
 from imgcls.training.progress import Progress
 from imgcls.training.transfer import (
     NEVER,
@@ -98,9 +102,16 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, groups: list[LayerGroup]):
-    """AdamW over every layer group at its own rate (frozen ones join when they get gradients),
-    with one warm-up + cosine factor scaling all rates alike."""
-    optimizer = torch.optim.AdamW(optimizer_param_groups(model, groups, cfg.weight_decay), lr=cfg.lr)
+    """AdamW or Nesterov SGD over every layer group at its own rate (frozen ones join when they get
+    gradients), with one warm-up + cosine factor scaling all rates alike. Fused kernels on CPU and
+    CUDA: one pass over all parameters instead of one per tensor."""
+    param_groups = optimizer_param_groups(model, groups, cfg.weight_decay)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                                    fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, fused=fused)
     total = cfg.epochs * steps_per_epoch
     warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
@@ -131,9 +142,12 @@ class StopOnSigint:
 
 
 def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransform, aug_gen, meter: EpochMeter,
-                    *, device, precision: str, should_stop, progress: Progress) -> bool:
-    """Train over `batches`, adding to `meter`. Returns False when asked to stop early."""
+                    *, device, precision: str, should_stop, progress: Progress, scaler=None, ema=None) -> bool:
+    """Train over `batches`, adding to `meter`. Returns False when asked to stop early.
+
+    `scaler` scales fp16 losses; `ema` is updated after every step."""
     train_mode(model)  # frozen parts stay in eval mode
+    scaler = scaler or torch.amp.GradScaler(enabled=False)
     for images, labels in batches:
         if should_stop():
             return False
@@ -146,9 +160,12 @@ def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransf
             logits = model(x)
         loss = soft_cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         n = len(labels)
         meter.steps += 1
         meter.images += n
@@ -160,25 +177,38 @@ def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransf
 
 
 def _save_last(path: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
-               num_classes: int, aug_gen: torch.Generator) -> None:
+               num_classes: int, aug_gen: torch.Generator, world: World, ema=None) -> None:
+    """Every rank calls this (it gathers each rank's augmentation stream); rank 0 writes."""
+    aug_states = distributed.gather(world, aug_gen.get_state())
+    meter = _global_meter(world, state.meter)
+    if not world.main:
+        return
     save_checkpoint(
         {
             "model_name": cfg.model,
             "num_classes": num_classes,
             "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": state.epoch,
-            "meter": state.meter.as_dict(),
+            "meter": meter.as_dict(),
             "best_val_acc": state.best_val_acc,
             "best_epoch": state.best_epoch,
             "train_seconds": state.train_seconds,
-            "aug_rng": aug_gen.get_state(),
+            "aug_rng": aug_states[0],
+            "aug_rng_ranks": aug_states,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         },
         path,
     )
+
+
+def _global_meter(world: World, meter: EpochMeter) -> EpochMeter:
+    """The epoch so far over all ranks: sums of images, loss and hits; steps and time as rank 0's."""
+    images, loss_sum, correct = distributed.all_sum(world, [meter.images, meter.loss_sum, meter.correct])
+    return EpochMeter(meter.steps, int(images), loss_sum, int(correct), meter.seconds)
 
 
 def _versions() -> dict:
@@ -196,7 +226,8 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     """Train a new run from `cfg`, or continue the run in `resume`. Returns the run folder.
 
     `stop_after_steps` stops (as Ctrl-C would) once that many optimizer steps have run in
-    total; used to time-box a job and by the resume test.
+    total; used to time-box a job and by the resume test. Under torchrun every process calls
+    this; they train one model together and rank 0 writes the run.
     """
     if resume is not None:
         run_dir = rundir.require_run(resume)
@@ -206,10 +237,19 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         if not (run_dir / rundir.LAST).exists():
             raise UserError(f"{run_dir} has no {rundir.LAST} to resume from; start the run again")
     assert cfg is not None
-    if resume is None and cfg.out:
+    world, device_name = distributed.join(cfg.device)
+    try:
+        return _train(cfg, resume, stop_after_steps, world, device_name)
+    finally:
+        distributed.leave(world)
+
+
+def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World, device_name: str) -> Path:
+    if resume is None and cfg.out and world.main:
         rundir.refuse_existing(cfg.out)  # before the slow part, so the user learns at once
-    device = resolve_device(cfg.device)
+    device = resolve_device(device_name)
     precision = resolve_precision(cfg.precision, device)
+    _check_parallel(cfg, world, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
     normalization, crop_pct = _preprocessing(cfg, spec)
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
@@ -219,43 +259,64 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
     loaded = None
     if cfg.pretrained and resume is None:  # a resumed run's weights come from last.pt
         loaded = load_pretrained(model, spec, cfg.pretrained)
+    if cfg.whiten and resume is None:
+        _whiten(model, dataset)
+    if cfg.sync_bn and world.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
     groups = plan_groups(model, cfg)
-    steps_per_epoch = math.ceil(len(dataset.train) / cfg.batch_size)
+    steps_per_epoch = _steps_per_epoch(len(dataset.train), cfg.batch_size, world)
     optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch, groups)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    evaluated = ema.module if ema is not None else model  # what validation, best.pt and the summary see
     state, aug_gen = TrainState(), torch.Generator()
 
     if resume is None:  # the folder is made only once data and model are ready, so a failure leaves none
-        run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
-        cfg.out = str(run_dir)
-        # Record resolved values, not "auto"/None, so the config says exactly what ran.
-        cfg.img_size, cfg.normalize = dataset.img_size, dataset.normalization
-        cfg.strategy = resolved_strategy(cfg)
-        if cfg.cache_features:
-            cfg.aug = "none"  # the features are computed once, from unaugmented images
-        if cfg.random_erasing is None:
-            cfg.random_erasing = DEFAULT_ERASING.get(cfg.aug, 0.0)
-        rundir.atomic_write_bytes(run_dir / rundir.CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
-        rundir.write_json(run_dir / rundir.DATASET, {
-            "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
-            "mean": dataset.mean, "std": dataset.std, "crop_pct": dataset.crop_pct,
-            "fingerprint": dataset.fingerprint,
-        })
-
-    if resume is not None:
+        run_dir = None
+        if world.main:
+            run_dir = rundir.new_run_dir(cfg.out, cfg.data, cfg.model)
+            cfg.out = str(run_dir)
+            # Record resolved values, not "auto"/None, so the config says exactly what ran.
+            cfg.img_size, cfg.normalize = dataset.img_size, dataset.normalization
+            cfg.strategy = resolved_strategy(cfg)
+            if cfg.cache_features:
+                cfg.aug = "none"  # the features are computed once, from unaugmented images
+            if cfg.random_erasing is None:
+                cfg.random_erasing = DEFAULT_ERASING.get(cfg.aug, 0.0)
+            rundir.atomic_write_bytes(run_dir / rundir.CONFIG,
+                                      yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+            rundir.write_json(run_dir / rundir.DATASET, {
+                "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
+                "mean": dataset.mean, "std": dataset.std, "crop_pct": dataset.crop_pct,
+                "fingerprint": dataset.fingerprint,
+            })
+        run_dir, written = distributed.from_main(world, (run_dir, cfg.to_dict()))
+        if not world.main:
+            cfg = TrainConfig(**written)
+    else:
+        run_dir = rundir.require_run(resume)
         ckpt = load_checkpoint(run_dir / rundir.LAST, cfg.model, dataset.num_classes)
         model.load_state_dict(ckpt["model"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        state = TrainState(ckpt["epoch"], EpochMeter(**ckpt["meter"]), ckpt["best_val_acc"],
-                           ckpt["best_epoch"], ckpt["train_seconds"])
-        aug_gen.set_state(ckpt["aug_rng"])
+        meter = EpochMeter(**ckpt["meter"])
+        if not world.main:  # rank 0 carries the epoch's sums so far; the others add their own
+            meter = EpochMeter(steps=meter.steps, seconds=meter.seconds)
+        state = TrainState(ckpt["epoch"], meter, ckpt["best_val_acc"], ckpt["best_epoch"], ckpt["train_seconds"])
+        aug_states = ckpt.get("aug_rng_ranks") or [ckpt["aug_rng"]]
+        if meter.steps and len(aug_states) != world.size:
+            raise UserError(f"{run_dir} stopped inside an epoch with {len(aug_states)} process(es); resume it with "
+                            f"the same number (torchrun --nproc_per_node={len(aug_states)})")
+        aug_gen.set_state(aug_states[world.rank] if meter.steps else aug_states[0])
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt["cuda_rng"]:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        # Epochs logged after the checkpoint was written are redone, so drop their lines.
-        kept = [m for m in rundir.read_metrics(run_dir) if m["epoch"] <= state.epoch]
-        rundir.atomic_write_bytes(run_dir / rundir.METRICS, "".join(_jsonl(m) for m in kept).encode())
+        if world.main:  # epochs logged after the checkpoint was written are redone, so drop their lines
+            kept = [m for m in rundir.read_metrics(run_dir) if m["epoch"] <= state.epoch]
+            rundir.atomic_write_bytes(run_dir / rundir.METRICS, "".join(_jsonl(m) for m in kept).encode())
 
     cache_seconds = 0.0
     if cfg.cache_features:  # the head alone trains, on the frozen backbone's features
@@ -275,14 +336,21 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
             cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes, cfg.random_erasing,
             cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing, pixels_done=streamed,
         )
+    if world.distributed:
+        trainee = DistributedDataParallel(trainee)
+    if cfg.compile:
+        trainee = torch.compile(trainee)
+    local_batch = cfg.batch_size // world.size
+    val_part = val_split.subset(torch.arange(world.rank, len(val_split), world.size))  # each rank scores a share
     last_path, best_path = run_dir / rundir.LAST, run_dir / rundir.BEST
-    progress = Progress(cfg.epochs, steps_per_epoch, cfg.batch_size, quiet=cfg.quiet)
+    progress = Progress(cfg.epochs, steps_per_epoch, local_batch, quiet=cfg.quiet or not world.main)
     with StopOnSigint() as sigint, progress:
-        if not cfg.quiet:  # printed once Ctrl-C is handled, so a caller may interrupt from here on
+        if not cfg.quiet and world.main:  # printed once Ctrl-C is handled, so a caller may interrupt from here on
+            where = f"{device.type} {precision}" + (f", {world.size} processes" if world.distributed else "")
             print(f"run {run_dir}: {cfg.model} ({count_parameters(model) / 1e6:.2f}M params) on "
                   f"{dataset.name} {dataset.img_size}px, train/val/test "
                   f"{len(dataset.train)}/{len(dataset.val)}/{len(dataset.test) if dataset.test else 0}, "
-                  f"{device.type} {precision}", flush=True)
+                  f"{where}", flush=True)
             if loaded is not None:
                 print(loaded, flush=True)
             if cfg.strategy != "scratch":
@@ -295,60 +363,96 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None,
         for epoch in range(state.epoch, cfg.epochs):
             apply_schedule(model, groups, epoch)
             order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(
-                _stream_seed(cfg.seed, epoch, 0)))
+                _stream_seed(cfg.seed, epoch, 0)))[: steps_per_epoch * cfg.batch_size]
             if state.meter.steps == 0:
-                aug_gen.manual_seed(_stream_seed(cfg.seed, epoch, 1))
-            skip = state.meter.steps * cfg.batch_size
-            batches = train_split.batches(order[skip:], cfg.batch_size, seed=_stream_seed(cfg.seed, epoch, 2))
+                aug_gen.manual_seed(_stream_seed(cfg.seed + 1_000_003 * world.rank, epoch, 1))
+            mine = distributed.rank_order(order, cfg.batch_size, world)[state.meter.steps * local_batch :]
+            batches = train_split.batches(mine, local_batch, seed=_stream_seed(cfg.seed, epoch, 2) + world.rank)
 
             def should_stop(epoch=epoch):
                 done = epoch * steps_per_epoch + state.meter.steps
-                return sigint.requested or (stop_after_steps is not None and done >= stop_after_steps)
+                asked = distributed.any_rank(world, sigint.requested)  # all ranks stop at the same step
+                return asked or (stop_after_steps is not None and done >= stop_after_steps)
 
             progress.start_epoch(epoch, state.meter)
             finished = train_one_epoch(
                 trainee, batches, optimizer, scheduler, transform, aug_gen, state.meter,
                 device=device, precision=precision, should_stop=should_stop, progress=progress,
+                scaler=scaler, ema=ema,
             )
             if not finished:
-                _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
+                _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen,
+                           world, ema)
                 raise Interrupted(run_dir, epoch, state.meter.steps)
 
             if cfg.cache_features:
-                logits, labels = head_logits(trainee, val_split, device, precision), val_split.labels
+                logits, labels = head_logits(trainee, val_part, device, precision), val_part.labels
             else:
-                logits, labels = predict_logits(model, val_split, dataset.mean, dataset.std, device,
+                logits, labels = predict_logits(evaluated, val_part, dataset.mean, dataset.std, device,
                                                 precision, cfg.eval_batch_size)
-            meter = state.meter
+            val_loss, val_correct, val_n = distributed.all_sum(world, [
+                F.cross_entropy(logits, labels, reduction="sum").item(),
+                (logits.argmax(1) == labels).sum().item(), len(labels)])
+            meter = _global_meter(world, state.meter)
             record = {
                 "epoch": epoch + 1,
                 "train_loss": meter.loss_sum / meter.images,
                 "train_acc": meter.correct / meter.images,
-                "val_loss": F.cross_entropy(logits, labels).item(),
-                "val_acc": (logits.argmax(1) == labels).float().mean().item(),
+                "val_loss": val_loss / val_n,
+                "val_acc": val_correct / val_n,
                 "lr": optimizer.param_groups[-1]["lr"],  # the head's
                 "epoch_time": meter.seconds,
                 "images_per_s": meter.images / max(meter.seconds, 1e-9),
             }
-            with open(run_dir / rundir.METRICS, "a") as f:
-                f.write(_jsonl(record))
+            if world.main:
+                with open(run_dir / rundir.METRICS, "a") as f:
+                    f.write(_jsonl(record))
             progress.end_epoch(record)
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + meter.seconds
             state.meter = EpochMeter()
             if record["val_acc"] > state.best_val_acc:
                 state.best_val_acc, state.best_epoch = record["val_acc"], epoch + 1
-                save_checkpoint({"model_name": cfg.model, "num_classes": dataset.num_classes,
-                                 "model": model.state_dict(), "epoch": epoch + 1,
-                                 "val_acc": record["val_acc"]}, best_path)
-            _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen)
+                if world.main:
+                    save_checkpoint({"model_name": cfg.model, "num_classes": dataset.num_classes,
+                                     "model": evaluated.state_dict(), "epoch": epoch + 1,
+                                     "val_acc": record["val_acc"]}, best_path)
+            _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen, world, ema)
 
-    state.train_seconds += cache_seconds  # the feature pass is part of what training cost
-    summary = _summarize(run_dir, cfg, dataset, model, state, device, precision)
-    summary.update(strategy=cfg.strategy, pretrained=cfg.pretrained, layer_groups=[g.record() for g in groups],
-                   trainable_params=sum(_numel(model, g) for g in groups if g.unfreeze_epoch < cfg.epochs),
-                   feature_cache_s=cache_seconds)
-    rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    if world.main:
+        state.train_seconds += cache_seconds  # the feature pass is part of what training cost
+        summary = _summarize(run_dir, cfg, dataset, evaluated, state, device, precision)
+        summary.update(strategy=cfg.strategy, pretrained=cfg.pretrained, layer_groups=[g.record() for g in groups],
+                       trainable_params=sum(_numel(model, g) for g in groups if g.unfreeze_epoch < cfg.epochs),
+                       feature_cache_s=cache_seconds, processes=world.size)
+        rundir.write_json(run_dir / rundir.SUMMARY, summary)
+    distributed.barrier(world)  # the other ranks return once the run is complete
     return run_dir
+
+
+def _steps_per_epoch(n: int, batch_size: int, world: World) -> int:
+    """Global steps per epoch. Under torchrun a last batch too small to give every rank an image is dropped."""
+    if world.distributed and 0 < n % batch_size < world.size:
+        return n // batch_size
+    return math.ceil(n / batch_size)
+
+
+def _check_parallel(cfg: TrainConfig, world: World, device: torch.device) -> None:
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop it on the CPU")
+    if not world.distributed:
+        return
+    distributed.check_batch_size(world, cfg.batch_size)
+    if cfg.cache_features or resolved_strategy(cfg) == "gradual":
+        raise UserError("--cache-features and --strategy gradual run in one process only; "
+                        "launch them without torchrun")
+
+
+def _whiten(model, dataset: Dataset) -> None:
+    if not hasattr(model, "init_whitening"):
+        raise UserError(f"--whiten initialises a fastnet_* stem; {model.__class__.__name__} has none, drop --whiten")
+    if dataset.train.images is None:
+        raise UserError("--whiten needs the training images in memory; use --data-mode memory")
+    model.init_whitening(normalize(dataset.train.images[:5000], dataset.mean, dataset.std))
 
 
 def _preprocessing(cfg: TrainConfig, spec) -> tuple[str, float]:
