@@ -197,6 +197,7 @@ def cmd_train(args) -> int:
     from imgcls.errors import UserError
     from imgcls.reporting.console import print_summary
     from imgcls.rundir import SUMMARY, read_json
+    from imgcls.training.distributed import launched_rank
     from imgcls.training.train import fit
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
@@ -208,7 +209,8 @@ def cmd_train(args) -> int:
         run = fit(resume=args.resume)
     else:
         run = fit(build_config(args.recipe, **flags))
-    print_summary(read_json(run / SUMMARY))
+    if launched_rank() == 0:  # under torchrun the others stay quiet
+        print_summary(read_json(run / SUMMARY))
     return 0
 
 
@@ -356,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgcls: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"imgcls: {e}; continue with: imgcls train --resume {e.run_dir}", file=sys.stderr)
+        from imgcls.training.distributed import launched_rank
+
+        if launched_rank() == 0:
+            print(f"imgcls: {e}; continue with: imgcls train --resume {e.run_dir} (under torchrun: the same "
+                  "torchrun command with these arguments)", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("imgcls: aborted", file=sys.stderr)

@@ -33,6 +33,11 @@ class World:
         return self.size > 1
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (0 when not launched by torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def join(device_name: str) -> tuple[World, str]:
     """The world this process is part of (joined when launched by torchrun), and the device name
     it should use: a CUDA process takes the GPU of its local rank."""
