@@ -60,10 +60,10 @@ def main() -> None:
     split = data.test.subset(torch.arange(min(args.images, len(data.test))))
     precision = resolve_precision("auto", torch.device("cpu"))
     print(f"{torch.get_num_threads()} threads, {len(split)} test images, imgcls precision auto = {precision}")
-    print(f"{'model':<16} {'plain img/s':>11} {'imgcls img/s':>12} {'speed-up':>8} {'imgcls + flip TTA':>17}")
+    print(f"{'model':<20} {'plain img/s':>11} {'imgcls img/s':>12} {'speed-up':>8} {'imgcls + flip TTA':>17}")
     for name in args.models:
         plain_ips, ours, tta = measure(name, data, split, args.workers, precision)
-        print(f"{name:<16} {plain_ips:>11.0f} {ours:>12.0f} {ours / plain_ips:>7.2f}x {tta:>17.0f}", flush=True)
+        print(f"{name:<20} {plain_ips:>11.0f} {ours:>12.0f} {ours / plain_ips:>7.2f}x {tta:>17.0f}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -84,14 +84,14 @@ def main() -> None:
     peak = peak16 if precision == "bf16" else peak32
     print(f"{torch.get_num_threads()} threads; GEMM peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
           f"({native}); imgcls precision auto = {precision}")
-    print(f"{'model':<16} {'GFLOP/img':>9} {'classic img/s':>13} {'imgcls img/s':>12} {'speed-up':>8} "
+    print(f"{'model':<20} {'GFLOP/img':>9} {'classic img/s':>13} {'imgcls img/s':>12} {'speed-up':>8} "
           f"{'GFLOP/s':>8} {'% fp32 peak':>11} {'% bf16 peak':>11} {'% peak used':>11}")
     for name in args.models:
         gflops = forward_gflops(create_model(name, data.num_classes), data.img_size)
         classic = classic_speed(name, data, args.batch_size, args.steps, args.workers)
         ours = imgcls_speed(name, data, args.batch_size, args.steps, precision)
         achieved = 3 * gflops * ours
-        print(f"{name:<16} {gflops:>9.3f} {classic:>13.1f} {ours:>12.1f} {ours / classic:>7.2f}x {achieved:>8.0f} "
+        print(f"{name:<20} {gflops:>9.3f} {classic:>13.1f} {ours:>12.1f} {ours / classic:>7.2f}x {achieved:>8.0f} "
               f"{100 * achieved / peak32:>10.0f}% {100 * achieved / peak16:>10.0f}% {100 * achieved / peak:>10.0f}%",
               flush=True)
 
