@@ -80,3 +80,18 @@ def test_forward_gflops_counts_matmuls_and_convolutions():
 
     assert forward_gflops(create_model("resnet18_cifar", 10), 32) == pytest.approx(1.11, abs=0.01)
     assert forward_gflops(create_model("vit_cifar", 10), 32) == pytest.approx(0.615, abs=0.01)
+
+
+def test_whitening_init_decorrelates_the_stems_patches(mini):
+    from imgcls.data.presets import normalize
+
+    model = create_model("fastnet_cifar", 10)
+    images = normalize(mini.train.images[:1000], mini.mean, mini.std)
+    model.init_whitening(images)
+    weight = model.stem[0].weight.detach()
+    assert torch.equal(weight[12:], -weight[:12])  # each filter with its negative
+    out = torch.nn.functional.conv2d(images, weight[:12]).permute(0, 2, 3, 1).reshape(-1, 12)
+    second_moment = out.T @ out / len(out)  # what the whitening is computed from
+    assert torch.allclose(second_moment, torch.eye(12), atol=0.02)
+    raw = torch.nn.functional.conv2d(images, torch.randn(12, 3, 2, 2)).permute(0, 2, 3, 1).reshape(-1, 12)
+    assert not torch.allclose(raw.T @ raw / len(raw), torch.eye(12), atol=0.5)  # which a random stem is not

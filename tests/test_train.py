@@ -41,11 +41,13 @@ def test_run_directory_is_complete(tiny_folder, tmp_path):
     assert summary["versions"]["torch"] == torch.__version__ and summary["seed"] == 0
 
 
-def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_path):
-    straight = fit(_cfg(tiny_folder, tmp_path / "straight"))
+@pytest.mark.parametrize("options", [{}, {"optimizer": "sgd", "lr": 0.05, "ema": 0.9, "whiten": True}],
+                         ids=["adamw", "sgd-ema-whiten"])
+def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_path, options):
+    straight = fit(_cfg(tiny_folder, tmp_path / "straight", **options))
     # 108 training images at batch 32: 4 steps an epoch. Stop inside epoch 1, then inside epoch 2.
     with pytest.raises(Interrupted):
-        fit(_cfg(tiny_folder, tmp_path / "stopped"), stop_after_steps=2)
+        fit(_cfg(tiny_folder, tmp_path / "stopped", **options), stop_after_steps=2)
     assert not (tmp_path / "stopped" / rundir.SUMMARY).exists()
     with pytest.raises(Interrupted):
         fit(resume=tmp_path / "stopped", stop_after_steps=6)
@@ -57,6 +59,16 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_pat
     wa = torch.load(straight / rundir.LAST, weights_only=True)["model"]
     wb = torch.load(resumed / rundir.LAST, weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ema_weights_are_the_ones_evaluated_and_saved(tiny_folder, tmp_path):
+    run = fit(_cfg(tiny_folder, tmp_path / "ema", epochs=1, optimizer="sgd", lr=0.05, ema=0.5))
+    last = torch.load(run / rundir.LAST, weights_only=True)
+    ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    best = torch.load(run / rundir.BEST, weights_only=True)["model"]
+    assert all(torch.equal(best[k], ema[k]) for k in best)  # one epoch, so best.pt is the final average
+    assert not all(torch.equal(last["model"][k], ema[k]) for k in best)  # ... which is not the raw weights
+    assert int(last["ema"]["n_averaged"]) == 4  # one update per step
 
 
 def test_same_seed_same_metrics_other_seed_differs(tiny_folder, tmp_path):

@@ -130,6 +130,8 @@ def _validate(cfg: TrainConfig) -> None:
         raise UserError("--lr must be positive")
     if not 0.0 <= cfg.ema < 1.0:
         raise UserError("--ema is a decay per step: give a value in [0, 1), e.g. 0.999 (0 is off)")
+    if cfg.ema and cfg.cache_features:
+        raise UserError("--ema averages the whole model, --cache-features trains the head alone; drop one")
     if not 0.0 <= cfg.momentum < 1.0:
         raise UserError("--momentum must be in [0, 1)")
     if not 0.0 <= cfg.label_smoothing < 1.0:

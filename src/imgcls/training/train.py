@@ -341,7 +341,9 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
     if cfg.compile:
         trainee = torch.compile(trainee)
     local_batch = cfg.batch_size // world.size
-    val_part = val_split.subset(torch.arange(world.rank, len(val_split), world.size))  # each rank scores a share
+    val_part = val_split  # under torchrun each rank scores its share
+    if world.distributed:
+        val_part = val_split.subset(torch.arange(world.rank, len(val_split), world.size))
     last_path, best_path = run_dir / rundir.LAST, run_dir / rundir.BEST
     progress = Progress(cfg.epochs, steps_per_epoch, local_batch, quiet=cfg.quiet or not world.main)
     with StopOnSigint() as sigint, progress:
