@@ -36,9 +36,11 @@ def measure(name: str, data, split, workers: int, precision: str) -> tuple[float
     model = create_model(name, data.num_classes).eval()
     device = torch.device("cpu")
 
+    loader = classic_loader(split, data.mean, data.std, 128, workers, train=False)  # workers persist
+
     @torch.no_grad()
     def plain():
-        for x, _ in classic_loader(split, data.mean, data.std, 128, workers, train=False):
+        for x, _ in loader:
             model(x)
 
     plain_ips = timed(plain, len(split))

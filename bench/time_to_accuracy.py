@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--recipe", default="recipes/cifar10_fast.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, nargs="+", help="budgets to try (default: the recipe's)")
-    parser.add_argument("--tta", default="flip", help="test-time augmentation for the final accuracy (flip)")
+    parser.add_argument("--tta", default="flip", choices=["flip", "flip-crop"],
+                        help="test-time augmentation for the final accuracy (flip)")
     parser.add_argument("--out", default="runs/time-to-accuracy", help="parent folder of the runs (must be new)")
     args = parser.parse_args()
 

@@ -1,13 +1,14 @@
 """Training throughput: the classic recipe against imgcls's own loop, per model, in one process.
 
     python bench/train_speed.py [--models resnet18_cifar vit_cifar convnext_cifar] [--batch-size 128]
-                                [--steps 8] [--workers 2] [--data-dir DIR/cifar10]
+                                [--steps 8] [--workers 2] [--data-dir DIR/cifar10] [--compile]
 
 Same model, data and batch size on both sides. Classic: PIL images through per-image transforms
 in DataLoader workers, fp32 NCHW, default AdamW (bench/classic.py). imgcls: `train_one_epoch`
 itself, on uint8 batches in memory augmented as whole tensors, channels_last, --precision auto,
 fused AdamW. Each side runs a warm-up and then `--steps` timed steps. Achieved GFLOP/s counts a
 training step as 3x the forward FLOPs and is set against matrix-product peaks measured here.
+--compile adds imgcls's loop with `torch.compile` (compilation happens in the warm-up).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def classic_speed(name: str, data, batch_size: int, steps: int, workers: int) ->
     return steps * batch_size / (time.perf_counter() - start)
 
 
-def imgcls_speed(name: str, data, batch_size: int, steps: int, precision: str) -> float:
+def imgcls_speed(name: str, data, batch_size: int, steps: int, precision: str, compile: bool = False) -> float:
     torch.manual_seed(0)
     cfg = TrainConfig(model=name, batch_size=batch_size, epochs=1)
     model = create_model(name, data.num_classes).to(memory_format=torch.channels_last)
@@ -58,8 +59,10 @@ def imgcls_speed(name: str, data, batch_size: int, steps: int, precision: str) -
     gen, device = torch.Generator().manual_seed(0), torch.device("cpu")
     meter, progress = EpochMeter(), Progress(1, WARMUP + steps, batch_size, quiet=True)
 
+    net = torch.compile(model) if compile else model
+
     def run(idx):
-        train_one_epoch(model, data.train.batches(idx, batch_size), optimizer, scheduler, transform, gen, meter,
+        train_one_epoch(net, data.train.batches(idx, batch_size), optimizer, scheduler, transform, gen, meter,
                         device=device, precision=precision, should_stop=lambda: False, progress=progress)
 
     run(order[: WARMUP * batch_size])
@@ -75,9 +78,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the classic recipe")
     parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: bundled cifar10-mini)")
+    parser.add_argument("--compile", action="store_true", help="also time imgcls's loop under torch.compile")
     args = parser.parse_args()
 
     data = bench_data(args.data_dir)
+    if (WARMUP + args.steps) * args.batch_size > len(data.train):
+        parser.error(f"{WARMUP + args.steps} steps of {args.batch_size} need more than the {len(data.train)} "
+                     "training images; lower --steps or --batch-size, or pass --data-dir")
     precision = resolve_precision("auto", torch.device("cpu"))
     peak32, peak16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
     native = "native" if cpu_has_fast_bf16() else "emulated: no AVX512-BF16/AMX"
@@ -94,6 +101,9 @@ def main() -> None:
         print(f"{name:<20} {gflops:>9.3f} {classic:>13.1f} {ours:>12.1f} {ours / classic:>7.2f}x {achieved:>8.0f} "
               f"{100 * achieved / peak32:>10.0f}% {100 * achieved / peak16:>10.0f}% {100 * achieved / peak:>10.0f}%",
               flush=True)
+        if args.compile:
+            compiled = imgcls_speed(name, data, args.batch_size, args.steps, precision, compile=True)
+            print(f"{'':<20} with torch.compile: {compiled:.1f} img/s, {compiled / ours:.2f}x eager", flush=True)
 
 
 if __name__ == "__main__":

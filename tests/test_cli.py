@@ -53,7 +53,7 @@ def test_predict_prints_topk_probabilities(run, tiny_folder, capsys):
     (["train", "--model", "resnet99"], "unknown model 'resnet99'"),
     (["train", "--data", "cifar10", "--data-dir", "/no/such/dir"], "put data_batch_1"),
     (["eval", "/no/such/run"], "not an imgcls run"),
-    (["train", "--sync-bn"], "--sync-bn needs CUDA"),
+    (["train", "--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA"),
     (["train", "--model", "resnet18_cifar", "--whiten"], "--whiten initialises a fastnet_* stem"),
     (["train", "--optimizer", "lion"], "--optimizer must be one of adamw, sgd"),
     (["train", "--ema", "1.5"], "--ema is a decay per step"),

@@ -81,3 +81,13 @@ def test_torchrun_refuses_a_batch_that_does_not_split(tiny_folder, tmp_path):
     assert done.returncode != 0
     assert "--batch-size 25 is the global batch" in done.stdout + done.stderr  # each rank's one-line error
     assert not (tmp_path / "odd").exists()
+
+
+def test_torchrun_feature_extraction_trains_the_head_as_one_process_does(tiny_folder, tmp_path):
+    start = fit(build_config(data=str(tiny_folder), out=str(tmp_path / "start"), quiet=True, **dict(OPTIONS, epochs=1)))
+    frozen = dict(OPTIONS, epochs=2, pretrained=start / rundir.BEST, strategy="feature-extract")
+    single = fit(build_config(data=str(tiny_folder), out=str(tmp_path / "single"), quiet=True,
+                              **dict(frozen, pretrained=str(frozen["pretrained"]))))
+    done = torchrun(*flags(dict(frozen, data=tiny_folder, out=tmp_path / "ddp")), tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]  # DDP must be built after the backbone is frozen
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(single), rel=1e-5)

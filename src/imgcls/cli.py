@@ -38,13 +38,14 @@ TRAIN_HELP = {
     "unfreeze_at": "gradual: unfreeze the next layer group down after each of these epochs, e.g. 2,4,6",
     "epochs": "number of epochs (10)",
     "batch_size": "training batch size; under torchrun the global batch, split evenly across processes (128)",
-    "optimizer": "adamw, or sgd with Nesterov momentum (adamw)",
+    "optimizer": "adamw, or sgd with Nesterov momentum; give sgd its own --lr and --weight-decay, e.g. 0.1 "
+                 "and 5e-4 (adamw)",
     "lr": "peak learning rate (1e-3)",
     "momentum": "SGD momentum (0.9)",
     "weight_decay": "weight decay, not applied to biases and norms; decoupled in AdamW (0.05)",
     "warmup_epochs": "linear warm-up length in epochs before cosine decay (1)",
     "ema": "evaluate and save an exponential moving average of the weights with this decay per step, "
-           "e.g. 0.99 (0, off)",
+           "e.g. 0.99: validation, best.pt and the summary use it; last.pt keeps both (0, off)",
     "whiten": "fastnet_* only: initialise the 2x2 stem as a whitening filter of the training images' patches "
               "(airbench)",
     "aug": "training augmentation: none; basic = random crop (padding size/8) + flip; standard = "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,13 +52,19 @@ def join(device_name: str) -> tuple[World, str]:
         device_name = f"cuda:{local_rank}"
     world = World(int(os.environ["RANK"]), size, local_rank, device_name if cuda else "cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Generous: ranks > 0 wait while rank 0 alone evaluates on test and writes the summary.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+        _joined.append(True)
     return world, device_name
 
 
+_joined: list[bool] = []  # whether join() made the process group, so leave() undoes only that
+
+
 def leave(world: World) -> None:
-    if world.distributed and dist.is_initialized():
+    if _joined and dist.is_initialized():
         dist.destroy_process_group()
+        _joined.clear()
 
 
 def check_batch_size(world: World, batch_size: int) -> None:
@@ -113,3 +120,11 @@ def gather(world: World, obj) -> list:
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
+
+
+def share_buffers(world: World, module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics). DDP only broadcasts them at the
+    start of a forward pass, so after the last step each rank holds its own shard's update."""
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -121,15 +121,16 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: i
 class StopOnSigint:
     """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, announce: bool = True):
+        self.requested, self.announce = False, announce
         self._previous = None
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)")
+        if self.announce:
+            print("\nstopping after this step and saving a resumable checkpoint (Ctrl-C again to abort)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -148,6 +149,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransf
     `scaler` scales fp16 losses; `ema` is updated after every step."""
     train_mode(model)  # frozen parts stay in eval mode
     scaler = scaler or torch.amp.GradScaler(enabled=False)
+    raw = _unwrapped(model)
     for images, labels in batches:
         if should_stop():
             return False
@@ -165,7 +167,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransf
         scaler.update()
         scheduler.step()
         if ema is not None:
-            ema.update_parameters(model)
+            ema.update_parameters(raw)
         n = len(labels)
         meter.steps += 1
         meter.images += n
@@ -176,10 +178,29 @@ def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransf
     return True
 
 
-def _save_last(path: Path, model, optimizer, scheduler, state: TrainState, cfg: TrainConfig,
-               num_classes: int, aug_gen: torch.Generator, world: World, ema=None) -> None:
-    """Every rank calls this (it gathers each rank's augmentation stream); rank 0 writes."""
-    aug_states = distributed.gather(world, aug_gen.get_state())
+def _unwrapped(module):
+    """The model itself inside a DistributedDataParallel or torch.compile wrapper."""
+    while isinstance(module, DistributedDataParallel) or hasattr(module, "_orig_mod"):
+        module = module.module if isinstance(module, DistributedDataParallel) else module._orig_mod
+    return module
+
+
+def _rng_state(aug_gen: torch.Generator, device: torch.device) -> dict:
+    return {"aug": aug_gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(rng: dict, aug_gen: torch.Generator, device: torch.device) -> None:
+    aug_gen.set_state(rng["aug"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _save_last(path: Path, model, optimizer, scheduler, scaler, state: TrainState, cfg: TrainConfig,
+               num_classes: int, aug_gen: torch.Generator, device, world: World, ema=None) -> None:
+    """Every rank calls this (it gathers each rank's random streams); rank 0 writes."""
+    rng = distributed.gather(world, _rng_state(aug_gen, device))
     meter = _global_meter(world, state.meter)
     if not world.main:
         return
@@ -191,15 +212,13 @@ def _save_last(path: Path, model, optimizer, scheduler, state: TrainState, cfg: 
             "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": state.epoch,
             "meter": meter.as_dict(),
             "best_val_acc": state.best_val_acc,
             "best_epoch": state.best_epoch,
             "train_seconds": state.train_seconds,
-            "aug_rng": aug_states[0],
-            "aug_rng_ranks": aug_states,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng": rng,  # one per rank: augmentation, torch (dropout), this rank's GPU
         },
         path,
     )
@@ -261,6 +280,8 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
         loaded = load_pretrained(model, spec, cfg.pretrained)
     if cfg.whiten and resume is None:
         _whiten(model, dataset)
+    if world.rank > 0:  # the same initial weights, but each rank its own dropout and drop-path masks
+        torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
     if cfg.sync_bn and world.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
@@ -302,18 +323,18 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
             ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         meter = EpochMeter(**ckpt["meter"])
         if not world.main:  # rank 0 carries the epoch's sums so far; the others add their own
             meter = EpochMeter(steps=meter.steps, seconds=meter.seconds)
         state = TrainState(ckpt["epoch"], meter, ckpt["best_val_acc"], ckpt["best_epoch"], ckpt["train_seconds"])
-        aug_states = ckpt.get("aug_rng_ranks") or [ckpt["aug_rng"]]
-        if meter.steps and len(aug_states) != world.size:
-            raise UserError(f"{run_dir} stopped inside an epoch with {len(aug_states)} process(es); resume it with "
-                            f"the same number (torchrun --nproc_per_node={len(aug_states)})")
-        aug_gen.set_state(aug_states[world.rank] if meter.steps else aug_states[0])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"]:
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        rng = ckpt.get("rng") or [{"aug": ckpt["aug_rng"], "torch": ckpt["torch_rng"], "cuda": None}]  # older runs
+        if len(rng) != world.size and meter.steps:
+            raise UserError(f"{run_dir} stopped inside an epoch with {len(rng)} process(es); resume it with "
+                            f"the same number (torchrun --nproc_per_node={len(rng)})")
+        if len(rng) == world.size:  # else, at an epoch boundary, every stream is reseeded from the epoch
+            _set_rng_state(rng[world.rank], aug_gen, device)
         if world.main:  # epochs logged after the checkpoint was written are redone, so drop their lines
             kept = [m for m in rundir.read_metrics(run_dir) if m["epoch"] <= state.epoch]
             rundir.atomic_write_bytes(run_dir / rundir.METRICS, "".join(_jsonl(m) for m in kept).encode())
@@ -337,16 +358,20 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
             cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing, pixels_done=streamed,
         )
     if world.distributed:
+        apply_schedule(model, groups, state.epoch)  # DDP must see which parameters train (fixed from here on)
         trainee = DistributedDataParallel(trainee)
     if cfg.compile:
         trainee = torch.compile(trainee)
     local_batch = cfg.batch_size // world.size
     val_part = val_split  # under torchrun each rank scores its share
     if world.distributed:
+        if len(val_split) < world.size:
+            raise UserError(f"{len(val_split)} validation images cannot be shared by {world.size} processes; "
+                            "raise --val-fraction or use fewer processes")
         val_part = val_split.subset(torch.arange(world.rank, len(val_split), world.size))
     last_path, best_path = run_dir / rundir.LAST, run_dir / rundir.BEST
     progress = Progress(cfg.epochs, steps_per_epoch, local_batch, quiet=cfg.quiet or not world.main)
-    with StopOnSigint() as sigint, progress:
+    with StopOnSigint(announce=world.main) as sigint, progress:
         if not cfg.quiet and world.main:  # printed once Ctrl-C is handled, so a caller may interrupt from here on
             where = f"{device.type} {precision}" + (f", {world.size} processes" if world.distributed else "")
             print(f"run {run_dir}: {cfg.model} ({count_parameters(model) / 1e6:.2f}M params) on "
@@ -369,7 +394,8 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
             if state.meter.steps == 0:
                 aug_gen.manual_seed(_stream_seed(cfg.seed + 1_000_003 * world.rank, epoch, 1))
             mine = distributed.rank_order(order, cfg.batch_size, world)[state.meter.steps * local_batch :]
-            batches = train_split.batches(mine, local_batch, seed=_stream_seed(cfg.seed, epoch, 2) + world.rank)
+            batches = train_split.batches(mine, local_batch, seed=_stream_seed(cfg.seed + 1_000_003 * world.rank,
+                                                                             epoch, 2))
 
             def should_stop(epoch=epoch):
                 done = epoch * steps_per_epoch + state.meter.steps
@@ -382,9 +408,12 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
                 device=device, precision=precision, should_stop=should_stop, progress=progress,
                 scaler=scaler, ema=ema,
             )
+            distributed.share_buffers(world, model)
+            if ema is not None:
+                distributed.share_buffers(world, ema)
             if not finished:
-                _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen,
-                           world, ema)
+                _save_last(last_path, model, optimizer, scheduler, scaler, state, cfg, dataset.num_classes, aug_gen,
+                           device, world, ema)
                 raise Interrupted(run_dir, epoch, state.meter.steps)
 
             if cfg.cache_features:
@@ -418,7 +447,8 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
                     save_checkpoint({"model_name": cfg.model, "num_classes": dataset.num_classes,
                                      "model": evaluated.state_dict(), "epoch": epoch + 1,
                                      "val_acc": record["val_acc"]}, best_path)
-            _save_last(last_path, model, optimizer, scheduler, state, cfg, dataset.num_classes, aug_gen, world, ema)
+            _save_last(last_path, model, optimizer, scheduler, scaler, state, cfg, dataset.num_classes, aug_gen,
+                       device, world, ema)
 
     if world.main:
         state.train_seconds += cache_seconds  # the feature pass is part of what training cost
