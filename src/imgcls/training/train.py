@@ -280,8 +280,9 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
         loaded = load_pretrained(model, spec, cfg.pretrained)
     if cfg.whiten and resume is None:
         _whiten(model, dataset)
+    rank_seed = cfg.seed + 1_000_003 * world.rank  # each rank's own random streams; rank 0's are a single run's
     if world.rank > 0:  # the same initial weights, but each rank its own dropout and drop-path masks
-        torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
+        torch.manual_seed(rank_seed)
     if cfg.sync_bn and world.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last)
@@ -392,10 +393,9 @@ def _train(cfg: TrainConfig, resume, stop_after_steps: int | None, world: World,
             order = torch.randperm(len(dataset.train), generator=torch.Generator().manual_seed(
                 _stream_seed(cfg.seed, epoch, 0)))[: steps_per_epoch * cfg.batch_size]
             if state.meter.steps == 0:
-                aug_gen.manual_seed(_stream_seed(cfg.seed + 1_000_003 * world.rank, epoch, 1))
+                aug_gen.manual_seed(_stream_seed(rank_seed, epoch, 1))
             mine = distributed.rank_order(order, cfg.batch_size, world)[state.meter.steps * local_batch :]
-            batches = train_split.batches(mine, local_batch, seed=_stream_seed(cfg.seed + 1_000_003 * world.rank,
-                                                                             epoch, 2))
+            batches = train_split.batches(mine, local_batch, seed=_stream_seed(rank_seed, epoch, 2))
 
             def should_stop(epoch=epoch):
                 done = epoch * steps_per_epoch + state.meter.steps
