@@ -101,6 +101,15 @@ def test_tta_views():
     assert len(tta_views(images, 3, "basic", torch.Generator().manual_seed(0))) == 3
 
 
+def test_tta_views_are_bounded():
+    from imgcls.errors import UserError
+    from imgcls.evaluation.evaluate import MAX_TTA_VIEWS, parse_tta_flag
+
+    assert parse_tta_flag(str(MAX_TTA_VIEWS)) == MAX_TTA_VIEWS and parse_tta_flag("flip") == "flip"
+    with pytest.raises(UserError, match=f"--tta 100000 asks for more than {MAX_TTA_VIEWS} views"):
+        parse_tta_flag("100000")
+
+
 # --- a deliberately over-confident model on cifar10-mini ------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,8 @@ def test_predict_prints_topk_probabilities(run, tiny_folder, capsys):
     (["eval", "/no/such/run"], "not an imgcls run"),
     (["train", "--sync-bn", "--device", "cpu"], "--sync-bn needs CUDA"),
     (["train", "--model", "resnet18_cifar", "--whiten"], "--whiten initialises a fastnet_* stem"),
-    (["train", "--optimizer", "lion"], "--optimizer must be one of adamw, sgd"),
-    (["train", "--ema", "1.5"], "--ema is a decay per step"),
+    (["train", "--optimizer", "lion"], "--optimizer must be one of adamw, sgd (got 'lion')"),
+    (["train", "--ema", "1.5"], "--ema must be >= 0 and < 1 (got 1.5); it is a decay per step"),
 ])
 def test_errors_are_one_line(argv, problem, capsys, monkeypatch):
     monkeypatch.setenv("IMGCLS_OFFLINE", "1")

@@ -1,5 +1,10 @@
+import builtins
 import io
+import json
+import os
 import pickle
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -7,11 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.data import load_dataset
+from imgcls import rundir
+from imgcls.config import build_config
+from imgcls.data import folder, load_dataset, normalize
 from imgcls.data.augment import random_crop, random_hflip
 from imgcls.data.cifar import load_cifar10, read_batch
 from imgcls.data.presets import BatchAugment
 from imgcls.errors import UserError
+from imgcls.evaluation.analysis import analyze_run
+from imgcls.evaluation.predict import load_run
+from imgcls.training.train import fit
 from tests.conftest import shared_path
 
 
@@ -160,3 +170,121 @@ def test_flip_rate_is_about_half():
     flipped = random_hflip(x, torch.Generator().manual_seed(0))
     rate = (flipped[:, 0, 0, 0] == 3).float().mean().item()
     assert 0.46 < rate < 0.54
+
+
+# --- CIFAR batches: anything but the real layout is refused, naming the file ------------------------
+
+def _write_cifar(folder: Path, train_batch=None, meta=None):
+    """A complete CIFAR-10 folder of tiny batches; `train_batch` replaces data_batch_3."""
+    base = folder / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 3, 9, 5]}
+        if name == "data_batch_3" and train_batch is not None:
+            batch = train_batch
+        (base / name).write_bytes(pickle.dumps(batch, protocol=2))
+    names = {b"label_names": [c.encode() for c in "abcdefghij"]} if meta is None else meta
+    (base / "batches.meta").write_bytes(pickle.dumps(names, protocol=2))
+    return base
+
+
+def test_a_well_formed_cifar_folder_loads(tmp_path):
+    _write_cifar(tmp_path)
+    x, y, xt, yt, classes = load_cifar10(tmp_path, download=False)
+    assert x.shape == (20, 3, 32, 32) and y.tolist()[:4] == [0, 3, 9, 5] and classes[9] == "j" and len(xt) == 4
+
+
+GOOD = np.zeros((4, 3072), np.uint8)
+
+
+@pytest.mark.parametrize("batch, problem", [
+    ({b"data": GOOD, b"labels": [0, 1, 2]}, "holds 4 images but 3 labels"),  # used to train on shifted labels
+    ({b"data": GOOD, b"labels": [0, 1, 2, 10]}, r"labels from 0 to 10, outside 0\.\.9"),
+    ({b"data": GOOD, b"labels": [0, -1, 2, 3]}, r"labels from -1 to 3"),
+    ({b"data": GOOD, b"labels": [0, 1.5, 2, 3]}, "labels as list of float64"),
+    ({b"data": GOOD.astype(np.int64), b"labels": [0, 1, 2, 3]}, "int64 array of shape"),
+    ({b"data": np.zeros((4, 3, 32, 32), np.uint8), b"labels": [0, 1, 2, 3]}, r"shape \(4, 3, 32, 32\)"),
+    ({b"data": [[0] * 3072] * 4, b"labels": [0, 1, 2, 3]}, "images as list"),
+    ({b"labels": [0, 1, 2, 3]}, "no 'data' entry"),
+    ({b"data": GOOD}, "no 'labels' entry"),
+])
+def test_malformed_cifar_batches_are_refused_naming_the_file(tmp_path, batch, problem):
+    base = _write_cifar(tmp_path, train_batch=batch)
+    with pytest.raises(UserError, match=problem) as e:
+        load_cifar10(tmp_path, download=False)
+    assert str(base / "data_batch_3") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_malformed_cifar_meta_is_refused(tmp_path):
+    _write_cifar(tmp_path, meta={b"label_names": 7})
+    with pytest.raises(UserError, match="batches.meta has no list of class names"):
+        load_cifar10(tmp_path, download=False)
+
+
+class _Reduces:
+    """Pickles as a call of `fn(*args)`: what a hostile batch file does."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("make", [
+    lambda marker: _Reduces(os.system, f"touch {marker}"),
+    lambda marker: _Reduces(eval, f"open({str(marker)!r}, 'w')"),
+    lambda marker: _Reduces(subprocess.call, ["touch", str(marker)]),
+    lambda marker: [1, {"inner": _Reduces(builtins.exec, f"open({str(marker)!r}, 'w')")}],  # nested
+])
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_hostile_pickles_are_refused_without_running_anything(tmp_path, make, protocol):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({b"data": make(marker), b"labels": [0]}, protocol=protocol)
+    assert not marker.exists()
+    _write_cifar(tmp_path / "c")
+    path = tmp_path / "c" / "cifar-10-batches-py" / "data_batch_1"
+    path.write_bytes(payload)
+    refused = r"refers to \w+\.(system|eval|exec|call), which a CIFAR-10 batch never holds; refusing"
+    with pytest.raises(UserError, match=refused):
+        load_cifar10(tmp_path / "c", download=False)
+    assert not marker.exists()
+
+
+def test_the_hostile_payload_does_run_when_unpickled_normally(tmp_path):
+    """Proves the marker test above can fail: the same payload, trusted, creates the marker."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(_Reduces(subprocess.call, ["touch", str(marker)])))
+    assert marker.exists()
+
+
+# --- a streamed split in which a file became unreadable after scanning --------------------------------
+
+def test_report_galleries_caption_their_own_pixels_when_a_streamed_file_breaks(tiny_folder, tmp_path, monkeypatch):
+    # Empty reliability bins are NaN in analysis.json; rundir.write_json now refuses NaN (allow_nan=False).
+    monkeypatch.setattr(rundir, "write_json", lambda path, obj: Path(path).write_text(json.dumps(obj)))
+    root = tmp_path / "data"
+    shutil.copytree(tiny_folder, root)
+    run = fit(build_config(data=str(root), model="fastnet_cifar_small", img_size=32, epochs=1, data_mode="stream",
+                           workers=0, aug="none", out=str(tmp_path / "run"), quiet=True))
+    test_files, _ = folder.scan(root)[1]["test"]
+    test_files[0].write_bytes(b"")  # unreadable now: every later image shifts by one in the stream
+    trained = load_run(run)
+    out = analyze_run(run, tta="flip", gallery=8, device="cpu")
+    result = json.loads((out / rundir.ANALYSIS_JSON).read_text())
+    arrays = np.load(out / rundir.ANALYSIS_NPZ)
+    temperature = result["calibration"]["temperature"]
+    for entries, images in ((result["top_losses"], arrays["loss_images"]),
+                            (result["cam"]["right"] + result["cam"]["wrong"], arrays["cam_images"])):
+        assert len(entries) == len(images) > 0
+        x = torch.from_numpy(images).permute(0, 3, 1, 2)
+        with torch.inference_mode():
+            probs = (trained.model(normalize(x, trained.dataset["mean"], trained.dataset["std"])) / temperature)
+        probs = probs.softmax(1)
+        for entry, image, p in zip(entries, images, probs, strict=True):
+            file = test_files[entry["index"]]
+            assert entry["index"] != 0 and file.parent.name == entry["true"]
+            assert np.array_equal(image, folder.load_image(file, 32))  # the pixels are that file's
+            assert trained.classes[p.argmax()] == entry["predicted"]  # and the caption is their prediction
+            assert p.max().item() == pytest.approx(entry["probability"], abs=1e-4)

@@ -101,3 +101,58 @@ def test_whitening_init_decorrelates_the_stems_patches(mini):
     assert (second_moment.diag()[:6] > 0.95).all()
     raw = torch.nn.functional.conv2d(images, torch.randn(12, 3, 2, 2)).permute(0, 2, 3, 1).reshape(-1, 12)
     assert (raw.T @ raw / len(raw) - torch.diag((raw.T @ raw / len(raw)).diag())).abs().max() > 0.1  # a random stem
+
+
+# --- weight decay, input sizes --------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["vit_cifar", "timm/vit_tiny_patch16_224"])
+def test_vit_positions_and_cls_token_get_no_weight_decay(name):
+    from imgcls.training.transfer import LayerGroup, optimizer_param_groups
+
+    model = create_model(name, num_classes=3)
+    groups = [LayerGroup("all", [n for n, _ in model.named_parameters()], 1e-3, 0)]
+    decay_of = {id(p): g["weight_decay"] for g in optimizer_param_groups(model, groups, 0.05) for p in g["params"]}
+    assert decay_of[id(model.pos_embed)] == 0.0 and decay_of[id(model.cls_token)] == 0.0
+    assert decay_of[id(model.blocks[0].attn.qkv.weight)] == 0.05  # matrices still decay
+
+
+def _one_line_user_error(call) -> str:
+    with pytest.raises(UserError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_timm_vit_runs_at_a_non_native_size_and_keeps_native_shaped_weights():
+    torch.manual_seed(0)
+    model = create_model("timm/vit_tiny_patch16_224", num_classes=3, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    assert model(x).shape == (2, 3)
+    # load_run rebuilds the model without a size: a checkpoint trained at 64 px must load and run there
+    rebuilt = create_model("timm/vit_tiny_patch16_224", num_classes=3).eval()
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.allclose(rebuilt(x), model(x))
+    assert model.pos_embed.shape[1] == 1 + 14 * 14  # native grid: pretrained weights keep fitting
+
+
+@pytest.mark.parametrize("name, size, problem", [
+    ("timm/vit_tiny_patch16_224", 8, "divisible by patch size"),  # smaller than one patch
+    ("timm/vit_tiny_patch16_224", 70, "divisible by patch size"),
+    ("fastnet_cifar_small", 2, "too small"),
+    ("resnet18_cifar", 0, "positive number of pixels"),
+])
+def test_impossible_input_size_is_refused_at_build_time(name, size, problem):
+    message = _one_line_user_error(lambda: create_model(name, num_classes=3, img_size=size))
+    assert f"{size}" in message and problem in message and "--img-size" in message
+
+
+def test_check_forward_accepts_a_good_size_and_leaves_training_mode_alone():
+    from imgcls.models import check_forward
+
+    model = create_model("vit_cifar_tiny", num_classes=3)
+    check_forward(model, 48)
+    assert model.training
+    model.eval()
+    _one_line_user_error(lambda: check_forward(model, 3, "vit_cifar_tiny", 32))  # under one 4-px patch
+    assert not model.training

@@ -11,7 +11,7 @@ from imgcls.errors import UserError
 from imgcls.models import count_parameters, create_model
 from imgcls.training.train import Interrupted, fit, warmup_cosine
 
-TIMING = ("epoch_time", "images_per_s")
+TIMING = ("epoch_time", "data_time", "images_per_s")
 
 
 def _cfg(data, out, **kw):
@@ -34,7 +34,9 @@ def test_run_directory_is_complete(tiny_folder, tmp_path):
     assert (config["normalize"], config["random_erasing"], config["mixup"]) == ("imagenet", 0.0, 0.0)
     (epoch1,) = rundir.read_metrics(run)
     assert set(epoch1) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time",
-                           "images_per_s"}
+                           "data_time", "images_per_s"}
+    assert 0 <= epoch1["data_time"] <= epoch1["epoch_time"]
+    assert config["data"] == str(tiny_folder.resolve())  # absolute: eval from another folder reads the same data
     summary = json.loads((run / rundir.SUMMARY).read_text())
     assert summary["params"] == count_parameters(create_model("fastnet_cifar_small", 3))
     assert 0.0 <= summary["test_acc"] <= 1.0 and summary["test_split"] == "test"
@@ -67,7 +69,10 @@ def test_ema_weights_are_the_ones_evaluated_and_saved(tiny_folder, tmp_path):
     ema = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
     best = torch.load(run / rundir.BEST, weights_only=True)["model"]
     assert all(torch.equal(best[k], ema[k]) for k in best)  # one epoch, so best.pt is the final average
-    assert not all(torch.equal(last["model"][k], ema[k]) for k in best)  # ... which is not the raw weights
+    # last.pt's weights are what the summary evaluated (the average), so `--checkpoint last` scores the same;
+    # the raw weights, which a resume continues from, are kept apart.
+    assert all(torch.equal(last["model"][k], ema[k]) for k in best)
+    assert not all(torch.equal(last["train_weights"][k], ema[k]) for k in best)
     assert int(last["ema"]["n_averaged"]) == 4  # one update per step
 
 

@@ -17,7 +17,8 @@ from imgcls.evaluation.predict import load_images
 from imgcls.models import create_model
 from imgcls.models.efficientnet import map_efficientnet_pytorch_keys, package_weights
 from imgcls.models.surface import classifier_name, layer_groups
-from imgcls.training.train import Interrupted, build_optimizer, fit, warmup_cosine
+from imgcls.training.context import build_optimizer
+from imgcls.training.train import Interrupted, fit, warmup_cosine
 from imgcls.training.transfer import plan_groups
 
 DOMESTIC_CATS = {281, 282, 283, 284, 285}  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -235,3 +236,51 @@ def test_efficientnet_pretrained_run_records_its_preprocessing(tiny_folder, tmp_
     assert info["mean"] == [0.5, 0.5, 0.5] and info["crop_pct"] == 0.875
     assert "normalize: inception" in (run / rundir.CONFIG).read_text()
     assert np.isfinite(json.loads((run / rundir.SUMMARY).read_text())["test_acc"])
+
+
+# --- weights that would train on wrong features ---------------------------------------------------
+
+def _load_into_fastnet(path):
+    from imgcls.models.registry import model_spec
+    from imgcls.models.weights import load_pretrained
+
+    return load_pretrained(create_model("fastnet_cifar_small", 3), model_spec("fastnet_cifar_small"), str(path))
+
+
+def test_weights_without_batchnorm_statistics_are_refused(weights_file, tmp_path):
+    state = torch.load(weights_file, weights_only=True)
+    stripped = {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var"))}
+    path = tmp_path / "no_stats.pth"
+    torch.save(stripped, path)
+    with pytest.raises(UserError) as info:
+        _load_into_fastnet(path)
+    message = str(info.value)
+    assert "BatchNorm statistics" in message and "running_mean" in message and "\n" not in message
+
+
+def test_weights_without_only_batch_counters_load_with_a_note(weights_file, tmp_path):
+    state = torch.load(weights_file, weights_only=True)
+    path = tmp_path / "no_counters.pth"
+    torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
+    report = _load_into_fastnet(path)
+    assert report.missing and all(k.endswith("num_batches_tracked") for k in report.missing)
+    assert "not in the file" in str(report)
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("nan", "non-finite weights"),
+    ("inf", "non-finite weights"),
+    ("text", "damaged or truncated"),
+    ("empty", "damaged or truncated"),
+])
+def test_broken_weights_files_are_one_line_errors(weights_file, tmp_path, content, problem):
+    path = tmp_path / "broken.pth"
+    if content in ("nan", "inf"):
+        state = torch.load(weights_file, weights_only=True)
+        state["group2.0.weight"][0, 0, 0, 0] = float(content)
+        torch.save(state, path)
+    else:
+        path.write_bytes(b"not a torch file at all\n" if content == "text" else b"")
+    with pytest.raises(UserError) as info:
+        _load_into_fastnet(path)
+    assert problem in str(info.value) and "\n" not in str(info.value)

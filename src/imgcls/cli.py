@@ -1,127 +1,82 @@
-"""The `imgcls` command: a thin layer that parses flags and calls the library."""
+"""The `imgcls` command: a thin layer that parses flags and calls the library.
+
+Train flags are generated from the TrainConfig schema (config.py), which also coerces and checks
+their values; nothing here imports torch, so `imgcls --help` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
-from imgcls.config import TrainConfig
+from imgcls.config import FIELDS, TYPES, flag
 
 DESCRIPTION = "Train, evaluate and use image classifiers, offline and fast on a CPU."
 
-TRAIN_HELP = {
-    "data": "cifar10, cifar10-mini (bundled, the default) or a path to an image folder",
-    "data_dir": "for cifar10: the folder that holds cifar-10-batches-py/ "
-                "(default $IMGCLS_DATA/cifar10, else ~/.cache/imgcls/cifar10)",
-    "img_size": "input size in pixels (default: the model's native size, 32 for the CIFAR models; "
-                "ViT position embeddings are interpolated for other sizes)",
-    "val_fraction": "fraction of train held out for validation when the data has no val split (0.1)",
-    "split_seed": "seed of the train/val split, fixed apart from --seed so runs share one split (0)",
-    "data_mode": "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
-    "workers": "DataLoader workers when streaming (2)",
-    "model": "a registered model (see imgcls models) or timm/<name> (default resnet18_cifar)",
-    "pretrained": "start from pretrained weights: alone, the model's own (efficientnet_lite0-2 from their PyPI "
-                  "packages, timm/<name> and convnext_* from timm's hub, online); or a .safetensors/.pth file "
-                  "(the head is replaced when the class count differs); brings the weights' mean/std and crop",
-    "strategy": "auto (finetune with --pretrained, else scratch), scratch, feature-extract (frozen backbone, "
-                "BatchNorm statistics too; new head), finetune (all layers, per-group rates) or gradual "
-                "(feature-extract, then unfreeze groups from the top down)",
-    "head": "classifier head: linear, or mlp (Linear-256, ReLU, Dropout 0.3, Linear) (linear)",
-    "cache_features": "feature-extract only: run the frozen backbone once over the unaugmented images and train "
-                      "the head on those features (seconds instead of minutes on a CPU); disables image "
-                      "augmentation",
-    "layer_decay": "finetune/gradual: the head trains at --lr, each layer group below at D times the rate above",
-    "group_lrs": "finetune/gradual: one rate per layer group, bottom (stem) to top (head), comma-separated",
-    "unfreeze_every": "gradual: unfreeze the next layer group down every K epochs (default 1)",
-    "unfreeze_at": "gradual: unfreeze the next layer group down after each of these epochs, e.g. 2,4,6",
-    "epochs": "number of epochs (10)",
-    "batch_size": "training batch size; under torchrun the global batch, split evenly across processes (128)",
-    "optimizer": "adamw, or sgd with Nesterov momentum; give sgd its own --lr and --weight-decay, e.g. 0.1 "
-                 "and 5e-4 (adamw)",
-    "lr": "peak learning rate (1e-3)",
-    "momentum": "SGD momentum (0.9)",
-    "weight_decay": "weight decay, not applied to biases and norms; decoupled in AdamW (0.05)",
-    "warmup_epochs": "linear warm-up length in epochs before cosine decay (1)",
-    "ema": "evaluate and save an exponential moving average of the weights with this decay per step, "
-           "e.g. 0.99: validation, best.pt and the summary use it; last.pt keeps both (0, off)",
-    "whiten": "fastnet_* only: initialise the 2x2 stem as a whitening filter of the training images' patches "
-              "(airbench)",
-    "aug": "training augmentation: none; basic = random crop (padding size/8) + flip; standard = "
-           "RandomResizedCrop(0.8-1) + flip + ColorJitter + rotation 15 + erasing 0.2; randaugment (2 ops, "
-           "magnitude 9), trivialaugment, autoaugment, each after crop + flip (basic)",
-    "random_erasing": "random erasing probability on top of any recipe (default: 0.2 for standard, else 0)",
-    "mixup": "Mixup with Beta(ALPHA, ALPHA); the flag alone means 0.2 (off by default)",
-    "cutmix": "CutMix with Beta(ALPHA, ALPHA); the flag alone means 1.0 (off by default)",
-    "mix_prob": "probability that a batch is mixed at all (1.0)",
-    "mix_switch_prob": "with both Mixup and CutMix: probability a mixed batch uses CutMix (0.5)",
-    "label_smoothing": "label smoothing epsilon, applied once, also to mixed targets (0)",
-    "normalize": "normalisation statistics: auto (CIFAR's for CIFAR, ImageNet's for folders), cifar, imagenet",
-    "seed": "seed for initialisation, order and augmentation (0)",
-    "out": "run folder (default runs/<data>-<model>, numbered if taken); an existing run is never overwritten",
-    "device": "auto, cpu or cuda (auto)",
-    "precision": "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16",
-    "compile": "torch.compile the training forward pass (a warm-up of tens of seconds; slower than eager on "
-               "some CPUs, so off by default)",
-    "sync_bn": "under torchrun on GPUs: BatchNorm statistics over the global batch (torch's SyncBatchNorm)",
-    "eval_batch_size": "batch size for evaluation (512)",
-    "quiet": "no progress bar or per-epoch lines, only the final summary",
-}
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line that names the problem and where the help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"imgcls: error: {message}; see {self.prog} --help\n")
 
 
-MIX_DEFAULTS = {"mixup": 0.2, "cutmix": 1.0}
-METAVARS = {"layer_decay": "D", "group_lrs": "LR,LR,...", "unfreeze_every": "K", "unfreeze_at": "EPOCH,EPOCH,..."}
+def _metavar(name: str) -> str:
+    meta = FIELDS[name].metadata
+    if meta["metavar"]:
+        return meta["metavar"]
+    return "{" + ",".join(meta["choices"]) + "}" if meta["choices"] else name.upper()
 
 
-def _number_list(kind: type):
-    def parse(text: str) -> list:
-        try:
-            return [kind(v) for v in text.split(",")]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got '{text}'") from None
-
-    return parse
+def _default_note(name: str) -> str:
+    default = FIELDS[name].default
+    return "" if default in (None, False) else f" (default {default})"
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument(flag, action="store_const", const=True, default=None, help=TRAIN_HELP[f.name])
-            continue
-        if f.name == "pretrained":  # alone: the model's own weights; with a value: a file
-            p.add_argument(flag, nargs="?", const=True, default=None, metavar="FILE", help=TRAIN_HELP[f.name])
-            continue
-        kind = {"int": int, "int | None": int, "float": float, "float | None": float,
-                "list[float] | None": _number_list(float), "list[int] | None": _number_list(int)}.get(f.type, str)
-        if f.name in MIX_DEFAULTS:  # "--mixup" alone switches it on at the usual alpha
-            p.add_argument(flag, type=kind, nargs="?", const=MIX_DEFAULTS[f.name], default=None, metavar="ALPHA",
-                           help=TRAIN_HELP[f.name])
-            continue
-        metavar = METAVARS.get(f.name, f.name.upper())
-        p.add_argument(flag, type=kind, default=None, metavar=metavar, help=TRAIN_HELP[f.name])
+    """One flag per TrainConfig field; values arrive as text and the schema coerces and checks them."""
+    for name, f in FIELDS.items():
+        meta, help_text = f.metadata, f.metadata["help"] + _default_note(name)
+        if TYPES[name] is bool:
+            p.add_argument(flag(name), action="store_const", const=True, default=None, help=help_text)
+        elif meta["const"] is not None:  # e.g. "--mixup" alone switches it on at the usual alpha
+            p.add_argument(flag(name), nargs="?", const=meta["const"], default=None, metavar=_metavar(name),
+                           help=help_text)
+        else:
+            p.add_argument(flag(name), default=None, metavar=_metavar(name), help=help_text)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
-    parser = argparse.ArgumentParser(prog="imgcls", description=DESCRIPTION, parents=[common])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _checkpoint_and_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default="best", help="best (chosen on val), last, or a file (best)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+
+def _allow_data_change(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-data-change", action="store_true",
+                   help="use the run's data even though it changed since training (by default refused)")
+
+
+def _train_parser(sub, common) -> None:
     train = sub.add_parser("train", parents=[common], help="train a model; writes a run folder",
                            description="Train a model. Flags override the --recipe file, which overrides defaults.")
     train.add_argument("--recipe", metavar="YAML", help="YAML file of train options (keys as the flags)")
-    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config")
+    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config "
+                                                       "(only --quiet and --allow-data-change may be given with it)")
+    _allow_data_change(train)
     _add_train_flags(train)
 
+
+def _eval_parsers(sub, common) -> None:
     ev = sub.add_parser("eval", parents=[common], help="evaluate a run; writes eval-<split>.json into it")
     ev.add_argument("run", help="run folder")
     ev.add_argument("--data", help="evaluate on other data with the same classes (default: the run's)")
     ev.add_argument("--data-dir", help="as in train, for --data cifar10")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (test)")
-    ev.add_argument("--checkpoint", default="best", help="best (chosen on val), last, or a file (best)")
-    ev.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _checkpoint_and_device(ev)
+    _allow_data_change(ev)
+    ev.add_argument("--ood", metavar="DIR", help="a folder of images from classes the run never saw: AUROC and "
+                    "FPR@95TPR of max-softmax and energy scores, and what --reject auto lets through")
     ev.add_argument("--tta", default="none", metavar="MODE",
                     help="test-time augmentation, compared against none: flip (2 views), flip-crop (flip and "
                          "two shifted crops, 6 views) or N random views of the training recipe; probabilities "
@@ -135,15 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--method", default="temperature", choices=["temperature", "vector"],
                      help="temperature (one scale; never changes a prediction) or vector (a scale and bias "
                           "per class) (temperature)")
-    cal.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
-    cal.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _checkpoint_and_device(cal)
+    _allow_data_change(cal)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser = _Parser(prog="imgcls", description=DESCRIPTION, parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _train_parser(sub, common)
+    _eval_parsers(sub, common)
+    _use_parsers(sub, common)
+    _compare_parsers(sub, common)
+    return parser
+
+
+def _use_parsers(sub, common) -> None:
     pr = sub.add_parser("predict", parents=[common], help="classify image files with a trained run")
-    pr.add_argument("run", help="run folder")
-    pr.add_argument("images", nargs="+", help="image files (jpg, png, webp, bmp)")
+    pr.add_argument("run", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
+    pr.add_argument("images", nargs="*", help="image files, folders (recursive) and globs, mixed")
     pr.add_argument("--topk", type=int, default=3, help="classes to show per image (3)")
     pr.add_argument("--json", action="store_true", help="print JSON instead of text")
     pr.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+    _predict_flags(pr)
+
+    exp = sub.add_parser("export", parents=[common], help="export a run to ONNX and safetensors, with a parity "
+                         "proof and MODEL_CARD.md")
+    exp.add_argument("run", help="run folder")
+    exp.add_argument("--format", default="all", choices=["onnx", "safetensors", "all"], help="(all)")
+    exp.add_argument("--out", help="export folder (default RUN/export)")
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18)")
+    exp.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
 
     cam = sub.add_parser("cam", parents=[common], help="Grad-CAM heat-maps over image files",
                          description="Explain a trained run's predictions: the heat-map of the chosen class over "
@@ -156,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     cam.add_argument("--out", default="cam", help="folder for the overlays (cam)")
     cam.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
 
+
+def _compare_parsers(sub, common) -> None:
     rep = sub.add_parser("report", parents=[common], help="one self-contained HTML report of a run or a comparison",
                          description="For a run: metrics, calibration, TTA, confusion, Grad-CAM and top losses in "
                                      "RUN/report/report.html. For an imgcls compare folder: the results table and "
@@ -163,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("path", help="run folder or compare folder")
     rep.add_argument("--tta", default="flip", metavar="MODE", help="test-time augmentation to compare (flip)")
     rep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _allow_data_change(rep)
 
     sub.add_parser("models", parents=[common], help="list the registered models with parameter counts")
 
@@ -190,7 +171,6 @@ def build_parser() -> argparse.ArgumentParser:
     prev.add_argument("--n", type=int, default=8, help="images per row (8)")
     prev.add_argument("--seed", type=int, default=0, help="seed (0)")
     prev.add_argument("--out", default="augment-preview.png", help="PNG file to write")
-    return parser
 
 
 def cmd_train(args) -> int:
@@ -201,14 +181,16 @@ def cmd_train(args) -> int:
     from imgcls.training.distributed import launched_rank
     from imgcls.training.train import fit
 
-    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    flags = {name: getattr(args, name) for name in FIELDS}
     if args.resume:
         given = sorted(k for k, v in flags.items() if v is not None and k != "quiet")
         if given or args.recipe:
-            names = ", ".join("--" + k.replace("_", "-") for k in given) or "--recipe"
+            names = ", ".join(map(flag, given)) or "--recipe"
             raise UserError(f"--resume continues a run with its saved config; drop {names}")
-        run = fit(resume=args.resume)
+        run = fit(resume=args.resume, quiet=args.quiet, allow_data_change=args.allow_data_change)
     else:
+        if args.allow_data_change:
+            raise UserError("--allow-data-change is for --resume; a new run records the data as it is")
         run = fit(build_config(args.recipe, **flags))
     if launched_rank() == 0:  # under torchrun the others stay quiet
         print_summary(read_json(run / SUMMARY))
@@ -222,6 +204,10 @@ def cmd_eval(args) -> int:
     result, out = evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device,
                                args.tta)
     print_eval(result, args.split, args.run)
+    if args.ood:
+        from imgcls.evaluation.rejection import evaluate_ood, format_ood
+
+        print(format_ood(evaluate_ood(args.run, args.ood, args.split, args.checkpoint, args.device, out)))
     print(f"wrote {out}")
     return 0
 
@@ -236,12 +222,34 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def cmd_predict(args) -> int:
-    from imgcls.evaluation.evaluate import predict_files
-    from imgcls.evaluation.predict import load_run
-    from imgcls.reporting.console import print_predictions
+def _predict_flags(pr) -> None:
+    pr.add_argument("--list", metavar="FILE", help="a text file of image paths, one per line")
+    pr.add_argument("--out", help="write rows to a .csv, .jsonl or .parquet file (with a progress bar)")
+    pr.add_argument("--tta", default="none", metavar="MODE", help="test-time augmentation, as in eval (none)")
+    pr.add_argument("--reject", metavar="auto|P", help="label 'unknown' when the top-1 probability is under P, or "
+                    "under the threshold chosen on val (auto; needs imgcls calibrate)")
+    pr.add_argument("--target-accuracy", type=float, help="--reject auto: accuracy of accepted images on val (0.95)")
+    pr.add_argument("--coverage", type=float, help="--reject auto: share of val images to accept instead")
+    pr.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
+    pr.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (2)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    print_predictions(predict_files(load_run(args.run, args.checkpoint), args.images, args.topk), args.json)
+
+def cmd_predict(args) -> int:
+    from imgcls.export import predict_command
+
+    return predict_command(args.run, args.images, args.list, args.topk, args.json, args.out, args.tta, args.reject,
+                           args.target_accuracy, args.coverage, args.batch_size, args.workers, args.checkpoint,
+                           not args.quiet)
+
+
+def cmd_export(args) -> int:
+    from imgcls.export import export_run, format_parity
+
+    result = export_run(args.run, args.format, args.out, args.opset, args.checkpoint)
+    for parity in result["parity"].values():
+        print(format_parity(parity))
+    print(f"wrote {result['out']}: {', '.join(result['files'])}")
     return 0
 
 
@@ -263,17 +271,17 @@ def cmd_cam(args) -> int:
 def cmd_report(args) -> int:
     from imgcls.evaluation.analysis import analyze_run
     from imgcls.reporting.html import write_comparison_report, write_run_report
-    from imgcls.rundir import REPORT_DIR, REPORT_HTML, read_json, require_run
+    from imgcls.rundir import REPORT_DIR, REPORT_HTML, require_run
+    from imgcls.training.compare import comparison_runs
 
     path = Path(args.path)
     if (path / "results.json").is_file():  # a comparison: a report per run, then the overview
         reports = {}
-        for record in read_json(path / "results.json")["runs"]:
-            run = Path(record["run"])
+        for label, run in comparison_runs(path):  # runs inside `path`, even in a copied comparison
             if not (run / REPORT_DIR / REPORT_HTML).is_file():
                 analyze_run(run, args.tta, device=args.device)
                 write_run_report(run)
-            reports[f"{record['variant']} seed {record['seed']}"] = run / REPORT_DIR / REPORT_HTML
+            reports[label] = run / REPORT_DIR / REPORT_HTML
         out = write_comparison_report(path, reports)
     else:
         require_run(path)
@@ -304,12 +312,13 @@ def cmd_compare(args) -> int:
     from imgcls.errors import UserError
     from imgcls.reporting.figures import comparison_charts
     from imgcls.reporting.tables import aggregate, to_markdown, write_tables
-    from imgcls.training.compare import experiment_from_flags, read_experiment, run_experiment
+    from imgcls.training.compare import experiment_from_flags, parse_seeds, read_experiment, run_experiment
 
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     if args.experiment:
-        if args.models or args.data:
-            raise UserError("give either an experiment file or --data/--models, not both")
+        if args.models or args.data or args.epochs is not None:
+            raise UserError("give either an experiment file or --data/--models/--epochs, not both; "
+                            "set data and epochs in the file")
         exp = read_experiment(args.experiment)
         exp.seeds = seeds or exp.seeds
     elif args.data and args.models:
@@ -343,7 +352,7 @@ def cmd_augment_preview(args) -> int:
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
             "cam": cmd_cam, "report": cmd_report, "models": cmd_models, "compare": cmd_compare,
-            "augment-preview": cmd_augment_preview}
+            "augment-preview": cmd_augment_preview, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,12 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgcls: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        from imgcls.training.distributed import launched_rank
-
-        if launched_rank() == 0:
-            print(f"imgcls: {e}; continue with: imgcls train --resume {e.run_dir} (under torchrun: the same "
-                  "torchrun command with these arguments)", file=sys.stderr)
-        return 130
+        return _interrupted(e)
     except KeyboardInterrupt:
         print("imgcls: aborted", file=sys.stderr)
         return 130
@@ -373,3 +377,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"imgcls: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _interrupted(e) -> int:
+    """Ctrl-C or SIGTERM stopped training after saving: say how to continue; exit as the signal would."""
+    import signal
+
+    from imgcls.training.distributed import launched_rank
+
+    if launched_rank() == 0:
+        print(f"imgcls: {e}; continue with: imgcls train --resume {e.run_dir} (under torchrun: the same "
+              "torchrun command with these arguments)", file=sys.stderr)
+    return 128 + (e.signum or signal.SIGINT)

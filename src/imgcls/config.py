@@ -1,163 +1,276 @@
-"""Training configuration: one plain dataclass, filled from defaults, a YAML recipe, then flags."""
+"""Training configuration: one plain dataclass whose fields carry their own help, choices and bounds.
+
+The schema is the dataclass: every field says what it means (`help`), what values it takes
+(`choices`, `low`/`high`) and, through its annotation, its type. The CLI's flags are generated from
+it and YAML recipes are coerced and checked by it, so a value is parsed and validated in one place
+whichever way it arrives. This module imports no torch, so `imgcls --help` starts at once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from imgcls.data.datasets import NORMALIZATIONS
-from imgcls.data.presets import AUGMENTATIONS
 from imgcls.errors import UserError
 
+# Defined here (not in data/) so that building the CLI needs no torch.
+AUGMENTATIONS = ("none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment")
+NORMALIZATIONS = {  # name -> (mean, std) of RGB in [0, 1]
+    "cifar": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+}
+STRATEGIES = ("auto", "scratch", "feature-extract", "finetune", "gradual")
+MAX_IMG_SIZE = 1024  # a 1024 px batch of 128 already needs ~1.6 GB as uint8; beyond that is a typo
+BUILTIN_DATA = ("cifar10", "cifar10-mini")
 
-@dataclass
+
+def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
+        high: float | None = None, open_low: bool = False, open_high: bool = False, const: Any = None,
+        metavar: str | None = None, hint: str = ""):
+    """A config field: its default and the schema the CLI and the recipe reader share.
+
+    `low`/`high` bound numbers (inclusive unless `open_low`/`open_high`); `const` is the value a flag
+    given without an argument takes (e.g. `--mixup` alone means 0.2); `hint` follows an out-of-bounds error."""
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "open_low": open_low,
+            "open_high": open_high, "const": const, "metavar": metavar, "hint": hint}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     # data
-    data: str = "cifar10-mini"  # cifar10, cifar10-mini, or a path to an image folder
-    data_dir: str | None = None  # folder that holds cifar-10-batches-py/ (cifar10 only)
-    img_size: int | None = None  # None: the model's native input size
-    val_fraction: float = 0.1  # carved from train (stratified) when the data has no val split
-    split_seed: int = 0  # fixed apart from `seed`, so every run of a comparison sees one split
-    data_mode: str = "auto"  # auto | memory | stream
-    workers: int = 2  # DataLoader workers, streaming mode only
+    data: str = opt("cifar10-mini", "cifar10, cifar10-mini (bundled, the default) or a path to an image folder")
+    data_dir: str | None = opt(None, "for cifar10: the folder that holds cifar-10-batches-py/ (default "
+                                     "$IMGCLS_DATA/cifar10, else ~/.cache/imgcls/cifar10)")
+    img_size: int | None = opt(None, "input size in pixels (default: the model's native size, 32 for the CIFAR "
+                                     "models; ViT position embeddings are interpolated for other sizes)",
+                               low=8, high=MAX_IMG_SIZE)
+    val_fraction: float = opt(0.1, "fraction of train held out for validation when the data has no val split",
+                              low=0.0, high=1.0, open_low=True, open_high=True)
+    split_seed: int = opt(0, "seed of the train/val split, fixed apart from --seed so runs share one split",
+                          low=0)
+    data_mode: str = opt("auto", "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
+                         choices=("auto", "memory", "stream"))
+    workers: int = opt(2, "DataLoader workers when streaming", low=0, high=64)
     # model
-    model: str = "resnet18_cifar"
+    model: str = opt("resnet18_cifar", "a registered model (see imgcls models) or timm/<name>")
     # transfer learning
-    pretrained: bool | str = False  # True: the model's own weights (imgcls models); or a weights file
-    strategy: str = "auto"  # auto: finetune with pretrained weights, else scratch
-    head: str = "linear"  # linear | mlp
-    cache_features: bool = False  # feature-extract only: train the head on features computed once
-    layer_decay: float | None = None  # finetune/gradual: each group's rate is D times the one above
-    group_lrs: list[float] | None = None  # finetune/gradual: one rate per layer group, bottom to top
-    unfreeze_every: int | None = None  # gradual: unfreeze the next group down every K epochs
-    unfreeze_at: list[int] | None = None  # gradual: ... or after these epochs
+    pretrained: bool | str = opt(False, "start from pretrained weights: alone, the model's own (efficientnet_lite0-2 "
+                                        "from their PyPI packages, timm/<name> and convnext_* from timm's hub, "
+                                        "online); or a .safetensors/.pth file (the head is replaced when the class "
+                                        "count differs); brings the weights' mean/std and crop",
+                                 const=True, metavar="FILE")
+    strategy: str = opt("auto", "auto (finetune with --pretrained, else scratch), scratch, feature-extract (frozen "
+                                "backbone, BatchNorm statistics too; new head), finetune (all layers, per-group "
+                                "rates) or gradual (feature-extract, then unfreeze groups from the top down)",
+                        choices=STRATEGIES)
+    head: str = opt("linear", "classifier head: linear, or mlp (Linear-256, ReLU, Dropout 0.3, Linear)",
+                    choices=("linear", "mlp"))
+    cache_features: bool = opt(False, "feature-extract only: run the frozen backbone once over the unaugmented "
+                                      "images and train the head on those features; disables image augmentation")
+    layer_decay: float | None = opt(None, "finetune/gradual: the head trains at --lr, each layer group below at D "
+                                          "times the rate above", low=0.0, high=1.0, open_low=True, metavar="D")
+    group_lrs: list[float] | None = opt(None, "finetune/gradual: one rate per layer group, bottom (stem) to top "
+                                              "(head), comma-separated", open_low=True, low=0.0, metavar="LR,LR,...")
+    unfreeze_every: int | None = opt(None, "gradual: unfreeze the next layer group down every K epochs (default 1)",
+                                     low=1, metavar="K")
+    unfreeze_at: list[int] | None = opt(None, "gradual: unfreeze the next layer group down after each of these "
+                                              "epochs, e.g. 2,4,6", low=1, metavar="EPOCH,EPOCH,...")
     # optimisation
-    epochs: int = 10
-    batch_size: int = 128  # the global batch: split evenly across processes under torchrun
-    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum)
-    lr: float = 1e-3
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    ema: float = 0.0  # decay per step of an exponential moving average of the weights; 0 is off
-    whiten: bool = False  # initialise the stem from the training images' patch covariance (fastnet_*)
+    epochs: int = opt(10, "number of epochs", low=1, high=100_000)
+    batch_size: int = opt(128, "training batch size; under torchrun the global batch, split evenly across "
+                               "processes", low=1, high=65_536)
+    optimizer: str = opt("adamw", "adamw, or sgd with Nesterov momentum; give sgd its own --lr and --weight-decay, "
+                                  "e.g. 0.1 and 5e-4", choices=("adamw", "sgd"))
+    lr: float = opt(1e-3, "peak learning rate", low=0.0, open_low=True)
+    momentum: float = opt(0.9, "SGD momentum", low=0.0, high=1.0, open_high=True)
+    weight_decay: float = opt(0.05, "weight decay, not applied to biases, norms and embeddings; decoupled in AdamW",
+                              low=0.0)
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs before cosine decay", low=0.0)
+    ema: float = opt(0.0, "evaluate and save an exponential moving average of the weights with this decay per step, "
+                          "e.g. 0.99: validation, best.pt, last.pt's weights and the summary use it (0, off)",
+                     low=0.0, high=1.0, open_high=True, hint="it is a decay per step, e.g. 0.999 (0 is off)")
+    whiten: bool = opt(False, "fastnet_* only: initialise the 2x2 stem as a whitening filter of the training "
+                              "images' patches (airbench)")
     # augmentation and regularisation
-    aug: str = "basic"  # none | basic | standard | randaugment | trivialaugment | autoaugment
-    random_erasing: float | None = None  # probability; None: the recipe's own (0.2 in standard)
-    mixup: float = 0.0  # Beta alpha; 0 is off
-    cutmix: float = 0.0  # Beta alpha; 0 is off
-    mix_prob: float = 1.0  # chance a batch is mixed at all
-    mix_switch_prob: float = 0.5  # with both on: chance a mixed batch uses CutMix
-    label_smoothing: float = 0.0
-    normalize: str = "auto"  # auto (the dataset's own) | cifar | imagenet
+    aug: str = opt("basic", "training augmentation: none; basic = random crop (padding size/8) + flip; standard = "
+                            "RandomResizedCrop(0.8-1) + flip + ColorJitter + rotation 15 + erasing 0.2; randaugment "
+                            "(2 ops, magnitude 9), trivialaugment, autoaugment, each after crop + flip",
+                   choices=AUGMENTATIONS)
+    random_erasing: float | None = opt(None, "random erasing probability on top of any recipe (default: 0.2 for "
+                                             "standard, else 0)", low=0.0, high=1.0, metavar="P")
+    mixup: float = opt(0.0, "Mixup with Beta(ALPHA, ALPHA); the flag alone means 0.2 (0, off)", low=0.0,
+                       const=0.2, metavar="ALPHA")
+    cutmix: float = opt(0.0, "CutMix with Beta(ALPHA, ALPHA); the flag alone means 1.0 (0, off)", low=0.0,
+                        const=1.0, metavar="ALPHA")
+    mix_prob: float = opt(1.0, "probability that a batch is mixed at all", low=0.0, high=1.0, metavar="P")
+    mix_switch_prob: float = opt(0.5, "with both Mixup and CutMix: probability a mixed batch uses CutMix",
+                                 low=0.0, high=1.0, metavar="P")
+    label_smoothing: float = opt(0.0, "label smoothing epsilon, applied once, also to mixed targets",
+                                 low=0.0, high=1.0, open_high=True)
+    normalize: str = opt("auto", "normalisation statistics: auto (CIFAR's for CIFAR, ImageNet's for folders, the "
+                                 "weights' own with --pretrained), " + ", ".join(NORMALIZATIONS),
+                         choices=("auto", *NORMALIZATIONS))
     # run
-    seed: int = 0
-    out: str | None = None
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the training forward pass
-    sync_bn: bool = False  # torchrun on GPUs: BatchNorm statistics over the global batch
-    eval_batch_size: int = 512
-    quiet: bool = False
+    seed: int = opt(0, "seed for initialisation, order and augmentation", low=0)
+    out: str | None = opt(None, "run folder (default runs/<data>-<model>, numbered if taken); an existing run is "
+                                "never overwritten")
+    device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    precision: str = opt("auto", "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    compile: bool = opt(False, "torch.compile the training forward pass (a warm-up of tens of seconds; slower than "
+                               "eager on some CPUs, so off by default)")
+    sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm statistics over the global batch (torch's "
+                               "SyncBatchNorm)")
+    eval_batch_size: int = opt(512, "batch size for evaluation", low=1, high=65_536)
+    quiet: bool = opt(False, "no progress bar or per-epoch lines, only the final summary")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
 
-FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-STRATEGIES = ("auto", "scratch", "feature-extract", "finetune", "gradual")
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+TYPES = typing.get_type_hints(TrainConfig)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ---------------------------------------------------------------- coercion: one path for flags and YAML
+
+
+def _number(name: str, value: Any, kind: type) -> int | float:
+    """int or float from a number or a string ('1e-3'); bools and non-finite values are refused."""
+    what = "an integer" if kind is int else "a number"
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        if kind is int:
+            number = int(value) if isinstance(value, int | str) else value
+            if isinstance(number, float):
+                if not number.is_integer():
+                    raise ValueError
+                number = int(number)
+        else:
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+        return number
+    except (TypeError, ValueError):
+        raise UserError(f"{flag(name)} takes {what}, not {value!r}; e.g. {flag(name)} "
+                        f"{FIELDS[name].default if FIELDS[name].default is not None else 1}") from None
+
+
+def _number_list(name: str, value: Any, kind: type) -> list:
+    items = value if isinstance(value, list) else str(value).split(",")
+    if not items or any(isinstance(v, str) and not v.strip() for v in items):
+        raise UserError(f"{flag(name)} takes comma-separated numbers, e.g. 2,4,6 (got {value!r})")
+    return [_number(name, v.strip() if isinstance(v, str) else v, kind) for v in items]
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise UserError(f"{flag(name)} is on or off: give true or false (got {value!r})")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` (from a flag, a YAML recipe or Python) as the type field `name` declares."""
+    if name not in FIELDS:
+        raise UserError(f"unknown option {name!r}; valid options are {', '.join(sorted(FIELDS))}")
+    kind = TYPES[name]
+    args = set(typing.get_args(kind))
+    if value is None:
+        if type(None) in args:
+            return None
+        raise UserError(f"{flag(name)} needs a value (it has no 'none'); leave it out for the default")
+    if name == "pretrained":  # True (the model's own weights), False, or a file path
+        return value if isinstance(value, bool) else str(value)
+    if kind is bool:
+        return _boolean(name, value)
+    base = next((a for a in args if a is not type(None)), kind) if args else kind
+    if typing.get_origin(base) is list:
+        return _number_list(name, value, typing.get_args(base)[0])
+    if base in (int, float):
+        return _number(name, value, base)
+    if isinstance(value, list | dict | bool):
+        raise UserError(f"{flag(name)} takes a single value, not {value!r}")
+    return str(value)
+
+
+def _check_bounds(name: str, value: Any) -> None:
+    meta = FIELDS[name].metadata
+    if meta["choices"] and value not in meta["choices"]:
+        raise UserError(f"{flag(name)} must be one of {', '.join(meta['choices'])} (got {value!r})")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            continue
+        low, high = meta["low"], meta["high"]
+        too_low = low is not None and (v <= low if meta["open_low"] else v < low)
+        too_high = high is not None and (v >= high if meta["open_high"] else v > high)
+        if too_low or too_high:
+            lo = "" if low is None else f"{'>' if meta['open_low'] else '>='} {low:g}"
+            hi = "" if high is None else f"{'<' if meta['open_high'] else '<='} {high:g}"
+            hint = f"; {meta['hint']}" if meta["hint"] else ""
+            raise UserError(f"{flag(name)} must be {' and '.join(p for p in (lo, hi) if p)} (got {v:g}){hint}")
+
+
+# ---------------------------------------------------------------- building and checking a config
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a YAML recipe: a mapping of TrainConfig fields (dashes or underscores)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe {path} does not exist; pass a YAML file to --recipe")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"recipe {path} is not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(raw, dict):
-        raise UserError(f"recipe {path} must be a mapping of option: value")
+    """A YAML recipe: a mapping of TrainConfig fields (dashes or underscores), coerced by the schema."""
+    from imgcls.yamlio import load_yaml_mapping
+
+    raw = load_yaml_mapping(path, "recipe")
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    unknown = sorted(set(values) - FIELDS)
+    unknown = sorted(set(values) - set(FIELDS))
     if unknown:
-        raise UserError(
-            f"recipe {path}: unknown option(s) {', '.join(unknown)}; "
-            f"valid options are {', '.join(sorted(FIELDS))}"
-        )
-    return values
+        raise UserError(f"recipe {path}: unknown option(s) {', '.join(unknown)}; "
+                        f"valid options are {', '.join(sorted(FIELDS))}")
+    try:
+        return {k: coerce(k, v) for k, v in values.items()}
+    except UserError as e:
+        raise UserError(f"recipe {path}: {e}") from None
 
 
 def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
-    """Defaults, then the recipe, then explicit overrides (None means 'not given')."""
+    """Defaults, then the recipe, then explicit overrides (None means 'not given'); checked as a whole."""
     values: dict[str, Any] = {}
     if recipe is not None:
         values.update(read_recipe(recipe))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: coerce(k, v) for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
-    _validate(cfg)
+    validate(cfg)
     return cfg
 
 
-def _validate(cfg: TrainConfig) -> None:
-    choices = {
-        "data_mode": ("auto", "memory", "stream"),
-        "device": ("auto", "cpu", "cuda"),
-        "precision": ("auto", "fp32", "bf16", "fp16"),
-        "optimizer": ("adamw", "sgd"),
-        "aug": AUGMENTATIONS,
-        "normalize": ("auto", *NORMALIZATIONS),
-    }
-    choices["strategy"] = STRATEGIES
-    choices["head"] = ("linear", "mlp")
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise UserError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}")
-    positive = ("epochs", "batch_size", "eval_batch_size")
-    for name in positive:
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
-    if cfg.img_size is not None and cfg.img_size < 8:
-        raise UserError("--img-size must be at least 8 pixels")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise UserError("--val-fraction must be between 0 and 1 (exclusive)")
-    if cfg.lr <= 0:
-        raise UserError("--lr must be positive")
-    if not 0.0 <= cfg.ema < 1.0:
-        raise UserError("--ema is a decay per step: give a value in [0, 1), e.g. 0.999 (0 is off)")
+def validate(cfg: TrainConfig) -> None:
+    """Every field within its schema, then the rules that tie fields together."""
+    for name in FIELDS:
+        _check_bounds(name, getattr(cfg, name))
     if cfg.ema and cfg.cache_features:
         raise UserError("--ema averages the whole model, --cache-features trains the head alone; drop one")
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise UserError("--momentum must be in [0, 1)")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise UserError("--label-smoothing must be in [0, 1)")
-    for name in ("random_erasing", "mix_prob", "mix_switch_prob"):
-        value = getattr(cfg, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise UserError(f"--{name.replace('_', '-')} is a probability: give a value in [0, 1]")
-    if cfg.mixup < 0 or cfg.cutmix < 0:
-        raise UserError("--mixup and --cutmix take a Beta alpha > 0 (or 0 for off)")
     _validate_transfer(cfg)
 
 
-def parse_list(value: Any, kind: type, flag: str) -> list | None:
-    """'1e-5,2e-5' or [1e-5, 2e-5] -> [1e-05, 2e-05]."""
-    if value is None or isinstance(value, list) and all(isinstance(v, int | float) for v in value):
-        return None if value is None else [kind(v) for v in value]
-    try:
-        return [kind(v) for v in str(value).split(",")]
-    except ValueError:
-        raise UserError(f"--{flag} takes comma-separated numbers, e.g. 2,4,6") from None
-
-
 def _validate_transfer(cfg: TrainConfig) -> None:
-    cfg.group_lrs = parse_list(cfg.group_lrs, float, "group-lrs")
-    cfg.unfreeze_at = parse_list(cfg.unfreeze_at, int, "unfreeze-at")
     strategy = resolved_strategy(cfg)
     if strategy == "scratch" and cfg.pretrained:
         raise UserError("--strategy scratch trains from random weights; drop --pretrained or use "
@@ -165,33 +278,26 @@ def _validate_transfer(cfg: TrainConfig) -> None:
     if strategy != "scratch" and not cfg.pretrained:
         raise UserError(f"--strategy {strategy} starts from pretrained weights: add --pretrained (the model's own) "
                         "or --pretrained path/to/weights.safetensors")
-
-    def given(*names: str) -> list[str]:
-        return [n for n in names if getattr(cfg, n) not in (None, False)]
-
-    wrong = {
-        "feature-extract": given("layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
-        "finetune": given("cache_features", "unfreeze_every", "unfreeze_at"),
-        "gradual": given("cache_features"),
-        "scratch": given("cache_features", "layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
-    }[strategy]
+    wrong = [n for n in _NOT_FOR[strategy] if getattr(cfg, n) not in (None, False)]
     if wrong:
-        flags = ", ".join("--" + n.replace("_", "-") for n in wrong)
-        raise UserError(f"{flags} do(es) not apply to --strategy {strategy}; drop it or change the strategy")
+        raise UserError(f"{', '.join(map(flag, wrong))} do(es) not apply to --strategy {strategy}; drop it or "
+                        "change the strategy")
     if cfg.layer_decay is not None and cfg.group_lrs is not None:
         raise UserError("give either --layer-decay or --group-lrs, not both")
-    if cfg.layer_decay is not None and not 0.0 < cfg.layer_decay <= 1.0:
-        raise UserError("--layer-decay must be in (0, 1]: each group's rate is that fraction of the one above")
-    if cfg.group_lrs is not None and any(lr <= 0 for lr in cfg.group_lrs):
-        raise UserError("--group-lrs must all be positive")
     if cfg.unfreeze_every is not None and cfg.unfreeze_at is not None:
         raise UserError("give either --unfreeze-every or --unfreeze-at, not both")
-    if cfg.unfreeze_every is not None and cfg.unfreeze_every < 1:
-        raise UserError("--unfreeze-every must be a positive number of epochs")
-    if cfg.unfreeze_at is not None and (sorted(cfg.unfreeze_at) != cfg.unfreeze_at or min(cfg.unfreeze_at) < 1):
+    if cfg.unfreeze_at is not None and sorted(set(cfg.unfreeze_at)) != cfg.unfreeze_at:
         raise UserError("--unfreeze-at takes increasing epoch numbers >= 1, e.g. 2,4,6")
     if cfg.cache_features and (cfg.mixup or cfg.cutmix or cfg.random_erasing):
         raise UserError("--cache-features trains on fixed features; drop --mixup, --cutmix and --random-erasing")
+
+
+_NOT_FOR = {  # options that mean nothing under a strategy
+    "feature-extract": ("layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
+    "finetune": ("cache_features", "unfreeze_every", "unfreeze_at"),
+    "gradual": ("cache_features",),
+    "scratch": ("cache_features", "layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
+}
 
 
 def resolved_strategy(cfg: TrainConfig) -> str:
@@ -200,7 +306,36 @@ def resolved_strategy(cfg: TrainConfig) -> str:
     return cfg.strategy
 
 
+def data_location(data: str) -> str:
+    """A built-in dataset's name, or a folder's absolute path (so a run never depends on the cwd)."""
+    return data if data in BUILTIN_DATA else str(Path(data).expanduser().resolve())
+
+
+def resolve(cfg: TrainConfig, *, img_size: int, normalization: str, default_erasing: float) -> TrainConfig:
+    """The config as it runs: every 'auto' and None that training decides replaced by its value, and
+    paths made absolute. Returns a new object; `cfg` is left as the caller made it."""
+    return cfg.replace(
+        data=data_location(cfg.data),
+        data_dir=str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else None,
+        img_size=img_size,
+        normalize=normalization,
+        strategy=resolved_strategy(cfg),
+        aug="none" if cfg.cache_features else cfg.aug,  # the features are computed once, from unaugmented images
+        random_erasing=default_erasing if cfg.random_erasing is None else cfg.random_erasing,
+        out=str(Path(cfg.out).resolve()) if cfg.out else None,
+    )
+
+
 def load_config(path: str | Path) -> TrainConfig:
-    """Read a run's resolved config.yaml back into a TrainConfig."""
-    values = yaml.safe_load(Path(path).read_text())
-    return TrainConfig(**values)
+    """Read a run's resolved config.yaml back into a TrainConfig (checked like any recipe)."""
+    from imgcls.yamlio import load_yaml_mapping
+
+    values = load_yaml_mapping(path, "run config")
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{path} has option(s) {', '.join(unknown)} that this imgcls does not know; "
+                        "use the imgcls version that wrote the run")
+    try:
+        return TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    except UserError as e:
+        raise UserError(f"{path}: {e}; the run's config was edited or damaged") from None

@@ -1,9 +1,15 @@
-"""The run directory: its file names, and writes that never leave a half-written file."""
+"""The run folder: its file names, writes that never leave a half-written file, one writer at a
+time, and the data it was trained on pinned by a fingerprint."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import math
 import os
+import shutil
+import socket
 from pathlib import Path
 
 from imgcls.errors import UserError
@@ -14,39 +20,92 @@ METRICS = "metrics.jsonl"  # one line per finished epoch
 SUMMARY = "summary.json"  # written when training ends
 LAST = "last.pt"  # full training state, for --resume
 BEST = "best.pt"  # weights of the epoch with the best validation accuracy
+LOCK = ".lock"  # held (flock) by the process training the run
 CALIBRATION = "calibration.json"  # imgcls calibrate: the scaling fitted on val; eval and predict apply it
 REPORT_DIR = "report"  # imgcls report: figures, galleries and report.html
 ANALYSIS_JSON, ANALYSIS_NPZ = "analysis.json", "analysis.npz"  # in REPORT_DIR: what the report shows
 REPORT_HTML = "report.html"  # in REPORT_DIR of a run, or at the top of a comparison folder
+# What a run folder holds before its first checkpoint: nothing a user could lose by starting over.
+UNSTARTED_FILES = {CONFIG, DATASET, METRICS, LOCK}
+TMP_MARK = ".tmp-"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Write to a temporary file in the same folder, fsync, then rename over `path`.
+
+    A full disk or a crash leaves the previous file intact; a full disk is reported in one line."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device to write {path}; the previous {path.name} is intact: "
+                            "free some space, then continue with imgcls train --resume") from e
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+def _finite_or_null(obj):
+    """NaN and infinities (an empty reliability bin, a metric of no images) as null: valid JSON for any reader."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
 def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the run folder is incomplete (train it again)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}); restore it or train the run again") from None
 
 
 def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} has a damaged line ({e}); restore it or train the run again") from None
+
+
+def append_metrics(run: Path, record: dict) -> None:
+    """One epoch's line, appended (a torn last line from a kill is dropped on resume)."""
+    with open(Path(run) / METRICS, "a") as f:
+        f.write(json.dumps(record, allow_nan=False) + "\n")
+
+
+def keep_metrics(run: Path, epochs: int) -> None:
+    """Keep the lines of the first `epochs` epochs: those after the checkpoint are redone on resume."""
+    path = Path(run) / METRICS
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill mid-write
+            continue
+        if record.get("epoch", epochs + 1) <= epochs:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def is_run(path: Path) -> bool:
@@ -60,10 +119,20 @@ def require_run(path: str | Path) -> Path:
     return path
 
 
+def is_unstarted(path: Path) -> bool:
+    """A run folder that never wrote a checkpoint (killed early) and that no process is training."""
+    path = Path(path)
+    names = {p.name for p in path.iterdir() if TMP_MARK not in p.name}
+    return names <= UNSTARTED_FILES and not RunLock(path).held_elsewhere()
+
+
 def refuse_existing(out: str | Path) -> None:
-    """An explicit --out that already holds files is refused, never overwritten."""
+    """An explicit --out that already holds files is refused, never overwritten (a run that never reached
+    its first checkpoint is the one exception: it holds nothing to lose, and is cleared)."""
     path = Path(out)
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; choose a folder for --out")
+    if path.exists() and any(path.iterdir()) and not is_unstarted(path):
         raise UserError(
             f"{path} already exists and is not empty; choose another --out, "
             f"or continue a run there with imgcls train --resume {path}"
@@ -75,11 +144,125 @@ def new_run_dir(out: str | None, data: str, model: str) -> Path:
     if out:
         refuse_existing(out)
         path = Path(out)
+        if path.exists() and any(path.iterdir()):  # an unstarted run: start over
+            shutil.rmtree(path)
     else:
         base = Path("runs") / f"{Path(data).name}-{model.replace('/', '_')}"
         path, n = base, 1
         while path.exists():
             n += 1
             path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the run folder {path} ({e.strerror}); choose another --out") from None
     return path
+
+
+def remove_temp_files(path: Path) -> None:
+    """Temporary files of a save that was killed half-way (the real file is intact)."""
+    for p in Path(path).glob(f".*{TMP_MARK}*"):
+        p.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive flock on RUN/.lock while a process trains the run. The kernel drops it when the
+    process dies, however it dies, so a stale lock file from a killed run never blocks anyone."""
+
+    def __init__(self, run: Path):
+        self.path = Path(run) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is being trained by {holder}; wait for it to finish or stop it "
+                            "(Ctrl-C), then resume") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def held_elsewhere(self) -> bool:
+        if self._fd is not None or not self.path.exists():
+            return False
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+
+# ---------------------------------------------------------------- the data a run was trained on
+
+
+FINGERPRINT_NAMES = {"content_sha256": "image content", "labels_sha256": "labels", "source": "data location",
+                     "img_size": "image size", "val_fraction": "validation fraction", "split_seed": "split seed"}
+
+
+def data_changes(recorded: dict, current: dict) -> list[str]:
+    """What differs between a run's recorded data fingerprint and the data found now (keys both have)."""
+    changes = []
+    old, new = recorded.get("sizes", {}), current.get("sizes", {})
+    changes += [f"{s} split {old.get(s, 0)} -> {new.get(s, 0)} images" for s in sorted(set(old) | set(new))
+                if "sizes" in recorded and "sizes" in current and old.get(s) != new.get(s)]
+    for key in sorted(set(recorded) & set(current) - {"sizes"}):
+        if recorded[key] != current[key]:
+            changes.append(f"{FINGERPRINT_NAMES.get(key, key)} differs")
+    return changes
+
+
+def check_same_data(run: Path, recorded: dict, current: dict, allow_change: bool) -> None:
+    """Refuse to use `run` with data other than it was trained on, unless the user says so."""
+    changes = data_changes(recorded, current)
+    if changes and not allow_change:
+        raise UserError(f"the data of {run} changed since it was trained ({'; '.join(changes)}); restore it, or "
+                        "pass --allow-data-change to use the data as it is now")
+
+
+class RunFolder:
+    """A run folder opened for training: created or reopened, locked against a second writer while
+    open, and removed whole when a run fails before it holds anything worth keeping."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock = RunLock(self.path)
+
+    @classmethod
+    def create(cls, out: str | None, data: str, model: str) -> RunFolder:
+        folder = cls(new_run_dir(out, data, model))
+        folder.lock.acquire()
+        return folder
+
+    @classmethod
+    def reopen(cls, path: str | Path) -> RunFolder:
+        folder = cls(require_run(path))
+        if (folder.path / SUMMARY).exists():
+            raise UserError(f"{folder.path} already finished training; evaluate it with imgcls eval {folder.path}")
+        folder.lock.acquire()
+        remove_temp_files(folder.path)  # we hold the lock: no other save is under way
+        return folder
+
+    def check_data(self, current: dict, allow_change: bool) -> None:
+        info = self.path / DATASET
+        if info.exists():
+            check_same_data(self.path, read_json(info).get("fingerprint", {}), current, allow_change)
+
+    def remove(self) -> None:
+        self.release()
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def release(self) -> None:
+        self.lock.release()

@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from torchvision.ops import roi_align
 from torchvision.transforms.v2 import AutoAugment, AutoAugmentPolicy, RandAugment, TrivialAugmentWide
 
 # torchvision's private colour-space helpers, reused so hue matches its adjust_hue exactly.
@@ -40,11 +39,18 @@ def _first_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
     """Zero-pad by `pad` and crop back to size at a per-sample offset, uniform in [0, 2*pad]."""
+    n = len(images)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    return pad_crop(images, pad, oy, ox)
+
+
+def pad_crop(images: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
+    """Zero-pad by `pad`, then crop each sample back to size at its own offset (oy, ox) into the padding."""
     n, c, h, w = images.shape
     padded = F.pad(images, (pad, pad, pad, pad))
     dev = images.device
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+    oy, ox = oy.to(dev), ox.to(dev)
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
     batch = torch.arange(n, device=dev)[:, None, None, None]
@@ -91,11 +97,45 @@ def resized_crop_boxes(n: int, height: int, width: int, scale, ratio, gen: torch
 
 
 def random_resized_crop(images: torch.Tensor, gen: torch.Generator, scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3)):
-    """Crop a per-sample box and resize it back to the input size (bilinear), in one roi_align."""
+    """RandomResizedCrop with a per-sample box, resized back to the input size."""
     n, _, height, width = images.shape
-    top, left, h, w = resized_crop_boxes(n, height, width, scale, ratio, gen)
-    boxes = torch.stack([torch.arange(n), left, top, left + w, top + h], dim=1).float().to(images.device)
-    out = roi_align(images.float(), boxes, (height, width), spatial_scale=1.0, sampling_ratio=1, aligned=False)
+    return resized_crop(images, *resized_crop_boxes(n, height, width, scale, ratio, gen))
+
+
+def _bilinear_taps(start: torch.Tensor, length: torch.Tensor, out_size: int, device):
+    """interpolate's bilinear sampling (align_corners=False) of each sample's span [start, start+length)
+    onto out_size pixels: (low index, high index, weight of high), each N x out_size. The taps stay
+    inside the span, as when the crop is cut out first and then resized."""
+    length = length.to(device).view(-1, 1)
+    scale = length.float() / out_size
+    src = ((torch.arange(out_size, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
+    low = torch.minimum(src.floor().long(), length - 1)
+    high = torch.minimum(low + 1, length - 1)
+    weight = (src - low).clamp(0, 1)
+    start = start.to(device).view(-1, 1)
+    return start + low, start + high, weight
+
+
+def resized_crop(images: torch.Tensor, top, left, h, w) -> torch.Tensor:
+    """Crop box i (top, left, h, w) from sample i and resize it to the input size, bilinear, with
+    torchvision's resized_crop sampling: a full-image box is exactly the identity. The box never
+    exceeds the input, so the resize only enlarges and antialiasing would change nothing."""
+    n, c, height, width = images.shape
+    x0, x1, wx = _bilinear_taps(left, w, width, images.device)
+    y0, y1, wy = _bilinear_taps(top, h, height, images.device)
+    x = images.float()
+
+    def cols(index):  # N x C x H_in x width
+        return x.gather(3, index.view(n, 1, 1, width).expand(n, c, x.shape[2], width))
+
+    wx = wx.view(n, 1, 1, width)
+    across = cols(x0) * (1 - wx) + cols(x1) * wx
+
+    def rows(index):  # N x C x height x width
+        return across.gather(2, index.view(n, 1, height, 1).expand(n, c, height, width))
+
+    wy = wy.view(n, 1, height, 1)
+    out = rows(y0) * (1 - wy) + rows(y1) * wy
     return out.round().clamp(0, 255).to(images.dtype)
 
 
@@ -125,19 +165,21 @@ def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> 
     return out.round().clamp(0, 255).to(images.dtype) if images.dtype == torch.uint8 else out
 
 
+# The matrices are computed in float64, as torchvision computes them in Python floats, so that the
+# float32 grid is the same and nearest-neighbour sampling picks the same pixels.
 def _zeros_like(x: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(x, dtype=torch.float32)
+    return torch.zeros_like(x, dtype=torch.float64)
 
 
 def rotate(images, degrees: torch.Tensor, mode: str = "nearest"):
     z = _zeros_like(degrees)
-    return affine(images, _inverse_affine(-degrees.float(), z, z, z, z), mode)
+    return affine(images, _inverse_affine(-degrees.double(), z, z, z, z), mode)
 
 
 def shear(images, magnitude: torch.Tensor, axis: str):
     """AutoAugment's shear: angle atan(magnitude), about the top-left corner."""
     n, _, h, w = images.shape
-    deg = torch.rad2deg(torch.atan(magnitude.float()))
+    deg = torch.rad2deg(torch.atan(magnitude.double()))
     z = _zeros_like(deg)
     sx, sy = (deg, z) if axis == "x" else (z, deg)
     # torchvision passes center=[0, 0] in pixels, i.e. (-w/2, -h/2) relative to the image centre
@@ -145,7 +187,7 @@ def shear(images, magnitude: torch.Tensor, axis: str):
 
 
 def translate(images, pixels: torch.Tensor, axis: str):
-    shift = pixels.float().trunc()  # torchvision passes int(magnitude)
+    shift = pixels.double().trunc()  # torchvision passes int(magnitude)
     z = _zeros_like(shift)
     tx, ty = (shift, z) if axis == "x" else (z, shift)
     return affine(images, _inverse_affine(z, tx, ty, z, z))
@@ -159,15 +201,18 @@ def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
 
 
 def _blend(image1: torch.Tensor, image2: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's _blend with a per-sample ratio; uint8 results are truncated as there."""
+    """torchvision's _blend with a per-sample ratio; uint8 results are truncated as there. 1 - ratio
+    is taken in float64 and then rounded, as torchvision does with a Python float."""
     r = _per_sample(ratio, image1)
-    out = (r * image1.float() + (1.0 - r) * image2).clamp(0, 255)
+    rest = (1.0 - ratio.double()).to(image1.device, torch.float32).view(-1, 1, 1, 1)
+    out = image1.float().mul(r).add_(image2 * rest).clamp_(0, 255)
     return out.to(torch.uint8)
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's grayscale in float, floored as it is for uint8 images before blending."""
     r, g, b = images.float().unbind(dim=1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1).floor_()
 
 
 def adjust_brightness(images, factor):
@@ -179,12 +224,13 @@ def adjust_saturation(images, factor):
 
 
 def adjust_contrast(images, factor):
-    mean = _gray(images).floor().mean(dim=(1, 2, 3), keepdim=True)
+    mean = _gray(images).mean(dim=(1, 2, 3), keepdim=True)
     return _blend(images, mean, factor)
 
 
 def adjust_sharpness(images, factor):
-    kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], device=images.device) / 13.0
+    a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's kernel, rounded to float32 the same way
+    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device)
     x = images.float()
     blurred = F.conv2d(x, kernel.expand(3, 1, 3, 3), groups=3).round()
     out = x.clone()
@@ -195,11 +241,11 @@ def adjust_sharpness(images, factor):
 
 
 def adjust_hue(images, shift):
-    hsv = _rgb_to_hsv(images.float() / 255.0)
+    hsv = _rgb_to_hsv(TF.to_dtype(images, torch.float32, scale=True))
     h, s, v = hsv.unbind(dim=1)
     h = (h + _per_sample(shift, images).view(-1, 1, 1)).remainder(1.0)
     rgb = _hsv_to_rgb(torch.stack((h, s, v), dim=1))
-    return rgb.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)  # torchvision's to_dtype(scale=True)
+    return TF.to_dtype(rgb, torch.uint8, scale=True)
 
 
 def posterize(images, bits: torch.Tensor):
@@ -247,11 +293,16 @@ def random_erasing(images: torch.Tensor, p: float, gen: torch.Generator, scale=(
     h, w = h[rows, first], w[rows, first]
     top = (torch.rand(n, generator=gen) * (height - h + 1).float()).long()
     left = (torch.rand(n, generator=gen) * (width - w + 1).float()).long()
-    erase = (chosen & ok).to(images.device)
+    return erase(images, top, left, h, w, chosen & ok)
+
+
+def erase(images: torch.Tensor, top, left, h, w, selected: torch.Tensor) -> torch.Tensor:
+    """Set box i of each selected sample i to 0, as torchvision's erase(image, top, left, h, w, v=0)."""
+    _, _, height, width = images.shape
     top, left, h, w = (t.to(images.device).view(-1, 1, 1) for t in (top, left, h, w))
     ys = torch.arange(height, device=images.device).view(1, -1, 1)
     xs = torch.arange(width, device=images.device).view(1, 1, -1)
-    box = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & erase.view(-1, 1, 1)
+    box = (ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w) & selected.to(images.device).view(-1, 1, 1)
     return images.masked_fill(box.unsqueeze(1), 0.0)
 
 

@@ -53,11 +53,13 @@ def read_batch(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             raw = _BatchUnpickler(f, path).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise UserError(f"{path} is not a readable CIFAR-10 batch ({e}); replace the file") from e
+    except UserError:
+        raise
+    except Exception as e:  # a damaged pickle fails in many ways: UnpicklingError, EOFError, TypeError...
+        raise UserError(f"{path} is not a readable CIFAR-10 batch ({type(e).__name__}: {e}); replace the file") from e
     if not isinstance(raw, dict):
-        raise UserError(f"{path} is not a CIFAR-10 batch (expected a dict)")
-    return {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+        raise UserError(f"{path} is not a CIFAR-10 batch (expected a dict); replace the file")
+    return {(k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v for k, v in raw.items()}
 
 
 def default_root() -> Path:
@@ -92,20 +94,49 @@ def ensure_downloaded(root: Path, download: bool) -> Path:
     return folder
 
 
-def _to_tensors(batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-    data = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches])
-    labels = np.concatenate([np.asarray(b["labels"], dtype=np.int64) for b in batches])
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise UserError(f"CIFAR-10 data has shape {data.shape}, expected (N, 3072); replace the files")
+def _checked(batch: dict, path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(data uint8 N x 3072, labels int64 N) of one batch; anything else is refused, since a
+    label list one short would shift every label after the gap and train on them without a sign."""
+    fix = "replace it with the file from the original CIFAR-10 archive"
+    missing = [k for k in ("data", "labels") if k not in batch]
+    if missing:
+        raise UserError(f"{path} has no {' or '.join(repr(k) for k in missing)} entry; {fix}")
+    data = batch["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        what = f"a {data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise UserError(f"{path} holds its images as {what}, expected a uint8 array of shape (N, 3072); {fix}")
+    if len(data) == 0:
+        raise UserError(f"{path} holds no images; {fix}")
+    labels = batch["labels"]
+    labels = np.asarray(labels) if isinstance(labels, list | tuple | np.ndarray) else np.asarray(None)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserError(f"{path} holds its labels as {type(batch['labels']).__name__} of {labels.dtype}, "
+                        f"expected a list of integers; {fix}")
+    if len(labels) != len(data):
+        raise UserError(f"{path} holds {len(data)} images but {len(labels)} labels; {fix}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= num_classes:
+        raise UserError(f"{path} has labels from {low} to {high}, outside 0..{num_classes - 1}; {fix}")
+    return data, labels.astype(np.int64)
+
+
+def _to_tensors(batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.concatenate([d for d, _ in batches])
+    labels = np.concatenate([y for _, y in batches])
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels)
+
+
+def _class_names(path: Path) -> list[str]:
+    names = read_batch(path).get("label_names", CLASSES)
+    if not isinstance(names, list | tuple) or len(names) < 2 or not all(isinstance(n, bytes | str) for n in names):
+        raise UserError(f"{path} has no list of class names under 'label_names'; replace it with the original file")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
 def load_cifar10(root: Path, download: bool = True):
     """(train_images, train_labels, test_images, test_labels, classes); images uint8 N x 3 x 32 x 32."""
     folder = ensure_downloaded(Path(root), download)
-    train = _to_tensors([read_batch(folder / n) for n in TRAIN_FILES])
-    test = _to_tensors([read_batch(folder / n) for n in TEST_FILES])
-    meta = read_batch(folder / META_FILE)
-    names = meta.get("label_names", CLASSES)
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    classes = _class_names(folder / META_FILE)
+    train = _to_tensors([_checked(read_batch(folder / n), folder / n, len(classes)) for n in TRAIN_FILES])
+    test = _to_tensors([_checked(read_batch(folder / n), folder / n, len(classes)) for n in TEST_FILES])
     return (*train, *test, classes)

@@ -20,15 +20,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from imgcls.config import NORMALIZATIONS, data_location
 from imgcls.data import cifar, folder
 from imgcls.errors import UserError
 
-CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-INCEPTION_MEAN, INCEPTION_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-NORMALIZATIONS = {"cifar": (CIFAR_MEAN, CIFAR_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-                  "inception": (INCEPTION_MEAN, INCEPTION_STD), "clip": (CLIP_MEAN, CLIP_STD)}
+(CIFAR_MEAN, CIFAR_STD), (IMAGENET_MEAN, IMAGENET_STD) = NORMALIZATIONS["cifar"], NORMALIZATIONS["imagenet"]
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
 
 
@@ -120,6 +116,21 @@ def _labels_hash(*label_sets: torch.Tensor | None) -> str:
     return h.hexdigest()[:16]
 
 
+def _content_hash(*splits: Split | None) -> str:
+    """A hash of what the splits hold: the decoded pixels in memory, or the files' relative paths and
+    sizes when streamed (decoding every file again would cost as much as an epoch)."""
+    h = hashlib.sha256()
+    for split in splits:
+        if split is None:
+            continue
+        if split.images is not None:
+            h.update(split.images.numpy().tobytes())
+        else:
+            for path in split.stream.files:
+                h.update(f"{Path(path).parent.name}/{Path(path).name}:{Path(path).stat().st_size};".encode())
+    return h.hexdigest()[:16]
+
+
 def _carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """(train, val): `fraction` of each class of `train` held out, chosen by `seed`."""
     keep, held = folder.stratified_split(train.labels, fraction, seed)
@@ -143,7 +154,7 @@ def _load_mini():
 
 def data_source(data: str) -> str:
     """How a dataset is named in fingerprints: the built-in name, or the folder's absolute path."""
-    return data if data in ("cifar10", "cifar10-mini") else str(Path(data).resolve())
+    return data_location(data)
 
 
 def load_dataset(
@@ -189,6 +200,7 @@ def load_dataset(
         "split_seed": split_seed,
         "sizes": {n: len(s) for n, s in (("train", train), ("val", val), ("test", test)) if s},
         "labels_sha256": _labels_hash(train.labels, val.labels, test.labels if test else None),
+        "content_sha256": _content_hash(train, val, test),
     }
     folder_data = data not in ("cifar10", "cifar10-mini")
     name = Path(data).name if folder_data else data

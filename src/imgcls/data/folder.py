@@ -11,9 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from imgcls.data.decode import DecodeError, open_rgb
 from imgcls.errors import UserError
 
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -68,21 +69,21 @@ def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]
 
 
 def load_image(path: Path, size: int, crop_pct: float = 1.0) -> np.ndarray:
-    """Decode to RGB, resize the shorter side to size / crop_pct and centre-crop size x size
-    (timm's eval transform; crop_pct 1 keeps the whole shorter side): H x W x 3 uint8."""
-    with Image.open(path) as img:
-        need = math.ceil(size / crop_pct)
-        img.draft("RGB", (need, need))  # JPEG: decode at a reduced scale when that is enough
-        bleed = (1.0 - crop_pct) / 2  # the margin cut from every edge before the square is fitted
-        img = ImageOps.fit(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC, bleed=bleed)
-        return np.asarray(img, dtype=np.uint8)
+    """Decode to RGB (decode.open_rgb), resize the shorter side to size / crop_pct and centre-crop
+    size x size (timm's eval transform; crop_pct 1 keeps the whole shorter side): H x W x 3 uint8.
+    Raises DecodeError for a file that is not a usable image."""
+    img = open_rgb(path, min_size=math.ceil(size / crop_pct))  # JPEG: decode at a reduced scale when enough
+    bleed = (1.0 - crop_pct) / 2  # the margin cut from every edge before the square is fitted
+    img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, bleed=bleed)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def _try_load(path: Path, size: int, crop_pct: float = 1.0) -> np.ndarray | str:
+    """The image, or why it cannot be read."""
     try:
         return load_image(path, size, crop_pct)
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
+    except DecodeError as e:
+        return str(e)
 
 
 def warn(message: str) -> None:

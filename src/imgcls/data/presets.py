@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import torchvision.transforms.v2 as T
 
+from imgcls.config import AUGMENTATIONS
 from imgcls.data import augment as A
 from imgcls.data.mixing import Mixer
 
-AUGMENTATIONS = ("none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment")
 DEFAULT_ERASING = {"standard": 0.2}
 
 

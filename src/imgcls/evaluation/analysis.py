@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from imgcls import rundir
-from imgcls.data import normalize
+from imgcls.data import Split, normalize
+from imgcls.data.folder import StreamingImages
 from imgcls.evaluation.calibration import calibration_metrics, fit_scaling, reliability_bins
 from imgcls.evaluation.cam import grad_cam
 from imgcls.evaluation.evaluate import parse_tta_flag, run_probs, run_split
@@ -35,8 +36,10 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
         return predict_logits(trained.model, split if name == split_name else run_split(trained, name), mean, std,
                               dev, precision, cfg.eval_batch_size)
 
-    logits, labels = logits_of(split_name)
-    logits = logits.double()
+    # Labelled by index, the pass says which images it saw: a streamed file that became unreadable
+    # after scanning is dropped, and every position after it would otherwise point at its neighbour.
+    logits, seen = predict_logits(trained.model, _by_index(split), mean, std, dev, precision, cfg.eval_batch_size)
+    logits, labels = logits.double(), split.labels[seen]
     stored = trained.scaling
     if stored is None or stored.method != "temperature":  # the report always shows temperature scaling
         val_logits, val_labels = logits_of("val")
@@ -45,7 +48,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
         scaling, fitted_here = stored, False
     before, after = logits.softmax(1), scaling.apply(logits).softmax(1)
     trained.scaling = scaling
-    tta_probs, _ = run_probs(trained, split, parse_tta_flag(tta))
+    tta_probs, tta_labels = run_probs(trained, split, parse_tta_flag(tta))
 
     after_metrics = calibration_metrics(after, labels)
     result = classification_metrics(after, labels, trained.classes)
@@ -54,7 +57,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
         calibration={"temperature": scaling.temperature, "fitted_for_report": fitted_here,
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
-        tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_probs, labels)},
+        tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_probs, tta_labels)},
     )
 
     # Galleries: the highest-loss images, and Grad-CAM on the most confident right and wrong predictions.
@@ -65,16 +68,17 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     wrong = torch.nonzero(predicted != labels).flatten()
     right = right[confidence[right].argsort(descending=True)][: gallery // 2]
     wrong = wrong[confidence[wrong].argsort(descending=True)][: gallery // 2]
-    cam_idx = torch.cat([right, wrong])
-    images_all = split.subset(torch.cat([top_losses, cam_idx]))
-    pixels, _ = next(images_all.batches(torch.arange(len(images_all)), len(images_all)))
-    loss_pixels, cam_pixels = pixels[: len(top_losses)], pixels[len(top_losses):]
+    top_losses, loss_pixels = _gallery(split, seen, top_losses)
+    right, right_pixels = _gallery(split, seen, right)
+    wrong, wrong_pixels = _gallery(split, seen, wrong)
+    cam_idx, cam_pixels = torch.cat([right, wrong]), torch.cat([right_pixels, wrong_pixels])
     x = normalize(cam_pixels.to(dev), mean, std).contiguous(memory_format=torch.channels_last)
     cams, _, _ = grad_cam(trained.model, x.float()) if len(cam_idx) else (torch.zeros(0, 1, 1), None, None)
 
     def describe(indices):
-        return [{"index": i, "true": trained.classes[labels[i]], "predicted": trained.classes[predicted[i]],
-                 "probability": after[i, predicted[i]].item(), "loss": loss[i].item()} for i in indices.tolist()]
+        return [{"index": seen[i].item(), "true": trained.classes[labels[i]],
+                 "predicted": trained.classes[predicted[i]], "probability": after[i, predicted[i]].item(),
+                 "loss": loss[i].item()} for i in indices.tolist()]
 
     result["top_losses"] = describe(top_losses)
     result["cam"] = {"right": describe(right), "wrong": describe(wrong), "method": "gradcam"}
@@ -86,6 +90,29 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
                         cams=cams.float().cpu().numpy())
     buffer.replace(out / rundir.ANALYSIS_NPZ)
     return out
+
+
+def _by_index(split: Split) -> Split:
+    """`split` with each image labelled by its own index, so a pass over it returns which images it read."""
+    index = torch.arange(len(split))
+    if split.images is not None:
+        return Split(index, images=split.images)
+    s = split.stream
+    return Split(index, stream=StreamingImages(s.files, index.tolist(), s.size, crop_pct=s.crop_pct),
+                 workers=split.workers)
+
+
+def _gallery(split: Split, seen: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, pixels) of the images at `positions` of the predictions (split indices seen[positions]),
+    without any whose file is unreadable by now: each caption stays with its own pixels."""
+    wanted = _by_index(split).subset(seen[positions])
+    batches = [b for b in wanted.batches(torch.arange(len(wanted)), max(1, len(wanted))) if len(b[0])]
+    if not batches:
+        return positions[:0], torch.zeros(0, 3, split.img_size, split.img_size, dtype=torch.uint8)
+    pixels = torch.cat([images for images, _ in batches])
+    got = torch.cat([index for _, index in batches])  # the split indices that decoded
+    position_of = {index: pos for pos, index in zip(positions.tolist(), seen[positions].tolist(), strict=True)}
+    return torch.tensor([position_of[i] for i in got.tolist()], dtype=torch.long), pixels
 
 
 def _hwc(images: torch.Tensor) -> np.ndarray:

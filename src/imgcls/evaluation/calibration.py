@@ -6,12 +6,27 @@ probabilities over views) is measured the same way.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from imgcls import rundir
+from imgcls.errors import UserError
+
 BINS = 15
+# Fewest validation images of every class a scaling may be fitted on. Fitting is a logistic regression
+# on the logits, and the usual rule for those is about ten outcomes per fitted parameter (Peduzzi et
+# al., 1996): vector scaling fits two per class, so ten per class; one temperature over K >= 2 classes
+# then has at least twenty. Below that a single image moves the fit, and a split whose images are all
+# right (or all wrong) has no finite optimum: a temperature of 164,328 was fitted on a handful.
+MIN_PER_CLASS = 10
+# Temperatures a real network can have. Over-confident CNNs and ViTs are fitted at about 1-3 (Guo et
+# al., 2017); at 20 a logit gap of 20 means nothing, at 0.05 every prediction is certain. A fit
+# outside says the validation split could not pin the temperature down, not that the model needs it.
+TEMPERATURE_RANGE = (0.05, 20.0)
 
 
 def _bin_index(confidence: torch.Tensor, bins: int) -> torch.Tensor:
@@ -111,6 +126,73 @@ class Scaling:
     @classmethod
     def from_dict(cls, d: dict) -> Scaling:
         return cls(d["method"], d["scale"], d["bias"])
+
+
+def check_calibration_data(labels: torch.Tensor, num_classes: int, class_names: list[str] | None = None,
+                           logits: torch.Tensor | None = None) -> None:
+    """Refuse (UserError) to fit a scaling on validation labels with a class absent or under
+    MIN_PER_CLASS images: what is fitted there would be noise, applied to every later prediction.
+    Given the `logits`, also refuse when every image is classified right: the NLL then falls all the
+    way to a temperature of 0, and the fit stops wherever L-BFGS gives up."""
+    names = class_names or [f"class {k}" for k in range(num_classes)]
+    counts = torch.bincount(labels.long().flatten(), minlength=num_classes)[:num_classes].tolist()
+    fix = (f"calibration needs at least {MIN_PER_CLASS} validation images of every class: give the data a val/ "
+           "folder with more images, or train again with a larger --val-fraction")
+    absent = [names[k] for k, n in enumerate(counts) if n == 0]
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise UserError(f"the validation split has no images of '{absent[0]}'{more}; {fix}")
+    fewest = min(range(num_classes), key=lambda k: counts[k])
+    if counts[fewest] < MIN_PER_CLASS:
+        raise UserError(f"the validation split has only {counts[fewest]} images of '{names[fewest]}' "
+                        f"({sum(counts)} in all); {fix}")
+    if logits is not None and bool((logits.argmax(1) == labels).all()):
+        raise UserError(f"every one of the {len(labels)} validation images is classified right, so no temperature "
+                        "fits them (the loss falls towards 0 as it does); calibrate on a larger validation split "
+                        "that holds some mistakes, or use the run uncalibrated")
+
+
+def _scaling_problem(scaling: Scaling) -> str | None:
+    """What makes a scaling implausible (a non-finite parameter, a temperature outside
+    TEMPERATURE_RANGE), or None."""
+    values = [*scaling.scale, *scaling.bias]
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        return "has non-finite parameters (the model's outputs were not finite)"
+    low, high = TEMPERATURE_RANGE
+    temperatures = [1.0 / s if s > 0 else math.inf for s in scaling.scale]
+    outside = [t for t in temperatures if not low <= t <= high]
+    if outside:
+        what = "temperature" if scaling.method == "temperature" else "per-class temperature"
+        return f"has a {what} of {outside[0]:.4g}, outside the plausible {low:g}-{high:g}"
+    return None
+
+
+def check_scaling(scaling: Scaling) -> None:
+    """Refuse (UserError) a scaling just fitted on validation that `_scaling_problem` finds implausible."""
+    problem = _scaling_problem(scaling)
+    if problem:
+        raise UserError(f"the {scaling.method} scaling fitted on the validation split {problem}: its images are too "
+                        "few, or all classified alike (all right or all wrong), to fit it; nothing was stored: "
+                        "calibrate with more validation data, or use the run uncalibrated")
+
+
+def read_scaling(path: Path, num_classes: int) -> Scaling:
+    """The scaling `imgcls calibrate` stored in `path` (calibration.json), checked as when it was fitted."""
+    fix = "delete it to use the run uncalibrated, or run imgcls calibrate again"
+    d = rundir.read_json(path)
+    try:
+        scaling = Scaling.from_dict(d["scaling"])
+        sizes = (len(scaling.scale), len(scaling.bias))
+    except (KeyError, TypeError):  # not a dict, a key missing, or numbers where lists belong
+        raise UserError(f"{path} holds no valid scaling (method, scale, bias); {fix}") from None
+    expected = {"temperature": (1, num_classes), "vector": (num_classes, num_classes)}.get(scaling.method)
+    if sizes != expected:
+        raise UserError(f"{path} holds a scaling for another method or number of classes than this run's "
+                        f"{num_classes}; {fix}")
+    problem = _scaling_problem(scaling)
+    if problem:
+        raise UserError(f"the scaling in {path} {problem}; {fix}")
+    return scaling
 
 
 def fit_scaling(logits: torch.Tensor, labels: torch.Tensor, method: str = "temperature") -> Scaling:

@@ -10,7 +10,7 @@ from imgcls import rundir
 from imgcls.data import Split, load_dataset
 from imgcls.data.presets import parse_tta
 from imgcls.errors import UserError
-from imgcls.evaluation.calibration import calibration_metrics, fit_scaling
+from imgcls.evaluation.calibration import calibration_metrics, check_calibration_data, check_scaling, fit_scaling
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.predict import (
     TrainedRun,
@@ -21,6 +21,17 @@ from imgcls.evaluation.predict import (
     predict_probs,
 )
 from imgcls.runtime import resolve_device, resolve_precision
+
+# Most test-time views `--tta N` may ask for. The gain from random views levels off after a few dozen,
+# and each batch holds N views of every image, so an unbounded N only finds the memory limit.
+MAX_TTA_VIEWS = 64
+
+
+def require_finite(outputs: torch.Tensor, where: str) -> None:
+    """Refuse NaN or Inf model outputs in one line: every metric or probability after them is meaningless."""
+    if not torch.isfinite(outputs).all():
+        raise UserError(f"model outputs are not finite (NaN or Inf) on {where}; the checkpoint is damaged or the "
+                        "run diverged: use another checkpoint (--checkpoint last) or train again with a lower --lr")
 
 
 def run_split(trained: TrainedRun, split: str, data: str | None = None, data_dir: str | None = None) -> Split:
@@ -39,9 +50,11 @@ def run_probs(trained: TrainedRun, split: Split, tta: str | int = "none", scaled
     """(probabilities, labels) of a trained run on `split`, with its calibration unless `scaled=False`."""
     device = next(trained.model.parameters()).device
     cfg = trained.config
-    return predict_probs(trained.model, split, trained.dataset["mean"], trained.dataset["std"], device,
-                         resolve_precision(cfg.precision, device), cfg.eval_batch_size, tta, cfg.aug,
-                         trained.scaling if scaled else None)
+    probs, labels = predict_probs(trained.model, split, trained.dataset["mean"], trained.dataset["std"], device,
+                                  resolve_precision(cfg.precision, device), cfg.eval_batch_size, tta, cfg.aug,
+                                  trained.scaling if scaled else None)
+    require_finite(probs, "the evaluated split")
+    return probs, labels
 
 
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
@@ -68,10 +81,15 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, 
 
 
 def parse_tta_flag(mode: str) -> str | int:
+    """--tta as presets.parse_tta reads it, with at most MAX_TTA_VIEWS random views."""
     try:
-        return parse_tta(mode)
+        parsed = parse_tta(mode)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if isinstance(parsed, int) and parsed > MAX_TTA_VIEWS:
+        raise UserError(f"--tta {parsed} asks for more than {MAX_TTA_VIEWS} views per image (more add nothing but "
+                        f"memory); pass --tta {MAX_TTA_VIEWS} or fewer, or flip / flip-crop")
+    return parsed
 
 
 def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str = "best",
@@ -89,11 +107,17 @@ def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str 
                                         trained.dataset["std"], dev, resolve_precision(cfg.precision, dev),
                                         cfg.eval_batch_size)
         logits = logits.double()
-        if scaling is None:  # the first split is val
+        require_finite(logits, f"the {name} split")
+        if scaling is None:  # the first split is val: too little of it gives a temperature that is noise
+            check_calibration_data(labels, len(trained.classes), trained.classes, logits)
             scaling = fit_scaling(logits, labels, method)
+            check_scaling(scaling)
         report["splits"][name] = {"before": calibration_metrics(logits.softmax(1), labels),
                                   "after": calibration_metrics(scaling.apply(logits).softmax(1), labels)}
     report["scaling"] = scaling.as_dict()
+    from imgcls.evaluation.rejection import val_risk_coverage  # the val curve for predict --reject auto
+
+    report["risk_coverage"] = val_risk_coverage(trained, scaling)
     rundir.write_json(trained.path / rundir.CALIBRATION, report)
     return report
 
@@ -104,11 +128,14 @@ def predict_files(trained: TrainedRun, paths: list[str], topk: int = 3) -> list[
     its calibration, once fitted)."""
     if not paths:
         raise UserError("no images given; pass one or more image files after the run folder")
+    if topk < 1:
+        raise UserError(f"--topk must be at least 1 (got {topk}); it is the number of classes shown per image")
     images = load_images(paths, trained.dataset["img_size"], trained.dataset.get("crop_pct", 1.0))
     device = next(trained.model.parameters()).device
     precision = resolve_precision(trained.config.precision, device)
     logits = forward_batch(trained.model, images, trained.dataset["mean"], trained.dataset["std"], device, precision)
     logits = logits.double().cpu()
+    require_finite(logits, "these images")
     if trained.scaling is not None:
         logits = trained.scaling.apply(logits)
     probs = logits.softmax(dim=1)

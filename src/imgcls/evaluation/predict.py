@@ -11,12 +11,13 @@ import torch
 from imgcls import rundir
 from imgcls.config import TrainConfig, load_config
 from imgcls.data import Split, normalize
+from imgcls.data.decode import FORMAT_NAMES, DecodeError
 from imgcls.data.folder import load_image
 from imgcls.data.presets import tta_view_count, tta_views
 from imgcls.errors import UserError
-from imgcls.evaluation.calibration import Scaling
+from imgcls.evaluation.calibration import Scaling, read_scaling
 from imgcls.models import create_model
-from imgcls.models.checkpoint import load_checkpoint
+from imgcls.models.checkpoint import load_checkpoint, restore_weights
 from imgcls.runtime import autocast
 
 
@@ -85,6 +86,9 @@ class TrainedRun:
         return self.dataset["classes"]
 
 
+DATASET_KEYS = ("classes", "img_size", "mean", "std", "fingerprint")  # what evaluation reads from dataset.json
+
+
 def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None) -> TrainedRun:
     """A run's config and model with weights from `checkpoint` ("best", "last" or a file path)."""
     path = rundir.require_run(path)
@@ -93,18 +97,21 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     if not info_path.is_file():
         raise UserError(f"{path} has no {rundir.DATASET}; the run never started training, train it again")
     info = rundir.read_json(info_path)
+    absent = [k for k in DATASET_KEYS if not isinstance(info, dict) or k not in info]
+    if absent:
+        raise UserError(f"{info_path} lacks {', '.join(absent)}; the file is damaged: restore it or train again")
     ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
     model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
-    model.load_state_dict(ckpt["model"])
+    restore_weights(model, ckpt, ckpt_path)
     model = model.to(device or torch.device("cpu"), memory_format=torch.channels_last).eval()
     calibration = path / rundir.CALIBRATION
-    scaling = Scaling.from_dict(rundir.read_json(calibration)["scaling"]) if calibration.is_file() else None
+    scaling = read_scaling(calibration, len(info["classes"])) if calibration.is_file() else None
     return TrainedRun(path, cfg, info, model, ckpt_path, scaling)
 
 
 def load_images(paths: list[str | Path], img_size: int, crop_pct: float = 1.0) -> torch.Tensor:
-    """Files -> uint8 N x 3 x S x S with the same resize and crop that training data got."""
+    """Files -> uint8 N x 3 x S x S with the same decoding, resize and crop that training data got."""
     arrays = []
     for p in paths:
         p = Path(p)
@@ -112,6 +119,6 @@ def load_images(paths: list[str | Path], img_size: int, crop_pct: float = 1.0) -
             raise UserError(f"image {p} does not exist; check the path")
         try:
             arrays.append(load_image(p, img_size, crop_pct))
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read image {p} ({e}); pass a jpg, png, webp or bmp file") from e
+        except DecodeError as e:
+            raise UserError(f"cannot read image {p}: {e}; pass a readable {FORMAT_NAMES} file") from e
     return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())

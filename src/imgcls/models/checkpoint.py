@@ -1,10 +1,9 @@
-"""Checkpoint files: written atomically, read without executing pickled code."""
+"""Checkpoint files: written atomically, read without executing pickled code, checked before use."""
 
 from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ from imgcls.errors import UserError
 from imgcls.rundir import atomic_write_bytes
 
 FORMAT = "imgcls-checkpoint-1"
+REQUIRED = ("model_name", "num_classes", "model")  # what every imgcls checkpoint holds besides its format
 
 
 def save_checkpoint(payload: dict, path: Path) -> None:
@@ -22,25 +22,66 @@ def save_checkpoint(payload: dict, path: Path) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
+def first_line(error: BaseException, limit: int = 120) -> str:
+    """An exception's message cut to one short line (its type when the message is empty)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def safe_torch_load(path: Path, what: str, fix: str):
+    """torch.load with weights_only=True: tensors and plain containers only, nothing executed.
+
+    Refusals are one line: `what` names the file's role ("checkpoint", "weights file"), `fix` says what
+    to pass instead."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # weights_only met a class or function: a pickle that would run code
+            raise UserError(f"{what} {path} holds Python objects other than tensors, which imgcls never unpickles "
+                            f"(they could run code); {fix}") from e
+        raise UserError(f"{what} {path} is damaged or truncated (not a pickle of tensors); {fix}") from e
+    except Exception as e:  # noqa: BLE001  garbage makes torch's readers fail in many ways (KeyError, EOFError, ...)
+        raise UserError(f"{what} {path} is damaged or truncated ({first_line(e)}); {fix}") from e
+
+
+def nonfinite_tensors(state: dict) -> list[str]:
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    return [k for k, v in state.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes: int | None = None) -> dict:
-    """Load with weights_only=True and check it belongs to `model_name` with `num_classes`."""
+    """Load with weights_only=True and check it is an imgcls checkpoint of `model_name` with `num_classes`
+    whose weights are all finite."""
     path = Path(path)
+    other = "use the run's other checkpoint (best.pt or last.pt) or train again"
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass a checkpoint file (best, last, or a path to a .pt file)")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path or the run folder")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        reason = str(e).splitlines()[0][:120]
-        raise UserError(
-            f"checkpoint {path} is damaged or truncated ({reason}); "
-            "use the run's other checkpoint (best.pt or last.pt) or train again"
-        ) from e
+    ckpt = safe_torch_load(path, "checkpoint", other)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(f"{path} is not an imgcls checkpoint; pass a best.pt or last.pt written by imgcls train")
+    absent = [k for k in REQUIRED if k not in ckpt]
+    if absent or not isinstance(ckpt["model"], dict):
+        raise UserError(f"checkpoint {path} is incomplete (no {', '.join(absent) or 'state dict'}); {other}")
     found = (ckpt["model_name"], ckpt["num_classes"])
     if model_name is not None and found[0] != model_name or num_classes is not None and found[1] != num_classes:
         raise UserError(
             f"checkpoint {path} holds {found[0]} with {found[1]} classes, but this run needs "
             f"{model_name} with {num_classes} classes; pass a checkpoint from the same run"
         )
+    bad = nonfinite_tensors(ckpt["model"])
+    if bad:
+        raise UserError(f"checkpoint {path} holds non-finite weights (NaN or Inf in {len(bad)} tensors, e.g. "
+                        f"{bad[0]}): the run diverged; train again with a lower --lr (or --precision fp32)")
     return ckpt
+
+
+def restore_weights(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:
+    """Copy a loaded checkpoint's state dict into `model`; a tensor that does not fit is one line."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # missing/unexpected keys or shapes: the file was edited or mislabelled
+        raise UserError(f"checkpoint {path} does not fit {ckpt['model_name']} with {ckpt['num_classes']} classes "
+                        f"({first_line(e, 160)}); pass a checkpoint written by the same run") from e

@@ -16,9 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import torch
 import torch.nn as nn
 
 from imgcls.errors import UserError
+from imgcls.models.checkpoint import first_line
 from imgcls.models.surface import mlp_head, replace_classifier
 from imgcls.models.weights import load_pretrained
 
@@ -72,12 +74,33 @@ def model_spec(name: str) -> ModelSpec:
         cfg = timm.get_pretrained_cfg(arch)
         size = cfg.input_size[-1] if cfg is not None else 224
         family = "vit" if any(k in arch for k in ("vit", "deit", "swin", "eva", "beit")) else "cnn"
-        return ModelSpec(name, lambda **kw: timm.create_model(arch, **kw), size, family, f"timm {arch}",
+        return ModelSpec(name, _timm_builder(arch), size, family, f"timm {arch}",
                          timm_preprocessing(arch), timm_hub_weights(arch))
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise UserError(f"unknown model '{name}'; choose one of {known}, or timm/<name> for any timm model")
     return _REGISTRY[name]
+
+
+def _timm_builder(arch: str) -> Callable[..., nn.Module]:
+    """timm's `arch`; one that takes a single input size (ViT, DeiT, Swin, ...) is built with
+    dynamic_img_size=True where it accepts it, so it runs at any --img-size its patches divide. Its
+    parameters keep their native shapes (positions are resampled on the fly), so pretrained weights
+    and the run's own checkpoints load whatever the size. A fixed-size model without that option
+    stays fixed, and `check_forward` refuses other sizes in one line."""
+
+    def build(**kw) -> nn.Module:
+        import timm
+
+        cfg = timm.get_pretrained_cfg(arch)
+        if cfg is not None and cfg.fixed_input_size:
+            try:
+                return timm.create_model(arch, dynamic_img_size=True, **kw)
+            except TypeError:  # the model has no such option (e.g. MLP-Mixer)
+                pass
+        return timm.create_model(arch, **kw)
+
+    return build
 
 
 def timm_preprocessing(arch: str) -> Preprocessing | None:
@@ -113,11 +136,14 @@ def timm_hub_weights(arch: str) -> Callable[[nn.Module], dict]:
 
 
 def create_model(name: str, num_classes: int, pretrained: bool | str = False, head: str = "linear",
-                 **kwargs) -> nn.Module:
+                 img_size: int | None = None, **kwargs) -> nn.Module:
     """Build a model by name with a fresh `num_classes` head (`head="mlp"`: the two-layer MLP head).
 
     `pretrained`: True loads the model's own weights (see `imgcls models`: a PyPI package or timm's
     hub), a path loads that file; the head is kept only when its class count matches.
+    `img_size`: the input size it will see; given, one image of that size runs through the model
+    (`check_forward`) and a size it cannot take is refused here. Every model written here is
+    size-agnostic (global pooling; our ViT resamples its positions), so the build itself ignores it.
     """
     spec = model_spec(name)
     model = spec.builder(num_classes=num_classes, **kwargs)
@@ -127,7 +153,28 @@ def create_model(name: str, num_classes: int, pretrained: bool | str = False, he
         raise UserError(f"unknown head '{head}'; use linear or mlp")
     if pretrained:
         load_pretrained(model, spec, pretrained)
+    if img_size is not None:
+        check_forward(model, img_size, name, spec.img_size)
     return model
+
+
+def check_forward(model: nn.Module, img_size: int, name: str = "the model", native: int | None = None) -> None:
+    """Run one blank img_size x img_size image through `model` (eval mode, no gradients) so that a size
+    the architecture cannot take fails now, in one line, before any data is read or run folder made."""
+    hint = f"use its native --img-size {native} or another size it takes" if native else "choose another --img-size"
+    if img_size < 1:
+        raise UserError(f"--img-size must be a positive number of pixels (got {img_size}); {hint}")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=device))
+    except (RuntimeError, AssertionError, ValueError, TypeError, IndexError) as e:
+        # architectures say "too small" or "wrong size" in many ways: conv kernels, asserts, reshapes
+        raise UserError(f"{name} cannot take {img_size}x{img_size} images ({first_line(e, 160)}); {hint}") from None
+    finally:
+        model.train(was_training)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

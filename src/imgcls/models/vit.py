@@ -103,6 +103,11 @@ class VisionTransformer(ClassifierSurface, nn.Module):
         patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (fnmatch patterns) the optimizer leaves undecayed, as timm's ViT: pulling the
+        learned positions and the CLS token towards zero regularises nothing, it only erases them."""
+        return {"pos_embed", "cls_token"}
+
     def group_matcher(self, coarse: bool = False) -> dict:
         # As timm's ViT: embeddings first, one group per block, the final norm with the last block.
         return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": [(r"^blocks\.(\d+)", None),
@@ -112,7 +117,7 @@ class VisionTransformer(ClassifierSurface, nn.Module):
         x = self.patch_embed(x)  # B x D x H/p x W/p
         grid_h, grid_w = x.shape[-2:]
         x = x.flatten(2).transpose(1, 2)  # B x N x D
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self._pos_embed_for(grid_h, grid_w))
         return self.norm(self.blocks(x))
 

@@ -7,8 +7,6 @@ refused with the first mismatch named, so a backbone never trains half-initialis
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,7 +14,11 @@ import torch
 import torch.nn as nn
 
 from imgcls.errors import UserError
+from imgcls.models.checkpoint import first_line, nonfinite_tensors, safe_torch_load
 from imgcls.models.surface import classifier_name
+
+# BatchNorm's running statistics: without them a pretrained backbone computes different features.
+NORM_STATISTICS = ("running_mean", "running_var")
 
 
 @dataclass
@@ -24,7 +26,7 @@ class LoadReport:
     source: str
     loaded: int = 0
     new_head: list[str] = field(default_factory=list)  # classifier tensors left at their fresh init
-    missing: list[str] = field(default_factory=list)  # buffers absent from the file (e.g. num_batches_tracked)
+    missing: list[str] = field(default_factory=list)  # buffers absent from the file (num_batches_tracked)
     unexpected: list[str] = field(default_factory=list)  # tensors in the file that the model lacks
 
     def __str__(self) -> str:
@@ -48,23 +50,26 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; pass --pretrained an existing .safetensors or .pth file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    fix = "pass a .safetensors file or a torch file saved from a state_dict"
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             state = load_file(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0][:120]
-        raise UserError(f"cannot read weights from {path} ({reason}); pass a .safetensors file or a "
-                        "torch file saved from a state_dict") from e
+        except Exception as e:  # noqa: BLE001  safetensors reports a bad header in several exception types
+            raise UserError(f"cannot read weights from {path} ({first_line(e)}); {fix}") from e
+    else:
+        state = safe_torch_load(path, "weights file", fix)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no state dict of tensors; save the weights with model.state_dict()")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise UserError(f"weights file {path} holds non-finite weights (NaN or Inf in {len(bad)} tensors, e.g. "
+                        f"{bad[0]}); the training that wrote it diverged: pass weights from a healthy run")
     return {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
 
 
@@ -93,12 +98,19 @@ def apply_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
             f"weights in {source} do not fit {model_name}: {len(backbone_missing)} of its backbone parameters are "
             f"missing (e.g. {_few(backbone_missing)}; {found} matched); pass weights saved from {model_name}"
         )
+    buffers_missing = [k for k in own if k not in usable and k not in params and not k.startswith(head_prefix)]
+    statistics = [k for k in buffers_missing if k.endswith(NORM_STATISTICS)]
+    if statistics:  # normalising by mean 0 / variance 1 would feed every layer above wrong features
+        raise UserError(
+            f"weights in {source} lack {len(statistics)} BatchNorm statistics of {model_name} (e.g. "
+            f"{_few(statistics)}); pass a file saved with model.state_dict(), which includes its buffers"
+        )
     model.load_state_dict(usable, strict=False)
     report.loaded = len(usable)
     report.new_head = [k for k in own if k.startswith(head_prefix) and k not in usable]
     if report.new_head:
         _zero_last_linear(model.get_classifier())
-    report.missing = [k for k in own if k not in usable and k not in params and not k.startswith(head_prefix)]
+    report.missing = buffers_missing  # counters such as num_batches_tracked: kept at init, reported
     return report
 
 

@@ -7,6 +7,8 @@ import json
 from rich.console import Console
 from rich.table import Table
 
+from imgcls.errors import UserError
+
 console = Console()
 
 
@@ -92,7 +94,12 @@ def print_calibration(report: dict, run: str) -> None:
 
 def print_predictions(predictions: list[dict], as_json: bool) -> None:
     if as_json:
-        print(json.dumps(predictions, indent=2))
+        try:  # JSON has no NaN or Infinity: refuse rather than print text that parsers reject
+            text = json.dumps(predictions, indent=2, allow_nan=False)
+        except ValueError:
+            raise UserError("the predictions hold non-finite probabilities, which JSON cannot carry; the "
+                            "checkpoint is damaged or the run diverged: train again") from None
+        print(text)
         return
     for p in predictions:
         ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])

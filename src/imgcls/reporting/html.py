@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import rundir
+from imgcls.errors import UserError
 from imgcls.reporting import figures
 
 STYLE = """
@@ -135,6 +136,8 @@ def write_run_report(run: Path) -> Path:
 def write_comparison_report(folder: Path, run_reports: dict[str, Path]) -> Path:
     """report.html for an `imgcls compare` folder: the results table, the charts, links to each run's report."""
     folder = Path(folder)
+    if not (folder / "results.md").is_file():
+        raise UserError(f"{folder} has no results.md; rerun imgcls compare with the same --out to write it")
     markdown = (folder / "results.md").read_text().strip().splitlines()
     header = [c.strip() for c in markdown[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown[2:] if line.startswith("|")]

@@ -90,13 +90,14 @@ def all_sum(world: World, values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def any_rank(world: World, flag: bool) -> bool:
-    """True on every rank when it is true on one (a Ctrl-C seen by one process stops them all together)."""
+def any_rank(world: World, flags: list[bool]) -> list[bool]:
+    """Each flag true on every rank when it is true on one (a Ctrl-C or a NaN seen by one process stops
+    them all at the same step), in one collective."""
     if not world.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=world.device)
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=world.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def from_main(world: World, obj):

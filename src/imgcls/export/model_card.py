@@ -1,0 +1,111 @@
+"""MODEL_CARD.md: what the exported model does and how well, from the run's own numbers only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RECIPE_KEYS = ("model", "head", "pretrained", "strategy", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
+               "warmup_epochs", "ema", "aug", "random_erasing", "mixup", "cutmix", "label_smoothing", "precision",
+               "seed")
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _metrics_section(ev: dict) -> list[str]:
+    lines = [f"## Test metrics ({ev['split']} split, {ev['n']} images)", "",
+             f"- accuracy: {pct(ev['accuracy'])}", f"- macro F1: {ev['macro_f1']:.4f}", f"- NLL: {ev['loss']:.4f}"]
+    if "top5_accuracy" in ev:
+        lines.append(f"- top-5 accuracy: {pct(ev['top5_accuracy'])}")
+    rows = [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+            for r in ev["per_class"]]
+    lines += ["", *_table(["class", "precision", "recall", "F1", "support"], rows), "", "## Most-confused pairs", ""]
+    pairs = [[p["true"], p["predicted"], p["count"]] for p in ev["most_confused"]]
+    lines += _table(["true", "predicted as", "images"], pairs) if pairs else ["none: no errors on this split"]
+    return lines
+
+
+def _calibration_section(calibration: dict | None) -> list[str]:
+    lines = ["## Calibration", ""]
+    if calibration is None:
+        return lines + ["not calibrated: probabilities are the softmax of the logits (`imgcls calibrate RUN`)"]
+    s = calibration["scaling"]
+    fitted = f"temperature {s['temperature']:.4f}" if s.get("temperature") else f"{s['method']} scaling"
+    lines += [f"{fitted}, fitted on val; the exported probabilities include it", ""]
+    rows = []
+    for split, m in calibration["splits"].items():
+        for key in ("ece", "nll", "brier"):
+            rows.append([split, key, f"{m['before'][key]:.4f}", f"{m['after'][key]:.4f}"])
+    return lines + _table(["split", "metric", "before", "after"], rows)
+
+
+def _rejection_section(rule: dict | None, curve: dict | None) -> list[str]:
+    lines = ["## Rejection (saying \"unknown\")", ""]
+    if rule is None:
+        reason = "no risk-coverage curve (`imgcls calibrate RUN`)" if curve is None else \
+            "no threshold reaches the target accuracy on val"
+        return lines + [f"no threshold: {reason}"]
+    return lines + [
+        f"- threshold on the calibrated top-1 probability: {rule['threshold']:.4f} "
+        f"(chosen on val for accuracy >= {rule['target_accuracy']})",
+        f"- on val it accepts {pct(rule['coverage'])} of images at accuracy {pct(rule['accuracy'])}, "
+        f"against {pct(curve['accuracy'][-1])} accuracy when everything is accepted ({curve['n']} images)",
+        f"- area under the val risk-coverage curve: {curve['aurc']:.4f}"]
+
+
+def _parity_section(parity: dict) -> list[str]:
+    rows = []
+    for r in parity.values():
+        lat = r["latency_ms_per_image"]
+        rows.append([r["format"], r["images"], pct(r["top1_agreement"]), f"{r['max_abs_prob_diff']:.2e}",
+                     f"{lat['pytorch']['batch1']:.2f}", f"{lat[r['format']]['batch1']:.2f}",
+                     f"{lat['pytorch']['batch64']:.2f}", f"{lat[r['format']]['batch64']:.2f}"])
+    header = ["format", "val images", "top-1 agreement", "max abs prob diff", "pytorch ms/img b1", "export ms/img b1",
+              "pytorch ms/img b64", "export ms/img b64"]
+    return ["## Export parity (fp32, against the run in PyTorch)", "", *_table(header, rows)]
+
+
+def _limitations(ev: dict, calibration: dict | None) -> list[str]:
+    recalls = [r["recall"] for r in ev["per_class"]]
+    mean = sum(recalls) / len(recalls)
+    low = [f"{r['class']} ({r['recall']:.4f})" for r in ev["per_class"] if r["recall"] < mean]
+    lines = ["## Limitations the numbers show", "",
+             f"- classes with recall under the mean recall {mean:.4f}: {', '.join(low) or 'none'}"]
+    if calibration is not None and "test" in calibration["splits"]:
+        lines.append(f"- test ECE after calibration: {calibration['splits']['test']['after']['ece']:.4f}")
+    if ev["split"] != "test":
+        lines.append("- the data has no test split: the metrics above are on val, which chose the checkpoint")
+    return lines
+
+
+def model_card(trained, prep, ev: dict, calibration: dict | None, rule: dict | None, curve: dict | None,
+               parity: dict, summary: dict | None) -> str:
+    cfg, info = trained.config, trained.dataset
+    fp = info["fingerprint"]
+    scaling = calibration["scaling"] if calibration else None
+    lines = [f"# Model card: {cfg.model} on {info.get('name', fp['source'])}", "",
+             f"Written by `imgcls export` from run `{trained.path}` (checkpoint `{Path(trained.checkpoint).name}`).",
+             "", "## What it classifies", "",
+             f"- {len(trained.classes)} classes: {', '.join(trained.classes)}",
+             f"- input: {prep.as_dict()['input']}, img_size {prep.img_size}",
+             f"- resize: {prep.as_dict()['resize']}, crop_pct {prep.crop_pct}",
+             f"- normalisation inside the graph: mean {list(prep.mean)}, std {list(prep.std)}",
+             "- outputs: logits, and probabilities" + (" after the fitted calibration" if scaling else ""),
+             "", "## Data", "", f"- source: {fp['source']}",
+             "- split sizes: " + ", ".join(f"{k} {v}" for k, v in fp["sizes"].items()),
+             f"- val_fraction {fp['val_fraction']}, split_seed {fp['split_seed']}, "
+             f"labels sha256 {fp['labels_sha256']}", "", "## Training recipe", ""]
+    lines += _table(["setting", "value"], [[k, getattr(cfg, k)] for k in RECIPE_KEYS])
+    if summary:
+        lines += ["", f"best epoch {summary['best_epoch']} of {summary['epochs']}, val accuracy "
+                      f"{pct(summary['best_val_acc'])}, training time {summary['train_time_s']:.1f} s"]
+    for section in (_metrics_section(ev), _calibration_section(calibration), _rejection_section(rule, curve),
+                    _parity_section(parity), _limitations(ev, calibration)):
+        lines += ["", *section]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,126 @@
+"""What last.pt and best.pt hold, written and read back in one place.
+
+last.pt  the full training state: the evaluated weights under "model" (the average when EMA is on,
+         so `--checkpoint last` scores what the summary scored), the raw training weights when they
+         differ, optimizer, schedule, loss scaler, the epoch and the position inside it, and every
+         rank's random streams. A resumed run ends with exactly the metrics of an uninterrupted one.
+best.pt  the evaluated weights of the epoch with the best validation accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from imgcls import rundir
+from imgcls.errors import UserError
+from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.training import distributed
+from imgcls.training.context import TrainingContext
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of the current epoch; saved with the checkpoint so a resumed epoch adds up."""
+
+    steps: int = 0
+    images: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seconds: float = 0.0  # wall time of the steps, waiting for data included
+    data_seconds: float = 0.0  # of which waiting for the next batch
+    nonfinite_loss: float | None = None  # set by a step whose loss was NaN or infinite (never saved)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    meter: EpochMeter = field(default_factory=EpochMeter)  # progress inside the next epoch
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    saved: bool = False  # whether last.pt holds this run's state (else a failure leaves nothing worth keeping)
+
+
+def rng_state(aug_gen: torch.Generator, device: torch.device) -> dict:
+    return {"aug": aug_gen.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(rng: dict, aug_gen: torch.Generator, device: torch.device) -> None:
+    aug_gen.set_state(rng["aug"])
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def global_meter(ctx: TrainingContext, meter: EpochMeter) -> EpochMeter:
+    """The epoch so far over all ranks: sums of images, loss and hits; steps and times as rank 0's."""
+    images, loss_sum, correct = distributed.all_sum(ctx.world, [meter.images, meter.loss_sum, meter.correct])
+    return EpochMeter(meter.steps, int(images), loss_sum, int(correct), meter.seconds, meter.data_seconds)
+
+
+class Checkpointer:
+    def __init__(self, run: Path, ctx: TrainingContext):
+        self.last, self.best, self.ctx = Path(run) / rundir.LAST, Path(run) / rundir.BEST, ctx
+
+    def save_last(self, state: TrainState, aug_gen: torch.Generator) -> None:
+        """Every rank calls this (it gathers each rank's random streams); rank 0 writes."""
+        ctx = self.ctx
+        rng = distributed.gather(ctx.world, rng_state(aug_gen, ctx.device))
+        meter = global_meter(ctx, state.meter)
+        if ctx.world.main:
+            save_checkpoint({
+                "model_name": ctx.cfg.model,
+                "num_classes": ctx.dataset.num_classes,
+                "model": ctx.evaluated.state_dict(),
+                "train_weights": ctx.model.state_dict() if ctx.ema is not None else None,
+                "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
+                "optimizer": ctx.optimizer.state_dict(),
+                "scheduler": ctx.scheduler.state_dict(),
+                "scaler": ctx.scaler.state_dict(),
+                "epoch": state.epoch,
+                "meter": meter.as_dict(),
+                "best_val_acc": state.best_val_acc,
+                "best_epoch": state.best_epoch,
+                "train_seconds": state.train_seconds,
+                "rng": rng,  # one per rank: augmentation, torch (dropout), this rank's GPU
+            }, self.last)
+        state.saved = True
+
+    def save_best(self, state: TrainState, val_acc: float) -> None:
+        ctx = self.ctx
+        if ctx.world.main:
+            save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
+                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch, "val_acc": val_acc},
+                            self.best)
+
+    def restore(self, aug_gen: torch.Generator) -> TrainState:
+        """Load last.pt into the context's model, optimizer and random streams; return where it stopped."""
+        ctx, world = self.ctx, self.ctx.world
+        ckpt = load_checkpoint(self.last, ctx.cfg.model, ctx.dataset.num_classes)
+        # Older runs kept the raw weights under "model" and no "train_weights".
+        ctx.model.load_state_dict(ckpt.get("train_weights") or ckpt["model"])
+        if ctx.ema is not None:
+            ctx.ema.load_state_dict(ckpt["ema"])
+        ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        ctx.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            ctx.scaler.load_state_dict(ckpt["scaler"])
+        meter = EpochMeter(**ckpt["meter"])
+        if not world.main:  # rank 0 carries the epoch's sums so far; the others add their own
+            meter = EpochMeter(steps=meter.steps, seconds=meter.seconds, data_seconds=meter.data_seconds)
+        state = TrainState(ckpt["epoch"], meter, ckpt["best_val_acc"], ckpt["best_epoch"], ckpt["train_seconds"],
+                           saved=True)
+        rng = ckpt.get("rng") or [{"aug": ckpt["aug_rng"], "torch": ckpt["torch_rng"], "cuda": None}]  # older runs
+        if len(rng) != world.size and meter.steps:
+            raise UserError(f"{self.last.parent} stopped inside an epoch with {len(rng)} process(es); resume it with "
+                            f"the same number (torchrun --nproc_per_node={len(rng)})")
+        if len(rng) == world.size:  # else, at an epoch boundary, every stream is reseeded from the epoch
+            set_rng_state(rng[world.rank], aug_gen, ctx.device)
+        return state

@@ -1,0 +1,173 @@
+"""Everything a run trains with, built once from its config: device, data, model, optimizer, EMA.
+
+`build_context` does the slow and fallible work (loading data, building the model, a trial forward
+pass) before any run folder exists, so a bad option fails without leaving anything behind.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from imgcls.config import NORMALIZATIONS, TrainConfig, resolve, resolved_strategy
+from imgcls.data import Dataset, load_dataset
+from imgcls.data.datasets import normalization_named
+from imgcls.data.presets import DEFAULT_ERASING, normalize
+from imgcls.errors import UserError
+from imgcls.models import create_model, model_spec
+from imgcls.models.weights import LoadReport, load_pretrained
+from imgcls.runtime import resolve_device, resolve_precision, seed_everything
+from imgcls.training import distributed
+from imgcls.training.distributed import World
+from imgcls.training.transfer import LayerGroup, optimizer_param_groups, plan_groups
+
+
+@dataclass
+class TrainingContext:
+    cfg: TrainConfig  # resolved: no 'auto' left that training decides
+    world: World
+    device: torch.device
+    precision: str
+    dataset: Dataset
+    model: torch.nn.Module  # the bare model (never wrapped in DDP or compile)
+    groups: list[LayerGroup]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+    steps_per_epoch: int
+    loaded: LoadReport | None  # what --pretrained loaded (new runs only)
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What validation, best.pt, last.pt's weights and the summary see: the average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def rank_seed(self) -> int:
+        """Each rank's own random streams; rank 0's are a single process's."""
+        return self.cfg.seed + 1_000_003 * self.world.rank
+
+
+def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool) -> TrainingContext:
+    """The context of a new run (`fresh`: pretrained weights and whitening applied) or of a resumed one
+    (its weights come from last.pt afterwards)."""
+    device = resolve_device(device_name)
+    precision = resolve_precision(cfg.precision, device)
+    _check_parallel(cfg, world, device)
+    spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
+    normalization, crop_pct = _preprocessing(cfg, spec)
+    dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
+                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
+    cfg = resolve(cfg, img_size=dataset.img_size, normalization=dataset.normalization,
+                  default_erasing=DEFAULT_ERASING.get(cfg.aug, 0.0))
+    model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
+    groups = plan_groups(model, cfg)
+    steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
+    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch, groups)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    return TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
+                           steps_per_epoch, loaded)
+
+
+def _build_model(cfg: TrainConfig, spec, dataset: Dataset, world: World, device: torch.device, fresh: bool):
+    seed_everything(cfg.seed)
+    model = create_model(cfg.model, dataset.num_classes, head=cfg.head)
+    loaded = load_pretrained(model, spec, cfg.pretrained) if cfg.pretrained and fresh else None
+    if cfg.whiten and fresh:
+        _whiten(model, dataset)
+    _check_forward(model, cfg)
+    if world.rank > 0:  # the same initial weights, but each rank its own dropout and drop-path masks
+        torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
+    if cfg.sync_bn and world.distributed:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(device, memory_format=torch.channels_last), loaded
+
+
+def _check_forward(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    """One image through the model in eval mode (no random numbers drawn), so a model that cannot take
+    this input size fails now, in one line, not after the run folder exists."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, cfg.img_size, cfg.img_size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"{cfg.model} cannot take {cfg.img_size}x{cfg.img_size} inputs ({first}); "
+                        f"choose another --img-size, e.g. the model's native size (imgcls models)") from None
+    finally:
+        model.train(was_training)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LR factor per step: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, groups: list[LayerGroup]):
+    """AdamW or Nesterov SGD over every layer group at its own rate (frozen ones join when they get
+    gradients), with one warm-up + cosine factor scaling all rates alike. Fused kernels on CPU and
+    CUDA: one pass over all parameters instead of one per tensor."""
+    param_groups = optimizer_param_groups(model, groups, cfg.weight_decay)
+    fused = next(model.parameters()).device.type in ("cpu", "cuda")
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
+                                    fused=fused)
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, fused=fused)
+    total = cfg.epochs * steps_per_epoch
+    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+    return optimizer, scheduler
+
+
+def steps_in_epoch(n: int, batch_size: int, world: World) -> int:
+    """Global steps per epoch. Under torchrun a last batch too small to give every rank an image is dropped."""
+    if world.distributed and 0 < n % batch_size < world.size:
+        return n // batch_size
+    return math.ceil(n / batch_size)
+
+
+def _check_parallel(cfg: TrainConfig, world: World, device: torch.device) -> None:
+    if cfg.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop it on the CPU")
+    if not world.distributed:
+        return
+    distributed.check_batch_size(world, cfg.batch_size)
+    if cfg.cache_features or resolved_strategy(cfg) == "gradual":
+        raise UserError("--cache-features and --strategy gradual run in one process only; "
+                        "launch them without torchrun")
+
+
+def _whiten(model, dataset: Dataset) -> None:
+    if not hasattr(model, "init_whitening"):
+        raise UserError(f"--whiten initialises a fastnet_* stem; {model.__class__.__name__} has none, drop --whiten")
+    if dataset.train.images is None:
+        raise UserError("--whiten needs the training images in memory; use --data-mode memory")
+    model.init_whitening(normalize(dataset.train.images[:5000], dataset.mean, dataset.std))
+
+
+def _preprocessing(cfg: TrainConfig, spec) -> tuple[str, float]:
+    """(normalisation, crop_pct): pretrained weights bring their own; otherwise the dataset's."""
+    prep = spec.preprocessing if cfg.pretrained else None
+    if prep is None:
+        return cfg.normalize, 1.0
+    if cfg.normalize != "auto":
+        return cfg.normalize, prep.crop_pct
+    name = normalization_named(prep.mean, prep.std)
+    if name is None:
+        raise UserError(f"{cfg.model}'s weights expect mean {prep.mean} and std {prep.std}, which imgcls does not "
+                        f"know by name; pass --normalize with the closest of {', '.join(NORMALIZATIONS)}")
+    return name, prep.crop_pct

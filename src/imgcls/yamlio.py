@@ -1,0 +1,72 @@
+"""Reading a YAML file that must be a mapping (recipes, experiments), with one-line errors.
+
+PyYAML keeps the last of two equal keys without a word; here a repeated key is refused, so a
+variant or an option written twice is never silently dropped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from imgcls.errors import UserError
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a mapping may not give the same key twice (`<<` merges may still be overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == MERGE_TAG:
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.setdefault(key, line)
+                except TypeError:  # an unhashable key; PyYAML's own error says so below
+                    continue
+                if first != line:
+                    raise _DuplicateKey(key, line, first)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_mapping(path: str | Path, what: str) -> dict:
+    """The top-level mapping of the YAML file `path` ({} for an empty file).
+
+    `what` names the file in errors, e.g. "recipe" or "experiment file". Raises UserError (one
+    line) for a missing or unreadable file, invalid YAML, a repeated key, or a top level that is
+    not a mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist or is not a file; check the path")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path} ({type(e).__name__}); pass a readable UTF-8 YAML file") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise UserError(f"{what} {path} gives the key {e.key!r} twice (lines {e.first} and {e.line}); "
+                        "keep one of them") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        first = getattr(e, "problem", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{what} {path} is not valid YAML ({first}{where}); fix the file") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{what} {path} must be a mapping of key: value at the top level, not a "
+                        f"{type(raw).__name__}; see the examples in the README")
+    return raw

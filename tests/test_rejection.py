@@ -1,0 +1,169 @@
+"""Saying "unknown": the risk-coverage curve, thresholds chosen on val, OOD scores, eval --ood."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imgcls import rundir
+from imgcls.cli import main
+from imgcls.config import build_config
+from imgcls.errors import UserError
+from imgcls.evaluation.rejection import auroc, choose_threshold, energy, fpr_at_tpr, resolve_threshold, risk_coverage
+from imgcls.training.train import fit
+
+
+def _probs(confidences, predicted, n_classes=3):
+    """Rows whose top-1 is `predicted` with probability `confidence`, the rest spread evenly."""
+    c = torch.tensor(confidences, dtype=torch.float64)
+    probs = ((1 - c) / (n_classes - 1))[:, None].repeat(1, n_classes)
+    probs[torch.arange(len(c)), torch.tensor(predicted)] = c
+    return probs
+
+
+def test_risk_coverage_by_hand():
+    probs = _probs([0.9, 0.8, 0.8, 0.6, 0.5], [0, 1, 2, 0, 1])
+    labels = torch.tensor([0, 1, 0, 2, 1])  # right, right, wrong, wrong, right
+    curve = risk_coverage(probs, labels)
+    assert curve["threshold"] == [0.9, 0.8, 0.6, 0.5]  # the two 0.8s are one threshold: both or neither
+    assert curve["coverage"] == [0.2, 0.6, 0.8, 1.0]
+    assert curve["accuracy"] == pytest.approx([1.0, 2 / 3, 0.5, 0.6])
+    assert curve["aurc"] == pytest.approx(np.mean([0, 0, 1 / 3, 1 / 2, 2 / 5]))
+    assert choose_threshold(curve, target_accuracy=0.6)["threshold"] == 0.5  # the most coverage that meets it
+    assert choose_threshold(curve, target_accuracy=0.7)["threshold"] == 0.9
+    assert choose_threshold(curve, coverage=0.5)["threshold"] == 0.8
+    with pytest.raises(UserError, match="no threshold reaches accuracy"):
+        choose_threshold({"threshold": [0.9], "coverage": [1.0], "accuracy": [0.5]}, target_accuracy=0.9)
+
+
+def test_a_thinned_curve_stays_exact_at_its_points():
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.rand(5000, generator=gen, dtype=torch.float64) * 0.6 + 0.4
+    labels = torch.zeros(5000, dtype=torch.long)
+    predicted = torch.where(torch.rand(5000, generator=gen, dtype=torch.float64) < conf, 0, 1)
+    curve = risk_coverage(_probs(conf.tolist(), predicted.tolist()), labels, max_points=100)
+    assert len(curve["threshold"]) == 100 and curve["coverage"][-1] == 1.0
+    t, acc = curve["threshold"][40], curve["accuracy"][40]
+    accepted = conf >= t
+    assert acc == pytest.approx((predicted[accepted] == 0).double().mean().item())
+
+
+def test_threshold_chosen_on_val_meets_its_target_on_held_out_data():
+    """Calibrated scores (right with probability = confidence): the val threshold holds on new draws."""
+    gen = torch.Generator().manual_seed(1)
+
+    def draw(n):
+        conf = torch.rand(n, generator=gen, dtype=torch.float64) * 0.65 + 0.35
+        predicted = torch.where(torch.rand(n, generator=gen, dtype=torch.float64) < conf, 0, 1)
+        return _probs(conf.tolist(), predicted.tolist()), torch.zeros(n, dtype=torch.long)
+
+    val_probs, val_labels = draw(4000)
+    test_probs, test_labels = draw(4000)
+    rule = choose_threshold(risk_coverage(val_probs, val_labels), target_accuracy=0.9)
+    accepted = test_probs.max(1).values >= rule["threshold"]
+    accuracy = (test_probs.argmax(1) == test_labels)[accepted].double().mean().item()
+    stderr = (0.9 * 0.1 / accepted.sum().item()) ** 0.5
+    assert accuracy >= 0.9 - 3 * stderr and 0.2 < accepted.double().mean().item() < 0.9
+
+
+def test_auroc_and_fpr_against_a_direct_count():
+    gen = torch.Generator().manual_seed(2)
+    inside, outside = torch.randn(300, generator=gen) + 1.0, torch.randn(200, generator=gen)
+    outside[:20] = inside[:20]  # ties count half
+    pairs = (inside[:, None] > outside[None, :]).double() + 0.5 * (inside[:, None] == outside[None, :]).double()
+    assert auroc(inside, outside) == pytest.approx(pairs.mean().item())
+    t = torch.quantile(inside.double(), 0.05)
+    assert fpr_at_tpr(inside, outside) == pytest.approx((outside >= t).double().mean().item())
+    assert auroc(inside, inside) == pytest.approx(0.5)
+    assert energy(torch.tensor([[0.0, 0.0]])).item() == pytest.approx(np.log(2))
+
+
+def test_resolve_threshold():
+    curve = {"threshold": [0.9, 0.5], "coverage": [0.5, 1.0], "accuracy": [0.97, 0.8]}
+    assert resolve_threshold(None, None) is None
+    assert resolve_threshold("0.8", None) == 0.8
+    assert resolve_threshold("auto", curve) == 0.9
+    assert resolve_threshold("auto", curve, coverage=1.0) == 0.5
+    with pytest.raises(UserError, match="add --reject auto"):
+        resolve_threshold(None, curve, target_accuracy=0.9)
+    with pytest.raises(UserError, match="neither auto nor a probability"):
+        resolve_threshold("1.5", curve)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reject") / "run"
+    run = fit(build_config(data=str(tiny_folder), model="fastnet_cifar_small", epochs=6, lr=3e-3, batch_size=32,
+                           img_size=32, val_fraction=0.3, out=str(out), quiet=True, precision="fp32"))
+    assert main(["calibrate", str(run)]) == 0
+    return run
+
+
+def test_calibrate_stores_the_val_risk_coverage_curve(calibrated):
+    report = json.loads((calibrated / rundir.CALIBRATION).read_text())
+    curve = report["risk_coverage"]
+    assert curve["n"] == 36 and curve["coverage"][-1] == 1.0  # 30% of 120 images held out for val
+    assert curve["accuracy"][-1] == pytest.approx(report["splits"]["val"]["after"]["accuracy"])
+    assert curve["threshold"] == sorted(curve["threshold"], reverse=True)
+
+
+def test_predict_reject_marks_unknown_and_keeps_scores(calibrated, tiny_folder, tmp_path):
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(calibrated), str(tiny_folder / "test"), "--reject", "auto", "--coverage", "0.5",
+                 "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    curve = json.loads((calibrated / rundir.CALIBRATION).read_text())["risk_coverage"]
+    threshold = choose_threshold(curve, coverage=0.5)["threshold"]
+    for r in rows:
+        rejected = float(r["top1_prob"]) < threshold
+        assert r["rejected"] == str(rejected) and (r["label"] == "unknown") == rejected
+        assert r["top1"] in ("airplane", "automobile", "bird")  # the scores stay
+    assert main(["predict", str(calibrated), str(tiny_folder / "test"), "--reject", "1.0", "--out", str(out),
+                 "--quiet"]) == 0
+    assert all(r["label"] == "unknown" for r in csv.DictReader(open(out)))
+
+
+def test_eval_ood_scores_a_folder_of_unseen_classes(calibrated, mini, tmp_path, capsys):
+    ood = tmp_path / "ood" / "nested"
+    ood.mkdir(parents=True)
+    for n, i in enumerate(np.flatnonzero(mini.test.labels.numpy() >= 5)[:40]):
+        Image.fromarray(mini.test.images[i].permute(1, 2, 0).numpy()).save(ood / f"{n}.png")
+    (ood / "broken.jpg").write_bytes(b"nope")
+    assert main(["eval", str(calibrated), "--ood", str(tmp_path / "ood")]) == 0
+    result = json.loads((calibrated / "eval-test.json").read_text())["ood"]
+    assert result["n_ood"] == 40 and result["unreadable"] == 1 and result["n_in"] == 30
+    for score in ("msp", "energy"):
+        assert 0 <= result[score]["auroc"] <= 1 and 0 <= result[score]["fpr_at_95tpr"] <= 1
+    assert "AUROC" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_five_versus_five_ood(tmp_path, mini):
+    """Train on five cifar10-mini classes; the other five are OOD. AUROC well above chance, and the
+    --reject auto threshold meets its accuracy target on test within sampling error."""
+    from imgcls.evaluation.rejection import evaluate_ood
+
+    data, ood = tmp_path / "five", tmp_path / "ood"
+    for split, source in (("train", mini.train), ("test", mini.test)):
+        for i, (image, label) in enumerate(zip(source.images, source.labels.tolist(), strict=True)):
+            folder = data / split / mini.classes[label] if label < 5 else ood / mini.classes[label]
+            if label >= 5 and split == "train":
+                continue
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    run = fit(build_config(data=str(data), model="fastnet_cifar_small", epochs=15, batch_size=128, img_size=32,
+                           out=str(tmp_path / "run"), quiet=True))
+    assert main(["calibrate", str(run)]) == 0
+    result = evaluate_ood(run, ood, eval_json=None, device="cpu")
+    print(json.dumps(result, indent=2))
+    assert result["msp"]["auroc"] > 0.6 and result["energy"]["auroc"] > 0.6
+    rule = result["reject_auto"]
+    stderr = (0.95 * 0.05 / (rule["in_coverage"] * result["n_in"])) ** 0.5
+    assert rule["in_accuracy_accepted"] >= 0.95 - 3 * stderr
+    Path(tmp_path / "result.json").write_text(json.dumps(result))
+    shutil.rmtree(data)

@@ -1,0 +1,295 @@
+"""The training core under faults: divergence, two writers, changed data, signals, kills, a full disk,
+and run folders that failed early. Each test attacks the real code path (fit or the CLI)."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from imgcls import rundir
+from imgcls.cli import main
+from imgcls.config import build_config
+from imgcls.errors import UserError
+from imgcls.training import loop
+from imgcls.training.train import Diverged, Interrupted, fit
+
+TIMING = ("epoch_time", "data_time", "images_per_s")
+# 108 training images at batch 32: 4 steps an epoch. fp32, so that runs compare exactly on every CPU.
+BASE = dict(model="fastnet_cifar_small", epochs=2, batch_size=32, img_size=32, quiet=True, precision="fp32")
+
+
+def _cfg(data, out, **kw):
+    return build_config(**{**BASE, "data": str(data), "out": str(out), **kw})
+
+
+def _metrics(run):
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(run)]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("imgcls: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_folder, tmp_path_factory):
+    """The uninterrupted run every fault test must end up equal to."""
+    return fit(_cfg(tiny_folder, tmp_path_factory.mktemp("straight") / "run"))
+
+
+# ---------------------------------------------------------------- 1. divergence is never success
+
+
+def test_huge_learning_rate_fails_in_one_line_and_leaves_no_run(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "nan"
+    code = main(["train", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--img-size", "32",
+                 "--batch-size", "32", "--epochs", "2", "--lr", "1e6", "--out", str(out), "--quiet",
+                 "--precision", "fp32"])
+    assert code == 2
+    line = _one_line_error(capsys)
+    assert "training diverged" in line and "lower --lr (now 1e+06)" in line
+    assert not out.exists()  # failed before its first checkpoint: nothing is left behind
+
+
+def test_a_nan_after_the_first_epoch_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, monkeypatch, straight):
+    real, calls = loop.soft_cross_entropy, []
+
+    def nan_at_step_6(logits, targets):
+        calls.append(1)
+        loss = real(logits, targets)
+        return loss * float("nan") if len(calls) == 6 else loss
+
+    monkeypatch.setattr(loop, "soft_cross_entropy", nan_at_step_6)
+    with pytest.raises(Diverged, match=r"loss became nan in epoch 2 \(step 2\).*last good state \(epoch 1\)"):
+        fit(_cfg(tiny_folder, tmp_path / "run"))
+    run = tmp_path / "run"
+    assert not (run / rundir.SUMMARY).exists()
+    assert _metrics(run) == _metrics(straight)[:1]  # epoch 1 logged, nothing after it
+    last = torch.load(run / rundir.LAST, weights_only=True)
+    assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+    # the saved state is good: resumed without the fault, the run ends exactly as the straight one
+    monkeypatch.setattr(loop, "soft_cross_entropy", real)
+    assert _metrics(fit(resume=run)) == _metrics(straight)
+
+
+# ---------------------------------------------------------------- 2. one writer per run folder
+
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from imgcls.rundir import RunLock
+    lock = RunLock(sys.argv[1]); lock.acquire(); print("locked", flush=True); time.sleep(60)
+""")
+
+
+def test_a_run_being_trained_cannot_be_resumed_until_its_trainer_dies(tiny_folder, tmp_path, straight):
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, run), stop_after_steps=2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"being trained by process {holder.pid}"):
+            fit(resume=run)
+        before = (run / rundir.LAST).read_bytes()
+        assert (run / rundir.LAST).read_bytes() == before  # the refused writer touched nothing
+    finally:
+        holder.kill()  # a kill -9 leaves the lock file behind; the kernel released the lock itself
+        holder.wait()
+    assert _metrics(fit(resume=run)) == _metrics(straight)
+
+
+# ---------------------------------------------------------------- 3. a run's data is pinned
+
+
+def test_resume_refuses_data_that_changed_unless_allowed(tiny_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        fit(_cfg(data, run), stop_after_steps=2)
+    extra = sorted((data / "train" / "bird").iterdir())[0]
+    shutil.copy(extra, data / "train" / "bird" / f"copy{extra.suffix}")
+    with pytest.raises(UserError, match=r"data of .* changed since it was trained \(train split .*--allow-data-change"):
+        fit(resume=run)
+    assert (run / rundir.LAST).exists()
+    assert (fit(resume=run, allow_data_change=True) / rundir.SUMMARY).exists()
+
+
+def test_same_size_but_other_pixels_is_a_change_too(tiny_folder, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        fit(_cfg(data, run), stop_after_steps=2)
+    a, b = sorted((data / "train" / "bird").glob("*.png"))[:2]
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)  # swap two images: same files, sizes and labels, other content
+    b.write_bytes(a_bytes)
+    with pytest.raises(UserError, match=r"changed since it was trained \(image content differs\)"):
+        fit(resume=run)
+
+
+# ---------------------------------------------------------------- 4. signals, kills, a full disk
+
+
+TRAIN_ARGS = ["--model", "fastnet_cifar_small", "--img-size", "32", "--batch-size", "32", "--epochs", "2",
+              "--precision", "fp32"]
+
+
+def _train_process(data, out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "imgcls", "train", "--data", str(data), *TRAIN_ARGS,
+                             "--out", str(out), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_saves_and_resumes_like_ctrl_c(tiny_folder, tmp_path, straight):
+    out = tmp_path / "run"
+    proc = _train_process(tiny_folder, out, "--quiet")
+    while not (out / rundir.CONFIG).exists() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"imgcls train --resume {out}" in err
+    assert _metrics(fit(resume=out)) == _metrics(straight)
+
+
+@pytest.mark.parametrize("kills", [2])
+def test_kill_9_at_random_moments_then_resume_ends_as_uninterrupted(tiny_folder, tmp_path, straight, kills):
+    assert _kill_and_resume(tiny_folder, tmp_path / "run", kills, seed=0) == _metrics(straight)
+
+
+@pytest.mark.slow
+def test_kill_9_soak(tiny_folder, tmp_path, straight):
+    """The longer soak (about a minute): more kills at more moments."""
+    for seed in range(3):
+        assert _kill_and_resume(tiny_folder, tmp_path / f"run{seed}", 4, seed) == _metrics(straight)
+
+
+def _kill_and_resume(data, out, kills: int, seed: int) -> list[dict]:
+    """Start (or resume) the run, kill -9 it after a random delay, `kills` times; then finish it."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(kills):
+        extra = ["--resume", str(out)] if (out / rundir.CONFIG).exists() else ["--data", str(data), *TRAIN_ARGS, "--out", str(out)]
+        proc = subprocess.Popen([sys.executable, "-m", "imgcls", "train", "--quiet", *extra],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            proc.wait(timeout=rng.uniform(2.0, 6.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if (out / rundir.SUMMARY).exists():
+            break
+    if not (out / rundir.SUMMARY).exists():
+        fit(resume=out)
+    assert not list(out.glob(f".*{rundir.TMP_MARK}*"))  # a killed save's temporary file does not stay
+    return _metrics(out)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumes(tiny_folder, tmp_path, monkeypatch,
+                                                                       straight):
+    real_replace, saves = os.replace, []
+
+    def no_space_on_third_save(src, dst):
+        saves.append(os.path.basename(dst))
+        if saves.count(rundir.LAST) == 2:  # the end of epoch 2
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(rundir.os, "replace", no_space_on_third_save)
+    with pytest.raises(UserError, match="no space left on the device to write .*; the previous .* is intact"):
+        fit(_cfg(tiny_folder, run))
+    monkeypatch.setattr(rundir.os, "replace", real_replace)
+    assert not list(run.glob(f".*{rundir.TMP_MARK}*"))
+    assert torch.load(run / rundir.LAST, weights_only=True)["epoch"] == 1
+    assert _metrics(fit(resume=run)) == _metrics(straight)
+
+
+# ---------------------------------------------------------------- 5. no stuck run folders
+
+
+def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_replaced(tiny_folder, tmp_path, straight):
+    """kill -9 between creating the folder and the first checkpoint leaves config and dataset files only."""
+    killed = tmp_path / "killed"
+    shutil.copytree(straight, killed, ignore=shutil.ignore_patterns("*.pt", "summary.json", "metrics.jsonl"))
+    config = (killed / rundir.CONFIG).read_text().replace(str(straight.resolve()), str(killed.resolve()))
+    (killed / rundir.CONFIG).write_text(config)
+    (killed / f".{rundir.LAST}{rundir.TMP_MARK}99999").write_bytes(b"half a checkpoint")
+    assert _metrics(fit(resume=killed)) == _metrics(straight)  # resumable: it starts from the beginning
+
+    again = tmp_path / "again"
+    shutil.copytree(straight, again, ignore=shutil.ignore_patterns("*.pt", "summary.json", "metrics.jsonl"))
+    assert _metrics(fit(_cfg(tiny_folder, again))) == _metrics(straight)  # or a new run may take the folder
+
+
+def test_a_failure_before_the_first_checkpoint_removes_the_run_folder(tiny_folder, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated failure in the first step")
+
+    monkeypatch.setattr(loop, "soft_cross_entropy", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        fit(_cfg(tiny_folder, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_impossible_image_size_fails_before_any_folder(tiny_folder, tmp_path):
+    with pytest.raises(UserError, match="--img-size must be >= 8 and <= 1024"):
+        _cfg(tiny_folder, tmp_path / "big", img_size=100_000)
+    with pytest.raises(UserError, match="fastnet_cifar_small cannot take 8x8 inputs"):  # three 2x pools: 8 is too small
+        fit(_cfg(tiny_folder, tmp_path / "odd", img_size=8))
+    assert not (tmp_path / "big").exists() and not (tmp_path / "odd").exists()
+
+
+# ---------------------------------------------------------------- 6. the CLI keeps its word
+
+
+def test_resume_honours_quiet(tiny_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, run, quiet=False), stop_after_steps=2)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "epoch   2/2" not in captured.out + captured.err  # no per-epoch lines, only the summary table
+    assert "test accuracy" in captured.out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys; from imgcls.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_yaml_values_are_coerced_by_the_schema(tmp_path, tiny_folder):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-3\nepochs: '3'\nwhiten: 'yes'\nmodel: fastnet_cifar_small\ngroup_lrs: null\n")
+    cfg = build_config(recipe)
+    assert (cfg.lr, cfg.epochs, cfg.whiten) == (1e-3, 3, True)
+    for bad, message in (("lr: abc\n", "--lr takes a number"), ("epochs: 2.5\n", "--epochs takes an integer"),
+                         ("lr: .nan\n", "--lr takes a number"), ("aug: [basic]\n", "--aug takes a single value"),
+                         ("lr: 1\nlr: 2\n", "lr"), ("- a\n", "mapping")):
+        recipe.write_text(bad)
+        with pytest.raises(UserError, match=message):
+            build_config(recipe)
+
+
+def test_config_is_never_mutated_by_training(tiny_folder, tmp_path):
+    cfg = _cfg(tiny_folder, tmp_path / "run", epochs=1, aug="standard")
+    before = cfg.to_dict()
+    fit(cfg)
+    assert cfg.to_dict() == before  # the run's resolved values went to config.yaml, not into the caller's object
+    written = json.loads(json.dumps(rundir.read_json(tmp_path / "run" / rundir.DATASET)))
+    assert written["fingerprint"]["content_sha256"]
