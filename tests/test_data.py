@@ -262,8 +262,6 @@ def test_the_hostile_payload_does_run_when_unpickled_normally(tmp_path):
 # --- a streamed split in which a file became unreadable after scanning --------------------------------
 
 def test_report_galleries_caption_their_own_pixels_when_a_streamed_file_breaks(tiny_folder, tmp_path, monkeypatch):
-    # Empty reliability bins are NaN in analysis.json; rundir.write_json now refuses NaN (allow_nan=False).
-    monkeypatch.setattr(rundir, "write_json", lambda path, obj: Path(path).write_text(json.dumps(obj)))
     root = tmp_path / "data"
     shutil.copytree(tiny_folder, root)
     run = fit(build_config(data=str(root), model="fastnet_cifar_small", img_size=32, epochs=1, data_mode="stream",
@@ -271,7 +269,9 @@ def test_report_galleries_caption_their_own_pixels_when_a_streamed_file_breaks(t
     test_files, _ = folder.scan(root)[1]["test"]
     test_files[0].write_bytes(b"")  # unreadable now: every later image shifts by one in the stream
     trained = load_run(run)
-    out = analyze_run(run, tta="flip", gallery=8, device="cpu")
+    with pytest.raises(UserError, match="changed since it was trained"):  # the data is pinned ...
+        analyze_run(run, tta="flip", gallery=8, device="cpu")
+    out = analyze_run(run, tta="flip", gallery=8, device="cpu", allow_data_change=True)  # ... unless allowed
     result = json.loads((out / rundir.ANALYSIS_JSON).read_text())
     arrays = np.load(out / rundir.ANALYSIS_NPZ)
     temperature = result["calibration"]["temperature"]

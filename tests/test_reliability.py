@@ -182,7 +182,8 @@ def _kill_and_resume(data, out, kills: int, seed: int) -> list[dict]:
 
     rng = random.Random(seed)
     for _ in range(kills):
-        extra = ["--resume", str(out)] if (out / rundir.CONFIG).exists() else ["--data", str(data), *TRAIN_ARGS, "--out", str(out)]
+        started = (out / rundir.CONFIG).exists()
+        extra = ["--resume", str(out)] if started else ["--data", str(data), *TRAIN_ARGS, "--out", str(out)]
         proc = subprocess.Popen([sys.executable, "-m", "imgcls", "train", "--quiet", *extra],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
@@ -268,7 +269,8 @@ def test_resume_honours_quiet(tiny_folder, tmp_path, capsys):
 
 
 def test_help_does_not_import_torch():
-    code = "import sys; from imgcls.cli import build_parser; build_parser().format_help(); print('torch' in sys.modules)"
+    code = ("import sys; from imgcls.cli import build_parser; build_parser().format_help(); "
+            "print('torch' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
 

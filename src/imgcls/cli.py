@@ -202,7 +202,7 @@ def cmd_eval(args) -> int:
     from imgcls.reporting.console import print_eval
 
     result, out = evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device,
-                               args.tta)
+                               args.tta, args.allow_data_change)
     print_eval(result, args.split, args.run)
     if args.ood:
         from imgcls.evaluation.rejection import evaluate_ood, format_ood
@@ -217,7 +217,8 @@ def cmd_calibrate(args) -> int:
     from imgcls.reporting.console import print_calibration
     from imgcls.rundir import CALIBRATION
 
-    print_calibration(calibrate_run(args.run, args.method, args.checkpoint, args.device), args.run)
+    print_calibration(calibrate_run(args.run, args.method, args.checkpoint, args.device, args.allow_data_change),
+                      args.run)
     print(f"wrote {Path(args.run) / CALIBRATION}")
     return 0
 
@@ -279,13 +280,13 @@ def cmd_report(args) -> int:
         reports = {}
         for label, run in comparison_runs(path):  # runs inside `path`, even in a copied comparison
             if not (run / REPORT_DIR / REPORT_HTML).is_file():
-                analyze_run(run, args.tta, device=args.device)
+                analyze_run(run, args.tta, device=args.device, allow_data_change=args.allow_data_change)
                 write_run_report(run)
             reports[label] = run / REPORT_DIR / REPORT_HTML
         out = write_comparison_report(path, reports)
     else:
         require_run(path)
-        analyze_run(path, args.tta, device=args.device)
+        analyze_run(path, args.tta, device=args.device, allow_data_change=args.allow_data_change)
         out = write_run_report(path)
     print(f"wrote {out}")
     return 0

@@ -23,9 +23,10 @@ from imgcls.evaluation.predict import load_run, predict_logits
 from imgcls.runtime import resolve_device, resolve_precision
 
 
-def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: str = "auto") -> Path:
+def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: str = "auto",
+                allow_data_change: bool = False) -> Path:
     """Compute the report's contents for a trained run; returns the report folder."""
-    trained = load_run(run, "best", resolve_device(device))
+    trained = load_run(run, "best", resolve_device(device), allow_data_change)
     cfg, dev = trained.config, next(trained.model.parameters()).device
     precision = resolve_precision(cfg.precision, dev)
     split_name = "test" if "test" in trained.dataset["fingerprint"]["sizes"] else "val"

@@ -43,6 +43,9 @@ def run_split(trained: TrainedRun, split: str, data: str | None = None, data_dir
     if dataset.classes != trained.classes:
         raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
                         f"{trained.classes}; evaluate on data with the same classes")
+    if data is None:  # the run's own data must still be what it was trained on
+        rundir.check_same_data(trained.path, trained.dataset["fingerprint"], dataset.fingerprint,
+                               trained.allow_data_change)
     return dataset.split(split)
 
 
@@ -58,12 +61,13 @@ def run_probs(trained: TrainedRun, split: Split, tta: str | int = "none", scaled
 
 
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
-                 checkpoint: str = "best", device: str = "auto", tta: str = "none") -> tuple[dict, Path]:
+                 checkpoint: str = "best", device: str = "auto", tta: str = "none",
+                 allow_data_change: bool = False) -> tuple[dict, Path]:
     """Metrics of a trained run on one split, with test-time augmentation compared against none when
     `tta` is given; the run's temperature applies once `calibrate` has stored one. Written to
     eval-<split>.json in the run."""
     tta_mode = parse_tta_flag(tta)
-    trained = load_run(run, checkpoint, resolve_device(device))
+    trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
     images = run_split(trained, split, data, data_dir)
     probs, labels = run_probs(trained, images)
     result = classification_metrics(probs, labels, trained.classes)
@@ -93,10 +97,10 @@ def parse_tta_flag(mode: str) -> str | int:
 
 
 def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str = "best",
-                  device: str = "auto") -> dict:
+                  device: str = "auto", allow_data_change: bool = False) -> dict:
     """Fit a temperature (or vector scaling) on the validation split, never on test; store it in
     the run for eval and predict; report the metrics on validation and test before and after."""
-    trained = load_run(run, checkpoint, resolve_device(device))
+    trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
     cfg = trained.config
     dev = next(trained.model.parameters()).device
     splits = ["val"] + (["test"] if "test" in trained.dataset["fingerprint"]["sizes"] else [])

@@ -80,6 +80,7 @@ class TrainedRun:
     model: torch.nn.Module
     checkpoint: Path
     scaling: Scaling | None = None  # from calibration.json, once `imgcls calibrate` has run
+    allow_data_change: bool = False  # score the run's data even if it differs from what it was trained on
 
     @property
     def classes(self) -> list[str]:
@@ -89,8 +90,11 @@ class TrainedRun:
 DATASET_KEYS = ("classes", "img_size", "mean", "std", "fingerprint")  # what evaluation reads from dataset.json
 
 
-def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None) -> TrainedRun:
-    """A run's config and model with weights from `checkpoint` ("best", "last" or a file path)."""
+def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None,
+             allow_data_change: bool = False) -> TrainedRun:
+    """A run's config and model with weights from `checkpoint` ("best", "last" or a file path).
+    Its own data, when loaded through `run_split`, must match the recorded fingerprint unless
+    `allow_data_change`."""
     path = rundir.require_run(path)
     cfg = load_config(path / rundir.CONFIG)
     info_path = path / rundir.DATASET
@@ -107,7 +111,7 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     model = model.to(device or torch.device("cpu"), memory_format=torch.channels_last).eval()
     calibration = path / rundir.CALIBRATION
     scaling = read_scaling(calibration, len(info["classes"])) if calibration.is_file() else None
-    return TrainedRun(path, cfg, info, model, ckpt_path, scaling)
+    return TrainedRun(path, cfg, info, model, ckpt_path, scaling, allow_data_change)
 
 
 def load_images(paths: list[str | Path], img_size: int, crop_pct: float = 1.0) -> torch.Tensor:

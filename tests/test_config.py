@@ -1,0 +1,83 @@
+"""The config schema: every flag at and just past its bounds, through the real parser and checks."""
+
+import math
+
+import pytest
+
+from imgcls.cli import build_parser, main
+from imgcls.config import FIELDS, TYPES, TrainConfig, build_config, flag
+from imgcls.errors import UserError
+
+# Options a bounded field needs beside it to form a valid config (layer decay means nothing from scratch).
+CONTEXT = {"layer_decay": {"pretrained": "w.pt", "strategy": "finetune"},
+           "group_lrs": {"pretrained": "w.pt", "strategy": "finetune"},
+           "unfreeze_every": {"pretrained": "w.pt", "strategy": "gradual"},
+           "unfreeze_at": {"pretrained": "w.pt", "strategy": "gradual"}}
+BOUNDED = [n for n, f in FIELDS.items() if f.metadata["low"] is not None or f.metadata["high"] is not None]
+
+
+def _is_int(name: str) -> bool:
+    return int in (TYPES[name], *getattr(TYPES[name], "__args__", ())) or "int]" in str(TYPES[name])
+
+
+def _edges(name: str):
+    """(values that must pass, values that must fail) at this field's bounds."""
+    meta, step = FIELDS[name].metadata, 1 if _is_int(name) else 1e-6
+    ok, bad = [], []
+    for bound, is_open, sign in ((meta["low"], meta["open_low"], -1), (meta["high"], meta["open_high"], +1)):
+        if bound is None:
+            continue
+        inside = bound - sign * step if is_open else bound
+        ok.append(int(inside) if _is_int(name) else inside)
+        bad.append(int(bound + sign * step) if _is_int(name) and not is_open else
+                   (bound if is_open else bound + sign * step))
+    return ok, bad
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_every_bounded_flag_at_and_past_its_bounds(name, capsys):
+    ok, bad = _edges(name)
+    wrap = (lambda v: [v]) if "list" in str(TYPES[name]) else (lambda v: v)
+    for value in ok:
+        cfg = build_config(**CONTEXT.get(name, {}), **{name: wrap(value)})
+        got = getattr(cfg, name)
+        assert math.isclose((got[0] if isinstance(got, list) else got), value), (name, value)
+    for value in bad:
+        with pytest.raises(UserError, match=f"{flag(name)} must be"):
+            build_config(**CONTEXT.get(name, {}), **{name: wrap(value)})
+        # the same through the command line: one line, exit 2, before anything is loaded
+        text = ",".join(map(str, wrap(value))) if isinstance(wrap(value), list) else str(value)
+        extra = [a for k, v in CONTEXT.get(name, {}).items() for a in (flag(k), v)]
+        assert main(["train", *extra, f"{flag(name)}={text}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{flag(name)} must be" in err[0], err
+
+
+@pytest.mark.parametrize("name", [n for n, f in FIELDS.items() if f.metadata["choices"]])
+def test_every_choice_flag_refuses_what_it_does_not_offer(name):
+    with pytest.raises(UserError, match=f"{flag(name)} must be one of"):
+        build_config(**{name: "no-such-choice"})
+
+
+@pytest.mark.parametrize("name", [n for n in FIELDS if TYPES[n] in (int, float)])
+def test_numbers_refuse_text_nan_and_infinity(name):
+    for value in ("abc", "nan", "inf", "1e999"):
+        with pytest.raises(UserError, match=f"{flag(name)} takes"):
+            build_config(**{name: value})
+
+
+def test_every_field_has_a_flag_with_its_help():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    by_flag = {a.option_strings[0]: a for a in train._actions if a.option_strings}
+    for name, f in FIELDS.items():
+        assert flag(name) in by_flag, name
+        assert f.metadata["help"] in by_flag[flag(name)].help
+
+
+def test_flag_values_keep_their_types():
+    args = build_parser().parse_args(["train", "--lr", "3e-4", "--epochs", "7", "--mixup", "--group-lrs", "1e-4,1e-3",
+                                      "--pretrained", "w.pt", "--strategy", "finetune", "--whiten"])
+    cfg = build_config(**{n: getattr(args, n) for n in FIELDS})
+    assert (cfg.lr, cfg.epochs, cfg.mixup, cfg.group_lrs, cfg.whiten) == (3e-4, 7, 0.2, [1e-4, 1e-3], True)
+    assert cfg.pretrained == "w.pt" and isinstance(cfg, TrainConfig)
