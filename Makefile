@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Datasets for the tests that use the full copies; tests skip those when it is unset.
 export IMGCLS_DATA ?= $(wildcard $(abspath ../shared/datasets))
 
-.PHONY: run test lint clean
+.PHONY: run test test-slow lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q
+
+# The longer fuzz, kill and OOD soaks (marked slow); CI runs them after `make test`.
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) runs
