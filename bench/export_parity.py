@@ -1,7 +1,7 @@
 """Export every model family and print the parity proof: top-1 agreement and largest probability
 difference between PyTorch and onnxruntime on cifar10-mini's validation split (500 images, fp32),
-and ms/image at batch 1 and 64 for both. fastnet_cifar_small is trained for one epoch; the other
-families get fresh weights (the graph, not the accuracy, is what parity tests).
+and ms/image at batch 1 and 64 for both. fastnet_cifar_small is trained for one epoch (or --run is
+used); the other families get fresh weights (the graph, not the accuracy, is what parity tests).
 
     .venv/bin/python bench/export_parity.py [--models a,b] [--img-size 32] [--out parity.md]
 """
@@ -9,6 +9,7 @@ families get fresh weights (the graph, not the accuracy, is what parity tests).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--models", default=FAMILIES)
     parser.add_argument("--img-size", type=int, default=32)
     parser.add_argument("--out", help="also write the Markdown table here")
+    parser.add_argument("--run", help="a run to start from (default: train fastnet_cifar_small for one epoch)")
     args = parser.parse_args()
     header = ("| model | val images | top-1 agreement | max abs prob diff | PyTorch ms/img b1 | ORT ms/img b1 | "
               "PyTorch ms/img b64 | ORT ms/img b64 |\n|---|---|---|---|---|---|---|---|")
@@ -53,11 +55,14 @@ def main() -> None:
     print(header, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base = fit(build_config(model="fastnet_cifar_small", epochs=1, img_size=args.img_size, out=str(root / "base"),
-                                quiet=True, precision="fp32"))
+        base = Path(args.run) if args.run else fit(build_config(
+            model="fastnet_cifar_small", epochs=1, img_size=args.img_size, out=str(root / "base"), quiet=True,
+            precision="fp32"))
+        classes = len(json.loads((base / rundir.DATASET).read_text())["classes"])
         for model in args.models.split(","):
             try:
-                result = export_run(run_for(base, model, root, 10), "onnx", root / f"export-{model.replace('/', '_')}")
+                run = run_for(base, model, root, classes)
+                result = export_run(run, "onnx", root / f"export-{model.replace('/', '_')}")
             except Exception as e:  # a family that cannot export is a row, not the end of the table
                 line = f"| {model} | failed: {str(e).splitlines()[0][:100]} |"
             else:

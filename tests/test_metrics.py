@@ -33,3 +33,16 @@ def test_topk():
     logits = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.02, 0.08]])
     assert topk_accuracy(logits, torch.tensor([2, 1]), 1) == 0.0
     assert topk_accuracy(logits, torch.tensor([2, 1]), 2) == 0.5
+
+
+def test_balanced_accuracy_is_mean_recall_over_present_classes():
+    # true: 0 0 0 0 1 1 (class 2 absent)   pred: 0 0 0 1 1 2
+    labels = torch.tensor([0, 0, 0, 0, 1, 1])
+    preds = torch.tensor([0, 0, 0, 1, 1, 2])
+    probs = torch.nn.functional.one_hot(preds, 3).float()
+    m = classification_metrics(probs, labels, ["a", "b", "c"])
+    # recalls: a 3/4, b 1/2; c has no images and is left out, not counted as 0
+    assert m["balanced_accuracy"] == pytest.approx((3 / 4 + 1 / 2) / 2)
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # macro-F1 over the three classes: a 2*1*0.75/1.75, b 2*0.5*0.5/1, c 0
+    assert m["macro_f1"] == pytest.approx((6 / 7 + 0.5 + 0.0) / 3)

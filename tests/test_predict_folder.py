@@ -1,6 +1,7 @@
 """imgcls predict at folder scale: files, folders, globs and lists; broken files as rows; streaming."""
 
 import csv
+import dataclasses
 import json
 import shutil
 
@@ -145,3 +146,15 @@ def test_a_grayscale_image_predicts(run, tmp_path, capsys):
     assert main(["predict", str(run), str(tmp_path / "gray.png"), "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert row["error"] is None and row["image"] == str(tmp_path / "gray.png")
+
+
+def test_a_bf16_run_predicts_in_fp32_on_the_cpu_like_its_export(run, tiny_folder):
+    """A run trained with bf16 autocast still predicts in fp32 on the CPU, so its rows equal its ONNX file's."""
+    files = sorted((tiny_folder / "test" / "bird").iterdir())[:6]
+    trained = load_run(run)
+    trained.config = dataclasses.replace(trained.config, precision="bf16")
+    rows = list(predict_paths(run_predictor(trained), files, workers=0))
+    fp32 = list(predict_paths(run_predictor(trained, precision="fp32"), files, workers=0))
+    bf16 = list(predict_paths(run_predictor(trained, precision="bf16"), files, workers=0))
+    assert [r["top"] for r in rows] == [r["top"] for r in fp32]
+    assert [r["top"] for r in rows] != [r["top"] for r in bf16]

@@ -18,7 +18,7 @@ from imgcls import rundir
 from imgcls.cli import main
 from imgcls.config import build_config
 from imgcls.errors import UserError
-from imgcls.training import loop
+from imgcls.training import context
 from imgcls.training.train import Diverged, Interrupted, fit
 
 TIMING = ("epoch_time", "data_time", "images_per_s")
@@ -60,15 +60,24 @@ def test_huge_learning_rate_fails_in_one_line_and_leaves_no_run(tiny_folder, tmp
     assert not out.exists()  # failed before its first checkpoint: nothing is left behind
 
 
+def _patch_loss(monkeypatch, wrap):
+    """Make every run's loss `wrap(real_loss)`: the loop calls ctx.loss, built by context.make_loss."""
+    real_make = context.make_loss
+    monkeypatch.setattr(context, "make_loss", lambda cfg, weights: wrap(real_make(cfg, weights)))
+
+
 def test_a_nan_after_the_first_epoch_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, monkeypatch, straight):
-    real, calls = loop.soft_cross_entropy, []
+    calls = []
 
-    def nan_at_step_6(logits, targets):
-        calls.append(1)
-        loss = real(logits, targets)
-        return loss * float("nan") if len(calls) == 6 else loss
+    def nan_at_step_6(real):
+        def loss(logits, targets):
+            calls.append(1)
+            value = real(logits, targets)
+            return value * float("nan") if len(calls) == 6 else value
 
-    monkeypatch.setattr(loop, "soft_cross_entropy", nan_at_step_6)
+        return loss
+
+    _patch_loss(monkeypatch, nan_at_step_6)
     with pytest.raises(Diverged, match=r"loss became nan in epoch 2 \(step 2\).*last good state \(epoch 1\)"):
         fit(_cfg(tiny_folder, tmp_path / "run"))
     run = tmp_path / "run"
@@ -77,7 +86,7 @@ def test_a_nan_after_the_first_epoch_keeps_the_last_good_checkpoint(tiny_folder,
     last = torch.load(run / rundir.LAST, weights_only=True)
     assert last["epoch"] == 1 and all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
     # the saved state is good: resumed without the fault, the run ends exactly as the straight one
-    monkeypatch.setattr(loop, "soft_cross_entropy", real)
+    monkeypatch.undo()
     assert _metrics(fit(resume=run)) == _metrics(straight)
 
 
@@ -193,7 +202,9 @@ def _kill_and_resume(data, out, kills: int, seed: int) -> list[dict]:
             proc.wait()
         if (out / rundir.SUMMARY).exists():
             break
-    if not (out / rundir.SUMMARY).exists():
+    if not (out / rundir.CONFIG).exists():  # every kill came before the run folder was made
+        fit(_cfg(data, out))
+    elif not (out / rundir.SUMMARY).exists():
         fit(resume=out)
     assert not list(out.glob(f".*{rundir.TMP_MARK}*"))  # a killed save's temporary file does not stay
     return _metrics(out)
@@ -219,6 +230,29 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_the_run_resumes(tiny_fold
     assert _metrics(fit(resume=run)) == _metrics(straight)
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 6 MiB tmpfs where the machine lets us mount one (root in a container or VM), else skip."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here; the patched-ENOSPC test covers the same path")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_keeps_the_previous_checkpoint(tiny_folder, small_disk, straight):
+    """6 MiB holds epoch 1's files (best.pt 1.2 MB, last.pt 3.6 MB) but not a second last.pt beside the first."""
+    run = small_disk / "run"
+    with pytest.raises(UserError, match="no space left on the device"):
+        fit(_cfg(tiny_folder, run))
+    assert torch.load(run / rundir.LAST, weights_only=True)["epoch"] == 1  # the previous one, intact
+    assert not list(run.glob(f".*{rundir.TMP_MARK}*"))
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    assert _metrics(fit(resume=run)) == _metrics(straight)
+
+
 # ---------------------------------------------------------------- 5. no stuck run folders
 
 
@@ -237,10 +271,13 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_replaced(tin
 
 
 def test_a_failure_before_the_first_checkpoint_removes_the_run_folder(tiny_folder, tmp_path, monkeypatch):
-    def broken(*args, **kwargs):
-        raise RuntimeError("simulated failure in the first step")
+    def broken(real):
+        def loss(logits, targets):
+            raise RuntimeError("simulated failure in the first step")
 
-    monkeypatch.setattr(loop, "soft_cross_entropy", broken)
+        return loss
+
+    _patch_loss(monkeypatch, broken)
     with pytest.raises(RuntimeError, match="simulated"):
         fit(_cfg(tiny_folder, tmp_path / "run"))
     assert not (tmp_path / "run").exists()

@@ -67,6 +67,23 @@ def _train_parser(sub, common) -> None:
     _add_train_flags(train)
 
 
+def _lr_find_parser(sub, common) -> None:
+    # "resolve": this command's --out (the plot) replaces train's --out (the run folder)
+    lrf = sub.add_parser("lr-find", parents=[common], conflict_handler="resolve",
+                         help="learning-rate range test: suggests --lr and plots loss against rate",
+                         description="Smith's range test on a fresh copy of the model, with every train flag: the "
+                                     "rates of all layer groups rise together, exponentially, over at most one epoch "
+                                     "until the smoothed loss diverges. Prints the steepest-descent and valley "
+                                     "suggestions and writes the plot; no run folder, the weights are only read.")
+    lrf.add_argument("--recipe", metavar="YAML", help="YAML file of train options (keys as the flags)")
+    _add_train_flags(lrf)
+    lrf.add_argument("--start-lr", type=float, default=1e-7, help="the head's rate at the first step (1e-7)")
+    lrf.add_argument("--end-lr", type=float, default=10.0, help="the head's rate at the last step (10)")
+    lrf.add_argument("--steps", type=int, default=None,
+                     help="steps of the sweep, at most one epoch (default min(100, steps per epoch))")
+    lrf.add_argument("--out", default="lr_find.png", help="the plot to write, .png, .svg or .pdf (lr_find.png)")
+
+
 def _eval_parsers(sub, common) -> None:
     ev = sub.add_parser("eval", parents=[common], help="evaluate a run; writes eval-<split>.json into it")
     ev.add_argument("run", help="run folder")
@@ -100,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="imgcls", description=DESCRIPTION, parents=[common])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _train_parser(sub, common)
+    _lr_find_parser(sub, common)
     _eval_parsers(sub, common)
     _use_parsers(sub, common)
     _compare_parsers(sub, common)
+    _audit_parser(sub, common)
     return parser
 
 
@@ -194,6 +213,19 @@ def cmd_train(args) -> int:
         run = fit(build_config(args.recipe, **flags))
     if launched_rank() == 0:  # under torchrun the others stay quiet
         print_summary(read_json(run / SUMMARY))
+    return 0
+
+
+def cmd_lr_find(args) -> int:
+    from imgcls.config import build_config
+    from imgcls.training.lr_find import describe, run_lr_find
+
+    flags = {name: getattr(args, name) for name in FIELDS if name != "out"}  # --out is the plot here
+    cfg = build_config(args.recipe, **flags)
+    result, plot = run_lr_find(cfg, cfg.device, args.start_lr, args.end_lr, args.steps, args.out)
+    for line in describe(result, args.start_lr, args.end_lr, group_lrs=cfg.group_lrs is not None):
+        print(line)
+    print(f"wrote {plot}")
     return 0
 
 
@@ -351,9 +383,40 @@ def cmd_augment_preview(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "calibrate": cmd_calibrate, "predict": cmd_predict,
-            "cam": cmd_cam, "report": cmd_report, "models": cmd_models, "compare": cmd_compare,
-            "augment-preview": cmd_augment_preview, "export": cmd_export}
+def _audit_parser(sub, common) -> None:
+    aud = sub.add_parser("audit", parents=[common], help="check a dataset before training: imbalance, duplicates, "
+                         "leakage across splits, unreadable and unusual files",
+                         description="Counts per class and split, exact and near-duplicate pairs (across splits: "
+                                     "leakage), and for folders unreadable, tiny, extreme-aspect, non-RGB and "
+                                     "EXIF-rotated files; a summary, a JSON file and a suggested train command.")
+    aud.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
+    aud.add_argument("--data-dir", help="as in train, for cifar10")
+    aud.add_argument("--img-size", type=int, help="the size you will train at; folder images under half of it are "
+                                                  "reported as small (64)")
+    aud.add_argument("--max-distance", type=int, default=4, help="near-duplicates: dHash bits of 64 that may "
+                                                                 "differ (4)")
+    aud.add_argument("--out", default="audit.json", help="JSON report (audit.json)")
+    aud.add_argument("--html", action="store_true", help="also write an HTML page with thumbnails beside --out")
+    aud.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def cmd_audit(args) -> int:
+    from imgcls.data.audit import audit
+    from imgcls.reporting.audit_report import check_out, print_audit, write_audit_html, write_audit_json
+
+    check_out(Path(args.out), ".json")  # before the work, not after it
+    result = audit(args.data, args.data_dir, args.img_size, args.max_distance, progress=not args.quiet)
+    print_audit(result)
+    written = [write_audit_json(result, Path(args.out))]
+    if args.html:
+        written.append(write_audit_html(result, Path(args.out).with_suffix(".html")))
+    print(f"wrote {', '.join(map(str, written))}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "calibrate": cmd_calibrate,
+            "predict": cmd_predict, "cam": cmd_cam, "report": cmd_report, "models": cmd_models, "compare": cmd_compare,
+            "augment-preview": cmd_augment_preview, "export": cmd_export, "audit": cmd_audit}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ NORMALIZATIONS = {  # name -> (mean, std) of RGB in [0, 1]
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 STRATEGIES = ("auto", "scratch", "feature-extract", "finetune", "gradual")
+SAMPLERS = ("uniform", "balanced", "sqrt")
+MONITORS = {"val_acc": "max", "val_loss": "min", "balanced_acc": "max", "macro_f1": "max"}  # name -> better
 MAX_IMG_SIZE = 1024  # a 1024 px batch of 128 already needs ~1.6 GB as uint8; beyond that is a typo
 BUILTIN_DATA = ("cifar10", "cifar10-mini")
 
@@ -98,6 +100,38 @@ class TrainConfig:
                      low=0.0, high=1.0, open_high=True, hint="it is a decay per step, e.g. 0.999 (0 is off)")
     whiten: bool = opt(False, "fastnet_* only: initialise the 2x2 stem as a whitening filter of the training "
                               "images' patches (airbench)")
+    # loss, sampling and the metric that picks best.pt (imbalanced data)
+    class_weights: str = opt("none", "per-class weights in the loss: none; auto (inverse class frequency, "
+                                     "normalised so the average image weighs 1); effective:BETA (Cui et al.'s "
+                                     "effective number of samples, e.g. effective:0.999); one weight per class, "
+                                     "comma-separated; or a .json file mapping class names to weights",
+                             metavar="none|auto|effective:B|W,W,..|FILE")
+    sampler: str = opt("uniform", "how each epoch draws its images: uniform (a permutation), balanced (every class "
+                                  "equally often, with replacement) or sqrt (classes by the square root of their size)",
+                       choices=SAMPLERS)
+    loss: str = opt("ce", "ce (cross-entropy) or focal (Lin et al.: down-weights easy images by (1-p)^gamma)",
+                    choices=("ce", "focal"))
+    focal_gamma: float = opt(2.0, "focal loss exponent gamma (0 is cross-entropy)", low=0.0, high=10.0)
+    monitor: str = opt("val_acc", "validation metric that chooses best.pt and drives --patience and --schedule "
+                                  "plateau: val_acc, val_loss, balanced_acc or macro_f1", choices=tuple(MONITORS))
+    # training controls
+    patience: int | None = opt(None, "early stopping: end the run after N epochs without an improvement of --monitor "
+                                     "(off by default)", low=1, metavar="N")
+    min_delta: float = opt(0.0, "smallest change of --monitor that counts as an improvement", low=0.0)
+    schedule: str = opt("cosine", "learning-rate schedule after the warm-up: cosine (decays to 0 at --epochs, even "
+                                  "when --patience stops earlier) or plateau (ReduceLROnPlateau on --monitor)",
+                        choices=("cosine", "plateau"))
+    plateau_patience: int = opt(2, "--schedule plateau: epochs without improvement before the rate is cut", low=0)
+    plateau_factor: float = opt(0.1, "--schedule plateau: the factor each cut multiplies the rate by", low=0.0,
+                                high=1.0, open_low=True, open_high=True)
+    accum_steps: int = opt(1, "gradient accumulation: one optimizer step every K micro-batches of --batch-size (the "
+                              "effective batch is K x --batch-size)", low=1, high=1024, metavar="K")
+    clip_grad: float | None = opt(None, "clip gradients: the global norm (--clip-mode norm), each value (value), or "
+                                        "the ratio of gradient to weight norms (agc)", low=0.0, open_low=True,
+                                  metavar="MAX")
+    clip_mode: str = opt("norm", "how --clip-grad clips: norm, value or agc (timm's adaptive clipping)",
+                         choices=("norm", "value", "agc"))
+    tensorboard: bool = opt(False, "write TensorBoard event files into RUN/tb (needs the tensorboard package)")
     # augmentation and regularisation
     aug: str = opt("basic", "training augmentation: none; basic = random crop (padding size/8) + flip; standard = "
                             "RandomResizedCrop(0.8-1) + flip + ColorJitter + rotation 15 + erasing 0.2; randaugment "
@@ -265,6 +299,9 @@ def validate(cfg: TrainConfig) -> None:
     """Every field within its schema, then the rules that tie fields together."""
     for name in FIELDS:
         _check_bounds(name, getattr(cfg, name))
+    parse_class_weights(cfg.class_weights)
+    if cfg.clip_mode != "norm" and cfg.clip_grad is None:
+        raise UserError(f"--clip-mode {cfg.clip_mode} says how to clip; add --clip-grad MAX to clip at all")
     if cfg.ema and cfg.cache_features:
         raise UserError("--ema averages the whole model, --cache-features trains the head alone; drop one")
     _validate_transfer(cfg)
@@ -298,6 +335,23 @@ _NOT_FOR = {  # options that mean nothing under a strategy
     "gradual": ("cache_features",),
     "scratch": ("cache_features", "layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
 }
+
+
+def parse_class_weights(value: str) -> str | float | list[float] | Path:
+    """'none', 'auto', the beta of 'effective:BETA', a list of weights, or the path of a .json file."""
+    if value in ("none", "auto"):
+        return value
+    if value.startswith("effective:"):
+        beta = _number("class_weights", value.split(":", 1)[1], float)
+        if not 0.0 < beta < 1.0:
+            raise UserError(f"--class-weights effective:BETA takes a beta in (0, 1), e.g. effective:0.999 (got {beta})")
+        return beta
+    if value.endswith(".json"):
+        return Path(value).expanduser()
+    weights = _number_list("class_weights", value, float)
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise UserError(f"--class-weights must be non-negative with one above 0 (got {value})")
+    return weights
 
 
 def resolved_strategy(cfg: TrainConfig) -> str:

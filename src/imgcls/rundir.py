@@ -19,7 +19,8 @@ DATASET = "dataset.json"  # classes, image size, normalisation, split fingerprin
 METRICS = "metrics.jsonl"  # one line per finished epoch
 SUMMARY = "summary.json"  # written when training ends
 LAST = "last.pt"  # full training state, for --resume
-BEST = "best.pt"  # weights of the epoch with the best validation accuracy
+BEST = "best.pt"  # weights of the epoch with the best validation score (--monitor)
+TEST_PREDICTIONS = "test_predictions.npz"  # labels and probabilities of best.pt on test, per image
 LOCK = ".lock"  # held (flock) by the process training the run
 CALIBRATION = "calibration.json"  # imgcls calibrate: the scaling fitted on val; eval and predict apply it
 REPORT_DIR = "report"  # imgcls report: figures, galleries and report.html
@@ -43,12 +44,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device to write {path}; the previous {path.name} is intact: "
-                            "free some space, then continue with imgcls train --resume") from e
+        _raise_if_disk_full(e, path, f"the previous {path.name} is intact")
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _raise_if_disk_full(e: OSError, path: Path, kept: str) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise UserError(f"no space left on the device to write {path}; {kept}: free some space, then continue "
+                        "with imgcls train --resume") from e
 
 
 def _finite_or_null(obj):
@@ -89,8 +94,13 @@ def read_metrics(run: Path) -> list[dict]:
 
 def append_metrics(run: Path, record: dict) -> None:
     """One epoch's line, appended (a torn last line from a kill is dropped on resume)."""
-    with open(Path(run) / METRICS, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+    path = Path(run) / METRICS
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, allow_nan=False) + "\n")
+    except OSError as e:
+        _raise_if_disk_full(e, path, "the epochs before are intact")
+        raise
 
 
 def keep_metrics(run: Path, epochs: int) -> None:

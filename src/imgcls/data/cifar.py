@@ -80,6 +80,9 @@ def ensure_downloaded(root: Path, download: bool) -> Path:
     missing = _missing(folder)
     if not missing:
         return folder
+    if not _missing(root):  # a common slip: --data-dir names the batch folder itself
+        raise UserError(f"--data-dir {root} is the {BASE_FOLDER} folder itself; pass the folder that holds it: "
+                        f"--data-dir {root.parent}")
     where = f"put {', '.join(missing)} into {folder}/ (or pass --data-dir to the folder that holds {BASE_FOLDER}/)"
     if not download or os.environ.get("IMGCLS_OFFLINE") == "1":
         raise UserError(f"CIFAR-10 not found: {where}")
@@ -130,7 +133,12 @@ def _class_names(path: Path) -> list[str]:
     names = read_batch(path).get("label_names", CLASSES)
     if not isinstance(names, list | tuple) or len(names) < 2 or not all(isinstance(n, bytes | str) for n in names):
         raise UserError(f"{path} has no list of class names under 'label_names'; replace it with the original file")
-    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
+    names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # two labels would share a name, and evaluation by name would merge them
+        raise UserError(f"{path} names the class {repeated[0]!r} twice under 'label_names'; "
+                        "replace it with the original file")
+    return names
 
 
 def load_cifar10(root: Path, download: bool = True):

@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from imgcls.config import NORMALIZATIONS, data_location
+from imgcls.config import FIELDS, MAX_IMG_SIZE, NORMALIZATIONS, data_location
 from imgcls.data import cifar, folder
 from imgcls.errors import UserError
 
 (CIFAR_MEAN, CIFAR_STD), (IMAGENET_MEAN, IMAGENET_STD) = NORMALIZATIONS["cifar"], NORMALIZATIONS["imagenet"]
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
+MIN_IMG_SIZE = FIELDS["img_size"].metadata["low"]  # the bounds train checks, for callers that skip the config
 
 
 @dataclass
@@ -131,9 +132,19 @@ def _content_hash(*splits: Split | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _carve_val(train: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """(train, val): `fraction` of each class of `train` held out, chosen by `seed`."""
+def _carve_val(train: Split, fraction: float, seed: int, classes: list[str]) -> tuple[Split, Split]:
+    """(train, val): `fraction` of each class of `train` held out, chosen by `seed`.
+
+    Refused when a class would keep no training image or nothing at all is held out: training would
+    then divide by an empty epoch or choose its checkpoint on no images."""
     keep, held = folder.stratified_split(train.labels, fraction, seed)
+    counts = torch.bincount(train.labels[keep], minlength=len(classes))
+    if len(held) == 0 or (counts == 0).any():
+        starved = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
+        problem = (f"--val-fraction {fraction:g} leaves class {starved[0]} no training image" if starved
+                   else "every class has a single training image, so none can be held out for validation")
+        raise UserError(f"too few training images to carve a validation split: {problem}; lower --val-fraction, "
+                        "add images (two or more per class), or add a val/ folder of class folders")
     return train.subset(keep), train.subset(held)
 
 
@@ -172,6 +183,12 @@ def load_dataset(
     """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split.
 
     `crop_pct` < 1 centre-crops folder images (as a pretrained model's own preprocessing does)."""
+    if not str(data).strip():
+        raise UserError("--data is empty; pass cifar10, cifar10-mini or the path of an image folder")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)
+                                 or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE):
+        raise UserError(f"--img-size must be a whole number from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (got {img_size!r}); "
+                        "e.g. --img-size 32")
     if data in ("cifar10", "cifar10-mini"):
         if data == "cifar10":
             root = Path(data_dir) if data_dir else cifar.default_root()
@@ -180,7 +197,7 @@ def load_dataset(
             x_train, y_train, x_test, y_test, classes = _load_mini()
         size = img_size or 32
         x_train, x_test = _resize(x_train, size), _resize(x_test, size)
-        train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed)
+        train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed, classes)
         test = Split(y_test, images=x_test)
         normalization = "cifar"
     else:
@@ -230,5 +247,5 @@ def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mo
             images, kept = folder.decode_all(files, labels, size, crop_pct)
             splits[name] = Split(kept, images=images)
     if "val" not in splits:
-        splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, split_seed)
+        splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, split_seed, classes)
     return splits["train"], splits["val"], splits.get("test"), classes, size

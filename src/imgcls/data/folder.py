@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from imgcls.data.decode import DecodeError, open_rgb
+from imgcls.data.decode import FORMAT_NAMES, DecodeError, open_rgb
 from imgcls.errors import UserError
 
 IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -63,7 +64,11 @@ def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]
         if name == "train":
             empty = [c for i, c in enumerate(classes) if i not in set(labels)]
             if empty:
-                raise UserError(f"class folder(s) {', '.join(empty)} in {split_root} hold no images")
+                raise UserError(f"class folder(s) {', '.join(empty)} in {split_root} hold no images; add images "
+                                "or remove the empty folders")
+        elif not files:
+            raise UserError(f"{split_root} holds no images in class folders named as in train/ "
+                            f"({', '.join(classes)}); add them, or remove the {name}/ folder")
         splits[name] = (files, labels)
     return classes, splits
 
@@ -95,18 +100,18 @@ def decode_all(files: list[Path], labels: list[int], size: int, crop_pct: float 
     # Pillow releases the GIL while decoding, so threads overlap the work without processes.
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(pool.map(lambda p: _try_load(p, size, crop_pct), files))
-    images, kept, skipped = [], [], 0
-    for path, label, result in zip(files, labels, results, strict=True):
-        if isinstance(result, str):
-            skipped += 1
-            warn(f"skipped unreadable image {path} ({result})")
-            continue
-        images.append(result)
-        kept.append(label)
-    if skipped:
-        warn(f"skipped {skipped} unreadable image(s) of {len(files)}")
-    if not images:
-        raise UserError("no readable images were found; check the image files")
+    failed = [(path, result) for path, result in zip(files, results, strict=True) if isinstance(result, str)]
+    if not files:
+        raise UserError("no image files were found; put the images in one folder per class")
+    if len(failed) == len(files):  # one line that names the folder, not a warning per file before it
+        raise UserError(f"none of the {len(files)} image file(s) under {Path(os.path.commonpath(files))} could be "
+                        f"read (e.g. {failed[0][0]}: {failed[0][1]}); check that they are {FORMAT_NAMES} images")
+    for path, reason in failed:
+        warn(f"skipped unreadable image {path} ({reason})")
+    if failed:
+        warn(f"skipped {len(failed)} unreadable image(s) of {len(files)}")
+    images = [r for r in results if not isinstance(r, str)]
+    kept = [label for label, r in zip(labels, results, strict=True) if not isinstance(r, str)]
     array = np.stack(images).transpose(0, 3, 1, 2)
     return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(kept, dtype=torch.int64)
 

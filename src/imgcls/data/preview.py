@@ -7,10 +7,18 @@ import torch
 
 from imgcls.data.datasets import Dataset
 from imgcls.data.presets import TrainTransform
+from imgcls.errors import UserError
+
+MAX_PER_ROW = 64  # a wider grid is tens of thousands of pixels across, and takes minutes to draw
+MAX_SEED = 2**63 - 1  # torch.Generator's seed range
 
 
 def preview_rows(dataset: Dataset, transform: TrainTransform, n: int = 8, draws: int = 3, seed: int = 0):
     """(rows of H x W x 3 uint8 images, captions, row titles): originals, then `draws` augmentations."""
+    if isinstance(n, bool) or not 1 <= n <= MAX_PER_ROW:
+        raise UserError(f"--n must be from 1 to {MAX_PER_ROW} images per row (got {n}); e.g. --n 8")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to {MAX_SEED} (got {seed}); e.g. --seed 0")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(dataset.train), generator=gen)[:n]
     images, labels = next(dataset.train.batches(idx, n))

@@ -15,6 +15,7 @@ import torch
 from imgcls import rundir
 from imgcls.data import Split, normalize
 from imgcls.data.folder import StreamingImages
+from imgcls.errors import UserError
 from imgcls.evaluation.calibration import calibration_metrics, fit_scaling, reliability_bins
 from imgcls.evaluation.cam import grad_cam
 from imgcls.evaluation.evaluate import parse_tta_flag, run_probs, run_split
@@ -26,6 +27,7 @@ from imgcls.runtime import resolve_device, resolve_precision
 def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: str = "auto",
                 allow_data_change: bool = False) -> Path:
     """Compute the report's contents for a trained run; returns the report folder."""
+    training_record(run)  # a damaged summary or metrics file is refused before minutes of inference
     trained = load_run(run, "best", resolve_device(device), allow_data_change)
     cfg, dev = trained.config, next(trained.model.parameters()).device
     precision = resolve_precision(cfg.precision, dev)
@@ -91,6 +93,38 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
                         cams=cams.float().cpu().numpy())
     buffer.replace(out / rundir.ANALYSIS_NPZ)
     return out
+
+
+SUMMARY_KEYS = {"model": str, "data": str, "params": int, "epochs": int, "best_epoch": int, "best_val_acc": None,
+                "train_time_s": float, "train_images_per_s": float, "device": str, "precision": str}
+METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what the training curves draw
+
+
+def _fits(value, kind: type | None) -> bool:
+    if kind is None:  # a number or null (an accuracy of no images is written as null)
+        return value is None or _fits(value, float)
+    if kind is str:
+        return isinstance(value, str)
+    return isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or value == int(value))
+
+
+def training_record(run: str | Path) -> tuple[dict, list[dict]]:
+    """(summary.json, metrics.jsonl lines) of a finished run, checked for what the report reads."""
+    run = rundir.require_run(run)
+    if not (run / rundir.SUMMARY).is_file():
+        raise UserError(f"{run} has not finished training (no {rundir.SUMMARY}); finish it with "
+                        f"imgcls train --resume {run}, then report it")
+    summary, metrics = rundir.read_json(run / rundir.SUMMARY), rundir.read_metrics(run)
+    bad = [k for k, kind in SUMMARY_KEYS.items() if not isinstance(summary, dict) or not _fits(summary.get(k), kind)]
+    if bad:
+        raise UserError(f"{run / rundir.SUMMARY} is damaged (missing or wrong {', '.join(bad)}); restore it or "
+                        "train the run again")
+    broken = next((i for i, m in enumerate(metrics, 1) if not isinstance(m, dict)
+                   or not all(_fits(m.get(k), float) for k in METRIC_KEYS)), None)
+    if broken or not metrics:
+        what = f"line {broken} lacks one of {', '.join(METRIC_KEYS)}" if broken else "it holds no epochs"
+        raise UserError(f"{run / rundir.METRICS} is damaged ({what}); restore it or train the run again")
+    return summary, metrics
 
 
 def _by_index(split: Split) -> Split:

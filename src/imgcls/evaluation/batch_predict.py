@@ -46,7 +46,7 @@ class Preprocessing:
 
     def __call__(self, path: str | Path) -> torch.Tensor:
         """timm style: the file as a normalised float32 3 x H x W tensor for the bare model."""
-        x = torch.from_numpy(self.load(path)).permute(2, 0, 1).float()
+        x = torch.from_numpy(np.array(self.load(path))).permute(2, 0, 1).float()
         mean = torch.tensor(self.mean).view(3, 1, 1) * 255
         std = torch.tensor(self.std).view(3, 1, 1) * 255
         return (x - mean) / std
@@ -108,7 +108,9 @@ def torch_predictor(module: InferenceModel, classes, prep: Preprocessing, aug="b
 
 
 def run_predictor(trained, precision: str | None = None) -> Predictor:
-    """A trained run (`load_run`) as a Predictor, with its calibration and risk-coverage curve."""
+    """A trained run (`load_run`) as a Predictor, with its calibration and risk-coverage curve. On the
+    CPU it runs in fp32 (as its ONNX export does, so both give the same rows); on a GPU in the run's
+    precision unless `precision` is given."""
     from imgcls.evaluation.rejection import read_risk_coverage
     from imgcls.runtime import resolve_precision
 
@@ -118,7 +120,8 @@ def run_predictor(trained, precision: str | None = None) -> Predictor:
                             scaling.bias if scaling else None).to(next(trained.model.parameters()).device)
     prep = Preprocessing(info["img_size"], tuple(info["mean"]), tuple(info["std"]), info.get("crop_pct", 1.0))
     device = next(trained.model.parameters()).device
-    precision = precision or resolve_precision(trained.config.precision, device)
+    if precision is None:
+        precision = "fp32" if device.type == "cpu" else resolve_precision(trained.config.precision, device)
     return torch_predictor(module, trained.classes, prep, trained.config.aug, read_risk_coverage(trained.path),
                            str(trained.path), precision)
 

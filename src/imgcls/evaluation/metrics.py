@@ -39,15 +39,25 @@ def most_confused(cm: torch.Tensor, classes: list[str], n: int = 5) -> list[dict
             for c, i in zip(counts.tolist()[:n], flat.tolist()[:n], strict=True) if c > 0]
 
 
+def balanced_accuracy(cm: torch.Tensor) -> float:
+    """Mean recall over the classes present (support > 0): what accuracy would be if every class had
+    as many images; a class absent from the split has no recall and is left out rather than counted as 0."""
+    support = cm.sum(1)
+    present = support > 0
+    recall = cm.diag()[present].double() / support[present].double()
+    return recall.mean().item()
+
+
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> dict:
-    """Accuracy, top-5 (5 or more classes), NLL, per-class P/R/F1, the confusion matrix and its
-    most-confused pairs, from class probabilities."""
+    """Accuracy, balanced accuracy, macro-F1, top-5 (5 or more classes), NLL, per-class P/R/F1, the
+    confusion matrix and its most-confused pairs, from class probabilities."""
     preds = probs.argmax(dim=1)
     cm = confusion_matrix(preds, labels, len(classes))
     report = per_class_report(cm, classes)
     out = {
         "n": len(labels),
         "accuracy": (preds == labels).float().mean().item(),
+        "balanced_accuracy": balanced_accuracy(cm),
         "loss": negative_log_likelihood(probs, labels),
         "macro_f1": sum(r["f1"] for r in report) / len(report),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 from imgcls import rundir
-from imgcls.config import TrainConfig, load_config
+from imgcls.config import MAX_IMG_SIZE, TrainConfig, load_config
 from imgcls.data import Split, normalize
 from imgcls.data.decode import FORMAT_NAMES, DecodeError
 from imgcls.data.folder import load_image
@@ -90,6 +91,42 @@ class TrainedRun:
 DATASET_KEYS = ("classes", "img_size", "mean", "std", "fingerprint")  # what evaluation reads from dataset.json
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _dataset_problem(info: dict) -> str | None:
+    """What is wrong with a dataset.json's values, if anything: a damaged file must not reach the
+    model as a negative image size or a two-value mean (or, in predict, as one error row per image)."""
+    classes, size, crop = info["classes"], info["img_size"], info.get("crop_pct", 1.0)
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        return f"classes is {classes!r}, not a list of two or more class names"
+    if len(set(classes)) != len(classes):
+        return f"classes lists {sorted({c for c in classes if classes.count(c) > 1})[0]!r} twice"
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_IMG_SIZE:
+        return f"img_size is {size!r}, not a whole number of pixels from 8 to {MAX_IMG_SIZE}"
+    for key in ("mean", "std"):
+        v = info[key]
+        if not isinstance(v, list) or len(v) != 3 or not all(map(_is_number, v)) or (key == "std" and min(v) <= 0):
+            return f"{key} is {v!r}, not three {'positive ' if key == 'std' else ''}numbers (R, G, B)"
+    if not _is_number(crop) or not 0 < crop <= 1:
+        return f"crop_pct is {crop!r}, not a number in (0, 1]"
+    fingerprint = info["fingerprint"]
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("sizes"), dict):
+        return "fingerprint is not a mapping that holds the split sizes ('sizes')"
+    return None
+
+
+def check_dataset_info(info, path: Path) -> None:
+    """Refuse a run's dataset.json that lacks a key evaluation reads or holds a value it cannot use."""
+    absent = [k for k in DATASET_KEYS if not isinstance(info, dict) or k not in info]
+    if absent:
+        raise UserError(f"{path} lacks {', '.join(absent)}; the file is damaged: restore it or train again")
+    problem = _dataset_problem(info)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; restore it from a backup or train the run again")
+
+
 def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None,
              allow_data_change: bool = False) -> TrainedRun:
     """A run's config and model with weights from `checkpoint` ("best", "last" or a file path).
@@ -101,9 +138,7 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     if not info_path.is_file():
         raise UserError(f"{path} has no {rundir.DATASET}; the run never started training, train it again")
     info = rundir.read_json(info_path)
-    absent = [k for k in DATASET_KEYS if not isinstance(info, dict) or k not in info]
-    if absent:
-        raise UserError(f"{info_path} lacks {', '.join(absent)}; the file is damaged: restore it or train again")
+    check_dataset_info(info, info_path)
     ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
     model = create_model(cfg.model, len(info["classes"]), head=cfg.head)

@@ -24,6 +24,7 @@ def print_summary(summary: dict) -> None:
         ("best val accuracy", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']}/{summary['epochs']})"),
         ("test accuracy, selected on val", _pct(summary["test_acc"])),
         ("test accuracy, final epoch", _pct(summary["test_acc_final"])),
+        *_balanced_rows(summary),
         ("training time", f"{summary['train_time_s']:.1f} s ({summary['train_images_per_s']:.0f} img/s)"),
         ("forward cost", f"{summary['gflops']:.3f} GFLOPs/img"),
         ("inference", f"{summary['inference_images_per_s']:.0f} img/s"),
@@ -39,11 +40,25 @@ def print_summary(summary: dict) -> None:
         console.print("this dataset has no test split: validation accuracy is the held-out figure")
 
 
+def _balanced_rows(summary: dict) -> list[tuple[str, str]]:
+    """Balanced accuracy and macro-F1 of the val-selected checkpoint on test, when the summary holds them,
+    and what chose that checkpoint when it was not validation accuracy."""
+    shown = (("test balanced accuracy, selected on val", "test_balanced_acc"),
+             ("test macro-F1, selected on val", "test_macro_f1"))
+    rows = [(label, _pct(summary[key])) for label, key in shown if summary.get(key) is not None]
+    if summary.get("monitor"):
+        rows.append(("best checkpoint chosen by", str(summary["monitor"])))
+    return rows
+
+
 def print_eval(result: dict, split: str, run: str) -> None:
     head = f"{run} on {split} ({result['n']} images): accuracy {_pct(result['accuracy'])}"
+    if "balanced_accuracy" in result:
+        head += f", balanced accuracy {_pct(result['balanced_accuracy'])}"
+    head += f", macro-F1 {_pct(result['macro_f1'])}"
     if "top5_accuracy" in result:
         head += f", top-5 {_pct(result['top5_accuracy'])}"
-    head += f", loss {result['loss']:.4f}, macro F1 {result['macro_f1']:.4f}"
+    head += f", loss {result['loss']:.4f}"
     console.print(head, soft_wrap=True)
     table = Table("class", "precision", "recall", "F1", "support")
     for row in result["per_class"]:

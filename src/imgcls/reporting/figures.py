@@ -11,9 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from imgcls.errors import UserError  # noqa: E402
+
 
 def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titles: list[str], out: Path) -> Path:
     """Rows of H x W x 3 uint8 images with a caption under each and a title at each row's left."""
+    _check_png(out)
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols + 1.2, 1.75 * n_rows), squeeze=False)
     for i, (row, caps) in enumerate(zip(rows, captions, strict=True)):
@@ -28,11 +31,7 @@ def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titl
             ax.set_xlabel(caps[j], fontsize=7)
         axes[i][0].set_ylabel(row_titles[i], fontsize=8)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def comparison_charts(records: list[dict], out: Path) -> list[Path]:
@@ -65,11 +64,37 @@ def comparison_charts(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def _check_png(out: Path) -> None:
+    """Refuse an --out that is not a .png file: matplotlib would append .png to a name without one
+    (or write another format), so the file would not be where we say we wrote it."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; pass a PNG file name, e.g. --out {out / 'preview.png'}")
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out {out} must name a .png file; e.g. --out {out.with_suffix('.png').name}")
+
+
+def make_folder(folder: Path) -> Path:
+    """`folder`, created with its parents; a one-line error when a file is in the way or it cannot be made."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"cannot create the folder {folder}: a file is in the way; choose another --out") from None
+    except OSError as e:
+        raise UserError(f"cannot create the folder {folder} ({e.strerror}); choose another --out") from None
+    return folder
+
+
 def _save(fig, out: Path) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        make_folder(out.parent)
+        fig.savefig(out, dpi=110)
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -157,9 +182,11 @@ def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> 
 
 def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str], stems: list[str],
                       out: Path) -> list[Path]:
-    """One PNG per image: the image beside its heat-map overlay, with a caption."""
+    """One PNG per image: the image beside its heat-map overlay, with a caption. Images that share a
+    file stem (a/cat.jpg, b/cat.png) get numbered names, so no overlay overwrites another."""
+    make_folder(out)
     paths = []
-    for image, cam, caption, stem in zip(images, cams, captions, stems, strict=True):
+    for image, cam, caption, stem in zip(images, cams, captions, _unique(stems), strict=True):
         fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.3))
         left.imshow(image, interpolation="nearest")
         right.imshow(cam_overlay(image, cam))
@@ -169,3 +196,17 @@ def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str],
         fig.tight_layout()
         paths.append(_save(fig, Path(out) / f"{stem}-cam.png"))
     return paths
+
+
+def _unique(stems: list[str]) -> list[str]:
+    """`stems` with repeats numbered (cat, cat-2, cat-3), skipping numbers another stem already uses."""
+    used: set[str] = set()
+    out = []
+    for stem in stems:
+        name, n = stem, 1
+        while name in used:
+            n += 1
+            name = f"{stem}-{n}"
+        used.add(name)
+        out.append(name)
+    return out

@@ -14,6 +14,7 @@ import numpy as np
 
 from imgcls import rundir
 from imgcls.errors import UserError
+from imgcls.evaluation.analysis import training_record
 from imgcls.reporting import figures
 
 STYLE = """
@@ -38,17 +39,23 @@ window.addEventListener("load", () => {
 
 
 def _img(path: Path, alt: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return png_img(Path(path).read_bytes(), alt)
 
 
-def _table(header: list[str], rows: list[list]) -> str:
+def png_img(png: bytes, alt: str, title: str = "") -> str:
+    """An <img> holding PNG bytes inline, with an optional tooltip."""
+    data = base64.b64encode(png).decode()
+    tip = f' title="{html.escape(title)}"' if title else ""
+    return f'<img alt="{html.escape(alt)}"{tip} src="data:image/png;base64,{data}">'
+
+
+def html_table(header: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>{body}</body></html>")
 
@@ -62,7 +69,7 @@ METRICS = (("accuracy", "accuracy", _pct), ("NLL", "nll", lambda v: f"{v:.4f}"),
 
 
 def _compare_table(left: str, right: str, a: dict, b: dict) -> str:
-    return _table(["metric", left, right], [[label, fmt(a[key]), fmt(b[key])] for label, key, fmt in METRICS])
+    return html_table(["metric", left, right], [[label, fmt(a[key]), fmt(b[key])] for label, key, fmt in METRICS])
 
 
 def _gallery(images: np.ndarray, items: list[dict], title: str, out: Path, cams: np.ndarray | None = None) -> Path:
@@ -75,13 +82,13 @@ def write_run_report(run: Path) -> Path:
     """report/report.html for a run whose report/analysis.* exist (see evaluation.analysis)."""
     run = Path(run)
     folder = run / rundir.REPORT_DIR
+    summary, metrics = training_record(run)
     a = rundir.read_json(folder / rundir.ANALYSIS_JSON)
     arrays = np.load(folder / rundir.ANALYSIS_NPZ)
-    summary = rundir.read_json(run / rundir.SUMMARY)
     config = (run / rundir.CONFIG).read_text()
     cal, tta = a["calibration"], a["tta"]
 
-    curves = figures.training_curves(rundir.read_metrics(run), folder / "curves.png")
+    curves = figures.training_curves(metrics, folder / "curves.png")
     confusion = figures.confusion_heatmaps(a["confusion_matrix"], a["classes"], folder / "confusion.png")
     reliability = figures.reliability_diagrams(
         [("before", cal["bins_before"], cal["before"]["ece"]),
@@ -100,11 +107,13 @@ def write_run_report(run: Path) -> Path:
     where = "fitted on val for this report" if cal["fitted_for_report"] else "stored by imgcls calibrate"
     body = [
         f"<h1>{html.escape(run.name)}: {html.escape(summary['model'])} on {html.escape(summary['data'])}</h1>",
-        _table(["", ""], [
+        html_table(["", ""], [
             ["parameters", f"{summary['params'] / 1e6:.2f}M"],
             ["best epoch (val)", f"{summary['best_epoch']} of {summary['epochs']}"],
             ["best val accuracy", _pct(summary["best_val_acc"])],
             [f"{split} accuracy (val-selected checkpoint)", _pct(a["accuracy"])],
+            *[[f"{split} {label}", _pct(a[key])] for label, key in (("balanced accuracy", "balanced_accuracy"),
+                                                                      ("macro-F1", "macro_f1")) if key in a],
             ["training time", f"{summary['train_time_s']:.0f} s ({summary['train_images_per_s']:.0f} img/s)"],
             ["device", f"{summary['device']} {summary['precision']}"]]),
         "<h2>Training curves</h2>", _img(curves, "training curves"),
@@ -113,7 +122,7 @@ def write_run_report(run: Path) -> Path:
                        cal["after"]),
         f"<p class=note>The temperature was {where}; it never changes a prediction.</p>",
         "<h2>Classification report</h2>",
-        _table(["class", "precision", "recall", "F1", "support"],
+        html_table(["class", "precision", "recall", "F1", "support"],
                [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                 for r in a["per_class"]]),
         "<h2>Confusion matrix</h2>", _img(confusion, "confusion matrix"),
@@ -129,7 +138,7 @@ def write_run_report(run: Path) -> Path:
         "<h2>Configuration</h2>", f"<pre>{html.escape(config)}</pre>",
     ]
     out = folder / rundir.REPORT_HTML
-    rundir.atomic_write_bytes(out, _page(f"imgcls report: {run.name}", "".join(body)).encode())
+    rundir.atomic_write_bytes(out, html_page(f"imgcls report: {run.name}", "".join(body)).encode())
     return out
 
 
@@ -146,8 +155,8 @@ def write_comparison_report(folder: Path, run_reports: dict[str, Path]) -> Path:
                     for name, path in run_reports.items())
     charts = "".join(_img(p, p.stem) for p in (folder / "accuracy_per_epoch.png", folder / "accuracy_vs_time.png")
                      if p.is_file())
-    body = (f"<h1>Comparison: {html.escape(folder.name)}</h1>{_table(header, rows)}<p class=note>{html.escape(note)}"
-            f"</p><h2>Curves</h2>{charts}<h2>Runs</h2><ul>{links}</ul>")
+    body = (f"<h1>Comparison: {html.escape(folder.name)}</h1>{html_table(header, rows)}"
+            f"<p class=note>{html.escape(note)}</p><h2>Curves</h2>{charts}<h2>Runs</h2><ul>{links}</ul>")
     out = folder / rundir.REPORT_HTML
-    rundir.atomic_write_bytes(out, _page(f"imgcls comparison: {folder.name}", body).encode())
+    rundir.atomic_write_bytes(out, html_page(f"imgcls comparison: {folder.name}", body).encode())
     return out

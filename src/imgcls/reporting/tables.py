@@ -19,12 +19,15 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 def aggregate(records: list[dict]) -> list[dict]:
     """Group runs by variant; the first variant is the baseline for the gain column."""
-    rows: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
     for r in records:
-        rows.setdefault(r["variant"], {"variant": r["variant"], "runs": []})["runs"].append(r["summary"])
+        rows.setdefault(r["variant"], []).append(r)
     out, baseline = [], None
-    for row in rows.values():
-        runs = row["runs"]
+    for variant, group in rows.items():
+        runs = [r["summary"] for r in group]
+        tests = [r.get("test") or {} for r in group]  # balanced accuracy and macro-F1 from the test predictions
+        bal, bal_sd = _mean_std([t.get("balanced_accuracy") for t in tests])
+        f1, f1_sd = _mean_std([t.get("macro_f1") for t in tests])
         acc, acc_sd = _mean_std([s["test_acc"] for s in runs])
         final, final_sd = _mean_std([s["test_acc_final"] for s in runs])
         ece, ece_sd = _mean_std([s.get("test_ece") for s in runs])
@@ -34,7 +37,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         headline = acc if has_test else val_final  # what the gain column compares
         baseline = headline if baseline is None else baseline
         out.append({
-            "variant": row["variant"],
+            "variant": variant,
             "model": runs[0]["model"],
             "strategy": runs[0].get("strategy", "scratch"),
             "params": runs[0]["params"],
@@ -46,12 +49,48 @@ def aggregate(records: list[dict]) -> list[dict]:
             "test_acc": acc, "test_acc_std": acc_sd,
             "test_acc_final": final, "test_acc_final_std": final_sd,
             "gain": headline - baseline,
+            "test_balanced_acc": bal, "test_balanced_acc_std": bal_sd,
+            "test_macro_f1": f1, "test_macro_f1_std": f1_sd,
+            **_significance_columns(group[0].get("vs_first")),
             "test_ece": ece, "test_ece_std": ece_sd,
             "train_time_s": statistics.fmean(s["train_time_s"] for s in runs),
             "train_images_per_s": statistics.fmean(s["train_images_per_s"] for s in runs),
             "inference_images_per_s": _mean_std([s.get("inference_images_per_s") for s in runs])[0],
         })
     return out
+
+
+def _significance_columns(vs: dict | None) -> dict:
+    """The paired comparison against the first variant (evaluation/significance.py), flat for CSV."""
+    if not vs:
+        return {"acc_diff": None, "acc_diff_ci_low": None, "acc_diff_ci_high": None, "mcnemar_p": None,
+                "significant": None}
+    return {"acc_diff": vs["acc_diff"], "acc_diff_ci_low": vs["ci_low"], "acc_diff_ci_high": vs["ci_high"],
+            "mcnemar_p": vs["mcnemar_p"], "significant": vs["significant"]}
+
+
+def _delta(r: dict) -> str:
+    if r["acc_diff"] is None:
+        return "—"
+    mark = " *" if r["significant"] else ""
+    return (f"{100 * r['acc_diff']:+.2f} [{100 * r['acc_diff_ci_low']:+.2f}, "
+            f"{100 * r['acc_diff_ci_high']:+.2f}]{mark}")
+
+
+def _p(r: dict) -> str:
+    p = r["mcnemar_p"]
+    return "—" if p is None else ("< 0.0001" if p < 1e-4 else f"{p:.4f}")
+
+
+SIGNIFICANCE_NOTE = (
+    "Δ acc is the paired difference in test accuracy against the first variant (percentage points), run against "
+    "run of the same seed on the same test images, with a 95% bootstrap interval that resamples the test images "
+    "and the seeds; McNemar p is the exact two-sided test on the images one variant gets right and the other "
+    "wrong, pooled over seeds. * marks p < 0.05 with an interval that excludes 0. They say whether this "
+    "difference on this test set is larger than image-to-image and seed-to-seed noise; they do not say it "
+    "would hold on other data, at another budget, or with more seeds than were run (with one seed the "
+    "interval knows nothing of seed noise), and pooling seeds treats repeated images as independent, so p "
+    "is optimistic when seeds disagree. Comparing many variants, expect about one in twenty to pass by chance.")
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -63,6 +102,8 @@ def to_csv(rows: list[dict]) -> str:
 
 
 def _pm(mean: float, sd: float, scale: float = 100.0, digits: int = 2) -> str:
+    if mean != mean:  # NaN: no run had the figure (e.g. results from before it was recorded)
+        return "n/a"
     return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
 
 
@@ -87,6 +128,13 @@ def to_markdown(rows: list[dict]) -> str:
         columns += [("val acc % (final epoch)", lambda r: _pm(r["val_acc_final"], r["val_acc_final_std"])),
                     ("val acc % (best epoch, optimistic)", lambda r: _pm(r["val_acc"], r["val_acc_std"]))]
     columns += [("gain vs first", lambda r: f"{100 * r['gain']:+.2f}")]
+    significance = any(r.get("acc_diff") is not None for r in rows)
+    if has_test:
+        columns += [("balanced acc % (val-selected)",
+                     lambda r: _pm(r["test_balanced_acc"], r["test_balanced_acc_std"])),
+                    ("macro-F1 % (val-selected)", lambda r: _pm(r["test_macro_f1"], r["test_macro_f1_std"]))]
+    if significance:
+        columns += [(f"Δ acc vs {rows[0]['variant']} [95% CI]", _delta), ("McNemar p", _p)]
     if has_test:
         columns += [("ECE %", lambda r: _pm(r["test_ece"], r["test_ece_std"]))]
     columns += [("train time s", lambda r: f"{r['train_time_s']:.0f}"),
@@ -102,6 +150,8 @@ def to_markdown(rows: list[dict]) -> str:
     else:
         note = "This dataset has no test split: the final epoch's validation accuracy is the held-out figure."
     lines.append(f"Mean ± standard deviation over {'/'.join(map(str, seeds))} seed(s). {note}")
+    if significance:
+        lines += ["", SIGNIFICANCE_NOTE]
     return "\n".join(lines) + "\n"
 
 

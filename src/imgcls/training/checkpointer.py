@@ -9,7 +9,7 @@ best.pt  the evaluated weights of the epoch with the best validation accuracy.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,14 @@ class EpochMeter:
     seconds: float = 0.0  # wall time of the steps, waiting for data included
     data_seconds: float = 0.0  # of which waiting for the next batch
     nonfinite_loss: float | None = None  # set by a step whose loss was NaN or infinite (never saved)
+    grad_norm_sum: float = 0.0  # of the gradient's global norm before clipping, over optimizer steps
+    grad_norm_max: float = 0.0
+    optimizer_steps: int = 0
+
+    def add_grad_norm(self, norm: float) -> None:
+        self.grad_norm_sum += norm
+        self.grad_norm_max = max(self.grad_norm_max, norm)
+        self.optimizer_steps += 1
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -41,8 +49,10 @@ class EpochMeter:
 class TrainState:
     epoch: int = 0  # epochs completed
     meter: EpochMeter = field(default_factory=EpochMeter)  # progress inside the next epoch
-    best_val_acc: float = -1.0
+    best_score: float | None = None  # the best value of --monitor so far, at best_epoch
     best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the monitor last improved (for --patience)
+    stopped_early: bool = False  # --patience ended the run
     train_seconds: float = 0.0
     saved: bool = False  # whether last.pt holds this run's state (else a failure leaves nothing worth keeping)
 
@@ -60,9 +70,10 @@ def set_rng_state(rng: dict, aug_gen: torch.Generator, device: torch.device) -> 
 
 
 def global_meter(ctx: TrainingContext, meter: EpochMeter) -> EpochMeter:
-    """The epoch so far over all ranks: sums of images, loss and hits; steps and times as rank 0's."""
+    """The epoch so far over all ranks: sums of images, loss and hits; steps, times and gradient norms
+    (the same on every rank after the all-reduce) as rank 0's."""
     images, loss_sum, correct = distributed.all_sum(ctx.world, [meter.images, meter.loss_sum, meter.correct])
-    return EpochMeter(meter.steps, int(images), loss_sum, int(correct), meter.seconds, meter.data_seconds)
+    return replace(meter, images=int(images), loss_sum=loss_sum, correct=int(correct))
 
 
 class Checkpointer:
@@ -84,21 +95,24 @@ class Checkpointer:
                 "optimizer": ctx.optimizer.state_dict(),
                 "scheduler": ctx.scheduler.state_dict(),
                 "scaler": ctx.scaler.state_dict(),
+                "plateau": ctx.plateau.state_dict() if ctx.plateau is not None else None,
                 "epoch": state.epoch,
                 "meter": meter.as_dict(),
-                "best_val_acc": state.best_val_acc,
+                "best_score": state.best_score,
                 "best_epoch": state.best_epoch,
+                "bad_epochs": state.bad_epochs,
+                "stopped_early": state.stopped_early,
                 "train_seconds": state.train_seconds,
                 "rng": rng,  # one per rank: augmentation, torch (dropout), this rank's GPU
             }, self.last)
         state.saved = True
 
-    def save_best(self, state: TrainState, val_acc: float) -> None:
+    def save_best(self, state: TrainState, scores: dict) -> None:
         ctx = self.ctx
         if ctx.world.main:
             save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
-                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch, "val_acc": val_acc},
-                            self.best)
+                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch, "val_acc": scores["val_acc"],
+                             "monitor": ctx.cfg.monitor, "score": state.best_score}, self.best)
 
     def restore(self, aug_gen: torch.Generator) -> TrainState:
         """Load last.pt into the context's model, optimizer and random streams; return where it stopped."""
@@ -112,11 +126,14 @@ class Checkpointer:
         ctx.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             ctx.scaler.load_state_dict(ckpt["scaler"])
+        if ctx.plateau is not None and ckpt.get("plateau"):
+            ctx.plateau.load_state_dict(ckpt["plateau"])
         meter = EpochMeter(**ckpt["meter"])
         if not world.main:  # rank 0 carries the epoch's sums so far; the others add their own
-            meter = EpochMeter(steps=meter.steps, seconds=meter.seconds, data_seconds=meter.data_seconds)
-        state = TrainState(ckpt["epoch"], meter, ckpt["best_val_acc"], ckpt["best_epoch"], ckpt["train_seconds"],
-                           saved=True)
+            meter = replace(meter, images=0, loss_sum=0.0, correct=0)
+        best = ckpt["best_score"] if "best_score" in ckpt else ckpt["best_val_acc"]  # older runs monitored val_acc
+        state = TrainState(ckpt["epoch"], meter, best, ckpt["best_epoch"], ckpt.get("bad_epochs", 0),
+                           ckpt.get("stopped_early", False), ckpt["train_seconds"], saved=True)
         rng = ckpt.get("rng") or [{"aug": ckpt["aug_rng"], "torch": ckpt["torch_rng"], "cuda": None}]  # older runs
         if len(rng) != world.size and meter.steps:
             raise UserError(f"{self.last.parent} stopped inside an epoch with {len(rng)} process(es); resume it with "

@@ -22,6 +22,7 @@ from imgcls import rundir
 from imgcls.config import FIELDS, TrainConfig, build_config
 from imgcls.data.datasets import data_source, load_dataset
 from imgcls.errors import UserError
+from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
 from imgcls.models import model_spec
 from imgcls.training.train import fit
 from imgcls.yamlio import load_yaml_mapping
@@ -32,6 +33,7 @@ SHARED_ONLY = {"data", "data_dir", "img_size", "epochs", "val_fraction", "split_
 SET_BY_COMPARE = {"seed": "list seeds under seeds:", "out": "pass --out to imgcls compare",
                   "quiet": "pass --quiet to imgcls compare"}
 TOP_LEVEL = ("name", "data", "train", "seeds", "variants")
+MAX_SEED = 2**63 - 1  # torch seeds its generators with 64-bit integers; larger ones fail deep in training
 RESULTS = "results.json"
 OPTIONS_SUFFIX = ".options.json"  # OUT/<variant>/seed-<n>.options.json: beside the run, which fit() creates
 # A comparison's own files, which a variant's folder would shadow.
@@ -77,12 +79,13 @@ def check_variant_name(name, where: str) -> str:
 
 
 def check_seeds(seeds, where: str) -> list[int]:
-    """A non-empty list of distinct non-negative integers."""
+    """A non-empty list of distinct integers from 0 to MAX_SEED."""
     if not isinstance(seeds, list) or not seeds:
         raise UserError(f"{where}: seeds must be a non-empty list of integers, e.g. [0, 1]")
-    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED]
     if bad:
-        raise UserError(f"{where}: seed {bad[0]!r} is not a non-negative integer; give seeds like [0, 1]")
+        raise UserError(f"{where}: seed {bad[0]!r} is not a non-negative integer up to {MAX_SEED}; "
+                        "give seeds like [0, 1]")
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     if repeated:
         raise UserError(f"{where}: seed {repeated[0]} is given twice; list each seed once")
@@ -277,7 +280,7 @@ def run_experiment(exp: Experiment, out: str | Path, data_dir: str | None = None
         _check_reusable(p, out)
     _check_current_data(plans, out)
     out.mkdir(parents=True, exist_ok=True)
-    records, fingerprint = [], None
+    records, fingerprint, predictions = [], None, {}
     for p in plans:
         _train_or_resume(p)
         info = _read_json(p.run / rundir.DATASET, f"delete {p.run} and rerun")["fingerprint"]
@@ -289,6 +292,13 @@ def run_experiment(exp: Experiment, out: str | Path, data_dir: str | None = None
         summary = _read_json(p.run / rundir.SUMMARY, f"delete {p.run} and rerun")
         records.append({"variant": p.variant, "seed": p.seed, "run": f"{p.variant}/{p.run.name}",
                         "summary": summary, "metrics": rundir.read_metrics(p.run)})
+        found = run_test_predictions(p.run)  # per-image test predictions, for the significance columns
+        if found is not None:
+            predictions.setdefault(p.variant, {})[p.seed] = found
+            records[-1]["test"] = test_scores(*found)
+    vs_first = compare_to_first(predictions) if predictions else {}
+    for r in records:
+        r["vs_first"] = vs_first.get(r["variant"])
     rundir.write_json(out / RESULTS, {"experiment": exp.name, "train": exp.train, "seeds": exp.seeds,
                                       "variants": exp.variants, "fingerprint": fingerprint, "runs": records})
     return records

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from imgcls.config import NORMALIZATIONS, TrainConfig, resolve, resolved_strategy
+from imgcls.config import MONITORS, NORMALIZATIONS, TrainConfig, resolve, resolved_strategy
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.datasets import normalization_named
 from imgcls.data.presets import DEFAULT_ERASING, normalize
@@ -22,6 +22,7 @@ from imgcls.models.weights import LoadReport, load_pretrained
 from imgcls.runtime import resolve_device, resolve_precision, seed_everything
 from imgcls.training import distributed
 from imgcls.training.distributed import World
+from imgcls.training.imbalance import Loss, class_weights, make_loss
 from imgcls.training.transfer import LayerGroup, optimizer_param_groups, plan_groups
 
 
@@ -38,8 +39,11 @@ class TrainingContext:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
-    steps_per_epoch: int
+    steps_per_epoch: int  # micro-batches of --batch-size per epoch
     loaded: LoadReport | None  # what --pretrained loaded (new runs only)
+    loss: Loss  # cross-entropy or focal, with the class weights
+    class_weights: torch.Tensor | None
+    plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # --schedule plateau, stepped once per epoch
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -67,11 +71,26 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
     groups = plan_groups(model, cfg)
     steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
-    optimizer, scheduler = build_optimizer(model, cfg, steps_per_epoch, groups)
+    optimizer, scheduler = build_optimizer(model, cfg, optimizer_steps(steps_per_epoch, cfg.accum_steps), groups)
+    plateau = None
+    if cfg.schedule == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, MONITORS[cfg.monitor], cfg.plateau_factor,
+                                                             cfg.plateau_patience, threshold=cfg.min_delta,
+                                                             threshold_mode="abs")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
+    weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
     return TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
-                           steps_per_epoch, loaded)
+                           steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau)
+
+
+def optimizer_steps(micro_batches: int, accum_steps: int) -> int:
+    """Optimizer steps in an epoch of `micro_batches`: one per window of `accum_steps` (the last may be short)."""
+    return math.ceil(micro_batches / accum_steps)
+
+
+def warmup_steps(cfg: TrainConfig, optimizer_steps_per_epoch: int) -> int:
+    return min(cfg.epochs * optimizer_steps_per_epoch, round(cfg.warmup_epochs * optimizer_steps_per_epoch))
 
 
 def _build_model(cfg: TrainConfig, spec, dataset: Dataset, world: World, device: torch.device, fresh: bool):
@@ -116,10 +135,16 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
     return factor
 
 
+def warmup_constant(warmup_steps: int):
+    """LR factor per step: linear warm-up to 1, then 1 (ReduceLROnPlateau cuts the rates from there)."""
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, groups: list[LayerGroup]):
     """AdamW or Nesterov SGD over every layer group at its own rate (frozen ones join when they get
-    gradients), with one warm-up + cosine factor scaling all rates alike. Fused kernels on CPU and
-    CUDA: one pass over all parameters instead of one per tensor."""
+    gradients), with one warm-up + cosine factor scaling all rates alike (warm-up only, then 1, under
+    --schedule plateau). `steps_per_epoch` counts optimizer steps. Fused kernels on CPU and CUDA: one
+    pass over all parameters instead of one per tensor."""
     param_groups = optimizer_param_groups(model, groups, cfg.weight_decay)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     if cfg.optimizer == "sgd":
@@ -127,9 +152,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: i
                                     fused=fused)
     else:
         optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, fused=fused)
-    total = cfg.epochs * steps_per_epoch
-    warmup = min(total, round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+    total, warmup = cfg.epochs * steps_per_epoch, warmup_steps(cfg, steps_per_epoch)
+    factor = warmup_cosine(total, warmup) if cfg.schedule == "cosine" else warmup_constant(warmup)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
 

@@ -6,6 +6,7 @@ save, stop), a step limit, or a non-finite loss (stop without saving: the last g
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
@@ -14,19 +15,25 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
 from torch.nn.parallel import DistributedDataParallel
 
 from imgcls import rundir
+from imgcls.config import MONITORS
 from imgcls.data import Split, TrainTransform
-from imgcls.data.mixing import soft_cross_entropy
 from imgcls.errors import UserError
+from imgcls.evaluation.metrics import balanced_accuracy, confusion_matrix, per_class_report
 from imgcls.evaluation.predict import predict_logits
 from imgcls.runtime import autocast
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, EpochMeter, TrainState, global_meter
-from imgcls.training.context import TrainingContext
+from imgcls.training.context import TrainingContext, optimizer_steps, warmup_steps
+from imgcls.training.imbalance import epoch_order
 from imgcls.training.progress import Progress
 from imgcls.training.transfer import apply_schedule, train_mode
+
+MONITOR_KEYS = {"val_acc": "val_acc", "val_loss": "val_loss", "balanced_acc": "val_balanced_acc",
+                "macro_f1": "val_macro_f1"}  # --monitor -> its key in metrics.jsonl
 
 
 class Interrupted(Exception):
@@ -85,15 +92,63 @@ class Inputs:
     cache_seconds: float = 0.0  # spent computing the cached features
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransform, aug_gen, meter: EpochMeter,
-                    *, device, precision: str, should_stop, progress: Progress, scaler=None, ema=None) -> bool:
-    """Train over `batches`, adding to `meter`. Returns False when `should_stop()` asks to stop early.
+def window_of(step: int, steps: int, accum: int) -> tuple[int, bool]:
+    """(size of the accumulation window that micro-step `step` of an epoch of `steps` falls in, and
+    whether `step` is its last). Windows are `accum` long; the epoch's last one may be shorter."""
+    start = step - step % accum
+    size = min(accum, steps - start)
+    return size, step == start + size - 1
 
-    `scaler` scales fp16 losses; `ema` is updated after every step. A non-finite loss is recorded in
-    `meter.nonfinite_loss` and reported by the next `should_stop()`, which every rank calls."""
-    train_mode(model)  # frozen parts stay in eval mode
-    scaler = scaler or torch.amp.GradScaler(enabled=False)
-    raw = _unwrapped(model)
+
+class Stepper:
+    """Optimizer steps from micro-batches: forward and backward of each (under DDP the gradients are
+    all-reduced only on a window's last), then unscale, gradient norm, clipping, step, schedule, EMA.
+    The loss of a window of n micro-batches is the mean of theirs, so K micro-batches of B take the
+    step one batch of K*B would (BatchNorm aside: it normalises each micro-batch)."""
+
+    def __init__(self, ctx: TrainingContext, trainee: torch.nn.Module):
+        self.ctx, self.trainee, self.raw = ctx, trainee, _unwrapped(trainee)
+        self.params = [p for p in self.raw.parameters()]
+        self.warmup_steps = warmup_steps(ctx.cfg, optimizer_steps(ctx.steps_per_epoch, ctx.cfg.accum_steps))
+
+    def micro_step(self, x: torch.Tensor, targets: torch.Tensor, step: int):
+        """(loss, logits, pre-clip gradient norm or None) of micro-step `step` of the epoch."""
+        ctx = self.ctx
+        window, last = window_of(step, ctx.steps_per_epoch, ctx.cfg.accum_steps)
+        sync = contextlib.nullcontext()
+        if not last and isinstance(self.trainee, DistributedDataParallel):
+            sync = self.trainee.no_sync()
+        with sync:
+            with autocast(ctx.device, ctx.precision):
+                logits = self.trainee(x)
+            loss = ctx.loss(logits, targets)
+            ctx.scaler.scale(loss / window).backward()
+        return loss, logits, self._step() if last else None
+
+    def _step(self) -> torch.Tensor:
+        ctx, cfg = self.ctx, self.ctx.cfg
+        ctx.scaler.unscale_(ctx.optimizer)  # clip and measure true gradients under fp16 loss scaling
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        if cfg.clip_grad is not None:
+            dispatch_clip_grad([p for p in self.params if p.grad is not None], cfg.clip_grad, cfg.clip_mode)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        if cfg.schedule == "cosine" or ctx.scheduler.last_epoch < self.warmup_steps:
+            ctx.scheduler.step()  # under --schedule plateau only the warm-up is per step
+        if ctx.ema is not None:
+            ctx.ema.update_parameters(self.raw)
+        return norm
+
+
+def train_one_epoch(stepper: Stepper, batches, transform: TrainTransform, aug_gen, meter: EpochMeter, *,
+                    should_stop, progress: Progress) -> bool:
+    """Train over `batches`, adding to `meter`. Returns False when `should_stop()` asks to stop early;
+    it is asked (by every rank together) at the start of each accumulation window, so a stop never
+    splits one. A non-finite loss is recorded in `meter.nonfinite_loss` for the next `should_stop()`."""
+    ctx = stepper.ctx
+    train_mode(stepper.trainee)  # frozen parts stay in eval mode
     batches = iter(batches)
     while True:
         start = time.perf_counter()
@@ -101,25 +156,19 @@ def train_one_epoch(model, batches, optimizer, scheduler, transform: TrainTransf
         if batch is None:
             return True
         fetched = time.perf_counter()
-        if should_stop():  # after the fetch, so a stop at an epoch's last step still ends the epoch
+        # after the fetch, so a stop at an epoch's last step still ends the epoch
+        if meter.steps % ctx.cfg.accum_steps == 0 and should_stop():
             return False
-        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        images, labels = batch[0].to(ctx.device, non_blocking=True), batch[1].to(ctx.device, non_blocking=True)
         x, targets = transform(images, labels, aug_gen)  # augmented, normalised, mixed; soft targets
         if x.dim() == 4:  # images; cached features are B x D
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(x)
-        loss = soft_cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(raw)
+        loss, logits, norm = stepper.micro_step(x, targets, meter.steps)
         n, value = len(labels), loss.item()
         if not math.isfinite(value):
             meter.nonfinite_loss = value
+        if norm is not None:
+            meter.add_grad_norm(norm.item())
         meter.steps += 1
         meter.images += n
         meter.loss_sum += value * n
@@ -136,16 +185,21 @@ def _unwrapped(module):
     return module
 
 
-def validate(ctx: TrainingContext, inputs: Inputs) -> tuple[float, float]:
-    """(loss, accuracy) of the evaluated weights on the validation split, summed over ranks."""
+def validate(ctx: TrainingContext, inputs: Inputs) -> dict:
+    """Loss, accuracy, balanced accuracy and macro-F1 of the evaluated weights on the validation split,
+    over all ranks (the confusion matrix is summed, so every rank gets the same numbers)."""
     if inputs.features_cached:
         logits, labels = head_logits(inputs.trainee, inputs.val, ctx.device, ctx.precision), inputs.val.labels
     else:
         logits, labels = predict_logits(ctx.evaluated, inputs.val, ctx.dataset.mean, ctx.dataset.std, ctx.device,
                                         ctx.precision, ctx.cfg.eval_batch_size)
-    loss, correct, n = distributed.all_sum(ctx.world, [F.cross_entropy(logits, labels, reduction="sum").item(),
-                                                       (logits.argmax(1) == labels).sum().item(), len(labels)])
-    return loss / n, correct / n
+    k = ctx.dataset.num_classes
+    cm = confusion_matrix(logits.argmax(1), labels, k).flatten().tolist()
+    loss, *cm = distributed.all_sum(ctx.world, [F.cross_entropy(logits, labels, reduction="sum").item(), *cm])
+    cm = torch.tensor(cm, dtype=torch.int64).view(k, k)
+    report = per_class_report(cm, ctx.dataset.classes)
+    return {"val_loss": loss / cm.sum().item(), "val_acc": cm.diag().sum().item() / cm.sum().item(),
+            "val_balanced_acc": balanced_accuracy(cm), "val_macro_f1": sum(r["f1"] for r in report) / k}
 
 
 @torch.inference_mode()
@@ -160,10 +214,11 @@ def _stream_seed(seed: int, epoch: int, stream: int) -> int:
 
 
 def _epoch_batches(ctx: TrainingContext, inputs: Inputs, state: TrainState, epoch: int, aug_gen: torch.Generator):
-    """This rank's remaining batches of `epoch`: one seeded permutation shared by every rank, each rank
-    taking its share of every global batch, skipping the steps a resumed run already took."""
+    """This rank's remaining batches of `epoch`: one seeded order shared by every rank (a permutation, or
+    a class-rebalancing draw with --sampler), each rank taking its share of every global batch, skipping
+    the steps a resumed run already took."""
     cfg, world = ctx.cfg, ctx.world
-    order = torch.randperm(len(ctx.dataset.train), generator=torch.Generator().manual_seed(
+    order = epoch_order(cfg.sampler, ctx.dataset.train.labels, torch.Generator().manual_seed(
         _stream_seed(cfg.seed, epoch, 0)))[: ctx.steps_per_epoch * cfg.batch_size]
     if state.meter.steps == 0:
         aug_gen.manual_seed(_stream_seed(ctx.rank_seed, epoch, 1))
@@ -186,9 +241,13 @@ def _diverged(ctx: TrainingContext, state: TrainState, what: str, epoch: int, ru
 def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpointer: Checkpointer, run,
                progress: Progress, stop: StopOnSignal, aug_gen: torch.Generator,
                stop_after_steps: int | None = None) -> None:
-    """Train from `state` to the last epoch: after each, validate, log, keep best.pt and save last.pt."""
+    """Train from `state` to the last epoch, or until --patience ends the run: after each epoch,
+    validate, log, keep best.pt and save last.pt."""
     cfg, world = ctx.cfg, ctx.world
+    stepper = Stepper(ctx, inputs.trainee)
     for epoch in range(state.epoch, cfg.epochs):
+        if state.stopped_early:
+            break
         apply_schedule(ctx.model, ctx.groups, epoch)
         batches = _epoch_batches(ctx, inputs, state, epoch, aug_gen)
 
@@ -200,9 +259,8 @@ def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
             return asked or (stop_after_steps is not None and done >= stop_after_steps)
 
         progress.start_epoch(epoch, state.meter)
-        finished = train_one_epoch(inputs.trainee, batches, ctx.optimizer, ctx.scheduler, inputs.transform, aug_gen,
-                                   state.meter, device=ctx.device, precision=ctx.precision, should_stop=should_stop,
-                                   progress=progress, scaler=ctx.scaler, ema=ctx.ema)
+        finished = train_one_epoch(stepper, batches, inputs.transform, aug_gen, state.meter, should_stop=should_stop,
+                                   progress=progress)
         should_stop()  # a non-finite loss in the epoch's last step
         distributed.share_buffers(world, ctx.model)
         if ctx.ema is not None:
@@ -215,28 +273,49 @@ def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
         _end_epoch(ctx, inputs, state, checkpointer, run, progress, epoch, aug_gen)
 
 
-def _end_epoch(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpointer: Checkpointer, run,
-               progress: Progress, epoch: int, aug_gen: torch.Generator) -> None:
-    val_loss, val_acc = validate(ctx, inputs)
-    if not math.isfinite(val_loss):
-        raise _diverged(ctx, state, f"the validation loss became {val_loss}", epoch, run)
-    meter = global_meter(ctx, state.meter)
-    record = {
+def _epoch_record(ctx: TrainingContext, meter: EpochMeter, scores: dict, epoch: int) -> dict:
+    """The epoch's line in metrics.jsonl."""
+    return {
         "epoch": epoch + 1,
         "train_loss": meter.loss_sum / meter.images,
         "train_acc": meter.correct / meter.images,
-        "val_loss": val_loss,
-        "val_acc": val_acc,
+        **scores,
         "lr": ctx.optimizer.param_groups[-1]["lr"],  # the head's
+        "grad_norm_mean": meter.grad_norm_sum / max(meter.optimizer_steps, 1),  # before clipping
+        "grad_norm_max": meter.grad_norm_max,
         "epoch_time": meter.seconds,
         "data_time": meter.data_seconds,
         "images_per_s": meter.images / max(meter.seconds, 1e-9),
     }
+
+
+def improved(monitor: str, score: float, best: float | None, min_delta: float) -> bool:
+    """Whether `score` of `monitor` beats `best` by more than `min_delta` (the first score always does)."""
+    if best is None:
+        return True
+    return score < best - min_delta if MONITORS[monitor] == "min" else score > best + min_delta
+
+
+def _end_epoch(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpointer: Checkpointer, run,
+               progress: Progress, epoch: int, aug_gen: torch.Generator) -> None:
+    cfg = ctx.cfg
+    scores = validate(ctx, inputs)
+    if not math.isfinite(scores["val_loss"]):
+        raise _diverged(ctx, state, f"the validation loss became {scores['val_loss']}", epoch, run)
+    meter = global_meter(ctx, state.meter)
+    record = _epoch_record(ctx, meter, scores, epoch)
     if ctx.world.main:
         rundir.append_metrics(run, record)
     progress.end_epoch(record)
     state.epoch, state.train_seconds, state.meter = epoch + 1, state.train_seconds + meter.seconds, EpochMeter()
-    if val_acc > state.best_val_acc:
-        state.best_val_acc, state.best_epoch = val_acc, epoch + 1
-        checkpointer.save_best(state, val_acc)
+    score = scores[MONITOR_KEYS[cfg.monitor]]
+    if improved(cfg.monitor, score, state.best_score, cfg.min_delta):
+        state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+        checkpointer.save_best(state, scores)
+    else:
+        state.bad_epochs += 1
+    state.stopped_early = cfg.patience is not None and state.bad_epochs >= cfg.patience and state.epoch < cfg.epochs
+    warmed_up = ctx.scheduler.last_epoch >= warmup_steps(cfg, optimizer_steps(ctx.steps_per_epoch, cfg.accum_steps))
+    if ctx.plateau is not None and warmed_up:
+        ctx.plateau.step(score)  # after the warm-up: cut the rates when the monitor stalls
     checkpointer.save_last(state, aug_gen)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torchvision
@@ -13,6 +15,7 @@ import torchvision
 import imgcls
 from imgcls import rundir
 from imgcls.evaluation.calibration import expected_calibration_error
+from imgcls.evaluation.metrics import balanced_accuracy, confusion_matrix, per_class_report
 from imgcls.evaluation.predict import predict_logits
 from imgcls.models import count_parameters
 from imgcls.models.checkpoint import load_checkpoint
@@ -37,15 +40,35 @@ def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) ->
     cfg, dataset, model = ctx.cfg, ctx.dataset, ctx.evaluated
     if dataset.test is None:
         _, _, ips = predict(dataset.val.subset(torch.arange(min(len(dataset.val), 512))))
-        return {"test_acc": None, "test_acc_final": None, "test_ece": None, "inference_images_per_s": ips}
+        return {"test_acc": None, "test_balanced_acc": None, "test_macro_f1": None, "test_acc_final": None,
+                "test_ece": None, "inference_images_per_s": ips}
     final_logits, labels, _ = predict(dataset.test)
-    if state.best_epoch != cfg.epochs:  # else the final weights are the val-selected ones
+    if state.best_epoch != state.epoch:  # else the final weights are the val-selected ones
         model.load_state_dict(load_checkpoint(run / rundir.BEST, cfg.model, dataset.num_classes)["model"])
     logits, labels, ips = predict(dataset.test)
+    _write_test_predictions(run, labels, logits.softmax(dim=1))
+    cm = confusion_matrix(logits.argmax(1), labels, dataset.num_classes)
+    report = per_class_report(cm, dataset.classes)
     return {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
+            "test_balanced_acc": balanced_accuracy(cm),
+            "test_macro_f1": sum(r["f1"] for r in report) / len(report),
             "test_acc_final": (final_logits.argmax(1) == labels).float().mean().item(),
             "test_ece": expected_calibration_error(logits.softmax(dim=1), labels),
             "inference_images_per_s": ips}
+
+
+def _write_test_predictions(run: Path, labels: torch.Tensor, probs: torch.Tensor) -> None:
+    """The val-selected weights' test probabilities per image, for paired comparisons between runs."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, labels=labels.numpy().astype(np.int64), probs=probs.float().numpy())
+    rundir.atomic_write_bytes(run / rundir.TEST_PREDICTIONS, buffer.getvalue())
+
+
+def _why_it_ended(cfg, state: TrainState) -> str:
+    if state.stopped_early:
+        return (f"early stop after epoch {state.epoch}: {cfg.monitor} did not improve by more than {cfg.min_delta:g} "
+                f"for {cfg.patience} epochs")
+    return f"all {cfg.epochs} epochs done"
 
 
 def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds: float) -> dict:
@@ -71,10 +94,17 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
         "params": count_parameters(model),
         "gflops": forward_gflops(model, dataset.img_size),
         "epochs": cfg.epochs,
+        "epochs_run": state.epoch,
+        "ended": _why_it_ended(cfg, state),
+        "monitor": cfg.monitor,
+        "best_score": state.best_score,
         "best_epoch": state.best_epoch,
-        "best_val_acc": state.best_val_acc,
+        "best_val_acc": metrics[state.best_epoch - 1]["val_acc"],
+        "effective_batch_size": cfg.batch_size * cfg.accum_steps,
         "final_val_acc": metrics[-1]["val_acc"],
         "test_acc": scores["test_acc"],
+        "test_balanced_acc": scores["test_balanced_acc"],
+        "test_macro_f1": scores["test_macro_f1"],
         "test_acc_final": scores["test_acc_final"],
         "test_ece": scores["test_ece"],
         "test_split": "test" if dataset.test is not None else None,

@@ -13,6 +13,7 @@ use; one killed outright (kill -9) before then is continued from scratch by --re
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from imgcls import rundir
 from imgcls.config import TrainConfig, load_config, validate
 from imgcls.data import per_image_transform
+from imgcls.data.audit import quick_audit
 from imgcls.data.presets import TrainTransform
 from imgcls.errors import UserError
 from imgcls.models import count_parameters
@@ -30,12 +32,12 @@ from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
 from imgcls.training.context import TrainingContext, build_context, warmup_cosine
 from imgcls.training.distributed import World
-from imgcls.training.loop import Diverged, Inputs, Interrupted, StopOnSignal, run_epochs, train_one_epoch
+from imgcls.training.loop import Diverged, Inputs, Interrupted, Stepper, StopOnSignal, run_epochs, train_one_epoch
 from imgcls.training.progress import Progress
 from imgcls.training.summary import summarize
 from imgcls.training.transfer import NEVER, FeatureTargets, LayerGroup, apply_schedule, cache_features
 
-__all__ = ["Diverged", "Interrupted", "fit", "train_one_epoch", "warmup_cosine"]
+__all__ = ["Diverged", "Interrupted", "Stepper", "fit", "train_one_epoch", "warmup_cosine"]
 
 
 def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_after_steps: int | None = None, *,
@@ -68,6 +70,9 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         rundir.refuse_existing(cfg.out)  # before the slow part, so the user learns at once
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     ctx = build_context(cfg, world, device_name, fresh=not has_last)
+    if world.main and resume is None:
+        for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
+            print(f"warning: {line}", file=sys.stderr, flush=True)
     folder = _open_folder(ctx, resume, allow_data_change)
     run = folder.path if folder is not None else Path(ctx.cfg.out)
     state, aug_gen = TrainState(), torch.Generator()
@@ -188,7 +193,9 @@ def _announce(ctx: TrainingContext, run: Path, inputs: Inputs) -> None:
     where = f"{ctx.device.type} {ctx.precision}" + (f", {world.size} processes" if world.distributed else "")
     print(f"run {run}: {cfg.model} ({count_parameters(ctx.model) / 1e6:.2f}M params) on {dataset.name} "
           f"{dataset.img_size}px, train/val/test {len(dataset.train)}/{len(dataset.val)}/"
-          f"{len(dataset.test) if dataset.test else 0}, {where}", flush=True)
+          f"{len(dataset.test) if dataset.test else 0}, {where}"
+          + (f", batch {cfg.batch_size} x {cfg.accum_steps} accumulated = {cfg.batch_size * cfg.accum_steps}"
+             if cfg.accum_steps > 1 else ""), flush=True)
     if ctx.loaded is not None:
         print(ctx.loaded, flush=True)
     if cfg.strategy != "scratch":

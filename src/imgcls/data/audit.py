@@ -1,0 +1,393 @@
+"""`imgcls audit DATA`: what is wrong with a dataset before anything trains on it.
+
+- Counts per class and split, the imbalance ratio (largest / smallest training class) and the smallest classes.
+- Exact duplicates: the same file bytes (folders) or the same pixels (CIFAR). Near-duplicates: a difference
+  hash (dHash) of every image, computed on whole batches of tensors: the image in gray at 9 x 8, one bit per
+  pair of horizontal neighbours (is the right one brighter?), 64 bits. A re-encoded or resized copy keeps
+  nearly every bit; two different photos agree on about half. Pairs are found without comparing all n^2:
+  the hash is cut into `max_distance + 1` bands, and two hashes within `max_distance` bits must agree on at
+  least one band exactly (pigeonhole), so only images sharing a band value are compared, vectorised.
+  Pairs across splits are leakage: the held-out score then partly measures memory.
+- Folders only, from each file's header (Pillow reads it without decoding the pixels): unreadable files,
+  images much smaller than the training size, extreme aspect ratios, channel modes other than RGB, EXIF
+  rotations. Each file is decoded once, by the one decoder (data/decode.py), at a reduced JPEG scale.
+
+`quick_audit(dataset)` is the cheap part that `imgcls train` runs on data already in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgcls.data import folder
+from imgcls.data.datasets import Dataset, load_dataset
+from imgcls.data.decode import FORMATS, DecodeError, open_rgb
+from imgcls.errors import UserError
+
+THUMB = 32  # every image is hashed (and shown in the HTML page) from a 32 x 32 copy
+# Bits two hashes may differ in and still count as near-duplicates. Measured on CIFAR-10 (see the README):
+# a JPEG re-encode at quality 70 or a 32 -> 40 px resize moves 0-3 bits; two distinct images of one class
+# are within 4 bits about once in 10^6 pairs, and within 8 bits about once in 10^4.
+NEAR_DISTANCE = 4
+MAX_PAIRS = 5000  # pairs listed per kind in the JSON; the counts are always complete
+ASPECT_LIMIT = 3.0  # training centre-crops the shorter side, so beyond 3:1 it sees under a third of the image
+WEIGHTS_RATIO, SAMPLER_RATIO = 3.0, 10.0  # imbalance beyond which the suggestion adds class weights, a sampler
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+@dataclass
+class Audit:
+    report: dict  # what the JSON file holds
+    thumbs: torch.Tensor  # N x 3 x 32 x 32 uint8, in the order of `offsets`
+    offsets: dict[str, int] = field(default_factory=dict)  # split -> index of its first image in thumbs
+
+    def thumb(self, item: dict) -> np.ndarray:
+        return self.thumbs[self.offsets[item["split"]] + item["index"]].permute(1, 2, 0).numpy()
+
+
+def difference_hash(images: torch.Tensor, batch: int = 4096) -> np.ndarray:
+    """64-bit dHash of each uint8 N x 3 x H x W image, as uint64: gray, area-resized to 8 rows x 9
+    columns, a bit set where a pixel is darker than its right neighbour."""
+    out = []
+    rgb = torch.tensor([0.299, 0.587, 0.114])
+    rows, cols = _area_matrix(images.shape[-2], 8), _area_matrix(images.shape[-1], 9)
+    for chunk in images.split(batch):
+        gray = torch.einsum("nchw,c->nhw", chunk.float(), rgb)
+        small = rows @ gray @ cols.T  # N x 8 x 9: an area resize as two matrix products
+        bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(chunk), 64).numpy()
+        out.append(np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64))
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
+
+
+def _area_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """n_out x n_in weights that average each output cell's share of the input (area resampling)."""
+    edges = torch.arange(n_out + 1, dtype=torch.float64) * n_in / n_out
+    pixel = torch.arange(n_in, dtype=torch.float64)
+    overlap = (torch.minimum(edges[1:, None], pixel + 1) - torch.maximum(edges[:-1, None], pixel)).clamp(min=0)
+    return (overlap / overlap.sum(1, keepdim=True)).float()
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Bits that differ between uint64 hashes, element-wise."""
+    x = np.ascontiguousarray(np.bitwise_xor(a, b)).view(np.uint8).reshape(-1, 8)
+    return POPCOUNT[x].sum(axis=1, dtype=np.int64)
+
+
+def _equal_key_pairs(keys: np.ndarray) -> np.ndarray:
+    """All (i, j), i < j, with keys[i] == keys[j]: sort, then compare each item with the k-th next
+    while any run of equal keys is longer than k. Cost: n x the largest run, in numpy."""
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    pairs, k = [], 1
+    while k < len(keys):
+        same = ordered[k:] == ordered[:-k]
+        if not same.any():
+            break
+        pairs.append(np.stack([order[:-k][same], order[k:][same]], axis=1))
+        k += 1
+    if not pairs:
+        return np.zeros((0, 2), dtype=np.int64)
+    found = np.concatenate(pairs)
+    return np.sort(found, axis=1)
+
+
+def near_pairs(hashes: np.ndarray, max_distance: int = NEAR_DISTANCE) -> tuple[np.ndarray, np.ndarray]:
+    """(pairs M x 2 with i < j, their Hamming distances) of every two hashes within `max_distance` bits.
+
+    The 64 bits are cut into max_distance + 1 bands; hashes that close agree exactly on at least one."""
+    n_bands = max_distance + 1
+    edges = np.linspace(0, 64, n_bands + 1).astype(int)
+    found = [np.zeros((0, 2), dtype=np.int64)]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        keys = (hashes >> np.uint64(lo)) & np.uint64((1 << (hi - lo)) - 1)
+        candidates = _equal_key_pairs(keys)
+        close = hamming(hashes[candidates[:, 0]], hashes[candidates[:, 1]]) <= max_distance
+        found.append(candidates[close])  # filtered before de-duplication: candidates outnumber pairs by far
+    pairs = np.unique(np.concatenate(found), axis=0)
+    return pairs, hamming(hashes[pairs[:, 0]], hashes[pairs[:, 1]])
+
+
+def _pixel_hashes(images: torch.Tensor) -> list[str]:
+    rows = images.reshape(len(images), -1).numpy()
+    return [hashlib.blake2b(row, digest_size=16).hexdigest() for row in rows]
+
+
+def _inspect(path: Path) -> dict:
+    """One file: its content hash, header facts (size, mode, EXIF orientation) and a 32 x 32 copy, or why
+    it cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        return {"error": f"cannot open the file ({e.strerror})"}
+    info = {"hash": hashlib.blake2b(data, digest_size=16).hexdigest()}
+    try:
+        rgb = open_rgb(io.BytesIO(data), min_size=THUMB)  # the one decoder; JPEGs at a reduced scale
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:  # the header again, as the file has it
+            info.update(width=img.width, height=img.height, mode=img.mode, alpha="transparency" in img.info,
+                        orientation=int(img.getexif().get(0x0112, 1) or 1))
+    except DecodeError as e:
+        info["error"] = str(e)
+        return info
+    info["thumb"] = np.asarray(rgb.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.uint8)
+    return info
+
+
+def channel_kind(mode: str, alpha: bool = False) -> str | None:
+    """What is unusual about a Pillow mode, or None for plain 8-bit RGB."""
+    if mode.startswith("I") or mode == "F":
+        return "16-bit or more"
+    if mode in ("LA", "La"):
+        return "grayscale with alpha"
+    if mode in ("L", "1"):
+        return "grayscale with alpha" if alpha else "grayscale"
+    if mode in ("RGBA", "RGBa", "PA") or alpha:
+        return "alpha (RGBA)"
+    if mode == "CMYK":
+        return "CMYK"
+    if mode == "P":
+        return "palette"
+    return None if mode == "RGB" else mode
+
+
+def _progress(total: int, label: str, enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    disable=not enabled, transient=True)
+
+
+@dataclass
+class _Images:
+    """Every image of every split, flat: where it is, its label, exact hash, 32 x 32 copy and header facts."""
+    classes: list[str]
+    split: list[str]
+    index: list[int]
+    labels: np.ndarray
+    hashes: list[str]
+    thumbs: torch.Tensor
+    readable: np.ndarray
+    files: list[str] | None = None
+    infos: list[dict] | None = None
+
+    def item(self, i: int) -> dict:
+        out = {"split": self.split[i], "index": self.index[i], "class": self.classes[self.labels[i]]}
+        if self.files is not None:
+            out["file"] = self.files[i]
+        return out
+
+
+def _builtin_images(data: str, data_dir: str | None) -> _Images:
+    """CIFAR-10 or cifar10-mini as training splits it (val carved from train as `imgcls train` does)."""
+    ds = load_dataset(data, data_dir)
+    splits = [(n, s) for n, s in (("train", ds.train), ("val", ds.val), ("test", ds.test)) if s is not None]
+    thumbs = torch.cat([s.images for _, s in splits])
+    names = [n for n, s in splits for _ in range(len(s))]
+    index = [i for _, s in splits for i in range(len(s))]
+    labels = torch.cat([s.labels for _, s in splits]).numpy()
+    return _Images(ds.classes, names, index, labels, _pixel_hashes(thumbs), thumbs, np.ones(len(labels), bool))
+
+
+def _folder_images(root: Path, threads: int, progress: bool) -> _Images:
+    classes, found = folder.scan(root)
+    files = [f for files, _ in found.values() for f in files]
+    names = [n for n, (fs, _) in found.items() for _ in fs]
+    index = [i for fs, _ in found.values() for i in range(len(fs))]
+    labels = np.array([label for _, ls in found.values() for label in ls], dtype=np.int64)
+    infos = []
+    # Pillow and hashlib release the GIL on large buffers, so threads overlap reading, hashing and decoding.
+    with ThreadPoolExecutor(max_workers=threads) as pool, _progress(len(files), "hashing", progress) as bar:
+        task = bar.add_task("", total=len(files))
+        for info in pool.map(_inspect, files):
+            infos.append(info)
+            bar.advance(task)
+    blank = np.zeros((THUMB, THUMB, 3), dtype=np.uint8)
+    thumbs = np.stack([info.get("thumb", blank) for info in infos]) if infos else np.zeros((0, THUMB, THUMB, 3))
+    readable = np.array(["thumb" in info for info in infos], dtype=bool)
+    for info in infos:
+        info.pop("thumb", None)
+    return _Images(classes, names, index, labels, [info.get("hash", "") for info in infos],
+                   torch.from_numpy(thumbs.transpose(0, 3, 1, 2).copy()), readable, [str(f) for f in files], infos)
+
+
+def _pair(images: _Images, i: int, j: int, **extra) -> dict:
+    return {"a": images.item(i), "b": images.item(j), "cross_split": images.split[i] != images.split[j],
+            "same_label": bool(images.labels[i] == images.labels[j]), **extra}
+
+
+def _duplicates(images: _Images, max_distance: int) -> tuple[list[dict], list[dict]]:
+    """(exact, near) duplicate pairs; leakage (cross-split) first. An exact group pairs each copy with the first."""
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(images.hashes):
+        if h:
+            groups.setdefault(h, []).append(i)
+    exact = [_pair(images, g[0], j) for g in groups.values() for j in g[1:]]
+    readable = np.flatnonzero(images.readable)
+    pairs, distance = near_pairs(difference_hash(images.thumbs[readable]), max_distance)
+    near = []
+    for (i, j), d in zip(readable[pairs].tolist(), distance.tolist(), strict=True):
+        if images.hashes[i] != images.hashes[j]:  # identical ones are listed as exact
+            near.append(_pair(images, i, j, distance=d))
+    key = lambda p: (not p["cross_split"], p.get("distance", 0))  # noqa: E731
+    return sorted(exact, key=key), sorted(near, key=key)
+
+
+def _counts(images: _Images) -> dict[str, dict[str, int]]:
+    counts = {}
+    for split in dict.fromkeys(images.split):
+        mask = np.array([s == split for s in images.split]) & images.readable
+        per_class = np.bincount(images.labels[mask], minlength=len(images.classes))
+        counts[split] = dict(zip(images.classes, per_class.tolist(), strict=True))
+    return counts
+
+
+def imbalance(train_counts: dict[str, int]) -> float:
+    """Largest training class over smallest (inf when a class has no readable image)."""
+    smallest = min(train_counts.values())
+    return float("inf") if smallest == 0 else max(train_counts.values()) / smallest
+
+
+def _file_issues(images: _Images, min_side: int) -> dict:
+    """Header findings of a folder: unreadable, small, extreme aspect, unusual channel modes, EXIF rotations."""
+    found = {"unreadable": [], "small": [], "extreme_aspect": [], "unusual_mode": [], "exif_rotated": []}
+    modes: dict[str, int] = {}
+    for file, info in zip(images.files, images.infos, strict=True):
+        if "error" in info:
+            found["unreadable"].append({"file": file, "reason": info["error"]})
+            continue
+        w, h = info["width"], info["height"]
+        if min(w, h) < min_side:
+            found["small"].append({"file": file, "width": w, "height": h})
+        if max(w, h) > ASPECT_LIMIT * min(w, h):
+            found["extreme_aspect"].append({"file": file, "width": w, "height": h})
+        kind = channel_kind(info["mode"], info["alpha"])
+        modes[kind or "RGB"] = modes.get(kind or "RGB", 0) + 1
+        if kind:
+            found["unusual_mode"].append({"file": file, "mode": info["mode"], "kind": kind})
+        if info["orientation"] != 1:
+            found["exif_rotated"].append({"file": file, "orientation": info["orientation"]})
+    return {"channel_modes": modes, "min_side": min_side, "aspect_limit": ASPECT_LIMIT,
+            **{k: {"count": len(v), "files": v[:MAX_PAIRS]} for k, v in found.items()}}
+
+
+def suggest_command(data: str, data_dir: str | None, ratio: float) -> str:
+    """The train command this audit points to: class weights beyond 3:1, a balanced sampler beyond 10:1
+    (not both: they would correct the imbalance twice), and a checkpoint chosen by balanced accuracy."""
+    parts = ["imgcls train", f"--data {data}"] + ([f"--data-dir {data_dir}"] if data_dir else [])
+    if ratio > SAMPLER_RATIO:
+        parts.append("--sampler balanced")
+    elif ratio > WEIGHTS_RATIO:
+        parts.append("--class-weights auto")
+    if ratio > WEIGHTS_RATIO:
+        parts.append("--monitor balanced_acc")
+    return " ".join(parts)
+
+
+def _warnings(report: dict) -> list[str]:
+    out = []
+    for kind in ("exact", "near"):
+        pairs = report[f"{kind}_duplicates"]
+        if pairs["leakage"]:
+            out.append(f"leakage: {pairs['leakage']} {kind}-duplicate pair(s) across splits; remove one image of "
+                       "each from the held-out split")
+        if pairs["count"] - pairs["leakage"]:
+            out.append(f"{pairs['count'] - pairs['leakage']} {kind}-duplicate pair(s) within a split")
+        if pairs["label_conflicts"] and kind == "exact":  # near pairs with two labels are often look-alikes
+            out.append(f"{pairs['label_conflicts']} {kind}-duplicate pair(s) carry different labels; fix the labels")
+    ratio = report["imbalance_ratio"]
+    if ratio > WEIGHTS_RATIO:
+        small = ", ".join(f"{c} ({n})" for c, n in report["smallest_classes"])
+        out.append(f"imbalance: the largest training class has {ratio:.1f}x the images of the smallest ({small})")
+    files = report.get("files") or {}
+    for key, what in (("unreadable", "unreadable file(s), skipped by training"),
+                      ("small", f"image(s) with a side under {files.get('min_side')} px (half the training size)"),
+                      ("extreme_aspect", f"image(s) longer than {ASPECT_LIMIT:g}:1 (the centre crop cuts most)"),
+                      ("unusual_mode", "image(s) not in 8-bit RGB (converted on load)"),
+                      ("exif_rotated", "image(s) with an EXIF rotation (applied on load)")):
+        if files.get(key, {}).get("count"):
+            out.append(f"{files[key]['count']} {what}")
+    return out
+
+
+def _pair_summary(pairs: list[dict]) -> dict:
+    return {"count": len(pairs), "leakage": sum(p["cross_split"] for p in pairs),
+            "label_conflicts": sum(not p["same_label"] for p in pairs), "pairs": pairs[:MAX_PAIRS]}
+
+
+def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
+          max_distance: int = NEAR_DISTANCE, threads: int = 2, progress: bool = True) -> Audit:
+    """Audit `data` (cifar10, cifar10-mini or an image folder). `img_size`: the training size, below half
+    of which a folder image counts as small (default 64, as in train)."""
+    from imgcls.config import MAX_IMG_SIZE
+    from imgcls.data.datasets import MIN_IMG_SIZE
+
+    if img_size is not None and not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE:
+        raise UserError(f"--img-size must be a whole number from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (got {img_size}); "
+                        "pass the size you will train at, e.g. --img-size 64")
+    if not 0 <= max_distance <= 16:
+        raise UserError(f"--max-distance must be from 0 to 16 bits of 64 (got {max_distance}); beyond 16, distinct "
+                        f"images match: keep the default {NEAR_DISTANCE}")
+    builtin = data in ("cifar10", "cifar10-mini")
+    if data_dir and not builtin:
+        raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
+    start = time.perf_counter()
+    images = _builtin_images(data, data_dir) if builtin else _folder_images(Path(data), threads, progress)
+    loaded = time.perf_counter()
+    exact, near = _duplicates(images, max_distance)
+    elapsed = time.perf_counter() - start
+    counts = _counts(images)
+    ratio = imbalance(counts["train"])
+    report = {
+        "data": data, "images": len(images.labels), "classes": images.classes, "counts": counts,
+        "imbalance_ratio": ratio,
+        "smallest_classes": sorted(counts["train"].items(), key=lambda kv: kv[1])[:3],
+        "exact_duplicates": _pair_summary(exact), "near_duplicates": _pair_summary(near),
+        "near_duplicate_max_distance": max_distance,
+        "files": None if builtin else _file_issues(images, max(1, (img_size or 64) // 2)),
+        "seconds": {"read_and_hash": elapsed if not builtin else elapsed - (loaded - start), "total": elapsed},
+    }
+    report["images_per_s"] = len(images.labels) / max(report["seconds"]["read_and_hash"], 1e-9)
+    report["warnings"] = _warnings(report)
+    report["suggested_command"] = suggest_command(data, data_dir, ratio)
+    offsets, n = {}, 0
+    for split in dict.fromkeys(images.split):
+        offsets[split] = n
+        n += images.split.count(split)
+    return Audit(report, images.thumbs, offsets)
+
+
+def quick_audit(dataset: Dataset) -> list[str]:
+    """One-line warnings about what training should not start on unawares: the same image (same decoded
+    pixels) in two splits, and training classes more than 3:1 apart. Cheap: a hash per in-memory image;
+    a streamed dataset is checked for imbalance only."""
+    warnings = []
+    splits = [(n, s) for n, s in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)) if s]
+    if all(s.images is not None for _, s in splits):
+        seen: dict[str, str] = {}
+        leaks: dict[tuple[str, str], int] = {}
+        for name, split in splits:
+            mine = set(_pixel_hashes(split.images))
+            for h in mine:
+                if h in seen and seen[h] != name:
+                    leaks[(seen[h], name)] = leaks.get((seen[h], name), 0) + 1
+            for h in mine:
+                seen.setdefault(h, name)
+        for (a, b), n in leaks.items():
+            warnings.append(f"leakage: {n} image(s) of {b} also appear in {a}; run imgcls audit "
+                            f"{dataset.name} to list them and remove them from {b}")
+    counts = torch.bincount(torch.cat([dataset.train.labels, dataset.val.labels]), minlength=dataset.num_classes)
+    ratio = imbalance(dict(zip(dataset.classes, counts.tolist(), strict=True)))
+    if ratio > WEIGHTS_RATIO:
+        smallest = dataset.classes[int(counts.argmin())]
+        warnings.append(f"imbalance: the largest class has {ratio:.1f}x the training images of the smallest "
+                        f"({smallest}); consider --class-weights auto or --sampler balanced, and --monitor "
+                        "balanced_acc")
+    return warnings

@@ -1,0 +1,145 @@
+"""Is a difference between two variants real? Per-image test predictions, a paired bootstrap and McNemar's test.
+
+Each run keeps its test predictions (RUN/test_predictions.npz: int64 `labels`, float32 `probs` N x K, from the
+checkpoint selected on validation). Two variants are compared image by image, run against run of the same seed:
+
+- the paired bootstrap resamples test images (the same images for both variants) and seeds, and gives a 95%
+  percentile interval for the difference in accuracy (variant - first);
+- McNemar's exact test counts the discordant images, b (first right, variant wrong) and c (first wrong,
+  variant right), pooled over seeds, and gives the two-sided binomial probability of a split at least as
+  uneven as b : c if either variant were as likely to be the one that is right.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+
+from imgcls import rundir
+from imgcls.errors import UserError
+
+TEST_PREDICTIONS = rundir.TEST_PREDICTIONS  # written by training at the end of fit
+BOOTSTRAP_RESAMPLES = 2000
+ALPHA = 0.05
+
+
+def write_test_predictions(run: str | Path, labels, probs) -> Path:
+    """RUN/test_predictions.npz, written atomically: int64 labels (N), float32 probabilities (N x K)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float32)
+    if probs.ndim != 2 or labels.shape != (len(probs),):
+        raise ValueError(f"labels {labels.shape} and probs {probs.shape} do not describe the same N images")
+    buffer = io.BytesIO()
+    np.savez(buffer, labels=labels, probs=probs)
+    out = Path(run) / TEST_PREDICTIONS
+    rundir.atomic_write_bytes(out, buffer.getvalue())
+    return out
+
+
+def read_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, probs) from RUN/test_predictions.npz, or None when the run has none."""
+    path = Path(run) / TEST_PREDICTIONS
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            labels, probs = f["labels"].astype(np.int64), f["probs"].astype(np.float32)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}); delete it and rerun to compute it again") from None
+    if probs.ndim != 2 or labels.shape != (len(probs),):
+        raise UserError(f"{path} holds {labels.shape} labels for {probs.shape} probabilities; delete it and rerun")
+    return labels, probs
+
+
+def run_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """A run's test predictions (val-selected checkpoint): read back, or computed once and stored.
+    None when the data has no test split."""
+    found = read_test_predictions(run)
+    if found is not None:
+        return found
+    from imgcls.evaluation.evaluate import run_probs, run_split
+    from imgcls.evaluation.predict import load_run
+
+    trained = load_run(run, "best")
+    if "test" not in trained.dataset["fingerprint"]["sizes"]:
+        return None
+    probs, labels = run_probs(trained, run_split(trained, "test"), scaled=False)
+    write_test_predictions(run, labels.numpy(), probs.numpy())
+    return read_test_predictions(run)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: P(a Binomial(b + c, 1/2) split at least as uneven as b : c)."""
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    # log of C(n, i) / 2^n, summed in log space: n reaches hundreds of thousands of pooled images
+    terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) - n * math.log(2) for i in range(k + 1)]
+    top = max(terms)
+    tail = math.exp(top) * sum(math.exp(t - top) for t in terms)
+    return min(1.0, 2 * tail)
+
+
+def paired_bootstrap(first: np.ndarray, other: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(difference, low, high): mean accuracy of `other` minus `first` and its 95% percentile interval.
+
+    `first` and `other` are S x N correctness (seed s of one variant against seed s of the other, on the
+    same N test images). Each resample draws N images and S seeds with replacement, the same for both."""
+    diff = other.astype(np.float32) - first.astype(np.float32)  # S x N of -1, 0, 1
+    s, n = diff.shape
+    rng = np.random.default_rng(seed)
+    stats, chunk = [], max(1, 2**22 // (s * n))  # bounded memory: chunk x S x N floats at a time
+    for start in range(0, resamples, chunk):
+        m = min(chunk, resamples - start)
+        images = rng.integers(0, n, size=(m, n))
+        per_seed = np.stack([diff[:, idx].mean(axis=1) for idx in images])  # m x S
+        seeds = rng.integers(0, s, size=(m, s))
+        stats.append(np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1))
+    stats = np.concatenate(stats)
+    low, high = np.quantile(stats, [ALPHA / 2, 1 - ALPHA / 2])
+    return float(diff.mean()), float(low), float(high)
+
+
+def _correct(preds: dict[int, tuple[np.ndarray, np.ndarray]], seeds: list[int]) -> np.ndarray:
+    return np.stack([preds[s][1].argmax(axis=1) == preds[s][0] for s in seeds])
+
+
+def compare_to_first(predictions: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]) -> dict[str, dict | None]:
+    """For each variant after the first: the paired difference in accuracy against the first variant with
+    its bootstrap interval, and McNemar's p-value, over the seeds both have. `predictions`: variant ->
+    seed -> (labels, probs), in variant order. The first variant (and any without shared seeds) gets None."""
+    names = list(predictions)
+    base = predictions[names[0]]
+    out: dict[str, dict | None] = {names[0]: None}
+    for name in names[1:]:
+        seeds = sorted(set(base) & set(predictions[name]))
+        if not seeds:
+            out[name] = None
+            continue
+        for s in seeds:
+            if not np.array_equal(base[s][0], predictions[name][s][0]):
+                raise UserError(f"variant {name} seed {s} was tested on other images than variant {names[0]}; "
+                                "use a fresh --out so that every run sees the same test split")
+        a, b = _correct(base, seeds), _correct(predictions[name], seeds)
+        diff, low, high = paired_bootstrap(a, b)
+        first_only, other_only = int((a & ~b).sum()), int((~a & b).sum())
+        p = mcnemar_exact(first_only, other_only)
+        out[name] = {"vs": names[0], "seeds": seeds, "images": int(a.shape[1]), "acc_diff": diff,
+                     "ci_low": low, "ci_high": high, "first_only_right": first_only, "variant_only_right": other_only,
+                     "mcnemar_p": p, "significant": bool(p < ALPHA and (low > 0 or high < 0))}
+    return out
+
+
+def test_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
+    """Accuracy, balanced accuracy and macro-F1 of one run's test predictions."""
+    import torch
+
+    from imgcls.evaluation.metrics import classification_metrics
+
+    names = [str(i) for i in range(probs.shape[1])]
+    m = classification_metrics(torch.from_numpy(probs).double(), torch.from_numpy(labels), names)
+    return {key: m[key] for key in ("n", "accuracy", "balanced_accuracy", "macro_f1")}

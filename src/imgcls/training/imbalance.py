@@ -1,0 +1,99 @@
+"""Imbalanced classes: per-class loss weights, focal loss, and epoch orders that rebalance classes.
+
+The loss takes soft targets (Mixup, CutMix and label smoothing make them), so class weights act per
+target class: loss_i = -sum_k w_k t_ik log p_ik, averaged over the batch (torch's cross_entropy with
+probability targets and a `weight`). The samplers turn one seeded generator into the epoch's order,
+so exact resume and each torchrun rank's share work as with the plain permutation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from imgcls.config import TrainConfig, parse_class_weights
+from imgcls.errors import UserError
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return torch.bincount(labels, minlength=num_classes).double()
+
+
+def _normalised(weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Scaled so that the average training image weighs 1: sum_k w_k n_k = N."""
+    return (weights * counts.sum() / (weights * counts).sum()).float()
+
+
+def class_weights(spec: str, labels: torch.Tensor, classes: list[str]) -> torch.Tensor | None:
+    """The weight of each class for `--class-weights spec`, from the training labels; None for 'none'."""
+    parsed, counts = parse_class_weights(spec), class_counts(labels, len(classes))
+    if parsed == "none":
+        return None
+    if parsed == "auto":  # inverse frequency; a class absent from train gets no weight (it has no images)
+        return _normalised(torch.where(counts > 0, 1.0 / counts.clamp(min=1), torch.zeros_like(counts)), counts)
+    if isinstance(parsed, float):  # Cui et al. 2019: (1 - beta) / (1 - beta^n)
+        effective = (1.0 - parsed) / (1.0 - parsed ** counts.clamp(min=1))
+        return _normalised(torch.where(counts > 0, effective, torch.zeros_like(counts)), counts)
+    weights = _read_weights_file(parsed, classes) if isinstance(parsed, Path) else parsed
+    if len(weights) != len(classes):
+        raise UserError(f"--class-weights gives {len(weights)} weights for {len(classes)} classes "
+                        f"({', '.join(classes)}); give one per class")
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _read_weights_file(path: Path, classes: list[str]) -> list[float]:
+    try:
+        mapping = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read class weights from {path} ({e}); pass a JSON object of class: weight") from None
+    if not isinstance(mapping, dict) or set(mapping) != set(classes):
+        have = sorted(mapping) if isinstance(mapping, dict) else type(mapping).__name__
+        raise UserError(f"{path} must map every class ({', '.join(classes)}) to a weight, and nothing else "
+                        f"(found {have})")
+    values = [mapping[c] for c in classes]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values):
+        raise UserError(f"{path}: class weights must be non-negative numbers")
+    return [float(v) for v in values]
+
+
+def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax focal loss (Lin et al., 2017) for soft targets: -sum_k w_k t_k (1 - p_k)^gamma log p_k, averaged.
+
+    Written here because torchvision's sigmoid_focal_loss is the one-vs-rest (sigmoid) form, and timm
+    and torch have no softmax one."""
+    log_p = F.log_softmax(logits.float(), dim=1)
+    per_class = -targets * (1.0 - log_p.exp()).pow(gamma) * log_p
+    if weight is not None:
+        per_class = per_class * weight.to(per_class.device)
+    return per_class.sum(dim=1).mean()
+
+
+def make_loss(cfg: TrainConfig, weights: torch.Tensor | None) -> Loss:
+    """The training loss of a run: cross-entropy or focal, with its class weights."""
+    if cfg.loss == "focal":
+        return lambda logits, targets: focal_loss(logits, targets, cfg.focal_gamma, weights)
+
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        w = None if weights is None else weights.to(logits.device)
+        return F.cross_entropy(logits.float(), targets, weight=w)
+
+    return cross_entropy
+
+
+def epoch_order(sampler: str, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The epoch's order of training indices, len(labels) long, drawn from `gen` alone.
+
+    uniform: a permutation. balanced: each draw picks a class uniformly, then an image of it (with
+    replacement). sqrt: classes in proportion to the square root of their size."""
+    if sampler == "uniform":
+        return torch.randperm(len(labels), generator=gen)
+    counts = class_counts(labels, int(labels.max()) + 1)[labels]
+    per_image = 1.0 / counts if sampler == "balanced" else 1.0 / counts.sqrt()
+    return torch.multinomial(per_image, len(labels), replacement=True, generator=gen)
