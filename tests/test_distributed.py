@@ -92,3 +92,20 @@ def test_torchrun_feature_extraction_trains_the_head_as_one_process_does(tiny_fo
     done = torchrun(*flags(dict(frozen, data=tiny_folder, out=tmp_path / "ddp")), tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]  # DDP must be built after the backbone is frozen
     assert losses(tmp_path / "ddp") == pytest.approx(losses(single), rel=1e-5)
+
+
+def test_torchrun_balanced_sampler_accumulation_and_early_stop_match_one_process(tiny_folder, tmp_path):
+    """The controls keep torchrun's promise: the same order shares, the all-reduce only at a window's end
+    (no_sync before it), and every rank stopping early at the epoch one process stops at."""
+    options = dict(OPTIONS, epochs=5, sampler="balanced", accum_steps=2, patience=1, min_delta=100.0)
+    recipe = tmp_path / "monitor.yaml"  # torchrun's parser takes a --monitor flag for its own --monitor-interval
+    recipe.write_text("monitor: val_loss\n")
+    single = fit(build_config(recipe, data=str(tiny_folder), out=str(tmp_path / "single"), quiet=True, **options))
+    done = torchrun("--recipe", str(recipe), *flags(dict(options, data=tiny_folder, out=tmp_path / "ddp")),
+                    tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [m["epoch"] for m in rundir.read_metrics(tmp_path / "ddp")] == [1, 2]  # stopped after epoch 2, as one
+    assert len(rundir.read_metrics(single)) == 2
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(single), rel=1e-5)
+    summary = json.loads((tmp_path / "ddp" / rundir.SUMMARY).read_text())
+    assert summary["ended"].startswith("early stop after epoch 2") and summary["effective_batch_size"] == 48

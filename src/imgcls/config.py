@@ -30,6 +30,7 @@ SAMPLERS = ("uniform", "balanced", "sqrt")
 MONITORS = {"val_acc": "max", "val_loss": "min", "balanced_acc": "max", "macro_f1": "max"}  # name -> better
 MAX_IMG_SIZE = 1024  # a 1024 px batch of 128 already needs ~1.6 GB as uint8; beyond that is a typo
 BUILTIN_DATA = ("cifar10", "cifar10-mini")
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
 
 
 def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
@@ -56,7 +57,7 @@ class TrainConfig:
     val_fraction: float = opt(0.1, "fraction of train held out for validation when the data has no val split",
                               low=0.0, high=1.0, open_low=True, open_high=True)
     split_seed: int = opt(0, "seed of the train/val split, fixed apart from --seed so runs share one split",
-                          low=0)
+                          low=0, high=MAX_SEED)
     data_mode: str = opt("auto", "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
                          choices=("auto", "memory", "stream"))
     workers: int = opt(2, "DataLoader workers when streaming", low=0, high=64)
@@ -113,7 +114,9 @@ class TrainConfig:
                     choices=("ce", "focal"))
     focal_gamma: float = opt(2.0, "focal loss exponent gamma (0 is cross-entropy)", low=0.0, high=10.0)
     monitor: str = opt("val_acc", "validation metric that chooses best.pt and drives --patience and --schedule "
-                                  "plateau: val_acc, val_loss, balanced_acc or macro_f1", choices=tuple(MONITORS))
+                                  "plateau: val_acc, val_loss, balanced_acc or macro_f1 (under torchrun give it in "
+                                  "a --recipe: torchrun takes --monitor for its own --monitor-interval)",
+                       choices=tuple(MONITORS))
     # training controls
     patience: int | None = opt(None, "early stopping: end the run after N epochs without an improvement of --monitor "
                                      "(off by default)", low=1, metavar="N")
@@ -152,7 +155,7 @@ class TrainConfig:
                                  "weights' own with --pretrained), " + ", ".join(NORMALIZATIONS),
                          choices=("auto", *NORMALIZATIONS))
     # run
-    seed: int = opt(0, "seed for initialisation, order and augmentation", low=0)
+    seed: int = opt(0, "seed for initialisation, order and augmentation", low=0, high=MAX_SEED)
     out: str | None = opt(None, "run folder (default runs/<data>-<model>, numbered if taken); an existing run is "
                                 "never overwritten")
     device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
@@ -187,7 +190,7 @@ def _number(name: str, value: Any, kind: type) -> int | float:
     """int or float from a number or a string ('1e-3'); bools and non-finite values are refused."""
     what = "an integer" if kind is int else "a number"
     try:
-        if isinstance(value, bool):
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError
         if kind is int:
             number = int(value) if isinstance(value, int | str) else value

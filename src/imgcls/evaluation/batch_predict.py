@@ -161,7 +161,11 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None) -> list[P
         listed = Path(list_file)
         if not listed.is_file():
             raise UserError(f"--list {listed} does not exist; pass a text file with one image path per line")
-        names += [line.strip() for line in listed.read_text().splitlines() if line.strip()]
+        try:
+            text = listed.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--list {listed} is not a UTF-8 text file; pass one image path per line") from None
+        names += [line.strip() for line in text.splitlines() if line.strip()]
     paths: list[Path] = []
     for name in names:
         found = [Path(p) for p in sorted(glob.glob(name, recursive=True))] if glob.has_magic(name) else [Path(name)]
@@ -315,7 +319,12 @@ def write_rows(rows: Iterable[dict], out: str | Path, topk: int) -> dict:
             import pyarrow  # noqa: F401
         except ImportError:
             raise UserError("writing .parquet needs pyarrow; pip install pyarrow, or use --out preds.csv") from None
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the folder {out.parent} ({e.strerror}); choose another --out") from None
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name such as {out / 'preds.csv'}")
     counts = {"images": 0, "errors": 0, "rejected": 0}
 
     def counted():

@@ -28,6 +28,7 @@ from imgcls.export.parity import format_parity, parity, require_parity
 from imgcls.export.safetensors_export import export_safetensors, load_model, safetensors_predictor
 
 FORMATS = ("onnx", "safetensors", "all")
+OPSET_MIN = 18
 PARITY = "parity.json"
 CARD = "MODEL_CARD.md"
 
@@ -65,6 +66,15 @@ def _test_metrics(trained) -> dict:
     return ev
 
 
+def check_opset(opset: int) -> None:
+    """torch's dynamo exporter writes opset 18 and up; onnx (and so onnxruntime) reads up to its own newest."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not OPSET_MIN <= opset <= newest:
+        raise UserError(f"--opset must be from {OPSET_MIN} to {newest} (got {opset})")
+
+
 def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None, opset: int = OPSET,
                checkpoint: str = "best", timing: tuple[int, int] = (20, 3)) -> dict:
     """Export a run in fp32 (whatever its training precision), prove parity on its validation split,
@@ -75,9 +85,12 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
 
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt} is unknown; use onnx, safetensors or all")
+    check_opset(opset)
     trained = load_run(run, checkpoint, torch.device("cpu"))
     trained.model.float()
     out = Path(out) if out else trained.path / "export"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder for the export")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another --out or delete it")
     out.mkdir(parents=True, exist_ok=True)
