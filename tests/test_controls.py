@@ -187,3 +187,27 @@ def test_clipping_bounds_the_update_and_logs_the_norm_before_clipping(tiny_folde
 def test_clip_mode_without_clip_grad_is_refused():
     with pytest.raises(UserError, match="--clip-mode agc says how to clip; add --clip-grad"):
         build_config(clip_mode="agc")
+
+
+# ---------------------------------------------------------------- TensorBoard, wired into fit
+
+
+def test_tensorboard_event_files_hold_steps_epochs_figures_and_hparams(tiny_folder, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, run, tensorboard=True), stop_after_steps=6)  # inside epoch 2
+    fit(resume=run)
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"step/loss", "step/lr", "epoch/val_acc", "epoch/train_loss", "epoch/grad_norm_max",
+            "epoch/images_per_s"} <= set(tags["scalars"])
+    assert {"eval/confusion_matrix", "eval/reliability"} <= set(tags["images"])
+    steps = [e.step for e in events.Scalars("step/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # one point per logged step, none twice after resume
+    assert [e.step for e in events.Scalars("epoch/val_acc")] == [4, 8]
+    val_acc = [e.value for e in events.Scalars("epoch/val_acc")]
+    assert val_acc == pytest.approx([m["val_acc"] for m in rundir.read_metrics(run)])

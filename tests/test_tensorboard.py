@@ -5,7 +5,7 @@ import builtins
 import pytest
 
 from imgcls.errors import UserError
-from imgcls.training.tensorboard import INSTALL, TensorBoardLog, compare_logdir
+from imgcls.training.tensorboard import INSTALL, TensorBoardLog, check_installed, compare_logdir
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -114,6 +114,8 @@ def test_missing_package_is_one_line(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(UserError, match="pip install"):
+        check_installed()
     with pytest.raises(UserError) as e:
         TensorBoardLog(tmp_path, HPARAMS)
     assert str(e.value) == INSTALL

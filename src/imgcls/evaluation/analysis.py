@@ -16,7 +16,14 @@ from imgcls import rundir
 from imgcls.data import Split, normalize
 from imgcls.data.folder import StreamingImages
 from imgcls.errors import UserError
-from imgcls.evaluation.calibration import calibration_metrics, fit_scaling, reliability_bins
+from imgcls.evaluation.calibration import (
+    Scaling,
+    calibration_metrics,
+    check_calibration_data,
+    check_scaling,
+    fit_scaling,
+    reliability_bins,
+)
 from imgcls.evaluation.cam import grad_cam
 from imgcls.evaluation.evaluate import parse_tta_flag, run_probs, run_split
 from imgcls.evaluation.metrics import classification_metrics
@@ -43,12 +50,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     # after scanning is dropped, and every position after it would otherwise point at its neighbour.
     logits, seen = predict_logits(trained.model, _by_index(split), mean, std, dev, precision, cfg.eval_batch_size)
     logits, labels = logits.double(), split.labels[seen]
-    stored = trained.scaling
-    if stored is None or stored.method != "temperature":  # the report always shows temperature scaling
-        val_logits, val_labels = logits_of("val")
-        scaling, fitted_here = fit_scaling(val_logits, val_labels, "temperature"), True
-    else:
-        scaling, fitted_here = stored, False
+    scaling, where = _report_scaling(trained, lambda: logits_of("val"))
     before, after = logits.softmax(1), scaling.apply(logits).softmax(1)
     trained.scaling = scaling
     tta_probs, tta_labels = run_probs(trained, split, parse_tta_flag(tta))
@@ -57,13 +59,42 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     result = classification_metrics(after, labels, trained.classes)
     result.update(
         split=split_name, run=str(trained.path),
-        calibration={"temperature": scaling.temperature, "fitted_for_report": fitted_here,
+        calibration={"temperature": scaling.temperature, "where": where,
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
         tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_probs, tta_labels)},
     )
 
-    # Galleries: the highest-loss images, and Grad-CAM on the most confident right and wrong predictions.
+    loss_pixels, cam_pixels, cams = _galleries(trained, split, seen, after, labels, gallery, result)
+    out = trained.path / rundir.REPORT_DIR
+    out.mkdir(exist_ok=True)
+    rundir.write_json(out / rundir.ANALYSIS_JSON, result)
+    buffer = Path(out / f".{rundir.ANALYSIS_NPZ}.tmp.npz")
+    np.savez_compressed(buffer, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
+                        cams=cams.float().cpu().numpy())
+    buffer.replace(out / rundir.ANALYSIS_NPZ)
+    return out
+
+
+def _report_scaling(trained, val_logits) -> tuple[Scaling, str]:
+    """The temperature the report shows, and where it comes from: the run's own, else one fitted here on
+    val; a validation split too small to fit one (calibration.py's checks) gets none (T = 1), and says why."""
+    stored = trained.scaling
+    if stored is not None and stored.method == "temperature":
+        return stored, "stored by imgcls calibrate"
+    logits, labels = val_logits()
+    try:
+        check_calibration_data(labels, len(trained.classes), trained.classes, logits)
+        scaling = fit_scaling(logits, labels, "temperature")
+        check_scaling(scaling)
+    except UserError as e:
+        return Scaling("temperature", [1.0], [0.0] * len(trained.classes)), f"none: {e}"
+    return scaling, "fitted on val for this report"
+
+
+def _galleries(trained, split, seen, after, labels, gallery: int, result: dict):
+    """The highest-loss images, and Grad-CAM on the most confident right and wrong predictions: their
+    descriptions go into `result`; returns (loss-gallery pixels, CAM pixels, heat-maps)."""
     loss = -after[torch.arange(len(labels)), labels].clamp(min=1e-12).log()
     predicted, confidence = after.argmax(1), after.max(1).values
     top_losses = loss.argsort(descending=True)[:gallery]
@@ -75,7 +106,9 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     right, right_pixels = _gallery(split, seen, right)
     wrong, wrong_pixels = _gallery(split, seen, wrong)
     cam_idx, cam_pixels = torch.cat([right, wrong]), torch.cat([right_pixels, wrong_pixels])
-    x = normalize(cam_pixels.to(dev), mean, std).contiguous(memory_format=torch.channels_last)
+    dev = next(trained.model.parameters()).device
+    x = normalize(cam_pixels.to(dev), trained.dataset["mean"], trained.dataset["std"])
+    x = x.contiguous(memory_format=torch.channels_last)
     cams, _, _ = grad_cam(trained.model, x.float()) if len(cam_idx) else (torch.zeros(0, 1, 1), None, None)
 
     def describe(indices):
@@ -85,14 +118,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
 
     result["top_losses"] = describe(top_losses)
     result["cam"] = {"right": describe(right), "wrong": describe(wrong), "method": "gradcam"}
-    out = trained.path / rundir.REPORT_DIR
-    out.mkdir(exist_ok=True)
-    rundir.write_json(out / rundir.ANALYSIS_JSON, result)
-    buffer = Path(out / f".{rundir.ANALYSIS_NPZ}.tmp.npz")
-    np.savez_compressed(buffer, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
-                        cams=cams.float().cpu().numpy())
-    buffer.replace(out / rundir.ANALYSIS_NPZ)
-    return out
+    return loss_pixels, cam_pixels, cams
 
 
 SUMMARY_KEYS = {"model": str, "data": str, "params": int, "epochs": int, "best_epoch": int, "best_val_acc": None,

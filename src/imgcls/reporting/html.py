@@ -104,7 +104,9 @@ def write_run_report(run: Path) -> Path:
         if a["top_losses"] else None
 
     split = a["split"]
-    where = "fitted on val for this report" if cal["fitted_for_report"] else "stored by imgcls calibrate"
+    # older analyses said only whether the report fitted the temperature itself
+    where = cal.get("where") or ("fitted on val for this report" if cal.get("fitted_for_report")
+                                 else "stored by imgcls calibrate")
     body = [
         f"<h1>{html.escape(run.name)}: {html.escape(summary['model'])} on {html.escape(summary['data'])}</h1>",
         html_table(["", ""], [

@@ -30,6 +30,7 @@ from imgcls.training.checkpointer import Checkpointer, EpochMeter, TrainState, g
 from imgcls.training.context import TrainingContext, optimizer_steps, warmup_steps
 from imgcls.training.imbalance import epoch_order
 from imgcls.training.progress import Progress
+from imgcls.training.tensorboard import TensorBoardLog
 from imgcls.training.transfer import apply_schedule, train_mode
 
 MONITOR_KEYS = {"val_acc": "val_acc", "val_loss": "val_loss", "balanced_acc": "val_balanced_acc",
@@ -143,11 +144,13 @@ class Stepper:
 
 
 def train_one_epoch(stepper: Stepper, batches, transform: TrainTransform, aug_gen, meter: EpochMeter, *,
-                    should_stop, progress: Progress) -> bool:
+                    should_stop, progress: Progress, tb: TensorBoardLog | None = None, step_offset: int = 0) -> bool:
     """Train over `batches`, adding to `meter`. Returns False when `should_stop()` asks to stop early;
     it is asked (by every rank together) at the start of each accumulation window, so a stop never
-    splits one. A non-finite loss is recorded in `meter.nonfinite_loss` for the next `should_stop()`."""
+    splits one. A non-finite loss is recorded in `meter.nonfinite_loss` for the next `should_stop()`.
+    `tb` gets the loss and rate every tenth of the epoch's optimizer steps (after `step_offset` earlier ones)."""
     ctx = stepper.ctx
+    every = max(1, optimizer_steps(ctx.steps_per_epoch, ctx.cfg.accum_steps) // 10)
     train_mode(stepper.trainee)  # frozen parts stay in eval mode
     batches = iter(batches)
     while True:
@@ -169,6 +172,8 @@ def train_one_epoch(stepper: Stepper, batches, transform: TrainTransform, aug_ge
             meter.nonfinite_loss = value
         if norm is not None:
             meter.add_grad_norm(norm.item())
+            if tb is not None and meter.optimizer_steps % every == 0:
+                tb.step(step_offset + meter.optimizer_steps, value, ctx.optimizer.param_groups[-1]["lr"])
         meter.steps += 1
         meter.images += n
         meter.loss_sum += value * n
@@ -240,11 +245,12 @@ def _diverged(ctx: TrainingContext, state: TrainState, what: str, epoch: int, ru
 
 def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpointer: Checkpointer, run,
                progress: Progress, stop: StopOnSignal, aug_gen: torch.Generator,
-               stop_after_steps: int | None = None) -> None:
+               stop_after_steps: int | None = None, tb: TensorBoardLog | None = None) -> None:
     """Train from `state` to the last epoch, or until --patience ends the run: after each epoch,
-    validate, log, keep best.pt and save last.pt."""
+    validate, log (metrics.jsonl, and `tb` when given), keep best.pt and save last.pt."""
     cfg, world = ctx.cfg, ctx.world
     stepper = Stepper(ctx, inputs.trainee)
+    per_epoch = optimizer_steps(ctx.steps_per_epoch, cfg.accum_steps)
     for epoch in range(state.epoch, cfg.epochs):
         if state.stopped_early:
             break
@@ -260,7 +266,7 @@ def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
 
         progress.start_epoch(epoch, state.meter)
         finished = train_one_epoch(stepper, batches, inputs.transform, aug_gen, state.meter, should_stop=should_stop,
-                                   progress=progress)
+                                   progress=progress, tb=tb, step_offset=epoch * per_epoch)
         should_stop()  # a non-finite loss in the epoch's last step
         distributed.share_buffers(world, ctx.model)
         if ctx.ema is not None:
@@ -270,7 +276,9 @@ def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
         if not finished:
             checkpointer.save_last(state, aug_gen)
             raise Interrupted(run, epoch, state.meter.steps, stop.signum)
-        _end_epoch(ctx, inputs, state, checkpointer, run, progress, epoch, aug_gen)
+        record = _end_epoch(ctx, inputs, state, checkpointer, run, progress, epoch, aug_gen)
+        if tb is not None:
+            tb.epoch(epoch + 1, record, global_step=(epoch + 1) * per_epoch)
 
 
 def _epoch_record(ctx: TrainingContext, meter: EpochMeter, scores: dict, epoch: int) -> dict:
@@ -297,7 +305,8 @@ def improved(monitor: str, score: float, best: float | None, min_delta: float) -
 
 
 def _end_epoch(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpointer: Checkpointer, run,
-               progress: Progress, epoch: int, aug_gen: torch.Generator) -> None:
+               progress: Progress, epoch: int, aug_gen: torch.Generator) -> dict:
+    """Validate, log and checkpoint the epoch just trained; returns its metrics.jsonl record."""
     cfg = ctx.cfg
     scores = validate(ctx, inputs)
     if not math.isfinite(scores["val_loss"]):
@@ -319,3 +328,4 @@ def _end_epoch(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
     if ctx.plateau is not None and warmed_up:
         ctx.plateau.step(score)  # after the warm-up: cut the rates when the monitor stalls
     checkpointer.save_last(state, aug_gen)
+    return record

@@ -101,6 +101,7 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
         "best_epoch": state.best_epoch,
         "best_val_acc": metrics[state.best_epoch - 1]["val_acc"],
         "effective_batch_size": cfg.batch_size * cfg.accum_steps,
+        "class_weights": ctx.class_weights.tolist() if ctx.class_weights is not None else None,
         "final_val_acc": metrics[-1]["val_acc"],
         "test_acc": scores["test_acc"],
         "test_balanced_acc": scores["test_balanced_acc"],

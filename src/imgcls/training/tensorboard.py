@@ -26,6 +26,11 @@ def _summary_writer():
     return SummaryWriter
 
 
+def check_installed() -> None:
+    """Fail in one line, before any run folder exists, when --tensorboard cannot be honoured."""
+    _summary_writer()
+
+
 def compare_logdir(out: str | Path, variant: str, seed: int) -> Path:
     """Where a comparison's run writes its events, so `tensorboard --logdir OUT/tb` overlays every
     (variant, seed) as one named run."""

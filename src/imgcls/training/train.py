@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
@@ -27,14 +28,17 @@ from imgcls.data import per_image_transform
 from imgcls.data.audit import quick_audit
 from imgcls.data.presets import TrainTransform
 from imgcls.errors import UserError
+from imgcls.evaluation.calibration import reliability_bins
+from imgcls.evaluation.metrics import confusion_matrix
 from imgcls.models import count_parameters
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
-from imgcls.training.context import TrainingContext, build_context, warmup_cosine
+from imgcls.training.context import TrainingContext, build_context, optimizer_steps, warmup_cosine
 from imgcls.training.distributed import World
 from imgcls.training.loop import Diverged, Inputs, Interrupted, Stepper, StopOnSignal, run_epochs, train_one_epoch
 from imgcls.training.progress import Progress
 from imgcls.training.summary import summarize
+from imgcls.training.tensorboard import TensorBoardLog, check_installed
 from imgcls.training.transfer import NEVER, FeatureTargets, LayerGroup, apply_schedule, cache_features
 
 __all__ = ["Diverged", "Interrupted", "Stepper", "fit", "train_one_epoch", "warmup_cosine"]
@@ -68,6 +72,8 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
            stop_after_steps: int | None, allow_data_change: bool) -> Path:
     if resume is None and cfg.out and world.main:
         rundir.refuse_existing(cfg.out)  # before the slow part, so the user learns at once
+    if cfg.tensorboard and world.main:
+        check_installed()  # a missing package is said before minutes of data loading
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     ctx = build_context(cfg, world, device_name, fresh=not has_last)
     if world.main and resume is None:
@@ -75,16 +81,19 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             print(f"warning: {line}", file=sys.stderr, flush=True)
     folder = _open_folder(ctx, resume, allow_data_change)
     run = folder.path if folder is not None else Path(ctx.cfg.out)
-    state, aug_gen = TrainState(), torch.Generator()
+    state, aug_gen, tb = TrainState(), torch.Generator(), None
     try:
         if has_last:
             state = Checkpointer(run, ctx).restore(aug_gen)
             if world.main:  # epochs logged after the checkpoint was written are redone
                 rundir.keep_metrics(run, state.epoch)
-        cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps)
+        tb = _tensorboard(ctx, run, state) if cfg.tensorboard and world.main else None
+        cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps, tb)
         if world.main:
             summary = summarize(ctx, run, state, cache_seconds)
             rundir.write_json(run / rundir.SUMMARY, summary)
+            if tb is not None:
+                _finish_tensorboard(tb, ctx, run, summary)
         distributed.barrier(world)  # the other ranks return once the run is complete
         return run
     except BaseException:
@@ -92,8 +101,27 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             folder.remove()
         raise
     finally:
+        if tb is not None:
+            tb.close()
         if folder is not None:
             folder.release()
+
+
+def _tensorboard(ctx: TrainingContext, run: Path, state: TrainState) -> TensorBoardLog:
+    """The run's event files; a resumed run hides what the interrupted process logged after its checkpoint."""
+    done = state.epoch * optimizer_steps(ctx.steps_per_epoch, ctx.cfg.accum_steps) + state.meter.optimizer_steps
+    return TensorBoardLog(run, ctx.cfg.to_dict(), purge_step=done + 1 if done else None)
+
+
+def _finish_tensorboard(tb: TensorBoardLog, ctx: TrainingContext, run: Path, summary: dict) -> None:
+    """The confusion matrix and reliability diagram of the val-selected weights on test, and the hparams."""
+    confusion = bins = None
+    if (run / rundir.TEST_PREDICTIONS).exists():
+        with np.load(run / rundir.TEST_PREDICTIONS) as saved:
+            labels, probs = torch.from_numpy(saved["labels"]), torch.from_numpy(saved["probs"])
+        confusion = confusion_matrix(probs.argmax(1), labels, ctx.dataset.num_classes).tolist()
+        bins = reliability_bins(probs, labels)
+    tb.finish(summary, confusion, bins, classes=ctx.dataset.classes)
 
 
 def _open_folder(ctx: TrainingContext, resume, allow_data_change: bool) -> rundir.RunFolder | None:
@@ -136,7 +164,7 @@ def _create_or_reopen(ctx: TrainingContext, resume, allow_data_change: bool) -> 
 
 
 def _train_epochs(ctx: TrainingContext, run: Path, state: TrainState, aug_gen: torch.Generator,
-                  stop: StopOnSignal, stop_after_steps: int | None) -> float:
+                  stop: StopOnSignal, stop_after_steps: int | None, tb: TensorBoardLog | None) -> float:
     """Run the epochs left; returns the seconds spent caching features (part of the training cost)."""
     inputs = prepare_inputs(ctx, state)
     cfg, world = ctx.cfg, ctx.world
@@ -145,7 +173,7 @@ def _train_epochs(ctx: TrainingContext, run: Path, state: TrainState, aug_gen: t
     with progress:
         if not cfg.quiet and world.main:
             _announce(ctx, run, inputs)
-        run_epochs(ctx, inputs, state, Checkpointer(run, ctx), run, progress, stop, aug_gen, stop_after_steps)
+        run_epochs(ctx, inputs, state, Checkpointer(run, ctx), run, progress, stop, aug_gen, stop_after_steps, tb)
     return inputs.cache_seconds
 
 
