@@ -21,7 +21,8 @@ def print_summary(summary: dict) -> None:
     rows = [
         ("model", f"{summary['model']} ({summary['params'] / 1e6:.2f}M params)"),
         ("data", f"{summary['data']} ({summary['num_classes']} classes)"),
-        ("best val accuracy", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']}/{summary['epochs']})"),
+        ("val accuracy, best epoch", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']}/"
+                                     f"{summary['epochs']})"),
         ("test accuracy, selected on val", _pct(summary["test_acc"])),
         ("test accuracy, final epoch", _pct(summary["test_acc_final"])),
         *_balanced_rows(summary),
@@ -48,6 +49,8 @@ def _balanced_rows(summary: dict) -> list[tuple[str, str]]:
     rows = [(label, _pct(summary[key])) for label, key in shown if summary.get(key) is not None]
     if summary.get("monitor"):
         rows.append(("best checkpoint chosen by", str(summary["monitor"])))
+    if summary.get("ended"):
+        rows.append(("training ended", summary["ended"]))
     return rows
 
 

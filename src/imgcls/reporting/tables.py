@@ -145,8 +145,8 @@ def to_markdown(rows: list[dict]) -> str:
     seeds = sorted({r["seeds"] for r in rows})
     lines.append("")
     if has_test:
-        note = ("The val-selected column is the checkpoint with the best validation accuracy; the test split "
-                "never selects anything.")
+        note = ("The val-selected column is the checkpoint with the best validation score (--monitor, validation "
+                "accuracy by default); the test split never selects anything.")
     else:
         note = "This dataset has no test split: the final epoch's validation accuracy is the held-out figure."
     lines.append(f"Mean ± standard deviation over {'/'.join(map(str, seeds))} seed(s). {note}")

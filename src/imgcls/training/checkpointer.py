@@ -4,7 +4,7 @@ last.pt  the full training state: the evaluated weights under "model" (the avera
          so `--checkpoint last` scores what the summary scored), the raw training weights when they
          differ, optimizer, schedule, loss scaler, the epoch and the position inside it, and every
          rank's random streams. A resumed run ends with exactly the metrics of an uninterrupted one.
-best.pt  the evaluated weights of the epoch with the best validation accuracy.
+best.pt  the evaluated weights of the epoch with the best validation score (--monitor).
 """
 
 from __future__ import annotations
