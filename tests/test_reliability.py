@@ -259,15 +259,48 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint(tiny_folder, small_disk,
 def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_replaced(tiny_folder, tmp_path, straight):
     """kill -9 between creating the folder and the first checkpoint leaves config and dataset files only."""
     killed = tmp_path / "killed"
-    shutil.copytree(straight, killed, ignore=shutil.ignore_patterns("*.pt", "summary.json", "metrics.jsonl"))
+    shutil.copytree(straight, killed, ignore=shutil.ignore_patterns("*.pt", "*.npz", "summary.json", "metrics.jsonl"))
     config = (killed / rundir.CONFIG).read_text().replace(str(straight.resolve()), str(killed.resolve()))
     (killed / rundir.CONFIG).write_text(config)
     (killed / f".{rundir.LAST}{rundir.TMP_MARK}99999").write_bytes(b"half a checkpoint")
     assert _metrics(fit(resume=killed)) == _metrics(straight)  # resumable: it starts from the beginning
 
     again = tmp_path / "again"
-    shutil.copytree(straight, again, ignore=shutil.ignore_patterns("*.pt", "summary.json", "metrics.jsonl"))
+    shutil.copytree(straight, again, ignore=shutil.ignore_patterns("*.pt", "*.npz", "summary.json", "metrics.jsonl"))
+    config = (again / rundir.CONFIG).read_text().replace(str(straight.resolve()), str(again.resolve()))
+    (again / rundir.CONFIG).write_text(config)
     assert _metrics(fit(_cfg(tiny_folder, again))) == _metrics(straight)  # or a new run may take the folder
+
+
+def test_a_users_own_folder_is_never_taken_for_an_unstarted_run(tiny_folder, tmp_path):
+    """`imgcls train --recipe exp/config.yaml --out exp`: exp holds the user's recipe, not a killed run."""
+    mine = tmp_path / "exp"
+    mine.mkdir()
+    (mine / rundir.CONFIG).write_text("lr: 0.01\n")
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        fit(_cfg(tiny_folder, mine))
+    assert (mine / rundir.CONFIG).read_text() == "lr: 0.01\n"
+
+
+def test_a_failed_resume_never_removes_the_run(tiny_folder, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, run, epochs=3), stop_after_steps=6)
+    (run / rundir.LAST).write_bytes((run / rundir.LAST).read_bytes()[:1000])  # damaged
+    with pytest.raises(UserError, match="damaged or truncated"):
+        fit(resume=run)
+    assert (run / rundir.BEST).exists() and (run / rundir.CONFIG).exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_data_resumes_exactly_mid_epoch(tiny_folder, tmp_path, workers):
+    """Per-image augmentation in the DataLoader workers is seeded by the image's place in the epoch,
+    not by which worker decodes it or what the process drew before."""
+    options = dict(data_mode="stream", workers=workers, aug="randaugment")
+    straight = fit(_cfg(tiny_folder, tmp_path / "straight", **options))
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, tmp_path / "stopped", **options), stop_after_steps=3)
+    assert _metrics(fit(resume=tmp_path / "stopped")) == _metrics(straight)
 
 
 def test_a_failure_before_the_first_checkpoint_removes_the_run_folder(tiny_folder, tmp_path, monkeypatch):

@@ -95,7 +95,8 @@ class TrainConfig:
     momentum: float = opt(0.9, "SGD momentum", low=0.0, high=1.0, open_high=True)
     weight_decay: float = opt(0.05, "weight decay, not applied to biases, norms and embeddings; decoupled in AdamW",
                               low=0.0)
-    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs before cosine decay", low=0.0)
+    warmup_epochs: float = opt(1.0, "linear warm-up length in epochs before cosine decay (at most half the run)",
+                               low=0.0)
     ema: float = opt(0.0, "evaluate and save an exponential moving average of the weights with this decay per step, "
                           "e.g. 0.99: validation, best.pt, last.pt's weights and the summary use it (0, off)",
                      low=0.0, high=1.0, open_high=True, hint="it is a decay per step, e.g. 0.999 (0 is off)")

@@ -12,6 +12,8 @@ import shutil
 import socket
 from pathlib import Path
 
+import yaml
+
 from imgcls.errors import UserError
 
 CONFIG = "config.yaml"  # the fully resolved TrainConfig
@@ -53,7 +55,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def _raise_if_disk_full(e: OSError, path: Path, kept: str) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         raise UserError(f"no space left on the device to write {path}; {kept}: free some space, then continue "
-                        "with imgcls train --resume") from e
+                        "with imgcls train --resume (a run that had no checkpoint yet is removed: start it "
+                        "again)") from e
 
 
 def _finite_or_null(obj):
@@ -97,7 +100,7 @@ def append_metrics(run: Path, record: dict) -> None:
     path = Path(run) / METRICS
     try:
         with open(path, "a") as f:
-            f.write(json.dumps(record, allow_nan=False) + "\n")
+            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
     except OSError as e:
         _raise_if_disk_full(e, path, "the epochs before are intact")
         raise
@@ -107,13 +110,14 @@ def keep_metrics(run: Path, epochs: int) -> None:
     """Keep the lines of the first `epochs` epochs: those after the checkpoint are redone on resume."""
     path = Path(run) / METRICS
     lines = path.read_text().splitlines() if path.exists() else []
-    kept = []
+    kept, seen = [], set()
     for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a kill mid-write
             continue
-        if record.get("epoch", epochs + 1) <= epochs:
+        if isinstance(record, dict) and record.get("epoch", epochs + 1) <= epochs and record["epoch"] not in seen:
+            seen.add(record["epoch"])  # a line written twice (a kill between log and checkpoint) is kept once
             kept.append(line + "\n")
     atomic_write_bytes(path, "".join(kept).encode())
 
@@ -130,10 +134,19 @@ def require_run(path: str | Path) -> Path:
 
 
 def is_unstarted(path: Path) -> bool:
-    """A run folder that never wrote a checkpoint (killed early) and that no process is training."""
+    """A run folder imgcls made (its .lock is there, and its config names this folder) that never wrote a
+    checkpoint, killed early, and that no process is training. A user's own folder is never one."""
     path = Path(path)
     names = {p.name for p in path.iterdir() if TMP_MARK not in p.name}
-    return names <= UNSTARTED_FILES and not RunLock(path).held_elsewhere()
+    if not (LOCK in names and names <= UNSTARTED_FILES) or RunLock(path).held_elsewhere():
+        return False
+    if CONFIG not in names:
+        return True
+    try:
+        out = (yaml.safe_load((path / CONFIG).read_text()) or {}).get("out")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return False
+    return out is not None and Path(str(out)).resolve() == path.resolve()
 
 
 def refuse_existing(out: str | Path) -> None:

@@ -43,11 +43,12 @@ class Split:
     def img_size(self) -> int:
         return self.images.shape[-1] if self.images is not None else self.stream.size
 
-    def batches(self, order: torch.Tensor, batch_size: int, seed: int = 0):
+    def batches(self, order: torch.Tensor, batch_size: int, seed: int = 0, first: int = 0):
         """Yield (images, labels) batches visiting the indices in `order`.
 
-        `seed` seeds the DataLoader's workers when streaming (their per-image augmentation), so give
-        each epoch its own."""
+        When streaming, each image's augmentation is seeded by `seed` and its position in the epoch
+        (`first` + its place in `order`; `order` may be the rest of an epoch), not by which worker
+        decodes it, so a run resumed mid-epoch augments every image as an uninterrupted one did."""
         if self.images is not None:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
@@ -56,7 +57,7 @@ class Split:
         loader = torch.utils.data.DataLoader(
             self.stream,
             batch_size=batch_size,
-            sampler=order.tolist(),
+            sampler=[(i, seed, first + k) for k, i in enumerate(order.tolist())],
             num_workers=self.workers,
             collate_fn=folder.collate_skipping_unreadable,
             generator=torch.Generator().manual_seed(seed),  # keeps the global RNG (dropout) untouched

@@ -139,13 +139,20 @@ class StreamingImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, int, int]):
+        """Image `item`, or (index, epoch seed, position in the epoch): the augmentation then draws from
+        its own seeded stream, leaving the process's random state untouched."""
+        i, seed, position = item if isinstance(item, tuple) else (item, 0, item)
         result = _try_load(self.files[i], self.size, self.crop_pct)
         if isinstance(result, str):
             warn(f"skipped unreadable image {self.files[i]} ({result})")
             return None
         image = torch.from_numpy(result.transpose(2, 0, 1).copy())
-        return (self.transform(image) if self.transform else image), self.labels[i]
+        if self.transform is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed((seed * 1_000_003 + position) % 2**63)
+                image = self.transform(image)
+        return image, self.labels[i]
 
 
 def collate_skipping_unreadable(items):

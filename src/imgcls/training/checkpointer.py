@@ -9,6 +9,7 @@ best.pt  the evaluated weights of the epoch with the best validation score (--mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -37,8 +38,11 @@ class EpochMeter:
     optimizer_steps: int = 0
 
     def add_grad_norm(self, norm: float) -> None:
-        self.grad_norm_sum += norm
-        self.grad_norm_max = max(self.grad_norm_max, norm)
+        """One optimizer step's gradient norm. An infinite one (fp16 loss scaling overflowed, so the
+        GradScaler skips the step) counts as a step but not in the norms."""
+        if math.isfinite(norm):
+            self.grad_norm_sum += norm
+            self.grad_norm_max = max(self.grad_norm_max, norm)
         self.optimizer_steps += 1
 
     def as_dict(self) -> dict:
@@ -138,6 +142,8 @@ class Checkpointer:
         if len(rng) != world.size and meter.steps:
             raise UserError(f"{self.last.parent} stopped inside an epoch with {len(rng)} process(es); resume it with "
                             f"the same number (torchrun --nproc_per_node={len(rng)})")
-        if len(rng) == world.size:  # else, at an epoch boundary, every stream is reseeded from the epoch
+        # else (an epoch boundary, another process count) the augmentation stream is reseeded from the epoch;
+        # torch's global stream (dropout, drop-path) goes on from each rank's seed instead
+        if len(rng) == world.size:
             set_rng_state(rng[world.rank], aug_gen, ctx.device)
         return state

@@ -90,7 +90,9 @@ def optimizer_steps(micro_batches: int, accum_steps: int) -> int:
 
 
 def warmup_steps(cfg: TrainConfig, optimizer_steps_per_epoch: int) -> int:
-    return min(cfg.epochs * optimizer_steps_per_epoch, round(cfg.warmup_epochs * optimizer_steps_per_epoch))
+    """--warmup-epochs in optimizer steps, at most half the run, so the schedule always leaves the warm-up
+    (and a cosine reaches 0 at --epochs)."""
+    return min(cfg.epochs * optimizer_steps_per_epoch // 2, round(cfg.warmup_epochs * optimizer_steps_per_epoch))
 
 
 def _build_model(cfg: TrainConfig, spec, dataset: Dataset, world: World, device: torch.device, fresh: bool):

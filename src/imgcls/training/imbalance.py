@@ -9,6 +9,7 @@ so exact resume and each torchrun rank's share work as with the plain permutatio
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def _read_weights_file(path: Path, classes: list[str]) -> list[float]:
         raise UserError(f"{path} must map every class ({', '.join(classes)}) to a weight, and nothing else "
                         f"(found {have})")
     values = [mapping[c] for c in classes]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in values):
-        raise UserError(f"{path}: class weights must be non-negative numbers")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf for v in values) \
+            or not any(v > 0 for v in values):
+        raise UserError(f"{path}: class weights must be finite, non-negative numbers, at least one above 0")
     return [float(v) for v in values]
 
 

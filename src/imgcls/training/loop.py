@@ -56,7 +56,7 @@ class StopOnSignal:
 
     def __init__(self, announce: bool = True):
         self.signum: int | None = None
-        self.announce = announce
+        self.announce, self._first = announce, 0.0
         self._previous: dict = {}
 
     @property
@@ -64,9 +64,13 @@ class StopOnSignal:
         return self.signum is not None
 
     def _handle(self, signum, frame):
-        if self.requested:
+        # torchrun forwards the Ctrl-C each worker already got from the terminal: a repeat within a
+        # second is that echo, not a second request
+        if self.requested and time.monotonic() - self._first > 1.0:
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.requested:
+            return
+        self.signum, self._first = signum, time.monotonic()
         if self.announce:
             print("\nstopping after this step and saving a resumable checkpoint (again to abort)", flush=True)
 
@@ -229,7 +233,8 @@ def _epoch_batches(ctx: TrainingContext, inputs: Inputs, state: TrainState, epoc
         aug_gen.manual_seed(_stream_seed(ctx.rank_seed, epoch, 1))
     local_batch = cfg.batch_size // world.size
     mine = distributed.rank_order(order, cfg.batch_size, world)[state.meter.steps * local_batch :]
-    return inputs.train.batches(mine, local_batch, seed=_stream_seed(ctx.rank_seed, epoch, 2))
+    return inputs.train.batches(mine, local_batch, seed=_stream_seed(ctx.rank_seed, epoch, 2),
+                                first=state.meter.steps * local_batch)
 
 
 def _finite_weights(model: torch.nn.Module) -> bool:

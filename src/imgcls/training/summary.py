@@ -99,7 +99,7 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
         "monitor": cfg.monitor,
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
-        "best_val_acc": metrics[state.best_epoch - 1]["val_acc"],
+        "best_val_acc": next(m["val_acc"] for m in metrics if m["epoch"] == state.best_epoch),
         "effective_batch_size": cfg.batch_size * cfg.accum_steps,
         "class_weights": ctx.class_weights.tolist() if ctx.class_weights is not None else None,
         "final_val_acc": metrics[-1]["val_acc"],

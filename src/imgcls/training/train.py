@@ -48,16 +48,15 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_a
         quiet: bool | None = None, allow_data_change: bool = False) -> Path:
     """Train a new run from `cfg`, or continue the run in `resume`. Returns the run folder.
 
-    `stop_after_steps` stops (as Ctrl-C would) once that many optimizer steps have run in total; used
-    to time-box a job and by the resume tests. `quiet` overrides the saved setting on resume. Under
+    `stop_after_steps` stops (as Ctrl-C would) once that many micro-batches have run in total (at the
+    end of the accumulation window it falls in); used to time-box a job and by the resume tests. `quiet` overrides the saved setting on resume. Under
     torchrun every process calls this; they train one model together and rank 0 writes the run.
     """
     if (cfg is None) == (resume is None):
         raise ValueError("fit takes either a config or a run folder to resume")
     if resume is not None:
         cfg = load_config(rundir.require_run(resume) / rundir.CONFIG)
-    else:
-        validate(cfg)
+    validate(cfg)  # a resumed run's config too: it may have been edited by hand
     if quiet is not None:
         cfg = cfg.replace(quiet=quiet)
     world, device_name = distributed.join(cfg.device)
@@ -70,10 +69,11 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_a
 
 def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopOnSignal,
            stop_after_steps: int | None, allow_data_change: bool) -> Path:
-    if resume is None and cfg.out and world.main:
-        rundir.refuse_existing(cfg.out)  # before the slow part, so the user learns at once
-    if cfg.tensorboard and world.main:
-        check_installed()  # a missing package is said before minutes of data loading
+    # Before the slow part, so the user learns at once; on every rank, so none goes on alone.
+    if resume is None and cfg.out:
+        rundir.refuse_existing(cfg.out)
+    if cfg.tensorboard:
+        check_installed()
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     ctx = build_context(cfg, world, device_name, fresh=not has_last)
     if world.main and resume is None:
@@ -85,8 +85,8 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
     try:
         if has_last:
             state = Checkpointer(run, ctx).restore(aug_gen)
-            if world.main:  # epochs logged after the checkpoint was written are redone
-                rundir.keep_metrics(run, state.epoch)
+        if resume is not None and world.main:  # epochs logged after the last checkpoint are redone
+            rundir.keep_metrics(run, state.epoch)
         tb = _tensorboard(ctx, run, state) if cfg.tensorboard and world.main else None
         cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps, tb)
         if world.main:
@@ -97,7 +97,9 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         distributed.barrier(world)  # the other ranks return once the run is complete
         return run
     except BaseException:
-        if folder is not None and not state.saved:  # nothing worth keeping: leave no half-made run behind
+        # A new run that failed before its first checkpoint holds nothing worth keeping: leave no
+        # half-made folder behind. A folder this call did not create is never removed.
+        if folder is not None and resume is None and not state.saved:
             folder.remove()
         raise
     finally:
