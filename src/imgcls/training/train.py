@@ -49,8 +49,9 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_a
     """Train a new run from `cfg`, or continue the run in `resume`. Returns the run folder.
 
     `stop_after_steps` stops (as Ctrl-C would) once that many micro-batches have run in total (at the
-    end of the accumulation window it falls in); used to time-box a job and by the resume tests. `quiet` overrides the saved setting on resume. Under
-    torchrun every process calls this; they train one model together and rank 0 writes the run.
+    end of the accumulation window it falls in); used to time-box a job and by the resume tests.
+    `quiet` overrides the saved setting on resume. Under torchrun every process calls this; they
+    train one model together and rank 0 writes the run.
     """
     if (cfg is None) == (resume is None):
         raise ValueError("fit takes either a config or a run folder to resume")
