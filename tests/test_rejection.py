@@ -140,6 +140,10 @@ def test_eval_ood_scores_a_folder_of_unseen_classes(calibrated, mini, tmp_path, 
     for score in ("msp", "energy"):
         assert 0 <= result[score]["auroc"] <= 1 and 0 <= result[score]["fpr_at_95tpr"] <= 1
     assert "AUROC" in capsys.readouterr().out
+    assert main(["report", str(calibrated), "--tta", "none"]) == 0  # the report shows both
+    page = (calibrated / "report" / "report.html").read_text()
+    assert 'alt="risk-coverage"' in page and "Out-of-distribution" in page and "FPR at 95% TPR" in page
+    assert f"{result['msp']['auroc']:.4f}" in page
 
 
 @pytest.mark.slow

@@ -152,6 +152,23 @@ def confusion_heatmaps(cm: list[list[int]], classes: list[str], out: Path) -> Pa
     return _save(fig, out)
 
 
+def risk_coverage_plot(curve: dict, threshold: float | None, out: Path) -> Path:
+    """Accuracy of the accepted images against the share accepted (validation), the --reject auto point marked."""
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    ax.plot(curve["coverage"], curve["accuracy"], linewidth=1.5)
+    if threshold is not None:
+        i = int(np.argmin(np.abs(np.asarray(curve["threshold"]) - threshold)))
+        ax.plot(curve["coverage"][i], curve["accuracy"][i], "o", color="red",
+                label=f"--reject auto: p >= {threshold:.2f}")
+        ax.legend(fontsize=8, loc="lower left")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("coverage (share of val images accepted)")
+    ax.set_ylabel("accuracy of the accepted")
+    ax.set_title(f"risk-coverage on val (AURC {curve['aurc']:.3f})", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
 def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> Path:
     """One panel per (title, reliability_bins(...), ECE): accuracy against confidence per bin, the gap to
     the diagonal shaded, the bin counts printed above the bars."""

@@ -133,6 +133,7 @@ def write_run_report(run: Path) -> Path:
         "<h2>Reliability</h2>", _img(reliability, "reliability diagrams"),
         f"<h2>Test-time augmentation ({html.escape(tta['mode'])})</h2>",
         _compare_table("no TTA", "TTA", tta["without"], tta["with"]),
+        *_rejection_section(run, folder),
         "<h2>Grad-CAM</h2>", "".join(_img(g, g.stem) for g in galleries) or "<p>no images</p>",
         "<p class=note>The most confident right and wrong predictions; the heat-map explains the predicted "
         "class.</p>",
@@ -142,6 +143,35 @@ def write_run_report(run: Path) -> Path:
     out = folder / rundir.REPORT_HTML
     rundir.atomic_write_bytes(out, html_page(f"imgcls report: {run.name}", "".join(body)).encode())
     return out
+
+
+def _rejection_section(run: Path, folder: Path) -> list[str]:
+    """Saying "unknown": the validation risk-coverage curve (stored by imgcls calibrate) with the --reject
+    auto threshold, and the OOD table of the last `imgcls eval --ood` (in eval-test.json)."""
+    from imgcls.evaluation.rejection import choose_threshold, read_risk_coverage  # no torch work: reads JSON
+
+    curve = read_risk_coverage(run)
+    if curve is None:
+        return ["<h2>Rejection</h2>", "<p class=note>Run imgcls calibrate to get the risk-coverage curve and the "
+                "--reject auto threshold.</p>"]
+    try:
+        rule = choose_threshold(curve)
+    except UserError:  # the default target is out of reach on val
+        rule = None
+    plot = figures.risk_coverage_plot(curve, rule["threshold"] if rule else None, folder / "risk_coverage.png")
+    body = ["<h2>Rejection</h2>", _img(plot, "risk-coverage")]
+    evals = run / "eval-test.json"
+    ood = rundir.read_json(evals).get("ood") if evals.is_file() else None
+    if ood:
+        rows = [[name, f"{ood[key]['auroc']:.4f}", f"{ood[key]['fpr_at_95tpr']:.4f}"]
+                for name, key in (("max-softmax", "msp"), ("energy", "energy"))]
+        body += [f"<h3>Out-of-distribution: {html.escape(ood['folder'])} ({ood['n_ood']} images) against "
+                 f"{ood['split']} ({ood['n_in']})</h3>", html_table(["score", "AUROC", "FPR at 95% TPR"], rows)]
+        if ood.get("reject_auto"):
+            r = ood["reject_auto"]
+            body.append(f"<p>--reject auto (threshold {r['threshold']:.3f}) accepts {_pct(r['ood_accepted'])} of "
+                        f"the OOD images and {_pct(r['in_coverage'])} of {ood['split']}.</p>")
+    return body
 
 
 def write_comparison_report(folder: Path, run_reports: dict[str, Path]) -> Path:
