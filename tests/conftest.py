@@ -5,9 +5,24 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from imgcls import rundir
+from imgcls.config import build_config
 from imgcls.data import load_dataset
 
 SHARED = os.environ.get("IMGCLS_DATA")
+TIMING = ("epoch_time", "data_time", "images_per_s")  # differ between identical runs
+# A small CNN on the tiny folder (108 training images at batch 32: 4 steps an epoch); fp32, so that
+# runs compare exactly on CPUs with and without native bf16.
+TINY_RUN = dict(model="fastnet_cifar_small", epochs=2, batch_size=32, img_size=32, quiet=True, precision="fp32")
+
+
+def tiny_config(data, out, **kw):
+    return build_config(**{**TINY_RUN, "data": str(data), "out": str(out), **kw})
+
+
+def run_metrics(run) -> list[dict]:
+    """A run's metrics.jsonl without the timings: what two equal runs must share exactly."""
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(run)]
 
 
 def shared_path(name: str) -> Path:

@@ -15,18 +15,9 @@ from imgcls.models import create_model
 from imgcls.training.imbalance import class_weights, epoch_order, focal_loss, make_loss
 from imgcls.training.loop import window_of
 from imgcls.training.train import Interrupted, fit
+from tests.conftest import run_metrics, tiny_config
 
-TIMING = ("epoch_time", "data_time", "images_per_s")
-# 108 training images (3 classes x 36), 30 test; fp32 so that runs compare exactly on every CPU.
-BASE = dict(model="fastnet_cifar_small", epochs=2, batch_size=32, img_size=32, quiet=True, precision="fp32")
-
-
-def _cfg(data, out, **kw):
-    return build_config(**{**BASE, "data": str(data), "out": str(out), **kw})
-
-
-def _metrics(run):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(run)]
+_cfg, _metrics = tiny_config, run_metrics
 
 
 # ---------------------------------------------------------------- class weights and losses

@@ -20,18 +20,9 @@ from imgcls.config import build_config
 from imgcls.errors import UserError
 from imgcls.training import context
 from imgcls.training.train import Diverged, Interrupted, fit
+from tests.conftest import run_metrics, tiny_config
 
-TIMING = ("epoch_time", "data_time", "images_per_s")
-# 108 training images at batch 32: 4 steps an epoch. fp32, so that runs compare exactly on every CPU.
-BASE = dict(model="fastnet_cifar_small", epochs=2, batch_size=32, img_size=32, quiet=True, precision="fp32")
-
-
-def _cfg(data, out, **kw):
-    return build_config(**{**BASE, "data": str(data), "out": str(out), **kw})
-
-
-def _metrics(run):
-    return [{k: v for k, v in m.items() if k not in TIMING} for m in rundir.read_metrics(run)]
+_cfg, _metrics = tiny_config, run_metrics
 
 
 def _one_line_error(capsys) -> str:

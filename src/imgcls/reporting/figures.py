@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from imgcls.errors import UserError  # noqa: E402
+from imgcls.errors import UserError
+from imgcls.plotting import draw_matrix, make_folder, plt, save_figure
 
 
 def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titles: list[str], out: Path) -> Path:
@@ -31,7 +28,7 @@ def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titl
             ax.set_xlabel(caps[j], fontsize=7)
         axes[i][0].set_ylabel(row_titles[i], fontsize=8)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def comparison_charts(records: list[dict], out: Path) -> list[Path]:
@@ -74,30 +71,6 @@ def _check_png(out: Path) -> None:
         raise UserError(f"--out {out} must name a .png file; e.g. --out {out.with_suffix('.png').name}")
 
 
-def make_folder(folder: Path) -> Path:
-    """`folder`, created with its parents; a one-line error when a file is in the way or it cannot be made."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise UserError(f"cannot create the folder {folder}: a file is in the way; choose another --out") from None
-    except OSError as e:
-        raise UserError(f"cannot create the folder {folder} ({e.strerror}); choose another --out") from None
-    return folder
-
-
-def _save(fig, out: Path) -> Path:
-    out = Path(out)
-    try:
-        make_folder(out.parent)
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
-    finally:
-        plt.close(fig)
-    return out
-
-
 def cam_overlay(image: np.ndarray, cam: np.ndarray, display: int = 160) -> np.ndarray:
     """An H x W x 3 uint8 image with its [0, 1] heat-map blended on top (jet colours), enlarged to
     about `display` pixels so that 32x32 inputs stay readable."""
@@ -125,7 +98,7 @@ def training_curves(metrics: list[dict], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def confusion_heatmaps(cm: list[list[int]], classes: list[str], out: Path) -> Path:
@@ -136,20 +109,10 @@ def confusion_heatmaps(cm: list[list[int]], classes: list[str], out: Path) -> Pa
     side = max(3.5, 0.5 * k + 1.5)
     fig, axes = plt.subplots(1, 2, figsize=(2 * side + 1, side))
     for ax, data, title, fmt in ((axes[0], counts, "counts", "{:.0f}"), (axes[1], rows, "row-normalised", "{:.2f}")):
-        ax.imshow(data, cmap="Blues")
+        draw_matrix(ax, data, classes, fmt)
         ax.set_title(title, fontsize=10)
-        ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(k), classes, fontsize=8)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        if k <= 20:
-            for i in range(k):
-                for j in range(k):
-                    dark = data[i, j] > 0.6 * data.max()
-                    ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def risk_coverage_plot(curve: dict, threshold: float | None, out: Path) -> Path:
@@ -166,7 +129,7 @@ def risk_coverage_plot(curve: dict, threshold: float | None, out: Path) -> Path:
     ax.set_ylabel("accuracy of the accepted")
     ax.set_title(f"risk-coverage on val (AURC {curve['aurc']:.3f})", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> Path:
@@ -194,7 +157,7 @@ def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> 
         ax.set_title(f"{title}: ECE {100 * ece:.2f}%", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str], stems: list[str],
@@ -211,7 +174,7 @@ def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str],
             ax.axis("off")
         fig.suptitle(caption, fontsize=9)
         fig.tight_layout()
-        paths.append(_save(fig, Path(out) / f"{stem}-cam.png"))
+        paths.append(save_figure(fig, Path(out) / f"{stem}-cam.png"))
     return paths
 
 

@@ -193,10 +193,7 @@ def _check_request(start_lr: float, end_lr: float, steps: int | None, out: str |
 
 def plot_range_test(result: RangeTest, out: str | Path, cfg: TrainConfig | None = None) -> Path:
     """Loss against the head's rate (log x): raw and smoothed, both suggestions marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from imgcls.plotting import plt, save_figure
 
     out = Path(out)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
@@ -215,14 +212,7 @@ def plot_range_test(result: RangeTest, out: str | Path, cfg: TrainConfig | None 
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out, dpi=110)
-    except OSError as e:
-        raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def describe(result: RangeTest, start_lr: float, end_lr: float, group_lrs: bool = False) -> list[str]:

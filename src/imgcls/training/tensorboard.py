@@ -99,39 +99,24 @@ class TensorBoardLog:
 
 
 def confusion_figure(confusion: list[list[int]], classes: list[str] | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from imgcls.plotting import draw_matrix, plt
 
     counts = np.asarray(confusion, dtype=float)
     k = len(counts)
-    classes = classes or [str(i) for i in range(k)]
     side = max(3.5, 0.45 * k + 1.5)
     fig, ax = plt.subplots(figsize=(side + 1, side))
-    ax.imshow(counts, cmap="Blues")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(k), classes, fontsize=8)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if k <= 20:
-        for i in range(k):
-            for j in range(k):
-                dark = counts[i, j] > 0.6 * counts.max()
-                ax.text(j, i, f"{counts[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if dark else "black")
+    draw_matrix(ax, counts, classes or [str(i) for i in range(k)])
     fig.tight_layout()
     return fig  # add_figure closes it
 
 
 def reliability_figure(bins: dict):
     """Accuracy against confidence per bin, the diagonal for reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from imgcls.plotting import plt
 
     edges = np.asarray(bins["edges"])
     width = edges[1] - edges[0]
