@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests bench scripts)
 
 test: lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 # The longer fuzz, kill and OOD soaks (marked slow); CI runs them after `make test`.
 test-slow: $(STAMP)
