@@ -211,3 +211,21 @@ def test_a_model_that_cannot_export_says_so_in_one_line(base_run, tmp_path, monk
 def test_export_refuses_a_non_empty_folder(exported, base_run, capsys):
     assert main(["export", str(base_run), "--out", str(exported)]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_onnx_export_without_the_extra_is_one_line(monkeypatch):
+    import builtins
+
+    from imgcls.errors import UserError
+    from imgcls.export import check_opset
+
+    real_import = builtins.__import__
+
+    def no_onnxscript(name, *args, **kwargs):
+        if name == "onnxscript":
+            raise ImportError(name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_onnxscript)
+    with pytest.raises(UserError, match=r"onnxscript is missing\): pip install 'imgcls\[export\]'"):
+        check_opset(18)

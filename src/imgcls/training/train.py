@@ -75,6 +75,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         rundir.refuse_existing(cfg.out)
     if cfg.tensorboard:
         check_installed()
+    distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     ctx = build_context(cfg, world, device_name, fresh=not has_last)
     if world.main and resume is None:
