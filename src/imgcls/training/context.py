@@ -51,6 +51,14 @@ class TrainingContext:
         return self.ema.module if self.ema is not None else self.model
 
     @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return optimizer_steps(self.steps_per_epoch, self.cfg.accum_steps)
+
+    @property
+    def warmup_steps(self) -> int:
+        return warmup_steps(self.cfg, self.optimizer_steps_per_epoch)
+
+    @property
     def rank_seed(self) -> int:
         """Each rank's own random streams; rank 0's are a single process's."""
         return self.cfg.seed + 1_000_003 * self.world.rank

@@ -27,7 +27,7 @@ from imgcls.evaluation.predict import predict_logits
 from imgcls.runtime import autocast
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, EpochMeter, TrainState, global_meter
-from imgcls.training.context import TrainingContext, optimizer_steps, warmup_steps
+from imgcls.training.context import TrainingContext
 from imgcls.training.imbalance import epoch_order
 from imgcls.training.progress import Progress
 from imgcls.training.tensorboard import TensorBoardLog
@@ -113,8 +113,7 @@ class Stepper:
 
     def __init__(self, ctx: TrainingContext, trainee: torch.nn.Module):
         self.ctx, self.trainee, self.raw = ctx, trainee, _unwrapped(trainee)
-        self.params = [p for p in self.raw.parameters()]
-        self.warmup_steps = warmup_steps(ctx.cfg, optimizer_steps(ctx.steps_per_epoch, ctx.cfg.accum_steps))
+        self.params = list(self.raw.parameters())
 
     def micro_step(self, x: torch.Tensor, targets: torch.Tensor, step: int):
         """(loss, logits, pre-clip gradient norm or None) of micro-step `step` of the epoch."""
@@ -133,14 +132,14 @@ class Stepper:
     def _step(self) -> torch.Tensor:
         ctx, cfg = self.ctx, self.ctx.cfg
         ctx.scaler.unscale_(ctx.optimizer)  # clip and measure true gradients under fp16 loss scaling
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        trained = [p for p in self.params if p.grad is not None]  # frozen groups have none
+        norm = torch.nn.utils.get_total_norm([p.grad for p in trained]) if trained else torch.zeros(())
         if cfg.clip_grad is not None:
-            dispatch_clip_grad([p for p in self.params if p.grad is not None], cfg.clip_grad, cfg.clip_mode)
+            dispatch_clip_grad(trained, cfg.clip_grad, cfg.clip_mode)
         ctx.scaler.step(ctx.optimizer)
         ctx.scaler.update()
         ctx.optimizer.zero_grad(set_to_none=True)
-        if cfg.schedule == "cosine" or ctx.scheduler.last_epoch < self.warmup_steps:
+        if cfg.schedule == "cosine" or ctx.scheduler.last_epoch < ctx.warmup_steps:
             ctx.scheduler.step()  # under --schedule plateau only the warm-up is per step
         if ctx.ema is not None:
             ctx.ema.update_parameters(self.raw)
@@ -154,7 +153,7 @@ def train_one_epoch(stepper: Stepper, batches, transform: TrainTransform, aug_ge
     splits one. A non-finite loss is recorded in `meter.nonfinite_loss` for the next `should_stop()`.
     `tb` gets the loss and rate every tenth of the epoch's optimizer steps (after `step_offset` earlier ones)."""
     ctx = stepper.ctx
-    every = max(1, optimizer_steps(ctx.steps_per_epoch, ctx.cfg.accum_steps) // 10)
+    every = max(1, ctx.optimizer_steps_per_epoch // 10)
     train_mode(stepper.trainee)  # frozen parts stay in eval mode
     batches = iter(batches)
     while True:
@@ -254,8 +253,7 @@ def run_epochs(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
     """Train from `state` to the last epoch, or until --patience ends the run: after each epoch,
     validate, log (metrics.jsonl, and `tb` when given), keep best.pt and save last.pt."""
     cfg, world = ctx.cfg, ctx.world
-    stepper = Stepper(ctx, inputs.trainee)
-    per_epoch = optimizer_steps(ctx.steps_per_epoch, cfg.accum_steps)
+    stepper, per_epoch = Stepper(ctx, inputs.trainee), ctx.optimizer_steps_per_epoch
     for epoch in range(state.epoch, cfg.epochs):
         if state.stopped_early:
             break
@@ -329,8 +327,7 @@ def _end_epoch(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
     else:
         state.bad_epochs += 1
     state.stopped_early = cfg.patience is not None and state.bad_epochs >= cfg.patience and state.epoch < cfg.epochs
-    warmed_up = ctx.scheduler.last_epoch >= warmup_steps(cfg, optimizer_steps(ctx.steps_per_epoch, cfg.accum_steps))
-    if ctx.plateau is not None and warmed_up:
+    if ctx.plateau is not None and ctx.scheduler.last_epoch >= ctx.warmup_steps:
         ctx.plateau.step(score)  # after the warm-up: cut the rates when the monitor stalls
     checkpointer.save_last(state, aug_gen)
     return record

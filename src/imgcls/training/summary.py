@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 import torchvision
@@ -17,6 +15,7 @@ from imgcls import rundir
 from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.metrics import balanced_accuracy, confusion_matrix, per_class_report
 from imgcls.evaluation.predict import predict_logits
+from imgcls.evaluation.significance import write_test_predictions
 from imgcls.models import count_parameters
 from imgcls.models.checkpoint import load_checkpoint
 from imgcls.models.flops import forward_gflops
@@ -46,7 +45,7 @@ def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) ->
     if state.best_epoch != state.epoch:  # else the final weights are the val-selected ones
         model.load_state_dict(load_checkpoint(run / rundir.BEST, cfg.model, dataset.num_classes)["model"])
     logits, labels, ips = predict(dataset.test)
-    _write_test_predictions(run, labels, logits.softmax(dim=1))
+    write_test_predictions(run, labels.numpy(), logits.softmax(dim=1).numpy())  # for paired comparisons
     cm = confusion_matrix(logits.argmax(1), labels, dataset.num_classes)
     report = per_class_report(cm, dataset.classes)
     return {"test_acc": (logits.argmax(1) == labels).float().mean().item(),
@@ -55,13 +54,6 @@ def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) ->
             "test_acc_final": (final_logits.argmax(1) == labels).float().mean().item(),
             "test_ece": expected_calibration_error(logits.softmax(dim=1), labels),
             "inference_images_per_s": ips}
-
-
-def _write_test_predictions(run: Path, labels: torch.Tensor, probs: torch.Tensor) -> None:
-    """The val-selected weights' test probabilities per image, for paired comparisons between runs."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, labels=labels.numpy().astype(np.int64), probs=probs.float().numpy())
-    rundir.atomic_write_bytes(run / rundir.TEST_PREDICTIONS, buffer.getvalue())
 
 
 def _why_it_ended(cfg, state: TrainState) -> str:

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
@@ -30,10 +29,11 @@ from imgcls.data.presets import TrainTransform
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import reliability_bins
 from imgcls.evaluation.metrics import confusion_matrix
+from imgcls.evaluation.significance import read_test_predictions
 from imgcls.models import count_parameters
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
-from imgcls.training.context import TrainingContext, build_context, optimizer_steps, warmup_cosine
+from imgcls.training.context import TrainingContext, build_context, warmup_cosine
 from imgcls.training.distributed import World
 from imgcls.training.loop import Diverged, Inputs, Interrupted, Stepper, StopOnSignal, run_epochs, train_one_epoch
 from imgcls.training.progress import Progress
@@ -113,16 +113,16 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
 
 def _tensorboard(ctx: TrainingContext, run: Path, state: TrainState) -> TensorBoardLog:
     """The run's event files; a resumed run hides what the interrupted process logged after its checkpoint."""
-    done = state.epoch * optimizer_steps(ctx.steps_per_epoch, ctx.cfg.accum_steps) + state.meter.optimizer_steps
+    done = state.epoch * ctx.optimizer_steps_per_epoch + state.meter.optimizer_steps
     return TensorBoardLog(run, ctx.cfg.to_dict(), purge_step=done + 1 if done else None)
 
 
 def _finish_tensorboard(tb: TensorBoardLog, ctx: TrainingContext, run: Path, summary: dict) -> None:
     """The confusion matrix and reliability diagram of the val-selected weights on test, and the hparams."""
     confusion = bins = None
-    if (run / rundir.TEST_PREDICTIONS).exists():
-        with np.load(run / rundir.TEST_PREDICTIONS) as saved:
-            labels, probs = torch.from_numpy(saved["labels"]), torch.from_numpy(saved["probs"])
+    saved = read_test_predictions(run)  # written by summarize
+    if saved is not None:
+        labels, probs = (torch.from_numpy(a) for a in saved)
         confusion = confusion_matrix(probs.argmax(1), labels, ctx.dataset.num_classes).tolist()
         bins = reliability_bins(probs, labels)
     tb.finish(summary, confusion, bins, classes=ctx.dataset.classes)
