@@ -224,3 +224,17 @@ def test_json_predictions_refuse_nan_rather_than_print_invalid_json(capsys):
     assert capsys.readouterr().out == ""
     print_predictions([{"image": "a.png", "top": [{"class": "cat", "probability": 0.5}]}], as_json=True)
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["probability"] == 0.5
+
+
+def test_folder_predict_refuses_outputs_that_overflow_from_finite_weights(run, tiny_folder, tmp_path, capsys):
+    """Finite weights (so the load accepts them) whose logits overflow to inf: the folder path, the one the
+    CLI takes for runs and ONNX files alike, must refuse rather than write NaN rows."""
+    copy = _copy(run, tmp_path)
+    ckpt = torch.load(copy / rundir.BEST, weights_only=True)
+    ckpt["model"]["head.weight"] = torch.full_like(ckpt["model"]["head.weight"], 3e38)
+    save_checkpoint({k: v for k, v in ckpt.items() if k != "format"}, copy / rundir.BEST)
+    capsys.readouterr()
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(copy), _image(tiny_folder), "--out", str(out), "--quiet"]) == 2
+    assert "model outputs are not finite" in _one_error_line(capsys)
+    assert not out.exists() or "NaN" not in out.read_text()

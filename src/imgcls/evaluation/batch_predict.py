@@ -25,6 +25,7 @@ from torch import nn
 from imgcls.data.folder import load_image
 from imgcls.data.presets import tta_view_count, tta_views
 from imgcls.errors import UserError
+from imgcls.evaluation.predict import require_finite
 
 RESIZE_RULE = "shorter side to img_size / crop_pct (bicubic), centre crop img_size x img_size"
 INPUT_LAYOUT = "uint8 RGB, N x H x W x 3 (NHWC), H = W = img_size"
@@ -210,6 +211,7 @@ def batch_probs(predictor: Predictor, images: torch.Tensor, tta: str | int = "no
     views = torch.cat(tta_views(nchw, tta, predictor.aug, gen or torch.Generator().manual_seed(0)))
     batch = np.ascontiguousarray(views.permute(0, 2, 3, 1).numpy())
     logits, probs = predictor.run(batch)
+    require_finite(probs, "these images")  # the PyTorch and the ONNX path alike: never a NaN row
     probs = probs.reshape(n_views, len(images), -1).mean(axis=0)
     return logits[: len(images)], probs
 
@@ -255,6 +257,7 @@ def predict_arrays(predictor: Predictor, paths: list[Path], batch_size: int = 64
         unreadable += sum(err is not None for err in errors)
         if images is not None:
             out = predictor.run(np.ascontiguousarray(images.numpy()))
+            require_finite(out[1], "these images")
             logits.append(out[0])
             probs.append(out[1])
     if not probs:

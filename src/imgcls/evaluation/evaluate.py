@@ -19,19 +19,13 @@ from imgcls.evaluation.predict import (
     load_run,
     predict_logits,
     predict_probs,
+    require_finite,
 )
 from imgcls.runtime import resolve_device, resolve_precision
 
 # Most test-time views `--tta N` may ask for. The gain from random views levels off after a few dozen,
 # and each batch holds N views of every image, so an unbounded N only finds the memory limit.
 MAX_TTA_VIEWS = 64
-
-
-def require_finite(outputs: torch.Tensor, where: str) -> None:
-    """Refuse NaN or Inf model outputs in one line: every metric or probability after them is meaningless."""
-    if not torch.isfinite(outputs).all():
-        raise UserError(f"model outputs are not finite (NaN or Inf) on {where}; the checkpoint is damaged or the "
-                        "run diverged: use another checkpoint (--checkpoint last) or train again with a lower --lr")
 
 
 def run_split(trained: TrainedRun, split: str, data: str | None = None, data_dir: str | None = None) -> Split:

@@ -22,6 +22,14 @@ from imgcls.models.checkpoint import load_checkpoint, restore_weights
 from imgcls.runtime import autocast
 
 
+def require_finite(outputs: torch.Tensor | np.ndarray, where: str) -> None:
+    """Refuse NaN or Inf model outputs in one line: every metric or probability after them is meaningless."""
+    finite = np.isfinite(outputs).all() if isinstance(outputs, np.ndarray) else torch.isfinite(outputs).all()
+    if not finite:
+        raise UserError(f"model outputs are not finite (NaN or Inf) on {where}; the checkpoint is damaged or the "
+                        "run diverged: use another checkpoint (--checkpoint last) or train again with a lower --lr")
+
+
 def forward_batch(model, images: torch.Tensor, mean, std, device, precision: str) -> torch.Tensor:
     """`model`(x) for a uint8 batch (model: any callable, e.g. a feature extractor): normalise,
     channels-last, autocast. Call under inference_mode."""
