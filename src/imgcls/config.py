@@ -54,8 +54,9 @@ class TrainConfig:
     img_size: int | None = opt(None, "input size in pixels (default: the model's native size, 32 for the CIFAR "
                                      "models; ViT position embeddings are interpolated for other sizes)",
                                low=8, high=MAX_IMG_SIZE)
-    val_fraction: float = opt(0.1, "fraction of train held out for validation when the data has no val split",
-                              low=0.0, high=1.0, open_low=True, open_high=True)
+    val_fraction: float = opt(0.1, "fraction of train held out for validation when the data has no val split; 0 "
+                                   "trains on all of it, with no validation (best.pt is the final epoch)",
+                              low=0.0, high=1.0, open_high=True)
     split_seed: int = opt(0, "seed of the train/val split, fixed apart from --seed so runs share one split",
                           low=0, high=MAX_SEED)
     data_mode: str = opt("auto", "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
@@ -102,6 +103,20 @@ class TrainConfig:
                      low=0.0, high=1.0, open_high=True, hint="it is a decay per step, e.g. 0.999 (0 is off)")
     whiten: bool = opt(False, "fastnet_* only: initialise the 2x2 stem as a whitening filter of the training "
                               "images' patches (airbench)")
+    whiten_bias_epochs: int | None = opt(None, "with --whiten: keep the whitening filter fixed and train only its "
+                                               "bias, for the first N epochs (airbench: 3); default: the stem trains "
+                                               "like any layer", low=0, metavar="N")
+    init: str = opt("default", "weight initialisation: default (the model's own) or dirac (every 3x3 convolution's "
+                               "first in-channels filters start as the identity, airbench)",
+                    choices=("default", "dirac"))
+    lookahead: bool = opt(False, "airbench's lookahead: every 5 optimizer steps, pull the weights (and BatchNorm "
+                                 "statistics) to an average of themselves whose decay rises as (progress)^3 to 0.77, "
+                                 "and copy the average back; the final weights are the average")
+    bn_bias_lr_scale: float = opt(1.0, "BatchNorm biases train at this multiple of the rate, with their weight "
+                                       "decay divided by it, so they decay as much per step (airbench: 64)",
+                                  low=0.0, open_low=True, metavar="S")
+    freeze_bn_scale: bool = opt(False, "keep BatchNorm scales (weights) fixed at their initial 1 (airbench)")
+    decay_all: bool = opt(False, "apply --weight-decay to every parameter, biases and norms included (airbench)")
     # loss, sampling and the metric that picks best.pt (imbalanced data)
     class_weights: str = opt("none", "per-class weights in the loss: none; auto (inverse class frequency, "
                                      "normalised so the average image weighs 1); effective:BETA (Cui et al.'s "
@@ -123,8 +138,13 @@ class TrainConfig:
                                      "(off by default)", low=1, metavar="N")
     min_delta: float = opt(0.0, "smallest change of --monitor that counts as an improvement", low=0.0)
     schedule: str = opt("cosine", "learning-rate schedule after the warm-up: cosine (decays to 0 at --epochs, even "
-                                  "when --patience stops earlier) or plateau (ReduceLROnPlateau on --monitor)",
-                        choices=("cosine", "plateau"))
+                                  "when --patience stops earlier), linear (to --final-lr-factor at --epochs; "
+                                  "airbench's) or plateau (ReduceLROnPlateau on --monitor)",
+                        choices=("cosine", "linear", "plateau"))
+    warmup_start_factor: float = opt(0.0, "the warm-up starts at this fraction of --lr (airbench: 0.2)", low=0.0,
+                                     high=1.0, open_high=True, metavar="F")
+    final_lr_factor: float = opt(0.0, "--schedule linear ends at this fraction of --lr (airbench: 0.07)", low=0.0,
+                                 high=1.0, metavar="F")
     plateau_patience: int = opt(2, "--schedule plateau: epochs without improvement before the rate is cut", low=0)
     plateau_factor: float = opt(0.1, "--schedule plateau: the factor each cut multiplies the rate by", low=0.0,
                                 high=1.0, open_low=True, open_high=True)
@@ -141,6 +161,12 @@ class TrainConfig:
                             "RandomResizedCrop(0.8-1) + flip + ColorJitter + rotation 15 + erasing 0.2; randaugment "
                             "(2 ops, magnitude 9), trivialaugment, autoaugment, each after crop + flip",
                    choices=AUGMENTATIONS)
+    crop_padding: int | None = opt(None, "random-crop padding in pixels for basic and the crop-based recipes "
+                                         "(default: size/8, 4 at 32; airbench: 2)", low=0, metavar="PX")
+    crop_fill: str = opt("zeros", "what the crop padding holds: zeros, or reflect (the image mirrored; airbench)",
+                         choices=("zeros", "reflect"))
+    alt_flip: bool = opt(False, "airbench's alternating flip instead of a random one: each image is flipped at "
+                                "random once, then mirrored every other epoch, so it is seen both ways in turn")
     random_erasing: float | None = opt(None, "random erasing probability on top of any recipe (default: 0.2 for "
                                              "standard, else 0)", low=0.0, high=1.0, metavar="P")
     mixup: float = opt(0.0, "Mixup with Beta(ALPHA, ALPHA); the flag alone means 0.2 (0, off)", low=0.0,
@@ -162,8 +188,16 @@ class TrainConfig:
     device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     precision: str = opt("auto", "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16",
                          choices=("auto", "fp32", "bf16", "fp16"))
-    compile: bool = opt(False, "torch.compile the training forward pass (a warm-up of tens of seconds; slower than "
-                               "eager on some CPUs, so off by default)")
+    compile: str = opt("off", "torch.compile the training forward pass: off, on (the flag alone), or auto (time "
+                              "both on this machine and keep the faster; a warm-up of tens of seconds)",
+                       choices=("off", "on", "auto"), const="on")
+    attention: str = opt("auto", "attention kernel (scaled_dot_product_attention) for ViTs and timm models: auto "
+                                 "(timed on this machine, for training and inference apart), math, flash or efficient",
+                         choices=("auto", "math", "flash", "efficient"))
+    memory_format: str = opt("auto", "tensor layout for images: auto (timed), channels_last or contiguous",
+                             choices=("auto", "channels_last", "contiguous"))
+    prefetch: str = opt("auto", "prepare the next batch while the current one computes: auto (on for CUDA; on the "
+                                "CPU as measured), on or off", choices=("auto", "on", "off"))
     sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm statistics over the global batch (torch's "
                                "SyncBatchNorm)")
     eval_batch_size: int = opt(512, "batch size for evaluation", low=1, high=65_536)
@@ -239,6 +273,8 @@ def coerce(name: str, value: Any) -> Any:
         raise UserError(f"{flag(name)} needs a value (it has no 'none'); leave it out for the default")
     if name == "pretrained":  # True (the model's own weights), False, or a file path
         return value if isinstance(value, bool) else str(value)
+    if name == "compile" and isinstance(value, bool):  # runs and recipes written when it was a switch
+        return "on" if value else "off"
     if kind is bool:
         return _boolean(name, value)
     base = next((a for a in args if a is not type(None)), kind) if args else kind

@@ -204,7 +204,7 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
     if world.distributed:
         apply_schedule(ctx.model, ctx.groups, state.epoch)  # DDP must see which parameters train (fixed from here)
         trainee = DistributedDataParallel(trainee)
-    if cfg.compile:
+    if cfg.compile == "on":  # "auto" is decided by imgcls.kernels before this point
         trainee = torch.compile(trainee)
     return Inputs(trainee, train, _val_share(val, world), transform, cfg.cache_features, cache_seconds)
 
