@@ -363,7 +363,7 @@ def cmd_compare(args) -> int:
     write_tables(rows, Path(args.out))
     charts = comparison_charts(records, Path(args.out))
     print(to_markdown(rows))
-    print(f"wrote {args.out}/results.json, results.csv, results.md, {', '.join(p.name for p in charts)}")
+    print(f"wrote {args.out}/results.json, results.csv, results.md{''.join(', ' + p.name for p in charts)}")
     return 0
 
 

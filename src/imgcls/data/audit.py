@@ -383,7 +383,8 @@ def quick_audit(dataset: Dataset) -> list[str]:
         for (a, b), n in leaks.items():
             warnings.append(f"leakage: {n} image(s) of {b} also appear in {a}; run imgcls audit "
                             f"{dataset.name} to list them and remove them from {b}")
-    counts = torch.bincount(torch.cat([dataset.train.labels, dataset.val.labels]), minlength=dataset.num_classes)
+    labels = [s.labels for s in (dataset.train, dataset.val) if s is not None]
+    counts = torch.bincount(torch.cat(labels), minlength=dataset.num_classes)
     ratio = imbalance(dict(zip(dataset.classes, counts.tolist(), strict=True)))
     if ratio > WEIGHTS_RATIO:
         smallest = dataset.classes[int(counts.argmin())]

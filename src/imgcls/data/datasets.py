@@ -81,7 +81,7 @@ class Dataset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     train: Split
-    val: Split
+    val: Split | None  # None: --val-fraction 0 on data without its own val/ (trains on all of train)
     test: Split | None
     normalization: str  # a key of NORMALIZATIONS: which statistics mean/std are
     crop_pct: float = 1.0  # folders: centre crop of the shorter side before resizing
@@ -96,7 +96,9 @@ class Dataset:
         found = getattr(self, name, None) if name in ("train", "val", "test") else None
         if found is None:
             have = [n for n in ("train", "val", "test") if getattr(self, n) is not None]
-            raise UserError(f"dataset {self.name} has no '{name}' split; use one of {', '.join(have)}")
+            why = " (--val-fraction 0 held none out)" if name == "val" and self.fingerprint.get("val_fraction") == 0 \
+                else ""
+            raise UserError(f"dataset {self.name} has no '{name}' split{why}; use one of {', '.join(have)}")
         return found
 
 
@@ -133,11 +135,14 @@ def _content_hash(*splits: Split | None) -> str:
     return h.hexdigest()[:16]
 
 
-def _carve_val(train: Split, fraction: float, seed: int, classes: list[str]) -> tuple[Split, Split]:
-    """(train, val): `fraction` of each class of `train` held out, chosen by `seed`.
+def _carve_val(train: Split, fraction: float, seed: int, classes: list[str]) -> tuple[Split, Split | None]:
+    """(train, val): `fraction` of each class of `train` held out, chosen by `seed`; fraction 0 holds
+    nothing out: (train, None), every image trains and there is no validation split.
 
-    Refused when a class would keep no training image or nothing at all is held out: training would
-    then divide by an empty epoch or choose its checkpoint on no images."""
+    Otherwise refused when a class would keep no training image or nothing at all is held out: training
+    would then divide by an empty epoch or choose its checkpoint on no images."""
+    if fraction == 0:
+        return train, None
     keep, held = folder.stratified_split(train.labels, fraction, seed)
     counts = torch.bincount(train.labels[keep], minlength=len(classes))
     if len(held) == 0 or (counts == 0).any():
@@ -181,7 +186,8 @@ def load_dataset(
     normalize: str = "auto",
     crop_pct: float = 1.0,
 ) -> Dataset:
-    """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split.
+    """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split (none, `val` None,
+    when `val_fraction` is 0 and the data has no val/ of its own).
 
     `crop_pct` < 1 centre-crops folder images (as a pretrained model's own preprocessing does)."""
     if not str(data).strip():
@@ -217,7 +223,7 @@ def load_dataset(
         "val_fraction": val_fraction,
         "split_seed": split_seed,
         "sizes": {n: len(s) for n, s in (("train", train), ("val", val), ("test", test)) if s},
-        "labels_sha256": _labels_hash(train.labels, val.labels, test.labels if test else None),
+        "labels_sha256": _labels_hash(train.labels, val.labels if val else None, test.labels if test else None),
         "content_sha256": _content_hash(train, val, test),
     }
     folder_data = data not in ("cifar10", "cifar10-mini")

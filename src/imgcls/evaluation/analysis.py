@@ -25,7 +25,7 @@ from imgcls.evaluation.calibration import (
     reliability_bins,
 )
 from imgcls.evaluation.cam import grad_cam
-from imgcls.evaluation.evaluate import parse_tta_flag, run_probs, run_split
+from imgcls.evaluation.evaluate import has_val_split, parse_tta_flag, run_probs, run_split
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.predict import load_run, predict_logits
 from imgcls.runtime import resolve_device, resolve_precision
@@ -38,7 +38,11 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     trained = load_run(run, "best", resolve_device(device), allow_data_change)
     cfg, dev = trained.config, next(trained.model.parameters()).device
     precision = resolve_precision(cfg.precision, dev)
-    split_name = "test" if "test" in trained.dataset["fingerprint"]["sizes"] else "val"
+    sizes = trained.dataset["fingerprint"]["sizes"]
+    split_name = "test" if "test" in sizes else "val"
+    if split_name not in sizes:
+        raise UserError(f"{trained.path} has neither a test split nor a validation split (trained with --val-fraction "
+                        "0) to report on; add a test/ folder of class folders, or train with --val-fraction 0.1")
     split = run_split(trained, split_name)
     mean, std = trained.dataset["mean"], trained.dataset["std"]
 
@@ -82,6 +86,9 @@ def _report_scaling(trained, val_logits) -> tuple[Scaling, str]:
     stored = trained.scaling
     if stored is not None and stored.method == "temperature":
         return stored, "stored by imgcls calibrate"
+    if not has_val_split(trained):
+        return (Scaling("temperature", [1.0], [0.0] * len(trained.classes)),
+                "none: no validation split to fit one on (trained with --val-fraction 0)")
     logits, labels = val_logits()
     try:
         check_calibration_data(labels, len(trained.classes), trained.classes, logits)
@@ -124,6 +131,7 @@ def _galleries(trained, split, seen, after, labels, gallery: int, result: dict):
 SUMMARY_KEYS = {"model": str, "data": str, "params": int, "epochs": int, "best_epoch": int, "best_val_acc": None,
                 "train_time_s": float, "train_images_per_s": float, "device": str, "precision": str}
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what the training curves draw
+VAL_METRIC_KEYS = ("val_loss", "val_acc")  # absent from a run without a validation split
 
 
 def _fits(value, kind: type | None) -> bool:
@@ -145,10 +153,11 @@ def training_record(run: str | Path) -> tuple[dict, list[dict]]:
     if bad:
         raise UserError(f"{run / rundir.SUMMARY} is damaged (missing or wrong {', '.join(bad)}); restore it or "
                         "train the run again")
+    keys = METRIC_KEYS if summary.get("val_split", True) else tuple(k for k in METRIC_KEYS if k not in VAL_METRIC_KEYS)
     broken = next((i for i, m in enumerate(metrics, 1) if not isinstance(m, dict)
-                   or not all(_fits(m.get(k), float) for k in METRIC_KEYS)), None)
+                   or not all(_fits(m.get(k), float) for k in keys)), None)
     if broken or not metrics:
-        what = f"line {broken} lacks one of {', '.join(METRIC_KEYS)}" if broken else "it holds no epochs"
+        what = f"line {broken} lacks one of {', '.join(keys)}" if broken else "it holds no epochs"
         raise UserError(f"{run / rundir.METRICS} is damaged ({what}); restore it or train the run again")
     return summary, metrics
 

@@ -43,6 +43,18 @@ def run_split(trained: TrainedRun, split: str, data: str | None = None, data_dir
     return dataset.split(split)
 
 
+def has_val_split(trained: TrainedRun) -> bool:
+    """Whether the run held out a validation split (none with --val-fraction 0 on data without val/)."""
+    return "val" in trained.dataset["fingerprint"]["sizes"]
+
+
+def require_val_split(trained: TrainedRun, what: str) -> None:
+    """Refuse `what`, which needs the run's validation split, when the run has none."""
+    if not has_val_split(trained):
+        raise UserError(f"{what} needs a validation split, and {trained.path} has none (trained with "
+                        "--val-fraction 0); train a run with --val-fraction 0.1 for it")
+
+
 def run_probs(trained: TrainedRun, split: Split, tta: str | int = "none", scaled: bool = True):
     """(probabilities, labels) of a trained run on `split`, with its calibration unless `scaled=False`."""
     device = next(trained.model.parameters()).device
@@ -95,6 +107,7 @@ def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str 
     """Fit a temperature (or vector scaling) on the validation split, never on test; store it in
     the run for eval and predict; report the metrics on validation and test before and after."""
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
+    require_val_split(trained, "calibrate (it fits on the validation split, never on test)")
     cfg = trained.config
     dev = next(trained.model.parameters()).device
     splits = ["val"] + (["test"] if "test" in trained.dataset["fingerprint"]["sizes"] else [])

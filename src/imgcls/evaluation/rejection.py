@@ -41,10 +41,11 @@ def risk_coverage(probs: torch.Tensor, labels: torch.Tensor, max_points: int = M
 
 def val_risk_coverage(trained, scaling) -> dict:
     """The risk-coverage curve of `trained` on its validation split, probabilities scaled by `scaling`."""
-    from imgcls.evaluation.evaluate import run_split  # evaluate imports this module: import late
+    from imgcls.evaluation.evaluate import require_val_split, run_split  # evaluate imports this module: late
     from imgcls.evaluation.predict import predict_logits
     from imgcls.runtime import resolve_precision
 
+    require_val_split(trained, "the --reject auto threshold (chosen on validation, never on test)")
     device = next(trained.model.parameters()).device
     logits, labels = predict_logits(trained.model, run_split(trained, "val"), trained.dataset["mean"],
                                     trained.dataset["std"], device,
@@ -93,7 +94,8 @@ def resolve_threshold(reject: str | None, curve: dict | None, target_accuracy: f
     if reject == "auto":
         if curve is None:
             raise UserError("--reject auto needs the validation risk-coverage curve; run imgcls calibrate RUN "
-                            "first (and export again), or pass a threshold such as --reject 0.8")
+                            "first (and export again), or pass a threshold such as --reject 0.8 (a run trained "
+                            "with --val-fraction 0 has no validation split, so only a threshold works)")
         return choose_threshold(curve, target_accuracy, coverage)["threshold"]
     try:
         value = float(reject)

@@ -52,10 +52,14 @@ def open_predictor(source: str | Path, checkpoint: str = "best") -> Predictor:
 
 
 def _test_metrics(trained) -> dict:
-    """The run's eval JSON for its test split (val without one), computed when missing or stale."""
+    """The run's eval JSON for its test split (val without one), computed when missing or stale; None
+    when the run has neither (no test split, trained with --val-fraction 0)."""
     from imgcls.evaluation.evaluate import evaluate_run
 
-    split = "test" if "test" in trained.dataset["fingerprint"]["sizes"] else "val"
+    sizes = trained.dataset["fingerprint"]["sizes"]
+    split = "test" if "test" in sizes else "val"
+    if split not in sizes:
+        return None
     path = trained.path / f"eval-{split}.json"
     scaling = trained.scaling.as_dict() if trained.scaling else None
     if path.is_file():
@@ -109,16 +113,20 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
     except UserError:  # the default target is out of reach on val: export without a threshold
         rule = None
     reference = run_predictor(trained, precision="fp32")
-    batches = [images for images, _ in split_nhwc(run_split(trained, "val"))]
+    sizes = trained.dataset["fingerprint"]["sizes"]  # parity images: val, else (--val-fraction 0) test or train
+    parity_split = next(n for n in ("val", "test", "train") if n in sizes)
+    batches = [images for images, _ in split_nhwc(run_split(trained, parity_split))]
     results = {}
     if fmt in ("onnx", "all"):
         s = trained.scaling
         module = InferenceModel(trained.model, prep.mean, prep.std, s.scale if s else None, s.bias if s else None)
         onnx_path = export_onnx(module, metadata(trained, prep, rule, curve), out, opset)
         results["onnx"] = parity(reference, onnx_predictor(onnx_path), batches, "onnxruntime", timing)
+        results["onnx"]["split"] = parity_split
     if fmt in ("safetensors", "all"):
         export_safetensors(trained, prep, {"reject_rule": rule, "risk_coverage": curve}, out)
         results["safetensors"] = parity(reference, safetensors_predictor(out), batches, "safetensors", timing)
+        results["safetensors"]["split"] = parity_split
     rundir.write_json(out / PARITY, {"run": str(trained.path), "checkpoint": str(trained.checkpoint),
                                      "precision": "fp32", "results": results})
     calibration_path = trained.path / rundir.CALIBRATION

@@ -18,7 +18,13 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
-def _metrics_section(ev: dict) -> list[str]:
+NOTHING_HELD_OUT = ("no held-out metrics: the data has no test split and the run no validation split "
+                    "(trained with --val-fraction 0)")
+
+
+def _metrics_section(ev: dict | None) -> list[str]:
+    if ev is None:
+        return ["## Test metrics", "", NOTHING_HELD_OUT]
     lines = [f"## Test metrics ({ev['split']} split, {ev['n']} images)", "",
              f"- accuracy: {pct(ev['accuracy'])}", f"- macro F1: {ev['macro_f1']:.4f}", f"- NLL: {ev['loss']:.4f}"]
     if "top5_accuracy" in ev:
@@ -45,11 +51,13 @@ def _calibration_section(calibration: dict | None) -> list[str]:
     return lines + _table(["split", "metric", "before", "after"], rows)
 
 
-def _rejection_section(rule: dict | None, curve: dict | None) -> list[str]:
+def _rejection_section(rule: dict | None, curve: dict | None, has_val: bool = True) -> list[str]:
     lines = ["## Rejection (saying \"unknown\")", ""]
     if rule is None:
         reason = "no risk-coverage curve (`imgcls calibrate RUN`)" if curve is None else \
             "no threshold reaches the target accuracy on val"
+        if not has_val:
+            reason = "no validation split to choose one on (trained with --val-fraction 0)"
         return lines + [f"no threshold: {reason}"]
     return lines + [
         f"- threshold on the calibrated top-1 probability: {rule['threshold']:.4f} "
@@ -59,19 +67,21 @@ def _rejection_section(rule: dict | None, curve: dict | None) -> list[str]:
         f"- area under the val risk-coverage curve: {curve['aurc']:.4f}"]
 
 
-def _parity_section(parity: dict) -> list[str]:
+def _parity_section(parity: dict, split: str = "val") -> list[str]:
     rows = []
     for r in parity.values():
         lat = r["latency_ms_per_image"]
         rows.append([r["format"], r["images"], pct(r["top1_agreement"]), f"{r['max_abs_prob_diff']:.2e}",
                      f"{lat['pytorch']['batch1']:.2f}", f"{lat[r['format']]['batch1']:.2f}",
                      f"{lat['pytorch']['batch64']:.2f}", f"{lat[r['format']]['batch64']:.2f}"])
-    header = ["format", "val images", "top-1 agreement", "max abs prob diff", "pytorch ms/img b1", "export ms/img b1",
-              "pytorch ms/img b64", "export ms/img b64"]
+    header = ["format", f"{split} images", "top-1 agreement", "max abs prob diff", "pytorch ms/img b1",
+              "export ms/img b1", "pytorch ms/img b64", "export ms/img b64"]
     return ["## Export parity (fp32, against the run in PyTorch)", "", *_table(header, rows)]
 
 
-def _limitations(ev: dict, calibration: dict | None) -> list[str]:
+def _limitations(ev: dict | None, calibration: dict | None) -> list[str]:
+    if ev is None:
+        return ["## Limitations the numbers show", "", f"- {NOTHING_HELD_OUT}"]
     recalls = [r["recall"] for r in ev["per_class"]]
     mean = sum(recalls) / len(recalls)
     low = [f"{r['class']} ({r['recall']:.4f})" for r in ev["per_class"] if r["recall"] < mean]
@@ -102,10 +112,15 @@ def model_card(trained, prep, ev: dict, calibration: dict | None, rule: dict | N
              f"- val_fraction {fp['val_fraction']}, split_seed {fp['split_seed']}, "
              f"labels sha256 {fp['labels_sha256']}", "", "## Training recipe", ""]
     lines += _table(["setting", "value"], [[k, getattr(cfg, k)] for k in RECIPE_KEYS])
-    if summary:
+    has_val = "val" in fp["sizes"]  # none with --val-fraction 0
+    if summary and has_val:
         lines += ["", f"best epoch {summary['best_epoch']} of {summary['epochs']}, val accuracy "
                       f"{pct(summary['best_val_acc'])}, training time {summary['train_time_s']:.1f} s"]
-    for section in (_metrics_section(ev), _calibration_section(calibration), _rejection_section(rule, curve),
-                    _parity_section(parity), _limitations(ev, calibration)):
+    elif summary:
+        lines += ["", f"final epoch {summary['best_epoch']} of {summary['epochs']} (no validation split: "
+                      f"--val-fraction 0), training time {summary['train_time_s']:.1f} s"]
+    parity_split = "val" if has_val else "test" if "test" in fp["sizes"] else "train"
+    for section in (_metrics_section(ev), _calibration_section(calibration), _rejection_section(rule, curve, has_val),
+                    _parity_section(parity, parity_split), _limitations(ev, calibration)):
         lines += ["", *section]
     return "\n".join(lines) + "\n"

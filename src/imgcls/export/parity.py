@@ -48,7 +48,8 @@ def parity(reference: Predictor, exported: Predictor, batches: list[np.ndarray],
 
 def require_parity(result: dict) -> None:
     if not result["passed"]:
-        raise UserError(f"{result['format']} export disagrees with the run on validation: top-1 agreement "
+        raise UserError(f"{result['format']} export disagrees with the run on {result.get('split', 'val')}: top-1 "
+                        "agreement "
                         f"{result['top1_agreement']:.4%} (needs {MIN_AGREEMENT:.1%}), max probability difference "
                         f"{result['max_abs_prob_diff']:.2e} (limit {MAX_PROB_DIFF:.0e}); try another --opset or "
                         "--format safetensors")
@@ -57,7 +58,8 @@ def require_parity(result: dict) -> None:
 def format_parity(result: dict) -> str:
     lat = result["latency_ms_per_image"]
     other = result["format"]
-    return (f"parity {other}: {result['images']} val images, top-1 agreement {result['top1_agreement']:.2%}, "
+    return (f"parity {other}: {result['images']} {result.get('split', 'val')} images, "
+            f"top-1 agreement {result['top1_agreement']:.2%}, "
             f"max |dp| {result['max_abs_prob_diff']:.1e}; ms/image batch 1: pytorch {lat['pytorch']['batch1']:.2f} "
             f"{other} {lat[other]['batch1']:.2f}, batch 64: pytorch {lat['pytorch']['batch64']:.2f} "
             f"{other} {lat[other]['batch64']:.2f}")

@@ -18,13 +18,18 @@ def _pct(x) -> str:
 
 def print_summary(summary: dict) -> None:
     table = Table(title=f"run {summary['run']}", show_header=False)
+    if summary.get("val_split", True):
+        accuracy = [("val accuracy, best epoch", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']}/"
+                                                 f"{summary['epochs']})"),
+                    ("test accuracy, selected on val", _pct(summary["test_acc"])),
+                    ("test accuracy, final epoch", _pct(summary["test_acc_final"]))]
+    else:  # --val-fraction 0: best.pt is the final epoch
+        accuracy = [("checkpoint", f"final epoch ({summary['best_epoch']}/{summary['epochs']}): no validation split"),
+                    ("test accuracy, final epoch", _pct(summary["test_acc"]))]
     rows = [
         ("model", f"{summary['model']} ({summary['params'] / 1e6:.2f}M params)"),
         ("data", f"{summary['data']} ({summary['num_classes']} classes)"),
-        ("val accuracy, best epoch", f"{_pct(summary['best_val_acc'])} (epoch {summary['best_epoch']}/"
-                                     f"{summary['epochs']})"),
-        ("test accuracy, selected on val", _pct(summary["test_acc"])),
-        ("test accuracy, final epoch", _pct(summary["test_acc_final"])),
+        *accuracy,
         *_balanced_rows(summary),
         ("training time", f"{summary['train_time_s']:.1f} s ({summary['train_images_per_s']:.0f} img/s)"),
         ("forward cost", f"{summary['gflops']:.3f} GFLOPs/img"),
@@ -38,14 +43,17 @@ def print_summary(summary: dict) -> None:
         table.add_row(key, value)
     console.print(table)
     if summary["test_split"] is None:
-        console.print("this dataset has no test split: validation accuracy is the held-out figure")
+        console.print("this dataset has no test split: validation accuracy is the held-out figure"
+                      if summary.get("val_split", True) else
+                      "this dataset has no test split and the run no validation split: nothing was held out")
 
 
 def _balanced_rows(summary: dict) -> list[tuple[str, str]]:
     """Balanced accuracy and macro-F1 of the val-selected checkpoint on test, when the summary holds them,
     and what chose that checkpoint when it was not validation accuracy."""
-    shown = (("test balanced accuracy, selected on val", "test_balanced_acc"),
-             ("test macro-F1, selected on val", "test_macro_f1"))
+    chosen = "selected on val" if summary.get("val_split", True) else "final epoch"
+    shown = ((f"test balanced accuracy, {chosen}", "test_balanced_acc"),
+             (f"test macro-F1, {chosen}", "test_macro_f1"))
     rows = [(label, _pct(summary[key])) for label, key in shown if summary.get(key) is not None]
     if summary.get("monitor"):
         rows.append(("best checkpoint chosen by", str(summary["monitor"])))

@@ -33,10 +33,13 @@ def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titl
 
 def comparison_charts(records: list[dict], out: Path) -> list[Path]:
     """Validation accuracy per epoch, and against cumulative training time, for every variant
-    (mean over its seeds), each chart in one PNG."""
+    (mean over its seeds), each chart in one PNG; none for runs without a validation split."""
     by_variant: dict[str, list[list[dict]]] = {}
     for r in records:
-        by_variant.setdefault(r["variant"], []).append(r["metrics"])
+        if r["metrics"] and all("val_acc" in e for e in r["metrics"]):  # not with --val-fraction 0
+            by_variant.setdefault(r["variant"], []).append(r["metrics"])
+    if not by_variant:
+        return []
     paths = []
     for name, x_key, x_label in (("accuracy_per_epoch.png", "epoch", "epoch"),
                                  ("accuracy_vs_time.png", "seconds", "training time (s)")):
@@ -88,7 +91,9 @@ def training_curves(metrics: list[dict], out: Path) -> Path:
     """Loss and accuracy per epoch, train against validation."""
     epochs = [m["epoch"] for m in metrics]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.4))
-    for key, label in (("train", "train"), ("val", "validation")):
+    shown = (("train", "train"), ("val", "validation")) if all("val_acc" in m for m in metrics) else \
+        (("train", "train"),)  # a run without a validation split (--val-fraction 0)
+    for key, label in shown:
         ax_loss.plot(epochs, [m[f"{key}_loss"] for m in metrics], marker="o", markersize=3, label=label)
         ax_acc.plot(epochs, [100 * m[f"{key}_acc"] for m in metrics], marker="o", markersize=3, label=label)
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):

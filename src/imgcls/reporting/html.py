@@ -111,9 +111,12 @@ def write_run_report(run: Path) -> Path:
         f"<h1>{html.escape(run.name)}: {html.escape(summary['model'])} on {html.escape(summary['data'])}</h1>",
         html_table(["", ""], [
             ["parameters", f"{summary['params'] / 1e6:.2f}M"],
-            ["best epoch (val)", f"{summary['best_epoch']} of {summary['epochs']}"],
-            ["best val accuracy", _pct(summary["best_val_acc"])],
-            [f"{split} accuracy (val-selected checkpoint)", _pct(a["accuracy"])],
+            *([["best epoch (val)", f"{summary['best_epoch']} of {summary['epochs']}"],
+               ["best val accuracy", _pct(summary["best_val_acc"])],
+               [f"{split} accuracy (val-selected checkpoint)", _pct(a["accuracy"])]]
+              if summary.get("val_split", True) else  # --val-fraction 0: best.pt is the final epoch
+              [["checkpoint", f"final epoch ({summary['best_epoch']} of {summary['epochs']}): no validation split"],
+               [f"{split} accuracy (final epoch)", _pct(a["accuracy"])]]),
             *[[f"{split} {label}", _pct(a[key])] for label, key in (("balanced accuracy", "balanced_accuracy"),
                                                                       ("macro-F1", "macro_f1")) if key in a],
             ["training time", f"{summary['train_time_s']:.0f} s ({summary['train_images_per_s']:.0f} img/s)"],
@@ -133,7 +136,7 @@ def write_run_report(run: Path) -> Path:
         "<h2>Reliability</h2>", _img(reliability, "reliability diagrams"),
         f"<h2>Test-time augmentation ({html.escape(tta['mode'])})</h2>",
         _compare_table("no TTA", "TTA", tta["without"], tta["with"]),
-        *_rejection_section(run, folder),
+        *_rejection_section(run, folder, summary.get("val_split", True)),
         "<h2>Grad-CAM</h2>", "".join(_img(g, g.stem) for g in galleries) or "<p>no images</p>",
         "<p class=note>The most confident right and wrong predictions; the heat-map explains the predicted "
         "class.</p>",
@@ -145,12 +148,15 @@ def write_run_report(run: Path) -> Path:
     return out
 
 
-def _rejection_section(run: Path, folder: Path) -> list[str]:
+def _rejection_section(run: Path, folder: Path, has_val: bool = True) -> list[str]:
     """Saying "unknown": the validation risk-coverage curve (stored by imgcls calibrate) with the --reject
     auto threshold, and the OOD table of the last `imgcls eval --ood` (in eval-test.json)."""
     from imgcls.evaluation.rejection import choose_threshold, read_risk_coverage  # no torch work: reads JSON
 
     curve = read_risk_coverage(run)
+    if curve is None and not has_val:
+        return ["<h2>Rejection</h2>", "<p class=note>No --reject auto threshold: the run has no validation split "
+                "to choose one on (trained with --val-fraction 0); pass a threshold such as --reject 0.8.</p>"]
     if curve is None:
         return ["<h2>Rejection</h2>", "<p class=note>Run imgcls calibrate to get the risk-coverage curve and the "
                 "--reject auto threshold.</p>"]

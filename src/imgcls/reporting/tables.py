@@ -34,7 +34,8 @@ def aggregate(records: list[dict]) -> list[dict]:
         val, val_sd = _mean_std([s["best_val_acc"] for s in runs])
         val_final, val_final_sd = _mean_std([s["final_val_acc"] for s in runs])
         has_test = runs[0]["test_split"] is not None
-        headline = acc if has_test else val_final  # what the gain column compares
+        has_val = runs[0].get("val_split", True)  # False: trained with --val-fraction 0
+        headline = acc if has_test else val_final  # what the gain column compares (NaN: nothing held out)
         baseline = headline if baseline is None else baseline
         out.append({
             "variant": variant,
@@ -44,6 +45,7 @@ def aggregate(records: list[dict]) -> list[dict]:
             "trainable_params": runs[0].get("trainable_params", runs[0]["params"]),
             "gflops": runs[0].get("gflops"),
             "seeds": len(runs),
+            "val_split": has_val,
             "val_acc": val, "val_acc_std": val_sd,
             "val_acc_final": val_final, "val_acc_final_std": val_final_sd,
             "test_acc": acc, "test_acc_std": acc_sd,
@@ -115,24 +117,28 @@ def to_markdown(rows: list[dict]) -> str:
     """The results table. Without a test split the held-out figure is the final epoch's validation
     accuracy (the best epoch's is selected on that same split, so it is shown as optimistic)."""
     has_test = not all(r["test_acc"] != r["test_acc"] for r in rows)  # NaN when no run had a test split
+    has_val = any(r.get("val_split", True) for r in rows)  # none with --val-fraction 0
+    chosen = "val-selected" if has_val else "final epoch"
     transfer = any(r["strategy"] != "scratch" for r in rows)
     columns = [("variant", lambda r: r["variant"]), ("model", lambda r: r["model"])]
     if transfer:
         columns += [("strategy", lambda r: r["strategy"]),
                     ("trainable params", lambda r: f"{r['trainable_params'] / 1e6:.3g}M")]
     columns += [("params", lambda r: f"{r['params'] / 1e6:.2f}M"), ("GFLOPs/img", lambda r: _num(r["gflops"], 3))]
-    if has_test:
+    if has_test and not has_val:  # best.pt is the final epoch: one column says it
+        columns += [("test acc % (final epoch)", lambda r: _pm(r["test_acc"], r["test_acc_std"]))]
+    elif has_test:
         columns += [("test acc % (val-selected)", lambda r: _pm(r["test_acc"], r["test_acc_std"])),
                     ("test acc % (final epoch)", lambda r: _pm(r["test_acc_final"], r["test_acc_final_std"]))]
-    else:
+    elif has_val:
         columns += [("val acc % (final epoch)", lambda r: _pm(r["val_acc_final"], r["val_acc_final_std"])),
                     ("val acc % (best epoch, optimistic)", lambda r: _pm(r["val_acc"], r["val_acc_std"]))]
-    columns += [("gain vs first", lambda r: f"{100 * r['gain']:+.2f}")]
+    columns += [("gain vs first", lambda r: "n/a" if r["gain"] != r["gain"] else f"{100 * r['gain']:+.2f}")]
     significance = any(r.get("acc_diff") is not None for r in rows)
     if has_test:
-        columns += [("balanced acc % (val-selected)",
+        columns += [(f"balanced acc % ({chosen})",
                      lambda r: _pm(r["test_balanced_acc"], r["test_balanced_acc_std"])),
-                    ("macro-F1 % (val-selected)", lambda r: _pm(r["test_macro_f1"], r["test_macro_f1_std"]))]
+                    (f"macro-F1 % ({chosen})", lambda r: _pm(r["test_macro_f1"], r["test_macro_f1_std"]))]
     if significance:
         columns += [(f"Δ acc vs {rows[0]['variant']} [95% CI]", _delta), ("McNemar p", _p)]
     if has_test:
@@ -144,7 +150,10 @@ def to_markdown(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows]
     seeds = sorted({r["seeds"] for r in rows})
     lines.append("")
-    if has_test:
+    if not has_val:
+        note = ("The runs have no validation split (--val-fraction 0): each checkpoint is its final epoch"
+                + ("." if has_test else ", and with no test split either there is no held-out figure."))
+    elif has_test:
         note = ("The val-selected column is the checkpoint with the best validation score (--monitor, validation "
                 "accuracy by default); the test split never selects anything.")
     else:

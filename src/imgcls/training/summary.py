@@ -35,10 +35,12 @@ def versions() -> dict:
 
 def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) -> dict:
     """Test accuracy of the final weights and of the val-selected ones (with its ECE), and the
-    inference speed; without a test split, only the speed, measured on (part of) val."""
+    inference speed; without a test split, only the speed, measured on (part of) val (train when there
+    is no val either)."""
     cfg, dataset, model = ctx.cfg, ctx.dataset, ctx.evaluated
     if dataset.test is None:
-        _, _, ips = predict(dataset.val.subset(torch.arange(min(len(dataset.val), 512))))
+        timed = dataset.val if dataset.val is not None else dataset.train
+        _, _, ips = predict(timed.subset(torch.arange(min(len(timed), 512))))
         return {"test_acc": None, "test_balanced_acc": None, "test_macro_f1": None, "test_acc_final": None,
                 "test_ece": None, "inference_images_per_s": ips}
     final_logits, labels, _ = predict(dataset.test)
@@ -54,6 +56,13 @@ def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) ->
             "test_acc_final": (final_logits.argmax(1) == labels).float().mean().item(),
             "test_ece": expected_calibration_error(logits.softmax(dim=1), labels),
             "inference_images_per_s": ips}
+
+
+def _selection(cfg, dataset) -> str:
+    """How best.pt was chosen."""
+    if dataset.val is None:
+        return "final epoch (no validation split: --val-fraction 0)"
+    return f"best {cfg.monitor} on the validation split"
 
 
 def _why_it_ended(cfg, state: TrainState) -> str:
@@ -88,13 +97,15 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
         "epochs": cfg.epochs,
         "epochs_run": state.epoch,
         "ended": _why_it_ended(cfg, state),
-        "monitor": cfg.monitor,
+        "monitor": cfg.monitor if dataset.val is not None else None,  # None: no validation split
+        "selection": _selection(cfg, dataset),
         "best_score": state.best_score,
         "best_epoch": state.best_epoch,
-        "best_val_acc": next(m["val_acc"] for m in metrics if m["epoch"] == state.best_epoch),
+        "val_split": dataset.val is not None,
+        "best_val_acc": next((m.get("val_acc") for m in metrics if m["epoch"] == state.best_epoch), None),
         "effective_batch_size": cfg.batch_size * cfg.accum_steps,
         "class_weights": ctx.class_weights.tolist() if ctx.class_weights is not None else None,
-        "final_val_acc": metrics[-1]["val_acc"],
+        "final_val_acc": metrics[-1].get("val_acc") if metrics else None,
         "test_acc": scores["test_acc"],
         "test_balanced_acc": scores["test_balanced_acc"],
         "test_macro_f1": scores["test_macro_f1"],
