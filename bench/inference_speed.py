@@ -1,71 +1,98 @@
-"""Inference throughput: a plain evaluation loop against imgcls's, with and without TTA, in one process.
+"""Inference throughput: imgcls's evaluation path against a plain inference_mode loop, per model family.
 
-    python bench/inference_speed.py [--models resnet18_cifar vit_cifar convnext_cifar] [--images 2048]
-                                    [--workers 2] [--data-dir DIR/cifar10]
+    python bench/inference_speed.py [--models resnet18_cifar vit_cifar convnext_cifar fastnet_cifar]
+                                    [--images 1024] [--rounds 3] [--data-dir DIR/cifar10]
 
-Plain: PIL images through ToTensor + Normalize in DataLoader workers, batch 128, fp32 NCHW,
-under torch.no_grad (bench/classic.py). imgcls: `predict_probs` as `imgcls eval` runs it, on the
-uint8 test images in memory, inference_mode, channels_last, --precision auto, batches of up to
-512 images; once plain and once with flip TTA (2 views, so half the images per second at best).
-Images per second count input images, not views.
+Plain: the uint8 test images in memory, normalised per batch, fp32, NCHW, `model(x)` under
+torch.inference_mode(), at each batch size of imgcls.kernels.EVAL_BATCHES; the plain loop is credited
+with its best one. imgcls: `predict_probs` as `imgcls eval` runs it (--precision auto, and the kernels
+imgcls.kernels chooses for inference on this machine: attention backend, memory format, batch size;
+the choice is made, or read from the cache, once before timing). The variants are interleaved in each
+round, after a warm-up batch of each; the figures are the medians over the rounds. Images per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
-from classic import bench_data, classic_loader
+from classic import bench_data
 
+from imgcls.data import normalize
 from imgcls.evaluation.predict import predict_probs
+from imgcls.kernels import EVAL_BATCHES, choose_kernels
 from imgcls.models import create_model
 from imgcls.runtime import resolve_precision
 
-
-def timed(fn, images: int) -> float:
-    fn()  # warm-up: first-call allocations and oneDNN kernel choice
-    start = time.perf_counter()
-    fn()
-    return images / (time.perf_counter() - start)
+DEVICE = torch.device("cpu")
 
 
-def measure(name: str, data, split, workers: int, precision: str) -> tuple[float, float, float]:
-    """Images/s of the plain loop, of imgcls, and of imgcls with flip TTA."""
+def plain_loop(model, split, mean, std, batch: int):
+    images = split.images
+
+    @torch.inference_mode()
+    def run():
+        model.eval()
+        for i in range(0, len(images), batch):
+            model(normalize(images[i : i + batch], mean, std))
+
+    return run
+
+
+def measure(name: str, data, split, precision: str, rounds: int):
+    """(plain img/s per batch size, imgcls img/s, the kernel choice, seconds the choice took)."""
     torch.manual_seed(0)
     model = create_model(name, data.num_classes).eval()
-    device = torch.device("cpu")
-
-    loader = classic_loader(split, data.mean, data.std, 128, workers, train=False)  # workers persist
-
-    @torch.no_grad()
-    def plain():
-        for x, _ in loader:
-            model(x)
-
-    plain_ips = timed(plain, len(split))
-    model = model.to(memory_format=torch.channels_last)
-    ours = timed(lambda: predict_probs(model, split, data.mean, data.std, device, precision), len(split))
-    tta = timed(lambda: predict_probs(model, split, data.mean, data.std, device, precision, tta="flip"), len(split))
-    return plain_ips, ours, tta
+    start = time.perf_counter()
+    choice = choose_kernels(model, (128, 3, split.img_size, split.img_size), DEVICE, precision, train=False,
+                            data_size=len(split), name=name)
+    choose_seconds = time.perf_counter() - start
+    ours_model = create_model(name, data.num_classes).eval()
+    ours_model.load_state_dict(model.state_dict())
+    ours_model.to(memory_format=choice.layout)
+    variants = {f"plain {b}": plain_loop(model, split, data.mean, data.std, b)
+                for b in sorted({min(b, len(split)) for b in EVAL_BATCHES})}
+    variants["imgcls"] = lambda: predict_probs(ours_model, split, data.mean, data.std, DEVICE, precision,
+                                               kernels=choice)
+    times = {k: [] for k in variants}
+    for b in sorted({min(b, len(split)) for b in EVAL_BATCHES}):  # warm-up: first-call allocations, oneDNN
+        plain_loop(model, split.subset(torch.arange(b)), data.mean, data.std, b)()  # kernels for each shape
+    predict_probs(ours_model, split.subset(torch.arange(min(choice.eval_batch_size, len(split)))), data.mean,
+                  data.std, DEVICE, precision, kernels=choice)
+    for _ in range(rounds):
+        for key, fn in variants.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    ips = {k: len(split) / statistics.median(v) for k, v in times.items()}
+    return {k: v for k, v in ips.items() if k != "imgcls"}, ips["imgcls"], choice, choose_seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet18_cifar", "vit_cifar", "convnext_cifar"])
-    parser.add_argument("--images", type=int, default=2048)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the plain loop")
+    parser.add_argument("--models", nargs="+", default=["resnet18_cifar", "vit_cifar", "convnext_cifar",
+                                                        "fastnet_cifar"])
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: bundled cifar10-mini)")
     args = parser.parse_args()
 
     data = bench_data(args.data_dir)
     split = data.test.subset(torch.arange(min(args.images, len(data.test))))
-    precision = resolve_precision("auto", torch.device("cpu"))
-    print(f"{torch.get_num_threads()} threads, {len(split)} test images, imgcls precision auto = {precision}")
-    print(f"{'model':<20} {'plain img/s':>11} {'imgcls img/s':>12} {'speed-up':>8} {'imgcls + flip TTA':>17}")
+    precision = resolve_precision("auto", DEVICE)
+    print(f"{torch.get_num_threads()} threads, {len(split)} test images, {args.rounds} interleaved rounds (medians); "
+          f"plain: fp32 NCHW inference_mode at its best batch; imgcls: precision auto = {precision}, kernels chosen")
+    print(f"{'model':<16} {'plain img/s':>11} {'(batch)':>7} {'imgcls img/s':>12} {'speed-up':>8}  imgcls kernels")
     for name in args.models:
-        plain_ips, ours, tta = measure(name, data, split, args.workers, precision)
-        print(f"{name:<20} {plain_ips:>11.0f} {ours:>12.0f} {ours / plain_ips:>7.2f}x {tta:>17.0f}", flush=True)
+        plain, ours, choice, seconds = measure(name, data, split, precision, args.rounds)
+        best = max(plain, key=plain.get)
+        kernels = (f"batch {choice.eval_batch_size}, {choice.memory_format}, attention {choice.attention_eval} "
+                   f"({'/'.join(sorted(set(choice.source.values()) - {'n/a'}))}, {seconds:.1f} s)")
+        print(f"{name:<16} {plain[best]:>11.0f} {best.split()[1]:>7} {ours:>12.0f} {ours / plain[best]:>7.2f}x  "
+              f"{kernels}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from imgcls.config import build_config
 from imgcls.data import load_dataset
 
 SHARED = os.environ.get("IMGCLS_DATA")
-TIMING = ("epoch_time", "data_time", "images_per_s")  # differ between identical runs
+TIMING = ("epoch_time", "data_time", "compute_time", "images_per_s")  # differ between identical runs
 # A small CNN on the tiny folder (108 training images at batch 32: 4 steps an epoch); fp32, so that
 # runs compare exactly on CPUs with and without native bf16.
 TINY_RUN = dict(model="fastnet_cifar_small", epochs=2, batch_size=32, img_size=32, quiet=True, precision="fp32")
@@ -30,6 +30,18 @@ def shared_path(name: str) -> Path:
     if not SHARED or not (Path(SHARED) / name).exists():
         pytest.skip(f"set IMGCLS_DATA to the folder holding {name}/ to run this test")
     return Path(SHARED) / name
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory):
+    """imgcls.kernels caches its measurements in a folder of the session, never in the user's ~/.cache."""
+    before = os.environ.get("IMGCLS_CACHE_DIR")
+    os.environ["IMGCLS_CACHE_DIR"] = str(tmp_path_factory.mktemp("kernel-cache"))
+    yield Path(os.environ["IMGCLS_CACHE_DIR"])
+    if before is None:
+        os.environ.pop("IMGCLS_CACHE_DIR", None)
+    else:
+        os.environ["IMGCLS_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,235 @@
+"""imgcls.kernels: kernels chosen by measurement (a fake timer decides here), flags, the cache, and a run."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from imgcls import kernels, rundir
+from imgcls.config import build_config
+from imgcls.evaluation.predict import load_run, predict_logits
+from imgcls.kernels import KernelChoice, attached, choose_kernels
+from imgcls.models import create_model
+from imgcls.training.train import fit
+
+CPU = torch.device("cpu")
+SHAPE = (8, 3, 32, 32)
+
+
+class FakeTimer:
+    """Makes `prefer[kind]` the fastest candidate of each kind (by far); counts its calls. With `run`, it
+    also calls the timed function, so a candidate that cannot run raises as under the real timer."""
+
+    def __init__(self, prefer: dict | None = None, run: bool = False):
+        self.prefer, self.run, self.calls = prefer or {}, run, []
+
+    def __call__(self, kind, candidate, fn):
+        self.calls.append((kind, candidate))
+        if self.run:
+            fn()
+        ms = 1.0 if self.prefer.get(kind) == candidate else 10.0
+        return ms * int(candidate) if kind == "eval_batch_size" else ms  # the chooser divides by the batch
+
+    def kinds(self) -> set:
+        return {k for k, _ in self.calls}
+
+
+@pytest.fixture(scope="module")
+def vit():
+    torch.manual_seed(0)
+    return create_model("vit_cifar_tiny", 10)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def choose(model, timer, **kw):
+    return choose_kernels(model, SHAPE, CPU, "fp32", timer=timer, **{"data_size": 1000, **kw})
+
+
+@pytest.mark.parametrize("train, infer", [("math", "flash"), ("flash", "math")])
+def test_fake_timer_forces_each_attention_choice_apart(vit, cache_dir, train, infer):
+    timer = FakeTimer({"attention_train": train, "attention_eval": infer})
+    choice = choose(vit, timer)
+    assert (choice.attention_train, choice.attention_eval) == (train, infer)
+    assert choice.source["attention_train"] == choice.source["attention_eval"] == "measured"
+    assert set(choice.timings["attention_train"]) == {"math", "flash", "efficient"}
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_fake_timer_forces_the_memory_format(vit, cache_dir, layout):
+    choice = choose(vit, FakeTimer({"memory_format": layout}))
+    assert choice.memory_format == layout
+    assert choice.layout == (torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("batch", [64, 256, 512])
+def test_fake_timer_forces_the_eval_batch_size_capped_by_the_data(vit, cache_dir, batch):
+    timer = FakeTimer({"eval_batch_size": str(batch)})
+    choice = choose(vit, timer)
+    assert choice.eval_batch_size == batch
+    assert sorted(map(int, choice.timings["eval_batch_size"])) == [64, 128, 256, 512]
+    capped = choose(vit, FakeTimer({"eval_batch_size": "300"}), data_size=300, name="few images")
+    assert capped.eval_batch_size == 300 and sorted(map(int, capped.timings["eval_batch_size"])) == [64, 128, 256, 300]
+
+
+@pytest.mark.parametrize("winner", ["on", "off"])
+def test_compile_is_timed_only_when_auto(vit, cache_dir, winner):
+    timer = FakeTimer({"compile": winner})
+    assert choose(vit, timer, compile="auto").compile == winner
+    assert "compile" in timer.kinds()
+    timer = FakeTimer({"compile": "on"})
+    choice = choose(vit, timer, compile="off", name="other")
+    assert choice.compile == "off" and choice.source["compile"] == "flag" and "compile" not in timer.kinds()
+
+
+def test_a_backend_that_raises_is_skipped(vit, cache_dir):
+    # efficient attention is CUDA-only: preferred by the timer, it fails on the CPU and is not chosen
+    timer = FakeTimer({"attention_train": "efficient", "attention_eval": "efficient"}, run=True)
+    choice = choose(vit, timer, memory_format="contiguous", eval_batch_size=64)
+    assert choice.attention_train in ("math", "flash") and choice.attention_eval in ("math", "flash")
+    assert choice.timings["attention_train"]["efficient"] is None
+    assert choice.timings["attention_eval"]["math"] is not None
+
+
+def test_flags_are_taken_as_given_and_not_timed(vit, cache_dir):
+    timer = FakeTimer({"attention_train": "math", "memory_format": "channels_last"})
+    choice = choose(vit, timer, attention="flash", memory_format="contiguous", compile="on", eval_batch_size=100)
+    assert timer.calls == []
+    assert (choice.attention_train, choice.attention_eval, choice.memory_format, choice.compile,
+            choice.eval_batch_size) == ("flash", "flash", "contiguous", "on", 100)
+    assert set(choice.source.values()) == {"flag"}
+    assert choice.config_values("flash") == {"attention": "flash", "memory_format": "contiguous", "compile": "on"}
+
+
+def test_inference_alone_times_no_training_step(vit, cache_dir):
+    # load_run and --cache-features: nothing trains through the model, so no training attention or compile
+    timer = FakeTimer({"attention_eval": "flash", "memory_format": "contiguous"})
+    choice = choose(vit, timer, compile="auto", train=False)
+    assert (choice.attention_train, choice.attention_eval, choice.memory_format, choice.compile) == (
+        "n/a", "flash", "contiguous", "off")
+    assert timer.kinds() == {"attention_eval", "memory_format", "eval_batch_size"}
+
+
+def test_a_model_without_sdpa_has_no_attention_to_time(cache_dir):
+    timer = FakeTimer()
+    choice = choose(create_model("fastnet_cifar_small", 10), timer, attention="auto")
+    assert (choice.attention_train, choice.attention_eval) == ("n/a", "n/a")
+    assert not {"attention_train", "attention_eval"} & timer.kinds()
+    assert choice.config_values("auto")["attention"] == "auto"  # nothing chosen, the request is kept
+    assert kernels.uses_sdpa(create_model("vit_cifar_tiny", 10))
+
+
+def test_a_cache_hit_times_nothing_and_a_corrupt_cache_is_ignored(vit, cache_dir):
+    first = FakeTimer({"attention_train": "flash", "attention_eval": "math", "eval_batch_size": "128"})
+    measured = choose(vit, first)
+    assert first.calls and (cache_dir / "kernels.json").is_file()
+    again = FakeTimer({"attention_train": "math"})
+    cached = choose(vit, again)
+    assert again.calls == []
+    assert {f: cached.source[f] for f in ("attention_train", "memory_format", "eval_batch_size")} == dict.fromkeys(
+        ("attention_train", "memory_format", "eval_batch_size"), "cache")
+    assert (cached.attention_train, cached.attention_eval, cached.eval_batch_size) == ("flash", "math", 128)
+    assert cached.memory_format == measured.memory_format
+    # another shape is another entry
+    other = FakeTimer()
+    choose_kernels(vit, (16, 3, 32, 32), CPU, "fp32", timer=other, data_size=1000)
+    assert other.calls
+
+    for damage in (b"{not json", b'{"version": 1, "entries": {"x": 3}}', b"[1, 2]", b"\xff\xfe"):
+        (cache_dir / "kernels.json").write_bytes(damage)
+        timer = FakeTimer({"attention_train": "math"})
+        choice = choose(vit, timer)
+        assert timer.calls and choice.attention_train == "math" and choice.source["attention_train"] == "measured"
+        assert json.loads((cache_dir / "kernels.json").read_text())["version"] == 1  # rewritten whole
+
+    # a value in the cache that is no choice is measured again, not used
+    data = json.loads((cache_dir / "kernels.json").read_text())
+    for entry in data["entries"].values():
+        entry["attention_train"]["value"] = "warp-drive"
+    (cache_dir / "kernels.json").write_text(json.dumps(data))
+    timer = FakeTimer({"attention_train": "flash"})
+    assert choose(vit, timer).attention_train == "flash" and timer.kinds() == {"attention_train"}
+
+
+def test_an_unwritable_cache_never_breaks_a_choice(vit, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(blocker))
+    timer = FakeTimer({"attention_eval": "flash"})
+    assert choose(vit, timer).attention_eval == "flash"
+
+
+def test_the_sdpa_context_selects_the_backend():
+    q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
+    reference = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1) @ v
+    math_only = KernelChoice(attention_train="flash", attention_eval="math")
+    with math_only.sdpa(train=False):
+        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.allclose(F.scaled_dot_product_attention(q, k, v), reference, atol=1e-5)
+    with math_only.sdpa(train=True):
+        assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+        assert torch.allclose(F.scaled_dot_product_attention(q, k, v), reference, atol=1e-5)
+    # documented: a backend that cannot run here raises, it does not fall back silently
+    with KernelChoice(attention_eval="efficient").sdpa(train=False), pytest.raises(RuntimeError):
+        F.scaled_dot_product_attention(q, k, v)
+    with KernelChoice().sdpa(train=True):  # "n/a": torch's own choice, all backends allowed
+        assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+
+
+def test_predict_logits_uses_the_kernels_it_is_given(vit, mini):
+    split = mini.test.subset(torch.arange(40))
+    plain, labels = predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", 16)
+    for choice in (KernelChoice("math", "math", "contiguous", eval_batch_size=7),
+                   KernelChoice("flash", "flash", "channels_last", eval_batch_size=40)):
+        logits, same = predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", kernels=choice)
+        assert torch.equal(same, labels) and torch.allclose(logits, plain, atol=1e-4)
+    with pytest.raises(RuntimeError):  # the choice is really applied: efficient attention cannot run on a CPU
+        predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", kernels=KernelChoice("math", "efficient"))
+
+
+def _kernel_config(run) -> dict:
+    config = yaml.safe_load((run / rundir.CONFIG).read_text())
+    return {k: config[k] for k in ("attention", "memory_format", "compile")}
+
+
+def test_a_vit_run_records_its_kernels_and_its_config_holds_the_choice(tiny_folder, tmp_path):
+    run = fit(build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
+                           quiet=True, out=str(tmp_path / "vit")))
+    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
+    assert recorded["attention_train"] in ("math", "flash") and recorded["attention_eval"] in ("math", "flash")
+    assert recorded["source"]["attention_train"] in ("measured", "cache")
+    assert recorded["source"]["compile"] == "flag"
+    assert set(recorded["timings"]["attention_train"]) == {"math", "flash", "efficient"}
+    assert _kernel_config(run) == {"attention": recorded["attention_train"],
+                                   "memory_format": recorded["memory_format"], "compile": "off"}
+    # evaluation loads the run and chooses its inference kernels when it first predicts
+    trained = load_run(run, "best")
+    logits, _ = predict_logits(trained.model, tiny_split(tiny_folder), trained.dataset["mean"],
+                               trained.dataset["std"], CPU, "fp32")
+    choice = attached(trained.model)
+    assert isinstance(choice, KernelChoice) and choice.attention_eval in ("math", "flash")
+    assert choice.source["attention_eval"] in ("measured", "cache")  # not the training choice taken as a flag
+    assert choice.attention_train == "n/a" and torch.isfinite(logits).all()
+
+
+def tiny_split(folder):
+    from imgcls.data import load_dataset
+
+    return load_dataset(str(folder), img_size=32).test
+
+
+def test_flags_reach_the_run_unchanged(tiny_folder, tmp_path):
+    run = fit(build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
+                           quiet=True, out=str(tmp_path / "flags"), attention="math", memory_format="contiguous",
+                           eval_batch_size=50))
+    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
+    assert (recorded["attention_train"], recorded["attention_eval"], recorded["memory_format"],
+            recorded["eval_batch_size"]) == ("math", "math", "contiguous", 50)
+    assert set(recorded["source"].values()) == {"flag"} and recorded["timings"] == {}
+    assert _kernel_config(run) == {"attention": "math", "memory_format": "contiguous", "compile": "off"}
