@@ -1,10 +1,14 @@
 """Where a training step's time goes: torch.profiler's operator table for one model.
 
     python bench/profile_step.py [--model vit_cifar] [--batch-size 128] [--steps 3] [--precision auto]
+                                 [--prefetch off] [--data-dir DIR/cifar10]
 
-Runs imgcls's step (channels_last, autocast per --precision, fused AdamW) on random 32x32 inputs
-after a warm-up, and prints the operators by total CPU time with their share of the step, so
-attention, LayerNorm, GELU, copies and dtype conversions can be weighed against the matmuls.
+Builds the TrainingContext `imgcls train` builds (precision, memory format, fused AdamW, the kernel
+choices of `ctx.kernels` where present) and profiles the real `train_one_epoch` over `--steps`
+steps after a warm-up: augmentation, the step and the loop's bookkeeping, all as fit runs them. It
+prints the operators by self CPU time with their share, so attention, LayerNorm, GELU, copies,
+dtype conversions, augmentation and optimizer can be weighed against the matmuls, and the epoch's
+data and compute time as the loop measured them.
 """
 
 from __future__ import annotations
@@ -12,14 +16,16 @@ from __future__ import annotations
 import argparse
 
 import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
-from imgcls.config import TrainConfig
-from imgcls.models import create_model
-from imgcls.runtime import autocast, resolve_precision
-from imgcls.training.train import build_optimizer
-from imgcls.training.transfer import plan_groups
+from imgcls.config import build_config
+from imgcls.training import train
+from imgcls.training.checkpointer import EpochMeter, TrainState
+from imgcls.training.context import build_context
+from imgcls.training.distributed import World
+from imgcls.training.loop import Stepper, train_one_epoch
+from imgcls.training.progress import Progress
+from imgcls.training.train import prepare_inputs
 
 
 def main() -> None:
@@ -28,33 +34,41 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--prefetch", default="off", choices=("auto", "on", "off"))
+    parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: bundled cifar10-mini)")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
 
-    device = torch.device("cpu")
-    precision = resolve_precision(args.precision, device)
-    torch.manual_seed(0)
-    model = create_model(args.model, 10).to(memory_format=torch.channels_last).train()
-    cfg = TrainConfig(model=args.model, batch_size=args.batch_size, epochs=1)
-    optimizer, _ = build_optimizer(model, cfg, args.steps + 1, plan_groups(model, cfg))
-    x = torch.randn(args.batch_size, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch_size,))
+    data = {"data": "cifar10", "data_dir": args.data_dir} if args.data_dir else {"data": "cifar10-mini"}
+    cfg = build_config(model=args.model, batch_size=args.batch_size, epochs=1, quiet=True, precision=args.precision,
+                       prefetch=args.prefetch, **data)
+    ctx = build_context(cfg, World(), "cpu", fresh=True)
+    if hasattr(train, "choose_run_kernels"):  # what fit does next: attention, layout, compile (imgcls.kernels)
+        train.choose_run_kernels(ctx)
+    inputs = prepare_inputs(ctx, TrainState())
+    stepper, gen = Stepper(ctx, inputs.trainee), torch.Generator().manual_seed(0)
 
-    def step():
-        with autocast(device, precision):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def run(steps: int) -> EpochMeter:
+        meter = EpochMeter()
+        order = torch.randperm(len(inputs.train), generator=gen)[: steps * args.batch_size]
+        train_one_epoch(stepper, inputs.train.batches(order, args.batch_size), inputs.transform, gen, meter,
+                        should_stop=lambda read=True: False,
+                        progress=Progress(1, ctx.steps_per_epoch, args.batch_size, quiet=True))
+        return meter
 
-    step()  # warm-up
+    run(2)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(args.steps):
-            step()
+        with record_function("train_one_epoch"):
+            meter = run(args.steps)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"{args.model}, batch {args.batch_size}, {precision}: {total / 1e3 / args.steps:.0f} ms per step "
-          f"({args.batch_size * args.steps / (total / 1e6):.0f} img/s under the profiler)")
+    kernels = getattr(ctx, "kernels", None)
+    print(f"{args.model}, batch {args.batch_size}, {ctx.precision}, prefetch {args.prefetch}, "
+          f"{kernels.to_dict() if kernels is not None else 'kernels: n/a'}")
+    ips = args.batch_size * args.steps / (total / 1e6)
+    print(f"{total / 1e3 / args.steps:.0f} ms self CPU time per step ({ips:.0f} img/s under the profiler); "
+          f"the loop measured data {meter.data_seconds / args.steps * 1e3:.1f} ms and "
+          f"compute {meter.compute_seconds / args.steps * 1e3:.1f} ms per step")
     print(f"{'operator':<44} {'self ms/step':>12} {'share':>6} {'calls/step':>10}")
     for e in sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[: args.rows]:
         print(f"{e.key[:44]:<44} {e.self_cpu_time_total / 1e3 / args.steps:>12.1f} "

@@ -1,74 +1,93 @@
 """Training throughput: the classic recipe against imgcls's own loop, per model, in one process.
 
     python bench/train_speed.py [--models resnet18_cifar vit_cifar convnext_cifar] [--batch-size 128]
-                                [--steps 8] [--workers 2] [--data-dir DIR/cifar10] [--compile]
+                                [--steps 8] [--repeats 3] [--workers 2] [--data-dir DIR/cifar10]
+                                [--prefetch auto] [--compile]
 
 Same model, data and batch size on both sides. Classic: PIL images through per-image transforms
-in DataLoader workers, fp32 NCHW, default AdamW (bench/classic.py). imgcls: `train_one_epoch`
-itself, on uint8 batches in memory augmented as whole tensors, channels_last, --precision auto,
-fused AdamW. Each side runs a warm-up and then `--steps` timed steps. Achieved GFLOP/s counts a
-training step as 3x the forward FLOPs and is set against matrix-product peaks measured here.
---compile adds imgcls's loop with `torch.compile` (compilation happens in the warm-up).
+in DataLoader workers, fp32 NCHW, default AdamW (bench/classic.py). imgcls: the TrainingContext
+`imgcls train` builds (precision, memory format, fused AdamW, and the kernel choices of
+`ctx.kernels` where present) driven by the real `train_one_epoch` and `Stepper`, on uint8 batches
+in memory augmented as whole tensors. Each side runs a warm-up and then `--steps` timed steps; the
+two alternate `--repeats` times and the medians are reported. Achieved GFLOP/s counts a training
+step as 3x the forward FLOPs and is set against the matrix-product peak of the precision in use,
+measured here. `--prefetch on off` times imgcls's loop once per setting (alternating).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from classic import bench_data, classic_loader, gemm_peak
 
-from imgcls.config import TrainConfig
-from imgcls.data import TrainTransform
+from imgcls.config import build_config
 from imgcls.models import create_model
 from imgcls.models.flops import forward_gflops
-from imgcls.runtime import cpu_has_fast_bf16, resolve_precision
+from imgcls.runtime import cpu_has_fast_bf16
+from imgcls.training import train
+from imgcls.training.checkpointer import EpochMeter, TrainState
+from imgcls.training.context import build_context
+from imgcls.training.distributed import World
+from imgcls.training.loop import Stepper, prefetching, train_one_epoch
 from imgcls.training.progress import Progress
-from imgcls.training.train import EpochMeter, build_optimizer, train_one_epoch
-from imgcls.training.transfer import plan_groups
+from imgcls.training.train import prepare_inputs
 
 WARMUP = 3
 
 
-def classic_speed(name: str, data, batch_size: int, steps: int, workers: int) -> float:
-    torch.manual_seed(0)
-    model = create_model(name, data.num_classes).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    batches = iter(classic_loader(data.train, data.mean, data.std, batch_size, workers))
-    start = None
-    for i, (x, y) in enumerate(itertools.islice(batches, WARMUP + steps)):
-        if i == WARMUP:
-            start = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return steps * batch_size / (time.perf_counter() - start)
+class Classic:
+    def __init__(self, name: str, data, batch_size: int, workers: int):
+        torch.manual_seed(0)
+        self.model = create_model(name, data.num_classes).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
+        self.batches = itertools.cycle(classic_loader(data.train, data.mean, data.std, batch_size, workers))
+        self.batch_size = batch_size
+
+    def speed(self, steps: int) -> float:
+        for i, (x, y) in enumerate(itertools.islice(self.batches, WARMUP + steps)):
+            if i == WARMUP:
+                start = time.perf_counter()
+            loss = F.cross_entropy(self.model(x), y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return steps * self.batch_size / (time.perf_counter() - start)
 
 
-def imgcls_speed(name: str, data, batch_size: int, steps: int, precision: str, compile: bool = False) -> float:
-    torch.manual_seed(0)
-    cfg = TrainConfig(model=name, batch_size=batch_size, epochs=1)
-    model = create_model(name, data.num_classes).to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(model, cfg, WARMUP + steps, plan_groups(model, cfg))
-    transform = TrainTransform("basic", data.img_size, data.mean, data.std, data.num_classes)
-    order = torch.randperm(len(data.train))[: (WARMUP + steps) * batch_size]
-    gen, device = torch.Generator().manual_seed(0), torch.device("cpu")
-    meter, progress = EpochMeter(), Progress(1, WARMUP + steps, batch_size, quiet=True)
+class Imgcls:
+    """The context `imgcls train` builds for this model, and its loop."""
 
-    net = torch.compile(model) if compile else model
+    def __init__(self, name: str, data_dir: str | None, batch_size: int, prefetch: str, compile: bool):
+        cfg = build_config(model=name, batch_size=batch_size, epochs=1, quiet=True, prefetch=prefetch,
+                           compile="on" if compile else "off",
+                           **({"data": "cifar10", "data_dir": data_dir} if data_dir else {"data": "cifar10-mini"}))
+        self.ctx = build_context(cfg, World(), "cpu", fresh=True)
+        if hasattr(train, "choose_run_kernels"):  # what fit does next: attention, layout, compile (imgcls.kernels)
+            train.choose_run_kernels(self.ctx)
+        self.inputs = prepare_inputs(self.ctx, TrainState())
+        self.stepper = Stepper(self.ctx, self.inputs.trainee)
+        self.gen, self.batch_size = torch.Generator().manual_seed(0), batch_size
 
-    def run(idx):
-        train_one_epoch(net, data.train.batches(idx, batch_size), optimizer, scheduler, transform, gen, meter,
-                        device=device, precision=precision, should_stop=lambda: False, progress=progress)
+    def run(self, steps: int) -> None:
+        order = torch.randperm(len(self.inputs.train), generator=self.gen)[: steps * self.batch_size]
+        train_one_epoch(self.stepper, self.inputs.train.batches(order, self.batch_size), self.inputs.transform,
+                        self.gen, EpochMeter(), should_stop=lambda read=True: False,
+                        progress=Progress(1, self.ctx.steps_per_epoch, self.batch_size, quiet=True))
 
-    run(order[: WARMUP * batch_size])
-    start = time.perf_counter()
-    run(order[WARMUP * batch_size :])  # the loop as fit runs it: transfer, augment, step, bookkeeping
-    return steps * batch_size / (time.perf_counter() - start)
+    def speed(self, steps: int) -> float:
+        self.run(WARMUP)
+        start = time.perf_counter()
+        self.run(steps)  # the loop as fit runs it: prefetch or fetch, augment, step, device sums
+        return steps * self.batch_size / (time.perf_counter() - start)
+
+    def kernels(self) -> str:
+        kernels = getattr(self.ctx, "kernels", None)
+        return str(kernels.to_dict()) if kernels is not None else "kernels: n/a"
 
 
 def main() -> None:
@@ -76,34 +95,48 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet18_cifar", "vit_cifar", "convnext_cifar"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of classic and imgcls; medians")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the classic recipe")
     parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py/ (default: bundled cifar10-mini)")
-    parser.add_argument("--compile", action="store_true", help="also time imgcls's loop under torch.compile")
+    parser.add_argument("--prefetch", nargs="+", default=["auto"], choices=("auto", "on", "off"),
+                        help="imgcls's --prefetch; several are timed in turn")
+    parser.add_argument("--no-classic", action="store_true", help="time imgcls only")
+    parser.add_argument("--compile", action="store_true", help="imgcls's loop under torch.compile (--compile on)")
     args = parser.parse_args()
 
     data = bench_data(args.data_dir)
     if (WARMUP + args.steps) * args.batch_size > len(data.train):
         parser.error(f"{WARMUP + args.steps} steps of {args.batch_size} need more than the {len(data.train)} "
                      "training images; lower --steps or --batch-size, or pass --data-dir")
-    precision = resolve_precision("auto", torch.device("cpu"))
-    peak32, peak16 = gemm_peak(torch.float32), gemm_peak(torch.bfloat16)
+    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     native = "native" if cpu_has_fast_bf16() else "emulated: no AVX512-BF16/AMX"
-    peak = peak16 if precision == "bf16" else peak32
-    print(f"{torch.get_num_threads()} threads; GEMM peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s "
-          f"({native}); imgcls precision auto = {precision}")
-    print(f"{'model':<20} {'GFLOP/img':>9} {'classic img/s':>13} {'imgcls img/s':>12} {'speed-up':>8} "
-          f"{'GFLOP/s':>8} {'% fp32 peak':>11} {'% bf16 peak':>11} {'% peak used':>11}")
+    print(f"{torch.get_num_threads()} threads; GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
+          f"GFLOP/s ({native}); batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, medians",
+          flush=True)
     for name in args.models:
         gflops = forward_gflops(create_model(name, data.num_classes), data.img_size)
-        classic = classic_speed(name, data, args.batch_size, args.steps, args.workers)
-        ours = imgcls_speed(name, data, args.batch_size, args.steps, precision)
-        achieved = 3 * gflops * ours
-        print(f"{name:<20} {gflops:>9.3f} {classic:>13.1f} {ours:>12.1f} {ours / classic:>7.2f}x {achieved:>8.0f} "
-              f"{100 * achieved / peak32:>10.0f}% {100 * achieved / peak16:>10.0f}% {100 * achieved / peak:>10.0f}%",
-              flush=True)
-        if args.compile:
-            compiled = imgcls_speed(name, data, args.batch_size, args.steps, precision, compile=True)
-            print(f"{'':<20} with torch.compile: {compiled:.1f} img/s, {compiled / ours:.2f}x eager", flush=True)
+        classic = None if args.no_classic else Classic(name, data, args.batch_size, args.workers)
+        ours = {p: Imgcls(name, args.data_dir, args.batch_size, p, args.compile) for p in args.prefetch}
+        times: dict[str, list[float]] = {"classic": [], **{p: [] for p in ours}}
+        for _ in range(args.repeats):  # interleaved, so a change in the machine's load hits both sides
+            if classic is not None:
+                times["classic"].append(classic.speed(args.steps))
+            for p, run in ours.items():
+                times[p].append(run.speed(args.steps))
+        med = {k: statistics.median(v) for k, v in times.items() if v}
+        first = next(iter(ours.values()))
+        precision = first.ctx.precision
+        print(f"\n{name}: {gflops:.3f} GFLOP/img forward, precision {precision}, {first.kernels()}")
+        if classic is not None:
+            print(f"  {'classic':<22} {med['classic']:>8.1f} img/s   (runs: "
+                  f"{', '.join(f'{v:.0f}' for v in times['classic'])})")
+        for p, run in ours.items():
+            achieved = 3 * gflops * med[p]
+            where = "on" if prefetching(run.ctx.cfg, run.ctx.device) else "off"
+            ratio = f"{med[p] / med['classic']:>5.2f}x classic  " if classic is not None else ""
+            print(f"  {'imgcls prefetch ' + p + ' (' + where + ')':<22} {med[p]:>8.1f} img/s   {ratio}"
+                  f"{achieved:>6.0f} GFLOP/s = {100 * achieved / peaks[precision]:.0f}% of the {precision} peak "
+                  f"(runs: {', '.join(f'{v:.0f}' for v in times[p])})", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,13 @@ from imgcls.training.context import TrainingContext
 
 @dataclass
 class EpochMeter:
-    """Running sums of the current epoch; saved with the checkpoint so a resumed epoch adds up."""
+    """Running sums of the current epoch; saved with the checkpoint so a resumed epoch adds up.
+
+    During the epoch the sums a step adds to (loss, hits, gradient norms) live in `live`, one float64
+    tensor on the training device, so a step never waits for the device to tell the host a number;
+    `read()` copies them into the Python fields, at the progress interval and at the epoch's end.
+    `live` starts from the Python fields (a resumed epoch goes on from its checkpoint's sums) and is
+    never reset while the epoch runs, so the additions, and the sums, do not depend on when it is read."""
 
     steps: int = 0
     images: int = 0
@@ -32,21 +38,52 @@ class EpochMeter:
     correct: int = 0
     seconds: float = 0.0  # wall time of the steps, waiting for data included
     data_seconds: float = 0.0  # of which waiting for the next batch
-    nonfinite_loss: float | None = None  # set by a step whose loss was NaN or infinite (never saved)
+    compute_seconds: float = 0.0  # of which the step: transfer, inline augmentation, forward, backward, optimizer
+    nonfinite_loss: float | None = None  # set by a read that found the loss sum NaN or infinite (never saved)
     grad_norm_sum: float = 0.0  # of the gradient's global norm before clipping, over optimizer steps
     grad_norm_max: float = 0.0
     optimizer_steps: int = 0
+    live: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [loss_sum, correct, norm sum, max]
 
-    def add_grad_norm(self, norm: float) -> None:
-        """One optimizer step's gradient norm. An infinite one (fp16 loss scaling overflowed, so the
-        GradScaler skips the step) counts as a step but not in the norms."""
-        if math.isfinite(norm):
-            self.grad_norm_sum += norm
-            self.grad_norm_max = max(self.grad_norm_max, norm)
+    def start(self, device: torch.device) -> None:
+        """Put the sums on `device`, where the steps add to them (unless they are there already)."""
+        if self.live is None or self.live.device != device:
+            self.live = torch.tensor([self.loss_sum, self.correct, self.grad_norm_sum, self.grad_norm_max],
+                                     dtype=torch.float64, device=device)
+
+    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """One micro-batch's mean loss and hits (the dominant label when mixed), added on the device.
+        float64 as the Python sums were, so a read gives exactly what `loss.item() * n` summed to."""
+        n = len(targets)
+        self.live[0].add_(loss.detach().double() * n)
+        self.live[1].add_((logits.detach().argmax(1) == targets.argmax(1)).sum())
+        self.steps += 1
+        self.images += n
+
+    def add_grad_norm(self, norm: torch.Tensor) -> None:
+        """One optimizer step's gradient norm (a tensor, not read). An infinite one (fp16 loss scaling
+        overflowed, so the GradScaler skips the step) counts as a step but not in the norms."""
+        norm = norm.detach().double()
+        finite = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm))
+        self.live[2].add_(finite)
+        torch.maximum(self.live[3], finite, out=self.live[3])
         self.optimizer_steps += 1
 
+    def read(self) -> EpochMeter:
+        """Copy the device sums into the Python fields: the one device-to-host transfer (a sync on a
+        GPU). A NaN or infinite loss sum means a step's loss was: it is kept in `nonfinite_loss`."""
+        if self.live is not None:
+            loss_sum, correct, norm_sum, norm_max = self.live.tolist()
+            self.loss_sum, self.correct, self.grad_norm_sum, self.grad_norm_max = \
+                loss_sum, int(correct), norm_sum, norm_max
+            if not math.isfinite(loss_sum) and self.nonfinite_loss is None:
+                self.nonfinite_loss = loss_sum
+        return self
+
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The Python numbers (read first), what last.pt holds."""
+        self.read()
+        return {k: v for k, v in asdict(replace(self, live=None)).items() if k != "live"}
 
 
 @dataclass
@@ -75,9 +112,10 @@ def set_rng_state(rng: dict, aug_gen: torch.Generator, device: torch.device) -> 
 
 def global_meter(ctx: TrainingContext, meter: EpochMeter) -> EpochMeter:
     """The epoch so far over all ranks: sums of images, loss and hits; steps, times and gradient norms
-    (the same on every rank after the all-reduce) as rank 0's."""
+    (the same on every rank after the all-reduce) as rank 0's. Reads the device sums first."""
+    meter.read()
     images, loss_sum, correct = distributed.all_sum(ctx.world, [meter.images, meter.loss_sum, meter.correct])
-    return replace(meter, images=int(images), loss_sum=loss_sum, correct=int(correct))
+    return replace(meter, images=int(images), loss_sum=loss_sum, correct=int(correct), live=None)  # numbers only
 
 
 class Checkpointer:
@@ -100,6 +138,7 @@ class Checkpointer:
                 "scheduler": ctx.scheduler.state_dict(),
                 "scaler": ctx.scaler.state_dict(),
                 "plateau": ctx.plateau.state_dict() if ctx.plateau is not None else None,
+                "lookahead": ctx.lookahead.state_dict() if ctx.lookahead is not None else None,
                 "epoch": state.epoch,
                 "meter": meter.as_dict(),
                 "best_score": state.best_score,
@@ -115,8 +154,9 @@ class Checkpointer:
         ctx = self.ctx
         if ctx.world.main:
             save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
-                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch, "val_acc": scores["val_acc"],
-                             "monitor": ctx.cfg.monitor, "score": state.best_score}, self.best)
+                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
+                             "val_acc": scores.get("val_acc"),  # None: no validation split, the newest epoch
+                             "monitor": ctx.cfg.monitor if scores else None, "score": state.best_score}, self.best)
 
     def restore(self, aug_gen: torch.Generator) -> TrainState:
         """Load last.pt into the context's model, optimizer and random streams; return where it stopped."""
@@ -132,6 +172,8 @@ class Checkpointer:
             ctx.scaler.load_state_dict(ckpt["scaler"])
         if ctx.plateau is not None and ckpt.get("plateau"):
             ctx.plateau.load_state_dict(ckpt["plateau"])
+        if ctx.lookahead is not None and ckpt.get("lookahead"):
+            ctx.lookahead.load_state_dict(ckpt["lookahead"])
         meter = EpochMeter(**ckpt["meter"])
         if not world.main:  # rank 0 carries the epoch's sums so far; the others add their own
             meter = replace(meter, images=0, loss_sum=0.0, correct=0)

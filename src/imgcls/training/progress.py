@@ -1,4 +1,7 @@
-"""A live progress bar (loss, accuracy, images/s) and a line per epoch; silent with --quiet."""
+"""A live progress bar (loss, accuracy, images/s) and a line per epoch; silent with --quiet.
+
+The loss and accuracy shown are read from the device every `interval` micro-steps (a tenth of the
+epoch), never per step: the training loop reads its device sums only then (and at the epoch's end)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,9 @@ from rich.progress import Progress as RichProgress
 class Progress:
     def __init__(self, epochs: int, steps_per_epoch: int, batch_size: int, quiet: bool = False):
         self.epochs, self.steps, self.quiet = epochs, steps_per_epoch, quiet
+        # micro-steps between two reads of the device sums: the loss check, the bar's loss and
+        # accuracy, a log file's line and TensorBoard's per-step scalars all happen at these reads
+        self.interval = max(1, steps_per_epoch // 10)
         self.console = Console(stderr=True)
         self.bar = RichProgress(
             TextColumn("epoch {task.fields[epoch]}/{task.fields[epochs]}"),
@@ -36,14 +42,19 @@ class Progress:
         self.task = self.bar.add_task("train", total=self.steps, completed=meter.steps, epoch=epoch + 1,
                                       epochs=self.epochs, loss=0.0, acc=0.0, ips=0.0)
 
+    def advance(self, meter) -> None:
+        """After each step: the step count and rate only (Python numbers, nothing read from the device)."""
+        if not self.quiet:
+            self.bar.update(self.task, completed=meter.steps, ips=meter.images / max(meter.seconds, 1e-9))
+
     def update(self, meter) -> None:
+        """At a read (every `interval` steps): the loss and accuracy, which `meter` has just read."""
         if self.quiet:
             return
         n = max(meter.images, 1)
         loss, acc, ips = meter.loss_sum / n, meter.correct / n, meter.images / max(meter.seconds, 1e-9)
         self.bar.update(self.task, completed=meter.steps, loss=loss, acc=acc, ips=ips)
-        tenth = max(1, self.steps // 10)
-        if not self.console.is_terminal and meter.steps % tenth == 0:  # a log file gets a line per 10%
+        if not self.console.is_terminal:  # a log file gets a line per read, i.e. per 10%
             self.console.print(f"  step {meter.steps}/{self.steps}  loss {loss:.4f}  acc {acc:.4f}  {ips:.0f} img/s",
                                soft_wrap=True)
 
@@ -52,7 +63,8 @@ class Progress:
             return
         self.console.print(
             f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.4f}  val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  "
-            f"lr {record['lr']:.2e}  {record['epoch_time']:.1f}s  {record['images_per_s']:.0f} img/s",
+            f"acc {record['train_acc']:.4f}  "
+            + (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  " if "val_acc" in record else "")
+            + f"lr {record['lr']:.2e}  {record['epoch_time']:.1f}s  {record['images_per_s']:.0f} img/s",
             soft_wrap=True,
         )
