@@ -12,7 +12,9 @@ from imgcls.errors import UserError
 CONTEXT = {"layer_decay": {"pretrained": "w.pt", "strategy": "finetune"},
            "group_lrs": {"pretrained": "w.pt", "strategy": "finetune"},
            "unfreeze_every": {"pretrained": "w.pt", "strategy": "gradual"},
-           "unfreeze_at": {"pretrained": "w.pt", "strategy": "gradual"}}
+           "unfreeze_at": {"pretrained": "w.pt", "strategy": "gradual"},
+           "whiten_bias_epochs": {"whiten": True},
+           "final_lr_factor": {"schedule": "linear"}}
 BOUNDED = [n for n, f in FIELDS.items() if f.metadata["low"] is not None or f.metadata["high"] is not None]
 
 
@@ -47,7 +49,7 @@ def test_every_bounded_flag_at_and_past_its_bounds(name, capsys):
             build_config(**CONTEXT.get(name, {}), **{name: wrap(value)})
         # the same through the command line: one line, exit 2, before anything is loaded
         text = ",".join(map(str, wrap(value))) if isinstance(wrap(value), list) else str(value)
-        extra = [a for k, v in CONTEXT.get(name, {}).items() for a in (flag(k), v)]
+        extra = [a for k, v in CONTEXT.get(name, {}).items() for a in ((flag(k),) if v is True else (flag(k), v))]
         assert main(["train", *extra, f"{flag(name)}={text}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{flag(name)} must be" in err[0], err

@@ -11,7 +11,7 @@ from imgcls.errors import UserError
 from imgcls.models import count_parameters, create_model
 from imgcls.training.train import Interrupted, fit, warmup_cosine
 
-TIMING = ("epoch_time", "data_time", "images_per_s")
+TIMING = ("epoch_time", "data_time", "compute_time", "images_per_s")
 
 
 def _cfg(data, out, **kw):
@@ -35,7 +35,7 @@ def test_run_directory_is_complete(tiny_folder, tmp_path):
     (epoch1,) = rundir.read_metrics(run)
     assert set(epoch1) == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_balanced_acc",
                            "val_macro_f1", "lr", "grad_norm_mean", "grad_norm_max", "epoch_time", "data_time",
-                           "images_per_s"}
+                           "compute_time", "images_per_s"}
     assert 0 <= epoch1["data_time"] <= epoch1["epoch_time"]
     assert config["data"] == str(tiny_folder.resolve())  # absolute: eval from another folder reads the same data
     summary = json.loads((run / rundir.SUMMARY).read_text())

@@ -344,7 +344,39 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--clip-mode {cfg.clip_mode} says how to clip; add --clip-grad MAX to clip at all")
     if cfg.ema and cfg.cache_features:
         raise UserError("--ema averages the whole model, --cache-features trains the head alone; drop one")
+    if cfg.val_fraction == 0 and cfg.data in BUILTIN_DATA:  # folders with a val/ of their own keep it
+        require_no_validation(cfg)
     _validate_transfer(cfg)
+    _validate_fast_recipe(cfg)
+
+
+def _validate_fast_recipe(cfg: TrainConfig) -> None:
+    """Rules for the pieces ported from airbench94 (each an option of its own)."""
+    if cfg.init == "dirac" and cfg.pretrained:
+        raise UserError("--init dirac initialises new weights; --pretrained loads them: drop one")
+    if cfg.whiten_bias_epochs is not None and not cfg.whiten:
+        raise UserError("--whiten-bias-epochs says how long the whitening stem's bias trains; add --whiten")
+    if cfg.final_lr_factor and cfg.schedule != "linear":
+        raise UserError(f"--final-lr-factor is where --schedule linear ends; --schedule {cfg.schedule} ignores it, "
+                        "drop it or add --schedule linear")
+    if cfg.lookahead and cfg.ema:
+        raise UserError("--lookahead and --ema both average the weights; choose one")
+    if cfg.alt_flip and cfg.aug == "none":
+        raise UserError("--alt-flip replaces the recipe's random flip; --aug none has none: choose --aug basic")
+    if cfg.crop_padding is not None and cfg.aug in ("none", "standard"):
+        raise UserError(f"--crop-padding sets the random crop of basic and the crop-based recipes; --aug {cfg.aug} "
+                        "has none: drop it or choose --aug basic")
+
+
+def require_no_validation(cfg: TrainConfig) -> None:
+    """Refuse the options that need a validation split, for a run that has none (--val-fraction 0)."""
+    needs = [f for f, on in (("--patience", cfg.patience is not None),
+                             ("--schedule plateau", cfg.schedule == "plateau"),
+                             (f"--monitor {cfg.monitor}", cfg.monitor != FIELDS["monitor"].default)) if on]
+    if needs:
+        drop = " and ".join(f.split()[0] for f in needs)
+        raise UserError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} a validation split; "
+                        f"--val-fraction 0 leaves none: give --val-fraction 0.1 or drop {drop}")
 
 
 def _validate_transfer(cfg: TrainConfig) -> None:

@@ -37,24 +37,34 @@ def _first_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- geometry
 
 
-def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-pad by `pad` and crop back to size at a per-sample offset, uniform in [0, 2*pad]."""
+def random_crop(images: torch.Tensor, pad: int, gen: torch.Generator, fill: str = "zeros") -> torch.Tensor:
+    """Pad by `pad` (zeros, or the image reflected) and crop back to size at a per-sample offset,
+    uniform in [0, 2*pad]."""
     n = len(images)
     oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
     ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-    return pad_crop(images, pad, oy, ox)
+    return pad_crop(images, pad, oy, ox, fill)
 
 
-def pad_crop(images: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor) -> torch.Tensor:
-    """Zero-pad by `pad`, then crop each sample back to size at its own offset (oy, ox) into the padding."""
+def _reflect(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Indices outside [0, size) mirrored back in, without repeating the edge (torch's 'reflect')."""
+    index = index.abs()
+    return torch.where(index >= size, 2 * (size - 1) - index, index)
+
+
+def pad_crop(images: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor, fill: str = "zeros") -> torch.Tensor:
+    """Pad by `pad` (zeros or reflect), then crop each sample back to size at its own offset (oy, ox) into
+    the padding. Reflection is done by index arithmetic, so uint8 batches need no float round trip."""
     n, c, h, w = images.shape
-    padded = F.pad(images, (pad, pad, pad, pad))
     dev = images.device
     oy, ox = oy.to(dev), ox.to(dev)
     rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
     cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
     batch = torch.arange(n, device=dev)[:, None, None, None]
     chans = torch.arange(c, device=dev)[None, :, None, None]
+    if fill == "reflect":
+        return images[batch, chans, _reflect(rows - pad, h), _reflect(cols - pad, w)]
+    padded = F.pad(images, (pad, pad, pad, pad))
     return padded[batch, chans, rows, cols]
 
 

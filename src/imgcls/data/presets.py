@@ -44,10 +44,13 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 class BatchAugment:
     """A recipe's pixel stage on uint8 batches: `aug(images, gen) -> images`."""
 
-    def __init__(self, name: str, img_size: int):
+    def __init__(self, name: str, img_size: int, pad: int | None = None, fill: str = "zeros",
+                 random_flip: bool = True):
         if name not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {name}")
-        self.name, self.pad = name, crop_padding(img_size)
+        self.name, self.pad, self.fill = name, crop_padding(img_size) if pad is None else pad, fill
+        # off under --alt-flip, whose flips the loop applies (they depend on the epoch and the image)
+        self.flip = A.random_hflip if random_flip else lambda images, gen: images
         self.auto = {
             "randaugment": lambda: A.BatchRandAugment(img_size, img_size, num_ops=2, magnitude=9),
             "trivialaugment": lambda: A.BatchTrivialAugment(img_size, img_size),
@@ -58,16 +61,18 @@ class BatchAugment:
         if self.name == "none":
             return images
         if self.name == "standard":
-            images = A.random_hflip(A.random_resized_crop(images, gen, scale=(0.8, 1.0)), gen)
+            images = self.flip(A.random_resized_crop(images, gen, scale=(0.8, 1.0)), gen)
             images = A.color_jitter(images, gen, 0.2, 0.2, 0.2, 0.1)
             return A.rotate(images, A.uniform(len(images), -15.0, 15.0, gen))
-        images = A.random_hflip(A.random_crop(images, self.pad, gen), gen)
+        images = self.flip(A.random_crop(images, self.pad, gen, self.fill), gen)
         return self.auto(images, gen) if self.auto is not None else images
 
 
-def per_image_transform(name: str, img_size: int) -> T.Compose:
+def per_image_transform(name: str, img_size: int, pad: int | None = None, fill: str = "zeros") -> T.Compose:
     """The same recipe as torchvision v2 transforms on one uint8 image (for streamed folders)."""
-    crop_flip = [T.RandomCrop(img_size, padding=crop_padding(img_size)), T.RandomHorizontalFlip()]
+    pad = crop_padding(img_size) if pad is None else pad
+    mode = "reflect" if fill == "reflect" else "constant"
+    crop_flip = [T.RandomCrop(img_size, padding=pad, padding_mode=mode), T.RandomHorizontalFlip()]
     steps = {
         "none": [T.Identity()],
         "basic": crop_flip,
@@ -85,8 +90,9 @@ class TrainTransform:
 
     def __init__(self, aug: str, img_size: int, mean, std, num_classes: int, random_erasing: float | None = None,
                  mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0, mix_switch_prob: float = 0.5,
-                 label_smoothing: float = 0.0, pixels_done: bool = False):
-        self.pixels = None if pixels_done else BatchAugment(aug, img_size)
+                 label_smoothing: float = 0.0, pixels_done: bool = False, crop_padding: int | None = None,
+                 crop_fill: str = "zeros", random_flip: bool = True):
+        self.pixels = None if pixels_done else BatchAugment(aug, img_size, crop_padding, crop_fill, random_flip)
         self.mean, self.std = mean, std
         self.erasing = DEFAULT_ERASING.get(aug, 0.0) if random_erasing is None else random_erasing
         self.mixer = Mixer(num_classes, mixup, cutmix, mix_prob, mix_switch_prob, label_smoothing)
@@ -113,12 +119,21 @@ def tta_view_count(mode: str | int) -> int:
     return mode if isinstance(mode, int) else {"none": 1, "flip": 2, "flip-crop": 6}[mode]
 
 
+def tta_view_weights(mode: str | int) -> torch.Tensor:
+    """How much each of `tta_views`' views counts in the average. flip-crop weighs as airbench94 does: the
+    unshifted pair half, the four shifted views the other half; every other mode weighs its views equally."""
+    if mode == "flip-crop":
+        return torch.tensor([2.0, 1.0, 1.0, 2.0, 1.0, 1.0], dtype=torch.float64) / 8
+    n = tta_view_count(mode)
+    return torch.full((n,), 1.0 / n, dtype=torch.float64)
+
+
 def tta_views(images: torch.Tensor, mode: str | int, aug: str, gen: torch.Generator) -> list[torch.Tensor]:
     """The views test-time augmentation averages over, each a uint8 batch like `images`.
 
-    flip: the image and its mirror. flip-crop: those two plus the image shifted by size/16 pixels
-    (reflect-padded) towards the top-left and the bottom-right, each also mirrored: 6 views.
-    N: N random draws of the training recipe `aug` (no erasing or mixing).
+    flip: the image and its mirror. flip-crop: those two plus the image shifted by size/32 pixels (at
+    least 1; reflect-padded) towards the top-left and the bottom-right, each also mirrored: 6 views, as
+    airbench94's TTA. N: N random draws of the training recipe `aug` (no erasing or mixing).
     """
     if mode == "none":
         return [images]
@@ -127,7 +142,7 @@ def tta_views(images: torch.Tensor, mode: str | int, aug: str, gen: torch.Genera
         return [pixels(images, gen) for _ in range(mode)]
     views = [images]
     if mode == "flip-crop":
-        s = max(1, images.shape[-1] // 16)
+        s = max(1, images.shape[-1] // 32)
         height, width = images.shape[-2:]
         padded = torch.nn.functional.pad(images.float(), (s, s, s, s), mode="reflect").to(torch.uint8)
         views += [padded[..., dy : dy + height, dx : dx + width] for dy, dx in ((0, 0), (2 * s, 2 * s))]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from imgcls.data.folder import load_image
-from imgcls.data.presets import tta_view_count, tta_views
+from imgcls.data.presets import tta_view_count, tta_view_weights, tta_views
 from imgcls.errors import UserError
 from imgcls.evaluation.predict import require_finite
 
@@ -212,7 +212,8 @@ def batch_probs(predictor: Predictor, images: torch.Tensor, tta: str | int = "no
     batch = np.ascontiguousarray(views.permute(0, 2, 3, 1).numpy())
     logits, probs = predictor.run(batch)
     require_finite(probs, "these images")  # the PyTorch and the ONNX path alike: never a NaN row
-    probs = probs.reshape(n_views, len(images), -1).mean(axis=0)
+    weights = tta_view_weights(tta).numpy().reshape(-1, 1, 1)
+    probs = (probs.reshape(n_views, len(images), -1) * weights).sum(axis=0)
     return logits[: len(images)], probs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,13 @@ from imgcls.config import MAX_IMG_SIZE, TrainConfig, load_config
 from imgcls.data import Split, normalize
 from imgcls.data.decode import FORMAT_NAMES, DecodeError
 from imgcls.data.folder import load_image
-from imgcls.data.presets import tta_view_count, tta_views
+from imgcls.data.presets import tta_view_count, tta_view_weights, tta_views
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import Scaling, read_scaling
+from imgcls.kernels import KernelChoice, attach_lazy, attached, choose_kernels
 from imgcls.models import create_model
 from imgcls.models.checkpoint import load_checkpoint, restore_weights
-from imgcls.runtime import autocast
+from imgcls.runtime import autocast, resolve_precision
 
 
 def require_finite(outputs: torch.Tensor | np.ndarray, where: str) -> None:
@@ -30,10 +32,11 @@ def require_finite(outputs: torch.Tensor | np.ndarray, where: str) -> None:
                         "run diverged: use another checkpoint (--checkpoint last) or train again with a lower --lr")
 
 
-def forward_batch(model, images: torch.Tensor, mean, std, device, precision: str) -> torch.Tensor:
+def forward_batch(model, images: torch.Tensor, mean, std, device, precision: str,
+                  layout: torch.memory_format = torch.channels_last) -> torch.Tensor:
     """`model`(x) for a uint8 batch (model: any callable, e.g. a feature extractor): normalise,
-    channels-last, autocast. Call under inference_mode."""
-    x = normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
+    in `layout` (channels-last unless the kernel choice says otherwise), autocast. Call under inference_mode."""
+    x = normalize(images.to(device), mean, std).contiguous(memory_format=layout)
     with autocast(device, precision):
         return model(x)
 
@@ -44,38 +47,55 @@ def eval_batch_size(requested: int, img_size: int) -> int:
     return max(1, min(requested, 2**21 // (img_size * img_size)))
 
 
+def _inference_kernels(model, kernels: KernelChoice | None, batch_size: int):
+    """(batch size, layout, attention context): those of `kernels`, by default the choice attached to `model`
+    by training or `load_run` (imgcls.kernels; its batch size is the user's --eval-batch-size when given);
+    without one, `batch_size`, channels-last and torch's own attention backend."""
+    kernels = kernels if kernels is not None else attached(model)
+    if kernels is None:
+        return batch_size, torch.channels_last, contextlib.nullcontext()
+    return kernels.eval_batch_size, kernels.layout, kernels.sdpa(train=False)
+
+
 @torch.inference_mode()
-def predict_logits(model, split: Split, mean, std, device, precision: str, batch_size: int = 512):
-    """(logits float32, labels) for every image of `split`, in order, on the CPU."""
+def predict_logits(model, split: Split, mean, std, device, precision: str, batch_size: int = 512,
+                   kernels: KernelChoice | None = None):
+    """(logits float32, labels) for every image of `split`, in order, on the CPU, with the inference
+    kernels (see `_inference_kernels`)."""
     model.eval()
     all_logits, all_labels = [], []
+    batch_size, layout, attention = _inference_kernels(model, kernels, batch_size)
     batch_size = eval_batch_size(batch_size, split.img_size)
-    for images, labels in split.batches(torch.arange(len(split)), batch_size):
-        if len(images) == 0:
-            continue
-        all_logits.append(forward_batch(model, images, mean, std, device, precision).float().cpu())
-        all_labels.append(labels)
+    with attention:
+        for images, labels in split.batches(torch.arange(len(split)), batch_size):
+            if len(images) == 0:
+                continue
+            all_logits.append(forward_batch(model, images, mean, std, device, precision, layout).float().cpu())
+            all_labels.append(labels)
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
 @torch.inference_mode()
 def predict_probs(model, split: Split, mean, std, device, precision: str, batch_size: int = 512,
-                  tta: str | int = "none", aug: str = "basic", scaling: Scaling | None = None, seed: int = 0):
+                  tta: str | int = "none", aug: str = "basic", scaling: Scaling | None = None, seed: int = 0,
+                  kernels: KernelChoice | None = None):
     """(probabilities float64, labels) for every image of `split`: softmax of the (scaled) logits,
-    averaged over the test-time views. A batch's views run as one forward pass."""
+    averaged over the test-time views (weighted, see `tta_view_weights`). A batch's views run as one forward pass."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
-    n_views = tta_view_count(tta)
+    n_views, weights = tta_view_count(tta), tta_view_weights(tta).view(-1, 1, 1)
+    batch_size, layout, attention = _inference_kernels(model, kernels, batch_size)
     batch_size = max(1, eval_batch_size(batch_size, split.img_size) // n_views)
     all_probs, all_labels = [], []
     for images, labels in split.batches(torch.arange(len(split)), batch_size):
         if len(images) == 0:
             continue
         views = torch.cat(tta_views(images, tta, aug, gen))
-        logits = forward_batch(model, views, mean, std, device, precision).double().cpu()
+        with attention:
+            logits = forward_batch(model, views, mean, std, device, precision, layout).double().cpu()
         if scaling is not None:
             logits = scaling.apply(logits)
-        probs = logits.softmax(dim=1).view(n_views, len(images), -1).mean(dim=0)
+        probs = (logits.softmax(dim=1).view(n_views, len(images), -1) * weights).sum(dim=0)
         all_probs.append(probs)
         all_labels.append(labels)
     return torch.cat(all_probs), torch.cat(all_labels)
@@ -152,9 +172,34 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
     restore_weights(model, ckpt, ckpt_path)
     model = model.to(device or torch.device("cpu"), memory_format=torch.channels_last).eval()
+    attach_lazy(model, lambda m: _run_kernels(path, cfg, info, m))
     calibration = path / rundir.CALIBRATION
     scaling = read_scaling(calibration, len(info["classes"])) if calibration.is_file() else None
     return TrainedRun(path, cfg, info, model, ckpt_path, scaling, allow_data_change)
+
+
+def _run_kernels(path: Path, cfg: TrainConfig, info: dict, model: torch.nn.Module) -> KernelChoice:
+    """The inference kernels of a loaded run on this machine, chosen when it first predicts (imgcls.kernels,
+    cached). The config holds the kernels training ran with; those the user gave as flags (summary.json's
+    `kernels.source`) are kept, the others are measured for inference here. Puts the model in the chosen layout."""
+    requested = {"attention": cfg.attention, "memory_format": cfg.memory_format}
+    try:
+        source = rundir.read_json(path / rundir.SUMMARY)["kernels"]["source"]
+        measured = {f: source.get(f) not in ("flag", None) for f in ("attention_eval", "memory_format")}
+    except (UserError, KeyError, TypeError, AttributeError):
+        measured = {}  # an unfinished run or an older imgcls: the config's values stand
+    if measured.get("attention_eval"):
+        requested["attention"] = "auto"
+    if measured.get("memory_format"):
+        requested["memory_format"] = "auto"
+    device = next(model.parameters()).device
+    default_batch = TrainConfig.__dataclass_fields__["eval_batch_size"].default
+    choice = choose_kernels(model, (cfg.batch_size, 3, info["img_size"], info["img_size"]), device,
+                            resolve_precision(cfg.precision, device), **requested, compile="off",
+                            eval_batch_size=None if cfg.eval_batch_size == default_batch else cfg.eval_batch_size,
+                            name=cfg.model, train=False)
+    model.to(memory_format=choice.layout)
+    return choice
 
 
 def load_images(paths: list[str | Path], img_size: int, crop_pct: float = 1.0) -> torch.Tensor:

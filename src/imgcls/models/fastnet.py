@@ -6,6 +6,8 @@ ResNet-18's FLOPs at 32x32, which is what makes short CPU runs worthwhile.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 
@@ -13,27 +15,39 @@ from imgcls.models.registry import register
 from imgcls.models.surface import ClassifierSurface
 
 
-def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+@dataclass(frozen=True)
+class NormSettings:
+    """BatchNorm's torch-convention momentum and eps (airbench94: momentum 0.6 in its own convention, i.e.
+    0.4 here, and eps 1e-12)."""
+
+    momentum: float = 0.1
+    eps: float = 1e-5
+
+
+def _conv_bn(c_in: int, c_out: int, norm: NormSettings) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out, norm.eps, norm.momentum),
+            nn.GELU()]
 
 
 class ConvGroup(nn.Sequential):
-    def __init__(self, c_in: int, c_out: int):
-        first = _conv_bn(c_in, c_out)
+    def __init__(self, c_in: int, c_out: int, norm: NormSettings = NormSettings()):
+        first = _conv_bn(c_in, c_out, norm)
         # Pooling right after the first conv, before its norm, as airbench does: same accuracy,
         # a quarter of the normalisation work.
-        super().__init__(first[0], nn.MaxPool2d(2), *first[1:], *_conv_bn(c_out, c_out))
+        super().__init__(first[0], nn.MaxPool2d(2), *first[1:], *_conv_bn(c_out, c_out, norm))
 
 
 class FastNet(ClassifierSurface, nn.Module):
-    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), in_chans: int = 3):
+    def __init__(self, num_classes: int = 10, widths: tuple[int, int, int] = (64, 256, 256), in_chans: int = 3,
+                 norm: NormSettings = NormSettings(), head_bias: bool = True, logit_scale: float = 1.0):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_chans, 24, kernel_size=2, padding=0), nn.GELU())
-        self.group1 = ConvGroup(24, widths[0])
-        self.group2 = ConvGroup(widths[0], widths[1])
-        self.group3 = ConvGroup(widths[1], widths[2])
+        self.group1 = ConvGroup(24, widths[0], norm)
+        self.group2 = ConvGroup(widths[0], widths[1], norm)
+        self.group3 = ConvGroup(widths[1], widths[2], norm)
         self.num_features = widths[2]
-        self.head = nn.Linear(widths[2], num_classes)
+        self.head = nn.Linear(widths[2], num_classes, bias=head_bias)
+        self.logit_scale = logit_scale  # airbench94 divides its logits by 9
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -59,12 +73,24 @@ class FastNet(ClassifierSurface, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.amax(dim=(2, 3))  # global max-pool, as airbench
-        return x if pre_logits else self.head(x)
+        return x if pre_logits else self.head(x) * self.logit_scale
+
+    @property
+    def whitening_conv(self) -> str:
+        """The name of the conv `init_whitening` sets (for --whiten-bias-epochs)."""
+        return "stem.0"
 
 
 @register("fastnet_cifar", img_size=32, family="cnn", description="airbench94-style CNN, widths 64/256/256")
 def fastnet_cifar(num_classes: int = 10, **kw) -> FastNet:
     return FastNet(num_classes, widths=(64, 256, 256), **kw)
+
+
+@register("airbench94", img_size=32, family="cnn",
+          description="airbench94 exactly: fastnet_cifar with its BatchNorm settings, a bias-free head, logits/9")
+def airbench94(num_classes: int = 10, **kw) -> FastNet:
+    return FastNet(num_classes, widths=(64, 256, 256), norm=NormSettings(momentum=0.4, eps=1e-12), head_bias=False,
+                   logit_scale=1 / 9, **kw)
 
 
 @register("fastnet_cifar_small", img_size=32, family="cnn", description="airbench-style CNN, widths 32/64/128")

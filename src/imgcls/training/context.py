@@ -12,17 +12,20 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from imgcls.config import MONITORS, NORMALIZATIONS, TrainConfig, resolve, resolved_strategy
+from imgcls.config import MONITORS, NORMALIZATIONS, TrainConfig, require_no_validation, resolve, resolved_strategy
 from imgcls.data import Dataset, load_dataset
 from imgcls.data.datasets import normalization_named
 from imgcls.data.presets import DEFAULT_ERASING, normalize
 from imgcls.errors import UserError
+from imgcls.kernels import KernelChoice
 from imgcls.models import create_model, model_spec
+from imgcls.models.init import dirac_init
 from imgcls.models.weights import LoadReport, load_pretrained
 from imgcls.runtime import resolve_device, resolve_precision, seed_everything
 from imgcls.training import distributed
 from imgcls.training.distributed import World
 from imgcls.training.imbalance import Loss, class_weights, make_loss
+from imgcls.training.lookahead import Lookahead
 from imgcls.training.transfer import LayerGroup, optimizer_param_groups, plan_groups
 
 
@@ -44,6 +47,8 @@ class TrainingContext:
     loss: Loss  # cross-entropy or focal, with the class weights
     class_weights: torch.Tensor | None
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # --schedule plateau, stepped once per epoch
+    lookahead: Lookahead | None = None  # --lookahead
+    kernels: KernelChoice | None = None  # imgcls.kernels: attention, layout, compile, eval batch (set by fit)
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -74,6 +79,8 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     normalization, crop_pct = _preprocessing(cfg, spec)
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
+    if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
+        require_no_validation(cfg)
     cfg = resolve(cfg, img_size=dataset.img_size, normalization=dataset.normalization,
                   default_erasing=DEFAULT_ERASING.get(cfg.aug, 0.0))
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
@@ -88,8 +95,10 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
+    total_steps = cfg.epochs * optimizer_steps(steps_per_epoch, cfg.accum_steps)
+    lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
     return TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
-                           steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau)
+                           steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau, lookahead)
 
 
 def optimizer_steps(micro_batches: int, accum_steps: int) -> int:
@@ -107,6 +116,9 @@ def _build_model(cfg: TrainConfig, spec, dataset: Dataset, world: World, device:
     seed_everything(cfg.seed)
     model = create_model(cfg.model, dataset.num_classes, head=cfg.head)
     loaded = load_pretrained(model, spec, cfg.pretrained) if cfg.pretrained and fresh else None
+    if cfg.init == "dirac" and fresh and dirac_init(model) == 0:
+        raise UserError(f"--init dirac starts stride-1 convolutions as the identity; {cfg.model} has none, "
+                        "drop --init")
     if cfg.whiten and fresh:
         _whiten(model, dataset)
     _check_forward(model, cfg)
@@ -133,29 +145,50 @@ def _check_forward(model: torch.nn.Module, cfg: TrainConfig) -> None:
         model.train(was_training)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
+def warmup_factor(step: int, warmup_steps: int, start: float = 0.0) -> float:
+    """Linear warm-up to 1. From 0 it reaches 1/warmup at the first step; from `start` > 0 it begins there
+    exactly (airbench's warm-up from 0.2)."""
+    if start == 0.0:
+        return (step + 1) / warmup_steps
+    return start + (1.0 - start) * step / warmup_steps
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, start: float = 0.0):
     """LR factor per step: linear warm-up to 1, then cosine decay to 0."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return warmup_factor(step, warmup_steps, start)
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
 
 
-def warmup_constant(warmup_steps: int):
+def warmup_linear(total_steps: int, warmup_steps: int, start: float = 0.0, end: float = 0.0):
+    """LR factor per step: linear warm-up to 1, then linear decay to `end` at the last step (airbench94:
+    from 0.2 over 23% of the steps, down to 0.07)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_factor(step, warmup_steps, start)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return (1.0 - progress) + end * progress
+
+    return factor
+
+
+def warmup_constant(warmup_steps: int, start: float = 0.0):
     """LR factor per step: linear warm-up to 1, then 1 (ReduceLROnPlateau cuts the rates from there)."""
-    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return lambda step: warmup_factor(step, warmup_steps, start) if step < warmup_steps else 1.0
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int, groups: list[LayerGroup]):
     """AdamW or Nesterov SGD over every layer group at its own rate (frozen ones join when they get
-    gradients), with one warm-up + cosine factor scaling all rates alike (warm-up only, then 1, under
-    --schedule plateau). `steps_per_epoch` counts optimizer steps. Fused kernels on CPU and CUDA: one
+    gradients), with one warm-up + cosine (or linear) factor scaling all rates alike (warm-up only, then 1,
+    under --schedule plateau). `steps_per_epoch` counts optimizer steps. Fused kernels on CPU and CUDA: one
     pass over all parameters instead of one per tensor."""
-    param_groups = optimizer_param_groups(model, groups, cfg.weight_decay)
+    param_groups = optimizer_param_groups(model, groups, cfg.weight_decay, cfg.bn_bias_lr_scale, cfg.decay_all)
     fused = next(model.parameters()).device.type in ("cpu", "cuda")
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(param_groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0,
@@ -163,7 +196,10 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: i
     else:
         optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, fused=fused)
     total, warmup = cfg.epochs * steps_per_epoch, warmup_steps(cfg, steps_per_epoch)
-    factor = warmup_cosine(total, warmup) if cfg.schedule == "cosine" else warmup_constant(warmup)
+    start = cfg.warmup_start_factor
+    factor = {"cosine": lambda: warmup_cosine(total, warmup, start),
+              "linear": lambda: warmup_linear(total, warmup, start, cfg.final_lr_factor),
+              "plateau": lambda: warmup_constant(warmup, start)}[cfg.schedule]()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
 
@@ -180,6 +216,9 @@ def _check_parallel(cfg: TrainConfig, world: World, device: torch.device) -> Non
         raise UserError("--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); drop it on the CPU")
     if not world.distributed:
         return
+    if cfg.whiten_bias_epochs is not None:
+        raise UserError("--whiten-bias-epochs changes which parameters train mid-run, which DistributedDataParallel "
+                        "cannot follow; run it in one process")
     distributed.check_batch_size(world, cfg.batch_size)
     if cfg.cache_features or resolved_strategy(cfg) == "gradual":
         raise UserError("--cache-features and --strategy gradual run in one process only; "

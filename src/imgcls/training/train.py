@@ -13,6 +13,7 @@ use; one killed outright (kill -9) before then is continued from scratch by --re
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from imgcls.errors import UserError
 from imgcls.evaluation.calibration import reliability_bins
 from imgcls.evaluation.metrics import confusion_matrix
 from imgcls.evaluation.significance import read_test_predictions
+from imgcls.kernels import attach, choose_kernels
 from imgcls.models import count_parameters
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
@@ -78,6 +80,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
     distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     ctx = build_context(cfg, world, device_name, fresh=not has_last)
+    choose_run_kernels(ctx)  # before the folder: config.yaml records what was chosen
     if world.main and resume is None:
         for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -93,6 +96,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps, tb)
         if world.main:
             summary = summarize(ctx, run, state, cache_seconds)
+            summary["kernels"] = ctx.kernels.to_dict() if ctx.kernels is not None else None
             rundir.write_json(run / rundir.SUMMARY, summary)
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
@@ -109,6 +113,31 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             tb.close()
         if folder is not None:
             folder.release()
+
+
+def choose_run_kernels(ctx: TrainingContext) -> None:
+    """Choose the run's kernels (imgcls.kernels: measured for each `auto`, cached per machine), apply the
+    memory format to the model (and its EMA average), attach the choice for inference, and put what was
+    chosen in the config, so that a resumed run uses the same. Under torchrun rank 0 measures and every
+    rank takes its choice."""
+    cfg, world, dataset = ctx.cfg, ctx.world, ctx.dataset
+    choice = None
+    if world.main:
+        default_batch = TrainConfig.__dataclass_fields__["eval_batch_size"].default
+        evaluated = max(len(s) for s in (dataset.val, dataset.test, dataset.train) if s is not None)
+        choice = choose_kernels(
+            ctx.model, (cfg.batch_size // world.size, 3, dataset.img_size, dataset.img_size), ctx.device,
+            ctx.precision, attention=cfg.attention, memory_format=cfg.memory_format, compile=cfg.compile,
+            # 512, the default, is measured; any other --eval-batch-size is the user's and kept
+            eval_batch_size=None if cfg.eval_batch_size == default_batch else cfg.eval_batch_size,
+            data_size=evaluated, name=cfg.model,
+            train=not cfg.cache_features)  # on cached features only the head trains: no attention, no compile
+    ctx.kernels = choice = distributed.from_main(world, choice)
+    ctx.cfg = cfg.replace(**choice.config_values(cfg.attention))
+    for model in (ctx.model, ctx.ema.module if ctx.ema is not None else None):
+        if model is not None:
+            model.to(memory_format=choice.layout)
+            attach(model, choice)
 
 
 def _tensorboard(ctx: TrainingContext, run: Path, state: TrainState) -> TensorBoardLog:
@@ -189,18 +218,25 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
     if cfg.cache_features:
         start = time.perf_counter()
         apply_schedule(ctx.model, ctx.groups, 0)
-        train, val = (cache_features(ctx.model, split, dataset.mean, dataset.std, ctx.device, ctx.precision,
-                                     cfg.eval_batch_size) for split in (dataset.train, dataset.val))
+        with ctx.kernels.sdpa(train=False) if ctx.kernels is not None else contextlib.nullcontext():
+            train, val = [None if split is None else cache_features(
+                ctx.model, split, dataset.mean, dataset.std, ctx.device, ctx.precision,
+                ctx.kernels.eval_batch_size if ctx.kernels is not None else cfg.eval_batch_size)
+                for split in (dataset.train, dataset.val)]
         cache_seconds = time.perf_counter() - start
         trainee, transform = ctx.model.get_classifier(), FeatureTargets(dataset.num_classes, cfg.label_smoothing)
     else:
         trainee, train, val = ctx.model, dataset.train, dataset.val
         streamed = train.stream is not None
+        if streamed and cfg.alt_flip:
+            raise UserError("--alt-flip flips whole in-memory epochs; these images are streamed from disk: add "
+                            "--data-mode memory or drop --alt-flip")
         if streamed:  # pixel augmentation runs per image in the DataLoader workers
-            train.stream.transform = per_image_transform(cfg.aug, dataset.img_size)
+            train.stream.transform = per_image_transform(cfg.aug, dataset.img_size, cfg.crop_padding, cfg.crop_fill)
         transform = TrainTransform(cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
                                    cfg.random_erasing, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob,
-                                   cfg.label_smoothing, pixels_done=streamed)
+                                   cfg.label_smoothing, pixels_done=streamed, crop_padding=cfg.crop_padding,
+                                   crop_fill=cfg.crop_fill, random_flip=not cfg.alt_flip)
     if world.distributed:
         apply_schedule(ctx.model, ctx.groups, state.epoch)  # DDP must see which parameters train (fixed from here)
         trainee = DistributedDataParallel(trainee)
@@ -210,8 +246,8 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
 
 
 def _val_share(val, world: World):
-    """Under torchrun each rank scores its strided share of the validation split."""
-    if not world.distributed:
+    """Under torchrun each rank scores its strided share of the validation split (None: there is none)."""
+    if val is None or not world.distributed:
         return val
     if len(val) < world.size:
         raise UserError(f"{len(val)} validation images cannot be shared by {world.size} processes; "
@@ -224,7 +260,7 @@ def _announce(ctx: TrainingContext, run: Path, inputs: Inputs) -> None:
     cfg, dataset, world = ctx.cfg, ctx.dataset, ctx.world
     where = f"{ctx.device.type} {ctx.precision}" + (f", {world.size} processes" if world.distributed else "")
     print(f"run {run}: {cfg.model} ({count_parameters(ctx.model) / 1e6:.2f}M params) on {dataset.name} "
-          f"{dataset.img_size}px, train/val/test {len(dataset.train)}/{len(dataset.val)}/"
+          f"{dataset.img_size}px, train/val/test {len(dataset.train)}/{len(dataset.val) if dataset.val else 0}/"
           f"{len(dataset.test) if dataset.test else 0}, {where}"
           + (f", batch {cfg.batch_size} x {cfg.accum_steps} accumulated = {cfg.batch_size * cfg.accum_steps}"
              if cfg.accum_steps > 1 else ""), flush=True)
@@ -234,8 +270,10 @@ def _announce(ctx: TrainingContext, run: Path, inputs: Inputs) -> None:
         trained = ", ".join(_describe(g) for g in ctx.groups if g.unfreeze_epoch != NEVER)
         frozen = ", ".join(g.name for g in ctx.groups if g.unfreeze_epoch == NEVER)
         print(f"{cfg.strategy}: {trained}" + (f"; frozen: {frozen}" if frozen else ""), flush=True)
+    if ctx.kernels is not None:
+        print(ctx.kernels.describe(), flush=True)
     if inputs.features_cached:
-        print(f"cached {len(inputs.train) + len(dataset.val)} feature vectors in "
+        print(f"cached {len(inputs.train) + (len(dataset.val) if dataset.val else 0)} feature vectors in "
               f"{inputs.cache_seconds:.1f} s", flush=True)
 
 

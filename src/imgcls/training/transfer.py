@@ -12,7 +12,7 @@ and its (empty) state alone until it unfreezes — joining at its own rate, the 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 
 import torch
@@ -34,10 +34,15 @@ class LayerGroup:
     params: list[str]
     lr: float
     unfreeze_epoch: float  # first epoch (0-based) in which it trains; NEVER for a frozen backbone
+    fixed_from: dict[str, float] = field(default_factory=dict)  # parameter -> first epoch it stops training
+
+    def trains(self, name: str, epoch: int) -> bool:
+        return self.unfreeze_epoch <= epoch < self.fixed_from.get(name, NEVER)
 
     def record(self) -> dict:
         d = asdict(self)
         d["params"] = len(self.params)
+        d["fixed_from"] = {k: int(v) for k, v in self.fixed_from.items()}
         d["unfreeze_epoch"] = None if self.unfreeze_epoch == NEVER else int(self.unfreeze_epoch)
         return d
 
@@ -45,11 +50,12 @@ class LayerGroup:
 def plan_groups(model: nn.Module, cfg: TrainConfig) -> list[LayerGroup]:
     """Layer groups with the rate and unfreeze epoch the run's strategy gives each."""
     strategy = resolved_strategy(cfg)
+    fixed = fixed_parameters(model, cfg)
     try:
         groups = layer_groups(model)
     except ValueError as e:
         if strategy == "scratch":  # plain training needs no structure: one group
-            return [LayerGroup("all", [n for n, _ in model.named_parameters()], cfg.lr, 0)]
+            return [LayerGroup("all", [n for n, _ in model.named_parameters()], cfg.lr, 0, fixed)]
         raise UserError(f"{cfg.model}: {e}; use --strategy scratch") from e
     names = [name for name, _ in groups]
     lrs = _group_rates(cfg, names)
@@ -68,7 +74,27 @@ def plan_groups(model: nn.Module, cfg: TrainConfig) -> list[LayerGroup]:
             starts[top - k] = epoch
     else:
         starts = [0] * len(groups)
-    return [LayerGroup(name, params, lr, start) for (name, params), lr, start in zip(groups, lrs, starts, strict=True)]
+    return [LayerGroup(name, params, lr, start, {n: fixed[n] for n in params if n in fixed})
+            for (name, params), lr, start in zip(groups, lrs, starts, strict=True)]
+
+
+def batchnorm_parameters(model: nn.Module, kind: str) -> list[str]:
+    """Names of the BatchNorm layers' `kind` ("weight" or "bias") parameters."""
+    return [f"{name}.{kind}" for name, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and getattr(m, kind) is not None]
+
+
+def fixed_parameters(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
+    """Parameters that stop training at some epoch (0: never train), whatever their group's strategy:
+    BatchNorm scales under --freeze-bn-scale; the whitening stem under --whiten-bias-epochs N (its filter
+    always, its bias from epoch N)."""
+    fixed = dict.fromkeys(batchnorm_parameters(model, "weight"), 0) if cfg.freeze_bn_scale else {}
+    if cfg.whiten_bias_epochs is not None:
+        conv = model.whitening_conv
+        fixed[f"{conv}.weight"] = 0
+        if getattr(model.get_submodule(conv), "bias", None) is not None:
+            fixed[f"{conv}.bias"] = cfg.whiten_bias_epochs
+    return fixed
 
 
 def _group_rates(cfg: TrainConfig, names: list[str]) -> list[float]:
@@ -82,31 +108,38 @@ def _group_rates(cfg: TrainConfig, names: list[str]) -> list[float]:
     return [cfg.lr * decay ** (len(names) - 1 - i) for i in range(len(names))]
 
 
-def optimizer_param_groups(model: nn.Module, groups: list[LayerGroup], weight_decay: float) -> list[dict]:
-    """AdamW parameter groups: each layer group at its rate, split into decayed weights and
-    undecayed biases/norms (timm's rule: 1-d tensors, biases and the model's no_weight_decay())."""
+def optimizer_param_groups(model: nn.Module, groups: list[LayerGroup], weight_decay: float,
+                           bn_bias_lr_scale: float = 1.0, decay_all: bool = False) -> list[dict]:
+    """Optimizer parameter groups: each layer group at its rate, split into decayed weights and
+    undecayed biases/norms (timm's rule: 1-d tensors, biases and the model's no_weight_decay(); with
+    `decay_all` everything decays). With `bn_bias_lr_scale` S != 1 the BatchNorm biases get a group of
+    their own at S times the rate and 1/S the decay, so that their decay per step (rate x decay) is the
+    other parameters' (airbench's "bias scaler")."""
     params = dict(model.named_parameters())
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    scaled = set(batchnorm_parameters(model, "bias")) if bn_bias_lr_scale != 1.0 else set()
     out = []
     for group in groups:
-        decay, no_decay = [], []
+        bn_bias, decay, no_decay = [], [], []
         for name in group.params:
             p = params[name]
             exempt = p.ndim <= 1 or name.endswith(".bias") or any(fnmatch(name, pat) for pat in skip)
-            (no_decay if exempt else decay).append(p)
-        for members, wd in ((decay, weight_decay), (no_decay, 0.0)):
+            (bn_bias if name in scaled else no_decay if exempt and not decay_all else decay).append(p)
+        bn_decay = weight_decay / bn_bias_lr_scale if decay_all else 0.0
+        for members, lr, wd in ((bn_bias, group.lr * bn_bias_lr_scale, bn_decay), (decay, group.lr, weight_decay),
+                                (no_decay, group.lr, 0.0)):
             if members:
-                out.append({"params": members, "lr": group.lr, "weight_decay": wd, "group": group.name})
+                out.append({"params": members, "lr": lr, "weight_decay": wd, "group": group.name})
     return out
 
 
 def apply_schedule(model: nn.Module, groups: list[LayerGroup], epoch: int) -> None:
-    """Set requires_grad for `epoch` (0-based): a group trains once its unfreeze epoch is reached."""
+    """Set requires_grad for `epoch` (0-based): a group trains once its unfreeze epoch is reached, and each
+    parameter until its `fixed_from` epoch."""
     params = dict(model.named_parameters())
     for group in groups:
-        trains = epoch >= group.unfreeze_epoch
         for name in group.params:
-            params[name].requires_grad_(trains)
+            params[name].requires_grad_(group.trains(name, epoch))
 
 
 def train_mode(model: nn.Module) -> None:
