@@ -9,7 +9,7 @@ import yaml
 
 from imgcls import kernels, rundir
 from imgcls.config import build_config
-from imgcls.evaluation.predict import load_run, predict_logits
+from imgcls.evaluation.predict import load_run, predict_logits, predict_probs
 from imgcls.kernels import KernelChoice, attached, choose_kernels
 from imgcls.models import create_model
 from imgcls.training.train import fit
@@ -45,7 +45,17 @@ def vit():
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "machine_busy", lambda: False)  # caching is tested apart from the load
     return tmp_path / "cache"
+
+
+def test_timings_taken_on_a_busy_machine_are_used_but_not_cached(vit, cache_dir, monkeypatch):
+    monkeypatch.setattr(kernels, "machine_busy", lambda: True)
+    choice = choose(vit, FakeTimer({"attention_train": "flash"}))
+    assert choice.attention_train == "flash" and choice.source["attention_train"] == "measured"
+    assert not (cache_dir / "kernels.json").exists()
+    again = FakeTimer({"attention_train": "math"})
+    assert choose(vit, again).attention_train == "math" and again.calls  # measured afresh
 
 
 def choose(model, timer, **kw):
@@ -191,6 +201,17 @@ def test_predict_logits_uses_the_kernels_it_is_given(vit, mini):
         assert torch.equal(same, labels) and torch.allclose(logits, plain, atol=1e-4)
     with pytest.raises(RuntimeError):  # the choice is really applied: efficient attention cannot run on a CPU
         predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", kernels=KernelChoice("math", "efficient"))
+
+
+def test_tta_over_several_batches_keeps_the_chosen_attention(vit, mini):
+    # regression: predict_probs entered one sdpa_kernel context per batch, which fails from the second
+    split = mini.test.subset(torch.arange(40))
+    choice = KernelChoice("math", "math", "contiguous", eval_batch_size=12)  # 12 // 2 views: 7 batches
+    probs, labels = predict_probs(vit, split, mini.mean, mini.std, CPU, "fp32", tta="flip", kernels=choice)
+    assert probs.shape == (40, 10) and torch.allclose(probs.sum(1), torch.ones(40, dtype=probs.dtype))
+    with pytest.raises(RuntimeError):
+        predict_probs(vit, split, mini.mean, mini.std, CPU, "fp32", tta="flip",
+                      kernels=KernelChoice("math", "efficient"))
 
 
 def _kernel_config(run) -> dict:

@@ -5,7 +5,8 @@ layout, torch.compile, and the inference batch size, each timed on the model's r
 warm-up) on a copy of the model, so the weights, BatchNorm statistics and random streams of the run
 are untouched. An option given as a flag (anything but `auto`) is taken as given and not timed.
 Results are cached per machine and model shape in `$IMGCLS_CACHE_DIR/kernels.json` (default
-`~/.cache/imgcls/kernels.json`); a damaged or unwritable cache is ignored, never fatal.
+`~/.cache/imgcls/kernels.json`) unless the machine was busy while they were taken (`machine_busy`); a
+damaged or unwritable cache is ignored, never fatal.
 """
 
 from __future__ import annotations
@@ -278,6 +279,16 @@ def _read_cache(path: Path) -> dict:
     return data["entries"]
 
 
+def machine_busy() -> bool:
+    """Whether other work competes for the cores (1-minute load above 1.5 per core). Timings taken then
+    are used for this run but not cached: one burst of load elsewhere once made channels_last look 4x
+    slower than contiguous for a training step, and a cached choice would have kept that for good."""
+    try:
+        return os.getloadavg()[0] > 1.5 * (os.cpu_count() or 1)
+    except OSError:  # no load average on this platform
+        return False
+
+
 def _write_cache(path: Path, key: str, entry: dict) -> None:
     from imgcls import rundir
 
@@ -360,7 +371,7 @@ def choose_kernels(model: torch.nn.Module, shape: tuple[int, ...], device: torch
         bench = _Bench(model, shape, device, precision)
         _measure(choice, todo, bench, timer, batches, train)
     del bench
-    if cache:
+    if cache and not machine_busy():
         for f in todo:
             entry[cached_fields.get(f, f)] = {"value": getattr(choice, f), "timings": choice.timings.get(f, {})}
         _write_cache(path, key, entry)

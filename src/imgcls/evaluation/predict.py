@@ -87,17 +87,17 @@ def predict_probs(model, split: Split, mean, std, device, precision: str, batch_
     batch_size, layout, attention = _inference_kernels(model, kernels, batch_size)
     batch_size = max(1, eval_batch_size(batch_size, split.img_size) // n_views)
     all_probs, all_labels = [], []
-    for images, labels in split.batches(torch.arange(len(split)), batch_size):
-        if len(images) == 0:
-            continue
-        views = torch.cat(tta_views(images, tta, aug, gen))
-        with attention:
+    with attention:  # one context for all batches: a sdpa_kernel context cannot be entered twice
+        for images, labels in split.batches(torch.arange(len(split)), batch_size):
+            if len(images) == 0:
+                continue
+            views = torch.cat(tta_views(images, tta, aug, gen))
             logits = forward_batch(model, views, mean, std, device, precision, layout).double().cpu()
-        if scaling is not None:
-            logits = scaling.apply(logits)
-        probs = (logits.softmax(dim=1).view(n_views, len(images), -1) * weights).sum(dim=0)
-        all_probs.append(probs)
-        all_labels.append(labels)
+            if scaling is not None:
+                logits = scaling.apply(logits)
+            probs = (logits.softmax(dim=1).view(n_views, len(images), -1) * weights).sum(dim=0)
+            all_probs.append(probs)
+            all_labels.append(labels)
     return torch.cat(all_probs), torch.cat(all_labels)
 
 
