@@ -48,20 +48,27 @@ def bench_data(data_dir: str | None):
     return load_dataset("cifar10-mini")
 
 
-def gemm_peak(dtype: torch.dtype, max_n: int = 2048, repeats: int = 5) -> float:
-    """Best GFLOP/s of a square matrix product in `dtype` on the CPU (2 n^3 FLOPs). n doubles from
-    512 while one product takes under half a second: emulated bf16 runs at a few GFLOP/s."""
-    n = 512
+def gemm_peak(dtype: torch.dtype, max_n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best GFLOP/s of a square matrix product in `dtype` on `device` (2 n^3 FLOPs). n doubles from
+    512 while one product takes under half a second (emulated bf16 runs at a few GFLOP/s); on a GPU
+    it goes on to 8192, where the tensor cores are busy."""
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    n, max_n = 512, 8192 if device == "cuda" else max_n
     while True:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
         start = time.perf_counter()
         a @ b  # also the warm-up
-        if n >= max_n or time.perf_counter() - start > 0.5:
+        sync()
+        if n >= max_n or (device == "cpu" and time.perf_counter() - start > 0.5):
             break
         n *= 2
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9

@@ -2,7 +2,7 @@
 
     python bench/train_speed.py [--models resnet18_cifar vit_cifar convnext_cifar] [--batch-size 128]
                                 [--steps 8] [--repeats 3] [--workers 2] [--data-dir DIR/cifar10]
-                                [--prefetch auto] [--compile]
+                                [--prefetch auto] [--compile] [--device cpu|cuda]
 
 Same model, data and batch size on both sides. Classic: PIL images through per-image transforms
 in DataLoader workers, fp32 NCHW, default AdamW (bench/classic.py). imgcls: the TrainingContext
@@ -40,10 +40,16 @@ from imgcls.training.train import prepare_inputs
 WARMUP = 3
 
 
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 class Classic:
-    def __init__(self, name: str, data, batch_size: int, workers: int):
+    def __init__(self, name: str, data, batch_size: int, workers: int, device: str = "cpu"):
         torch.manual_seed(0)
-        self.model = create_model(name, data.num_classes).train()
+        self.device = device
+        self.model = create_model(name, data.num_classes).to(device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05)
         self.batches = itertools.cycle(classic_loader(data.train, data.mean, data.std, batch_size, workers))
         self.batch_size = batch_size
@@ -51,22 +57,26 @@ class Classic:
     def speed(self, steps: int) -> float:
         for i, (x, y) in enumerate(itertools.islice(self.batches, WARMUP + steps)):
             if i == WARMUP:
+                _sync(self.device)
                 start = time.perf_counter()
+            x, y = x.to(self.device), y.to(self.device)
             loss = F.cross_entropy(self.model(x), y)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+        _sync(self.device)
         return steps * self.batch_size / (time.perf_counter() - start)
 
 
 class Imgcls:
     """The context `imgcls train` builds for this model, and its loop."""
 
-    def __init__(self, name: str, data_dir: str | None, batch_size: int, prefetch: str, compile: bool):
+    def __init__(self, name: str, data_dir: str | None, batch_size: int, prefetch: str, compile: bool,
+                 device: str = "cpu"):
         cfg = build_config(model=name, batch_size=batch_size, epochs=1, quiet=True, prefetch=prefetch,
                            compile="on" if compile else "off",
                            **({"data": "cifar10", "data_dir": data_dir} if data_dir else {"data": "cifar10-mini"}))
-        self.ctx = build_context(cfg, World(), "cpu", fresh=True)
+        self.ctx = build_context(cfg, World(), device, fresh=True)
         if hasattr(train, "choose_run_kernels"):  # what fit does next: attention, layout, compile (imgcls.kernels)
             train.choose_run_kernels(self.ctx)
         self.inputs = prepare_inputs(self.ctx, TrainState())
@@ -81,8 +91,10 @@ class Imgcls:
 
     def speed(self, steps: int) -> float:
         self.run(WARMUP)
+        _sync(self.ctx.device.type)
         start = time.perf_counter()
         self.run(steps)  # the loop as fit runs it: prefetch or fetch, augment, step, device sums
+        _sync(self.ctx.device.type)  # train_one_epoch syncs at its end on CUDA already; harmless twice
         return steps * self.batch_size / (time.perf_counter() - start)
 
     def kernels(self) -> str:
@@ -101,6 +113,7 @@ def main() -> None:
     parser.add_argument("--prefetch", nargs="+", default=["auto"], choices=("auto", "on", "off"),
                         help="imgcls's --prefetch; several are timed in turn")
     parser.add_argument("--no-classic", action="store_true", help="time imgcls only")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides train (cpu)")
     parser.add_argument("--compile", action="store_true", help="imgcls's loop under torch.compile (--compile on)")
     args = parser.parse_args()
 
@@ -108,15 +121,17 @@ def main() -> None:
     if (WARMUP + args.steps) * args.batch_size > len(data.train):
         parser.error(f"{WARMUP + args.steps} steps of {args.batch_size} need more than the {len(data.train)} "
                      "training images; lower --steps or --batch-size, or pass --data-dir")
-    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
-    native = "native" if cpu_has_fast_bf16() else "emulated: no AVX512-BF16/AMX"
+    peaks = {p: gemm_peak(dtype, device=args.device)
+             for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16))
+             if p != "fp16" or args.device == "cuda"}
+    native = "native" if args.device == "cuda" or cpu_has_fast_bf16() else "emulated: no AVX512-BF16/AMX"
     print(f"{torch.get_num_threads()} threads; GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} "
           f"GFLOP/s ({native}); batch {args.batch_size}, {args.steps} steps x {args.repeats} repeats, medians",
           flush=True)
     for name in args.models:
         gflops = forward_gflops(create_model(name, data.num_classes), data.img_size)
-        classic = None if args.no_classic else Classic(name, data, args.batch_size, args.workers)
-        ours = {p: Imgcls(name, args.data_dir, args.batch_size, p, args.compile) for p in args.prefetch}
+        classic = None if args.no_classic else Classic(name, data, args.batch_size, args.workers, args.device)
+        ours = {p: Imgcls(name, args.data_dir, args.batch_size, p, args.compile, args.device) for p in args.prefetch}
         times: dict[str, list[float]] = {"classic": [], **{p: [] for p in ours}}
         for _ in range(args.repeats):  # interleaved, so a change in the machine's load hits both sides
             if classic is not None:

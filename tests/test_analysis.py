@@ -116,8 +116,10 @@ def test_tta_views_are_bounded():
 def overfit_run(tmp_path_factory):
     """fastnet_cifar_small on cifar10-mini without augmentation or smoothing, long enough to overfit."""
     out = tmp_path_factory.mktemp("overfit") / "run"
+    # the layout given: calibrate and eval, compared to 1e-6 below, must not time different kernels
     return fit(build_config(data="cifar10-mini", model="fastnet_cifar_small", epochs=8, aug="none", lr=3e-3,
-                            warmup_epochs=0.5, label_smoothing=0.0, out=str(out), quiet=True))
+                            warmup_epochs=0.5, label_smoothing=0.0, out=str(out), quiet=True,
+                            memory_format="channels_last"))
 
 
 def test_eval_with_tta_prints_before_and_after(overfit_run, capsys):

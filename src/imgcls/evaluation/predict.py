@@ -198,7 +198,10 @@ def _run_kernels(path: Path, cfg: TrainConfig, info: dict, model: torch.nn.Modul
                             resolve_precision(cfg.precision, device), **requested, compile="off",
                             eval_batch_size=None if cfg.eval_batch_size == default_batch else cfg.eval_batch_size,
                             name=cfg.model, train=False)
-    model.to(memory_format=choice.layout)
+    # chosen lazily, from inside predict's inference_mode: re-laid-out weights made there would be inference
+    # tensors, which Grad-CAM (report, cam) cannot backpropagate through
+    with torch.inference_mode(False):
+        model.to(memory_format=choice.layout)
     return choice
 
 
