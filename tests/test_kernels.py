@@ -254,3 +254,19 @@ def test_flags_reach_the_run_unchanged(tiny_folder, tmp_path):
             recorded["eval_batch_size"]) == ("math", "math", "contiguous", 50)
     assert set(recorded["source"].values()) == {"flag"} and recorded["timings"] == {}
     assert _kernel_config(run) == {"attention": "math", "memory_format": "contiguous", "compile": "off"}
+
+
+def test_a_layout_chosen_inside_inference_leaves_the_weights_trainable(tiny_folder, tmp_path, monkeypatch):
+    # regression: the lazy choice ran inside predict's inference_mode and re-laid the weights out there,
+    # as inference tensors; Grad-CAM (report, cam) then failed to backpropagate through them
+    from imgcls.evaluation import predict
+    from tests.conftest import tiny_config
+
+    run = fit(tiny_config(tiny_folder, tmp_path / "run", epochs=1, memory_format="auto"))
+    monkeypatch.setattr(predict, "choose_kernels", lambda *a, **k: KernelChoice(memory_format="contiguous"))
+    trained = load_run(run, "best")  # loaded channels-last; the (forced) choice is contiguous
+    predict_probs(trained.model, tiny_split(tiny_folder), trained.dataset["mean"], trained.dataset["std"], CPU,
+                  "fp32")
+    weights = [p for p in trained.model.parameters() if p.dim() == 4]
+    assert weights and all(p.is_contiguous() and not p.is_inference() for p in weights)
+    trained.model(torch.zeros(1, 3, 32, 32)).sum().backward()  # what Grad-CAM needs
