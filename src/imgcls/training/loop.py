@@ -429,8 +429,8 @@ def _epoch_batches(ctx: TrainingContext, inputs: Inputs, state: TrainState, epoc
 
 def alternating_flips(batches, order: torch.Tensor, batch_size: int, n: int, seed: int, epoch: int):
     """airbench's alternating flip: image i is mirrored in epoch e when (its coin, drawn once from the run's
-    seed) XOR (e is odd). Each image is thus seen both ways in turn rather than at random, which airbench
-    measured to be worth about a fifth of the epochs. `order` lists the images `batches` yields, in order."""
+    seed) XOR (e is odd). Each image is thus seen both ways in turn rather than at random. `order` lists
+    the images `batches` yields, in order."""
     coins = torch.rand(n, generator=torch.Generator().manual_seed(_stream_seed(seed, 0, 3))) < 0.5
     for k, (images, labels) in enumerate(batches):
         flip = coins[order[k * batch_size : (k + 1) * batch_size]] ^ (epoch % 2 == 1)
