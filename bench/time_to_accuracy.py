@@ -15,7 +15,6 @@ mean and spread over seeds and whether the mean reached 93% and 94%.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -26,18 +25,6 @@ from imgcls.evaluation.evaluate import evaluate_run
 
 TARGETS = (0.93, 0.94)
 VIEWS = {"none": 1, "flip": 2, "flip-crop": 6}
-
-
-def machine() -> str:
-    """The CPU's model name and whether it has native bf16 (avx512_bf16 or AMX), from /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown CPU"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return f"{name} ({', '.join(bf16) or 'no native bf16'})"
 
 
 def training_pflop(run: Path, gflops: float, tta: str) -> float:
@@ -74,12 +61,15 @@ def main() -> None:
     parser.add_argument("--out", default="runs/time-to-accuracy", help="parent folder of the runs (must be new)")
     args = parser.parse_args()
 
-    from imgcls.models import create_model  # after argparse, so --help is instant
+    import torch  # after argparse, so --help is instant
+
+    from imgcls.kernels import machine
+    from imgcls.models import create_model
     from imgcls.models.flops import forward_gflops
     from imgcls.training.train import fit
 
     rundir.refuse_existing(args.out)
-    print(f"machine: {machine()}; recipe {args.recipe} {' '.join(args.set)}", flush=True)
+    print(f"machine: {machine(torch.device('cpu'))}; recipe {args.recipe} {' '.join(args.set)}", flush=True)
     rows = []
     for seed in args.seeds:
         cfg = build_config(args.recipe, data=args.data, data_dir=args.data_dir, seed=seed, epochs=args.epochs,

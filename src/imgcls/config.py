@@ -452,6 +452,12 @@ def resolve(cfg: TrainConfig, *, img_size: int, normalization: str, default_eras
     )
 
 
+def given_eval_batch_size(cfg: TrainConfig) -> int | None:
+    """--eval-batch-size as the user's choice, or None when it is the default, which imgcls.kernels measures
+    (an explicit 512 cannot be told from the default and is measured too)."""
+    return None if cfg.eval_batch_size == FIELDS["eval_batch_size"].default else cfg.eval_batch_size
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a run's resolved config.yaml back into a TrainConfig (checked like any recipe)."""
     from imgcls.yamlio import load_yaml_mapping

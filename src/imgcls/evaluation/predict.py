@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from imgcls import rundir
-from imgcls.config import MAX_IMG_SIZE, TrainConfig, load_config
+from imgcls.config import MAX_IMG_SIZE, TrainConfig, given_eval_batch_size, load_config
 from imgcls.data import Split, normalize
 from imgcls.data.decode import FORMAT_NAMES, DecodeError
 from imgcls.data.folder import load_image
@@ -193,10 +193,9 @@ def _run_kernels(path: Path, cfg: TrainConfig, info: dict, model: torch.nn.Modul
     if measured.get("memory_format"):
         requested["memory_format"] = "auto"
     device = next(model.parameters()).device
-    default_batch = TrainConfig.__dataclass_fields__["eval_batch_size"].default
     choice = choose_kernels(model, (cfg.batch_size, 3, info["img_size"], info["img_size"]), device,
                             resolve_precision(cfg.precision, device), **requested, compile="off",
-                            eval_batch_size=None if cfg.eval_batch_size == default_batch else cfg.eval_batch_size,
+                            eval_batch_size=given_eval_batch_size(cfg),
                             name=cfg.model, train=False)
     # chosen lazily, from inside predict's inference_mode: re-laid-out weights made there would be inference
     # tensors, which Grad-CAM (report, cam) cannot backpropagate through

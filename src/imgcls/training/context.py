@@ -86,7 +86,8 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
     groups = plan_groups(model, cfg)
     steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
-    optimizer, scheduler = build_optimizer(model, cfg, optimizer_steps(steps_per_epoch, cfg.accum_steps), groups)
+    per_epoch = optimizer_steps(steps_per_epoch, cfg.accum_steps)
+    optimizer, scheduler = build_optimizer(model, cfg, per_epoch, groups)
     plateau = None
     if cfg.schedule == "plateau":
         plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, MONITORS[cfg.monitor], cfg.plateau_factor,
@@ -95,8 +96,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
-    total_steps = cfg.epochs * optimizer_steps(steps_per_epoch, cfg.accum_steps)
-    lookahead = Lookahead(model, total_steps) if cfg.lookahead else None
+    lookahead = Lookahead(model, cfg.epochs * per_epoch) if cfg.lookahead else None
     return TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
                            steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau, lookahead)
 

@@ -23,7 +23,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from imgcls import rundir
-from imgcls.config import TrainConfig, load_config, validate
+from imgcls.config import TrainConfig, given_eval_batch_size, load_config, validate
 from imgcls.data import per_image_transform
 from imgcls.data.audit import quick_audit
 from imgcls.data.presets import TrainTransform
@@ -123,13 +123,11 @@ def choose_run_kernels(ctx: TrainingContext) -> None:
     cfg, world, dataset = ctx.cfg, ctx.world, ctx.dataset
     choice = None
     if world.main:
-        default_batch = TrainConfig.__dataclass_fields__["eval_batch_size"].default
         evaluated = max(len(s) for s in (dataset.val, dataset.test, dataset.train) if s is not None)
         choice = choose_kernels(
             ctx.model, (cfg.batch_size // world.size, 3, dataset.img_size, dataset.img_size), ctx.device,
             ctx.precision, attention=cfg.attention, memory_format=cfg.memory_format, compile=cfg.compile,
-            # 512, the default, is measured; any other --eval-batch-size is the user's and kept
-            eval_batch_size=None if cfg.eval_batch_size == default_batch else cfg.eval_batch_size,
+            eval_batch_size=given_eval_batch_size(cfg),
             data_size=evaluated, name=cfg.model,
             train=not cfg.cache_features)  # on cached features only the head trains: no attention, no compile
     ctx.kernels = choice = distributed.from_main(world, choice)
