@@ -118,6 +118,17 @@ def test_reflect_crop_matches_reflect_padding():
     assert (zeros[:, :, :2] == 0).all()  # the zero fill is unchanged
 
 
+def test_reflect_padding_as_wide_as_the_image_is_refused(tmp_path):
+    from imgcls.training.train import fit
+
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="reflect padding of 8"):
+        A.pad_crop(images, 8, torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long), fill="reflect")
+    with pytest.raises(UserError, match="give at most 31") as e:
+        fit(tiny_config("cifar10-mini", tmp_path / "r", crop_padding=40, crop_fill="reflect", epochs=1))
+    assert "\n" not in str(e.value) and not (tmp_path / "r").exists()
+
+
 def test_alternating_flips_show_each_image_both_ways_in_turn():
     n, batch = 12, 5
     images = torch.arange(n).view(n, 1, 1, 1).expand(n, 1, 2, 2).clone().to(torch.uint8)

@@ -63,6 +63,8 @@ def pad_crop(images: torch.Tensor, pad: int, oy: torch.Tensor, ox: torch.Tensor,
     batch = torch.arange(n, device=dev)[:, None, None, None]
     chans = torch.arange(c, device=dev)[None, :, None, None]
     if fill == "reflect":
+        if pad >= min(h, w):  # a second reflection would index past the image (or wrap, silently)
+            raise ValueError(f"reflect padding of {pad} needs an image larger than {pad} px, not {h}x{w}")
         return images[batch, chans, _reflect(rows - pad, h), _reflect(cols - pad, w)]
     padded = F.pad(images, (pad, pad, pad, pad))
     return padded[batch, chans, rows, cols]

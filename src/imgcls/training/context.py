@@ -81,6 +81,9 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)
+    if cfg.crop_fill == "reflect" and (cfg.crop_padding or 0) >= dataset.img_size:
+        raise UserError(f"--crop-padding {cfg.crop_padding} with --crop-fill reflect needs a border narrower than the "
+                        f"{dataset.img_size}px image it mirrors; give at most {dataset.img_size - 1}")
     cfg = resolve(cfg, img_size=dataset.img_size, normalization=dataset.normalization,
                   default_erasing=DEFAULT_ERASING.get(cfg.aug, 0.0))
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
