@@ -77,8 +77,10 @@ class Imgcls:
                            compile="on" if compile else "off",
                            **({"data": "cifar10", "data_dir": data_dir} if data_dir else {"data": "cifar10-mini"}))
         self.ctx = build_context(cfg, World(), device, fresh=True)
+        start = time.perf_counter()
         if hasattr(train, "choose_run_kernels"):  # what fit does next: attention, layout, compile (imgcls.kernels)
             train.choose_run_kernels(self.ctx)
+        self.choice_seconds = time.perf_counter() - start
         self.inputs = prepare_inputs(self.ctx, TrainState())
         self.stepper = Stepper(self.ctx, self.inputs.trainee)
         self.gen, self.batch_size = torch.Generator().manual_seed(0), batch_size
@@ -99,7 +101,9 @@ class Imgcls:
 
     def kernels(self) -> str:
         kernels = getattr(self.ctx, "kernels", None)
-        return str(kernels.to_dict()) if kernels is not None else "kernels: n/a"
+        if kernels is None:
+            return "kernels: n/a"
+        return f"{kernels.to_dict()}, chosen in {self.choice_seconds:.1f} s"
 
 
 def main() -> None:

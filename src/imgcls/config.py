@@ -191,9 +191,13 @@ class TrainConfig:
     compile: str = opt("off", "torch.compile the training forward pass: off, on (the flag alone), or auto (time "
                               "both on this machine and keep the faster; a warm-up of tens of seconds)",
                        choices=("off", "on", "auto"), const="on")
-    attention: str = opt("auto", "attention kernel (scaled_dot_product_attention) for ViTs and timm models: auto "
-                                 "(timed on this machine, for training and inference apart), math, flash or efficient",
-                         choices=("auto", "math", "flash", "efficient"))
+    attention: str = opt("auto", "attention kernel for ViTs and timm models: auto (timed on this machine, for "
+                                 "training and inference apart), math, flash or efficient (scaled_dot_product_attention "
+                                 "backends), or manual (matmul, softmax, matmul written out)",
+                         choices=("auto", "math", "flash", "efficient", "manual"))
+    depthwise_precision: str = opt("auto", "precision of depthwise convolutions (ConvNeXt, EfficientNet) under bf16 or "
+                                           "fp16: auto (timed, for training and inference apart), autocast (the "
+                                           "run's precision) or float32", choices=("auto", "autocast", "float32"))
     memory_format: str = opt("auto", "tensor layout for images: auto (timed), channels_last or contiguous",
                              choices=("auto", "channels_last", "contiguous"))
     prefetch: str = opt("auto", "prepare the next batch while the current one computes: auto (on for CUDA; on the "

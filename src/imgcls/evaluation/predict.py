@@ -48,13 +48,13 @@ def eval_batch_size(requested: int, img_size: int) -> int:
 
 
 def _inference_kernels(model, kernels: KernelChoice | None, batch_size: int):
-    """(batch size, layout, attention context): those of `kernels`, by default the choice attached to `model`
+    """(batch size, layout, kernel context): those of `kernels`, by default the choice attached to `model`
     by training or `load_run` (imgcls.kernels; its batch size is the user's --eval-batch-size when given);
-    without one, `batch_size`, channels-last and torch's own attention backend."""
+    without one, `batch_size`, channels-last and torch's own attention and depthwise kernels."""
     kernels = kernels if kernels is not None else attached(model)
     if kernels is None:
         return batch_size, torch.channels_last, contextlib.nullcontext()
-    return kernels.eval_batch_size, kernels.layout, kernels.sdpa(train=False)
+    return kernels.eval_batch_size, kernels.layout, kernels.context(model, train=False)
 
 
 @torch.inference_mode()
@@ -182,16 +182,17 @@ def _run_kernels(path: Path, cfg: TrainConfig, info: dict, model: torch.nn.Modul
     """The inference kernels of a loaded run on this machine, chosen when it first predicts (imgcls.kernels,
     cached). The config holds the kernels training ran with; those the user gave as flags (summary.json's
     `kernels.source`) are kept, the others are measured for inference here. Puts the model in the chosen layout."""
-    requested = {"attention": cfg.attention, "memory_format": cfg.memory_format}
+    requested = {"attention": cfg.attention, "depthwise_precision": cfg.depthwise_precision,
+                 "memory_format": cfg.memory_format}
+    fields = {"attention": "attention_eval", "depthwise_precision": "depthwise_eval", "memory_format": "memory_format"}
     try:
         source = rundir.read_json(path / rundir.SUMMARY)["kernels"]["source"]
-        measured = {f: source.get(f) not in ("flag", None) for f in ("attention_eval", "memory_format")}
+        measured = {option: source.get(f) not in ("flag", None) for option, f in fields.items()}
     except (UserError, KeyError, TypeError, AttributeError):
         measured = {}  # an unfinished run or an older imgcls: the config's values stand
-    if measured.get("attention_eval"):
-        requested["attention"] = "auto"
-    if measured.get("memory_format"):
-        requested["memory_format"] = "auto"
+    for option in fields:
+        if measured.get(option):
+            requested[option] = "auto"
     device = next(model.parameters()).device
     choice = choose_kernels(model, (cfg.batch_size, 3, info["img_size"], info["img_size"]), device,
                             resolve_precision(cfg.precision, device), **requested, compile="off",

@@ -32,6 +32,10 @@ class ViTConfig:
 
 
 class Attention(nn.Module):
+    # True: one scaled_dot_product_attention call; False: matmul, softmax, matmul written out, as timm's
+    # attention modules do with the same attribute. imgcls.kernels times both and sets it per run.
+    fused_attn = True
+
     def __init__(self, dim: int, heads: int, attn_dropout: float, dropout: float):
         super().__init__()
         self.heads = heads
@@ -44,7 +48,11 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         p = self.attn_dropout if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # fused kernel
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        else:
+            attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+            x = (F.dropout(attn, p) if p else attn) @ v
         return self.drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
 
 

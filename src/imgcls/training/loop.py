@@ -123,8 +123,8 @@ class Stepper:
         sync = contextlib.nullcontext()
         if not last and isinstance(self.trainee, DistributedDataParallel):
             sync = self.trainee.no_sync()
-        kernels = ctx.kernels.sdpa(train=True) if ctx.kernels is not None else contextlib.nullcontext()
-        with sync, kernels:  # the attention backend chosen for training (imgcls.kernels)
+        kernels = ctx.kernels.context(self.trainee, train=True) if ctx.kernels is not None else contextlib.nullcontext()
+        with sync, kernels:  # the attention and depthwise kernels chosen for training (imgcls.kernels)
             with autocast(ctx.device, ctx.precision):
                 logits = self.trainee(x)
             loss = ctx.loss(logits, targets)

@@ -126,12 +126,13 @@ def choose_run_kernels(ctx: TrainingContext) -> None:
         evaluated = max(len(s) for s in (dataset.val, dataset.test, dataset.train) if s is not None)
         choice = choose_kernels(
             ctx.model, (cfg.batch_size // world.size, 3, dataset.img_size, dataset.img_size), ctx.device,
-            ctx.precision, attention=cfg.attention, memory_format=cfg.memory_format, compile=cfg.compile,
+            ctx.precision, attention=cfg.attention, depthwise_precision=cfg.depthwise_precision,
+            memory_format=cfg.memory_format, compile=cfg.compile,
             eval_batch_size=given_eval_batch_size(cfg),
             data_size=evaluated, name=cfg.model,
             train=not cfg.cache_features)  # on cached features only the head trains: no attention, no compile
     ctx.kernels = choice = distributed.from_main(world, choice)
-    ctx.cfg = cfg.replace(**choice.config_values(cfg.attention))
+    ctx.cfg = cfg.replace(**choice.config_values(cfg.attention, cfg.depthwise_precision))
     for model in (ctx.model, ctx.ema.module if ctx.ema is not None else None):
         if model is not None:
             model.to(memory_format=choice.layout)
@@ -216,7 +217,7 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
     if cfg.cache_features:
         start = time.perf_counter()
         apply_schedule(ctx.model, ctx.groups, 0)
-        with ctx.kernels.sdpa(train=False) if ctx.kernels is not None else contextlib.nullcontext():
+        with ctx.kernels.context(ctx.model, train=False) if ctx.kernels is not None else contextlib.nullcontext():
             train, val = [None if split is None else cache_features(
                 ctx.model, split, dataset.mean, dataset.std, ctx.device, ctx.precision,
                 ctx.kernels.eval_batch_size if ctx.kernels is not None else cfg.eval_batch_size)
