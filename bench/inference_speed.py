@@ -6,9 +6,10 @@
 Plain: the uint8 test images in memory, normalised per batch, fp32, NCHW, `model(x)` under
 torch.inference_mode(), at each batch size of imgcls.kernels.EVAL_BATCHES; the plain loop is credited
 with its best one. imgcls: `predict_probs` as `imgcls eval` runs it (--precision auto, and the kernels
-imgcls.kernels chooses for inference on this machine: attention backend, memory format, batch size;
-the choice is made, or read from the cache, once before timing). The variants are interleaved in each
-round, after a warm-up batch of each; the figures are the medians over the rounds. Images per second.
+imgcls.kernels chooses for inference on this machine: attention kernel, depthwise precision, memory
+format, batch size; the choice is made, or read from the cache, once before timing). The variants are
+interleaved in each round, after a warm-up batch of each; the figures are the medians over the rounds.
+Images per second.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def main() -> None:
     for name in args.models:
         plain, ours, choice, seconds = measure(name, data, split, precision, args.rounds)
         best = max(plain, key=plain.get)
-        kernels = (f"batch {choice.eval_batch_size}, {choice.memory_format}, attention {choice.attention_eval} "
+        kernels = (f"batch {choice.eval_batch_size}, {choice.memory_format}, attention {choice.attention_eval}, "
+                   f"depthwise {choice.depthwise_eval} "
                    f"({'/'.join(sorted(set(choice.source.values()) - {'n/a'}))}, {seconds:.1f} s)")
         print(f"{name:<16} {plain[best]:>11.0f} {best.split()[1]:>7} {ours:>12.0f} {ours / plain[best]:>7.2f}x  "
               f"{kernels}", flush=True)
