@@ -192,8 +192,9 @@ class TrainConfig:
                               "both on this machine and keep the faster; a warm-up of tens of seconds)",
                        choices=("off", "on", "auto"), const="on")
     attention: str = opt("auto", "attention kernel for ViTs and timm models: auto (timed on this machine, for "
-                                 "training and inference apart), math, flash or efficient (scaled_dot_product_attention "
-                                 "backends), or manual (matmul, softmax, matmul written out)",
+                                 "training and inference apart), math, flash or efficient "
+                                 "(scaled_dot_product_attention backends), or manual (matmul, softmax, matmul "
+                                 "written out)",
                          choices=("auto", "math", "flash", "efficient", "manual"))
     depthwise_precision: str = opt("auto", "precision of depthwise convolutions (ConvNeXt, EfficientNet) under bf16 or "
                                            "fp16: auto (timed, for training and inference apart), autocast (the "

@@ -174,7 +174,8 @@ class DepthwiseConv2d(torch.nn.Conv2d):
 
 def _is_depthwise(m: torch.nn.Module) -> bool:
     """A depthwise convolution with nn.Conv2d's own forward (not a subclass such as timm's Conv2dSame)."""
-    return type(m) in (torch.nn.Conv2d, DepthwiseConv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return (type(m) in (torch.nn.Conv2d, DepthwiseConv2d) and m.groups > 1
+            and m.groups == m.in_channels == m.out_channels)
 
 
 def has_depthwise(model: torch.nn.Module) -> bool:
@@ -418,9 +419,10 @@ def choose_kernels(model: torch.nn.Module, shape: tuple[int, ...], device: torch
     alone) on `device` at `precision`.
 
     `attention`, `depthwise_precision`, `memory_format` and `compile` are the config's values: "auto" is
-    measured (compile only when "auto"), anything else is taken as given. `eval_batch_size` None is measured among EVAL_BATCHES
-    (capped by `data_size` images and MAX_EVAL_PIXELS), an int is taken as given. `name` (the model's)
-    keys the cache; `timer` (see `time_ms`) is injected by tests. The model itself is not changed."""
+    measured (compile only when "auto"), anything else is taken as given. `eval_batch_size` None is
+    measured among EVAL_BATCHES (capped by `data_size` images and MAX_EVAL_PIXELS), an int is taken as
+    given. `name` (the model's) keys the cache; `timer` (see `time_ms`) is injected by tests. The model
+    itself is not changed."""
     timer = timer or time_ms
     shape = tuple(int(s) for s in shape)
     sdpa = uses_sdpa(model)
