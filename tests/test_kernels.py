@@ -13,7 +13,7 @@ from imgcls.config import build_config
 from imgcls.evaluation.predict import load_run, predict_logits, predict_probs
 from imgcls.kernels import DepthwiseConv2d, KernelChoice, attached, choose_kernels
 from imgcls.models import create_model
-from imgcls.training.train import fit
+from imgcls.training.train import Interrupted, fit
 
 CPU = torch.device("cpu")
 SHAPE = (8, 3, 32, 32)
@@ -412,3 +412,45 @@ def test_each_layout_is_timed_with_its_own_weights_layout(cache_dir, train):
     choose_kernels(_LayoutProbe(), SHAPE, CPU, "fp32", timer=timer, data_size=100, eval_batch_size=64, train=train)
     assert len(observed) == 2 * (1 + kernels.REPEATS)
     assert all(seen == {candidate == "channels_last"} for candidate, seen in observed)
+
+
+def test_a_resumed_run_trains_with_its_recorded_kernels_and_chooses_inference_again(tiny_folder, tmp_path,
+                                                                                      cache_dir, monkeypatch):
+    chosen = []
+    real = kernels.choose_kernels
+
+    def recording(*args, **kw):
+        choice = real(*args, timer=FakeTimer({"attention_train": "math", "attention_eval": "flash"}), **kw)
+        chosen.append((kw, choice))
+        return choice
+
+    monkeypatch.setattr("imgcls.training.train.choose_kernels", recording)
+    cfg = build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=2, batch_size=32, img_size=32,
+                       quiet=True, out=str(tmp_path / "resumed"), val_fraction=0.25)
+    with pytest.raises(Interrupted):
+        fit(cfg, stop_after_steps=4)  # inside epoch 2
+    run = fit(resume=tmp_path / "resumed")
+    (_, first), (asked, again) = chosen
+    assert (first.attention_train, first.attention_eval) == ("math", "flash")
+    assert asked["attention"] == "math" and asked["attention_eval"] == "auto"  # training's from config.yaml
+    assert (again.attention_train, again.source["attention_train"]) == ("math", "flag")
+    assert again.attention_eval == "flash" and again.source["attention_eval"] in ("measured", "cache")
+    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
+    assert recorded["source"]["attention_eval"] != "flag"  # so eval and predict may choose it for themselves
+
+
+def test_float32_depthwise_is_what_the_training_steps_run(tiny_folder, tmp_path, monkeypatch):
+    dtypes = []
+    forward = DepthwiseConv2d.forward
+
+    def recording(self, x):
+        out = forward(self, x)
+        dtypes.append((self.training, out.dtype))
+        return out
+
+    monkeypatch.setattr(DepthwiseConv2d, "forward", recording)
+    fit(build_config(data=str(tiny_folder), model="convnext_cifar", epochs=1, batch_size=32, img_size=32,
+                     quiet=True, out=str(tmp_path / "dw"), precision="bf16", depthwise_precision="float32",
+                     memory_format="channels_last", val_fraction=0.25))
+    trained = {dtype for training, dtype in dtypes if training}
+    assert trained == {torch.float32}  # every depthwise convolution of every training step

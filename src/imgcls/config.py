@@ -196,9 +196,10 @@ class TrainConfig:
                                  "(scaled_dot_product_attention backends), or manual (matmul, softmax, matmul "
                                  "written out)",
                          choices=("auto", "math", "flash", "efficient", "manual"))
-    depthwise_precision: str = opt("auto", "precision of depthwise convolutions (ConvNeXt, EfficientNet) under bf16 or "
-                                           "fp16: auto (timed, for training and inference apart), autocast (the "
-                                           "run's precision) or float32", choices=("auto", "autocast", "float32"))
+    depthwise_precision: str = opt("auto", "precision of depthwise convolutions (those that are plain nn.Conv2d: "
+                                           "ConvNeXt's, EfficientNet's stride-1 ones) under bf16 or fp16: auto "
+                                           "(timed, for training and inference apart), autocast (the run's "
+                                           "precision) or float32", choices=("auto", "autocast", "float32"))
     memory_format: str = opt("auto", "tensor layout for images: auto (timed), channels_last or contiguous",
                              choices=("auto", "channels_last", "contiguous"))
     prefetch: str = opt("auto", "prepare the next batch while the current one computes: auto (on for CUDA; on the "

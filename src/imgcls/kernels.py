@@ -45,7 +45,8 @@ REPEATS = 3
 # relative speed does not depend on the batch, which keeps a ViT's measurement to seconds on a CPU.
 TRAIN_TIMING_BATCH, EVAL_TIMING_BATCH = 32, 64
 # Except the training layout: channels_last's lead grows with the batch (resnet18_cifar: 5% at 32 images, 18% at
-# 128, Zen 5), so it is timed on the run's batch, up to LAYOUT_TIMING_PIXELS (128 images of 32x32) a step.
+# 128, Zen 5), so it is timed on the run's batch, up to LAYOUT_TIMING_PIXELS (128 images of 32x32) a step or
+# TRAIN_TIMING_BATCH images, whichever is more.
 LAYOUT_TIMING_PIXELS = 128 * 32 * 32
 
 # timer(kind, candidate, fn) -> milliseconds of one call of fn (`time_ms`); kind: a KernelChoice field name
@@ -67,20 +68,25 @@ class KernelChoice:
     source: dict[str, str] = field(default_factory=dict)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def context(self, model: torch.nn.Module, train: bool) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def context(self, model: torch.nn.Module, train: bool):
         """The context in which `model` computes with the kernels chosen for training or inference: the chosen
         scaled_dot_product_attention backend (and only it: a backend that cannot run these inputs raises
         RuntimeError 'No available kernel') or the attention written out, and depthwise convolutions in float32
         where that was chosen (swapping them for DepthwiseConv2d the first time). "n/a": torch's own way."""
-        stack = contextlib.ExitStack()
-        attention = self.attention_train if train else self.attention_eval
-        if attention == "manual":
-            stack.enter_context(_setting(attention_modules(model), "fused_attn", False))
-        else:
-            stack.enter_context(sdpa_context(attention))
-        if (self.depthwise_train if train else self.depthwise_eval) == "float32":
-            stack.enter_context(_setting(switchable_depthwise(model), "float32", True))
-        return stack
+        with contextlib.ExitStack() as stack:
+            attention = self.attention_train if train else self.attention_eval
+            if attention == "manual":
+                stack.enter_context(_setting(attention_modules(model), "fused_attn", False))
+            else:
+                stack.enter_context(sdpa_context(attention))
+            if (self.depthwise_train if train else self.depthwise_eval) == "float32":
+                stack.enter_context(_setting(switchable_depthwise(model), "float32", True))
+            yield
+
+    @property
+    def float32_depthwise(self) -> bool:
+        return "float32" in (self.depthwise_train, self.depthwise_eval)
 
     @property
     def layout(self) -> torch.memory_format:
@@ -412,24 +418,26 @@ def _valid(field_name: str, value) -> bool:
 
 def choose_kernels(model: torch.nn.Module, shape: tuple[int, ...], device: torch.device, precision: str, *,
                    attention: str = "auto", depthwise_precision: str = "auto", memory_format: str = "auto",
-                   compile: str = "off",
+                   compile: str = "off", attention_eval: str | None = None, depthwise_eval: str | None = None,
                    eval_batch_size: int | None = None, data_size: int | None = None, name: str | None = None,
                    train: bool = True, timer: Timer | None = None, cache: bool = True) -> KernelChoice:
     """The kernels for `model` trained on batches of `shape` ((batch, 3, H, W); `train=False` for inference
     alone) on `device` at `precision`.
 
     `attention`, `depthwise_precision`, `memory_format` and `compile` are the config's values: "auto" is
-    measured (compile only when "auto"), anything else is taken as given. `eval_batch_size` None is
-    measured among EVAL_BATCHES (capped by `data_size` images and MAX_EVAL_PIXELS), an int is taken as
-    given. `name` (the model's) keys the cache; `timer` (see `time_ms`) is injected by tests. The model
-    itself is not changed."""
+    measured (compile only when "auto"), anything else is taken as given; `attention_eval` and
+    `depthwise_eval`, when given, replace `attention` and `depthwise_precision` for inference.
+    `eval_batch_size` None is measured among EVAL_BATCHES (capped by `data_size` images and
+    MAX_EVAL_PIXELS), an int is taken as given. `name` (the model's) keys the cache; `timer` (see
+    `time_ms`) is injected by tests. The model itself is not changed."""
     timer = timer or time_ms
     shape = tuple(int(s) for s in shape)
     sdpa = uses_sdpa(model)
     img_size = shape[-1] if len(shape) == 4 else None
     batches = eval_batch_candidates(data_size, img_size)
-    requested = {"attention_train": attention if train else "n/a", "attention_eval": attention,
-                 "depthwise_train": depthwise_precision if train else "n/a", "depthwise_eval": depthwise_precision,
+    requested = {"attention_train": attention if train else "n/a", "attention_eval": attention_eval or attention,
+                 "depthwise_train": depthwise_precision if train else "n/a",
+                 "depthwise_eval": depthwise_eval or depthwise_precision,
                  "memory_format": memory_format, "compile": compile,
                  "eval_batch_size": "auto" if eval_batch_size is None else int(eval_batch_size)}
     if not sdpa:

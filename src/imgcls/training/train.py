@@ -31,7 +31,7 @@ from imgcls.errors import UserError
 from imgcls.evaluation.calibration import reliability_bins
 from imgcls.evaluation.metrics import confusion_matrix
 from imgcls.evaluation.significance import read_test_predictions
-from imgcls.kernels import attach, choose_kernels
+from imgcls.kernels import attach, choose_kernels, switchable_depthwise
 from imgcls.models import count_parameters
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
@@ -80,7 +80,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
     distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     ctx = build_context(cfg, world, device_name, fresh=not has_last)
-    choose_run_kernels(ctx)  # before the folder: config.yaml records what was chosen
+    choose_run_kernels(ctx, resumed=resume is not None)  # before the folder: config.yaml records what was chosen
     if world.main and resume is None:
         for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -115,11 +115,12 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             folder.release()
 
 
-def choose_run_kernels(ctx: TrainingContext) -> None:
+def choose_run_kernels(ctx: TrainingContext, resumed: bool = False) -> None:
     """Choose the run's kernels (imgcls.kernels: measured for each `auto`, cached per machine), apply the
     memory format to the model (and its EMA average), attach the choice for inference, and put what was
-    chosen in the config, so that a resumed run uses the same. Under torchrun rank 0 measures and every
-    rank takes its choice."""
+    chosen for training in the config, so that a resumed run trains with the same. The config has no room
+    for the inference choice: a resumed run chooses it again (from the cache on the same machine). Under
+    torchrun rank 0 measures and every rank takes its choice."""
     cfg, world, dataset = ctx.cfg, ctx.world, ctx.dataset
     choice = None
     if world.main:
@@ -128,6 +129,7 @@ def choose_run_kernels(ctx: TrainingContext) -> None:
             ctx.model, (cfg.batch_size // world.size, 3, dataset.img_size, dataset.img_size), ctx.device,
             ctx.precision, attention=cfg.attention, depthwise_precision=cfg.depthwise_precision,
             memory_format=cfg.memory_format, compile=cfg.compile,
+            attention_eval="auto" if resumed else None, depthwise_eval="auto" if resumed else None,
             eval_batch_size=given_eval_batch_size(cfg),
             data_size=evaluated, name=cfg.model,
             train=not cfg.cache_features)  # on cached features only the head trains: no attention, no compile
@@ -136,6 +138,8 @@ def choose_run_kernels(ctx: TrainingContext) -> None:
     for model in (ctx.model, ctx.ema.module if ctx.ema is not None else None):
         if model is not None:
             model.to(memory_format=choice.layout)
+            if choice.float32_depthwise:  # swapped now, before any compile or DDP wrapper is made of the model
+                switchable_depthwise(model)
             attach(model, choice)
 
 
