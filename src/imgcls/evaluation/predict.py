@@ -64,9 +64,9 @@ def predict_logits(model, split: Split, mean, std, device, precision: str, batch
     kernels (see `_inference_kernels`)."""
     model.eval()
     all_logits, all_labels = [], []
-    batch_size, layout, attention = _inference_kernels(model, kernels, batch_size)
+    batch_size, layout, kernel_context = _inference_kernels(model, kernels, batch_size)
     batch_size = eval_batch_size(batch_size, split.img_size)
-    with attention:
+    with kernel_context:
         for images, labels in split.batches(torch.arange(len(split)), batch_size):
             if len(images) == 0:
                 continue
@@ -84,10 +84,10 @@ def predict_probs(model, split: Split, mean, std, device, precision: str, batch_
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     n_views, weights = tta_view_count(tta), tta_view_weights(tta).view(-1, 1, 1)
-    batch_size, layout, attention = _inference_kernels(model, kernels, batch_size)
+    batch_size, layout, kernel_context = _inference_kernels(model, kernels, batch_size)
     batch_size = max(1, eval_batch_size(batch_size, split.img_size) // n_views)
     all_probs, all_labels = [], []
-    with attention:  # one context for all batches: a sdpa_kernel context cannot be entered twice
+    with kernel_context:  # one context for all batches: a sdpa_kernel context cannot be entered twice
         for images, labels in split.batches(torch.arange(len(split)), batch_size):
             if len(images) == 0:
                 continue

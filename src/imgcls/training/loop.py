@@ -123,8 +123,7 @@ class Stepper:
         sync = contextlib.nullcontext()
         if not last and isinstance(self.trainee, DistributedDataParallel):
             sync = self.trainee.no_sync()
-        kernels = ctx.kernels.context(self.trainee, train=True) if ctx.kernels is not None else contextlib.nullcontext()
-        with sync, kernels:  # the attention and depthwise kernels chosen for training (imgcls.kernels)
+        with sync:  # under the kernel choice train_one_epoch sets (imgcls.kernels)
             with autocast(ctx.device, ctx.precision):
                 logits = self.trainee(x)
             loss = ctx.loss(logits, targets)
@@ -314,40 +313,43 @@ def train_one_epoch(stepper: Stepper, batches, transform: TrainTransform, aug_ge
     ctx = stepper.ctx
     train_mode(stepper.trainee)  # frozen parts stay in eval mode
     meter.start(ctx.device)
-    feed = _feed(batches, transform, aug_gen, ctx.device, prefetching(ctx.cfg, ctx.device))
     next_read, logged = meter.steps + progress.interval, (meter.images, meter.loss_sum)
     finished = False
-    try:
-        while True:
-            start = time.perf_counter()
-            batch = feed.next()
-            if batch is None:
-                finished = True
-                break
-            fetched = time.perf_counter()
-            # after the fetch, so a stop at an epoch's last step still ends the epoch
-            if meter.steps % ctx.cfg.accum_steps == 0:
-                read = meter.steps >= next_read
-                if read:
-                    next_read, logged = meter.steps + progress.interval, _report(stepper, meter, progress, tb,
-                                                                                 step_offset, logged)
-                if should_stop(read):
+    kernels = ctx.kernels.context(stepper.trainee, train=True) if ctx.kernels is not None else contextlib.nullcontext()
+    layout = ctx.kernels.layout if ctx.kernels is not None else torch.channels_last
+    with kernels:  # the attention and depthwise kernels chosen for training (imgcls.kernels), set once an epoch
+        feed = _feed(batches, transform, aug_gen, ctx.device, prefetching(ctx.cfg, ctx.device))
+        try:
+            while True:
+                start = time.perf_counter()
+                batch = feed.next()
+                if batch is None:
+                    finished = True
                     break
-            x, targets = feed.prepare(batch)  # augmented, normalised, mixed; soft targets
-            if x.dim() == 4:  # images; cached features are B x D
-                x = x.contiguous(memory_format=ctx.kernels.layout if ctx.kernels is not None else torch.channels_last)
-            loss, logits, norm = stepper.micro_step(x, targets, meter.steps)
-            feed.launched()
-            meter.add_batch(loss, logits, targets)
-            if norm is not None:
-                meter.add_grad_norm(norm)
-            end = time.perf_counter()
-            meter.data_seconds += fetched - start
-            meter.compute_seconds += end - fetched
-            meter.seconds += end - start
-            progress.advance(meter)
-    finally:
-        feed.close(stopped=not finished)
+                fetched = time.perf_counter()
+                # after the fetch, so a stop at an epoch's last step still ends the epoch
+                if meter.steps % ctx.cfg.accum_steps == 0:
+                    read = meter.steps >= next_read
+                    if read:
+                        next_read, logged = meter.steps + progress.interval, _report(stepper, meter, progress, tb,
+                                                                                     step_offset, logged)
+                    if should_stop(read):
+                        break
+                x, targets = feed.prepare(batch)  # augmented, normalised, mixed; soft targets
+                if x.dim() == 4:  # images; cached features are B x D
+                    x = x.contiguous(memory_format=layout)
+                loss, logits, norm = stepper.micro_step(x, targets, meter.steps)
+                feed.launched()
+                meter.add_batch(loss, logits, targets)
+                if norm is not None:
+                    meter.add_grad_norm(norm)
+                end = time.perf_counter()
+                meter.data_seconds += fetched - start
+                meter.compute_seconds += end - fetched
+                meter.seconds += end - start
+                progress.advance(meter)
+        finally:
+            feed.close(stopped=not finished)
     if ctx.device.type == "cuda":  # the steps were only launched: the time they ran to is now
         start = time.perf_counter()
         torch.cuda.synchronize(ctx.device)
