@@ -116,7 +116,7 @@ class KernelChoice:
 
 
 def sdpa_context(backend: str):
-    if backend in ("n/a", "auto", "manual"):
+    if backend in ("n/a", "auto"):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 

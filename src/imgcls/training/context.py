@@ -48,7 +48,7 @@ class TrainingContext:
     class_weights: torch.Tensor | None
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # --schedule plateau, stepped once per epoch
     lookahead: Lookahead | None = None  # --lookahead
-    kernels: KernelChoice | None = None  # imgcls.kernels: attention, layout, compile, eval batch (set by fit)
+    kernels: KernelChoice | None = None  # imgcls.kernels: attention, depthwise, layout, compile, eval batch (by fit)
 
     @property
     def evaluated(self) -> torch.nn.Module:
