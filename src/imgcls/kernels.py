@@ -29,10 +29,12 @@ from imgcls.runtime import autocast
 
 # math, flash, efficient: scaled_dot_product_attention restricted to that backend; manual: the attention
 # modules' own matmul-softmax-matmul (their `fused_attn` off), which beat every backend for a bf16 training
-# step of vit_cifar's 65 tokens on Zen 5 (18 vs 39 ms math, 79 ms flash, per layer at batch 128).
+# step of vit_cifar's 65 tokens on Zen 5 (12 vs 34 ms math, 71 ms flash, per layer at batch 128;
+# bench/layer_kernels.py).
 ATTENTION_BACKENDS = ("math", "flash", "efficient", "manual")
 # autocast: depthwise convolutions at the run's precision; float32: in float32 under bf16/fp16 autocast (oneDNN's
-# bf16 depthwise weight gradient ran 1.5-3.7x slower than float32 for ConvNeXt's 7x7 ones on Zen 5).
+# bf16 depthwise convolutions ran 1.3-2.7x slower than float32, forward and backward, for ConvNeXt's 7x7 ones
+# on Zen 5; bench/layer_kernels.py).
 DEPTHWISE_PRECISIONS = ("autocast", "float32")
 MEMORY_FORMATS = ("channels_last", "contiguous")
 EVAL_BATCHES = (64, 128, 256, 512)  # 1024 never won on the CPUs measured, and costs as much as the rest
