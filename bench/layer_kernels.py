@@ -1,12 +1,15 @@
-"""The two kernel choices added for issue 13, layer by layer: attention and depthwise convolution.
+"""The kernel choices of issue 13 in isolation: attention, depthwise convolution, and the layout's batch.
 
-    python bench/layer_kernels.py [--batch-size 128] [--repeats 10]
+    python bench/layer_kernels.py [--batch-size 128] [--repeats 10] [--layout-model resnet18_cifar]
 
 Attention: one layer of vit_cifar (65 tokens, 8 heads of 32) forward and backward, through each
 scaled_dot_product_attention backend and written out (matmul, softmax, matmul), in bf16 and fp32.
 Depthwise: convnext_cifar's 7x7 depthwise convolutions (channels-last, one per stage: 64 channels at
 16x16 down to 512 at 2x2) forward and backward, in bf16 and fp32. Milliseconds, medians of
 `--repeats` calls after two warm-up calls; the variants of one row are timed in turn.
+Layout: a bf16 training step of `--layout-model` (forward, backward, fused AdamW), channels-last against
+contiguous, at 32 images and at `--batch-size`, in ms per image (why imgcls.kernels times the training
+layout on the run's batch).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from imgcls.models import create_model
 
 BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
 STAGES = ((64, 16), (128, 8), (256, 4), (512, 2))  # convnext_cifar: channels, map size
@@ -63,10 +68,26 @@ def depthwise_step(channels: int, size: int, dtype: torch.dtype, batch: int):
     return step
 
 
+def layout_step(model: torch.nn.Module, optimizer, layout: torch.memory_format, batch: int):
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=layout)
+    y = torch.randint(0, 10, (batch,))
+
+    def step():
+        model.to(memory_format=layout)  # a no-op when it is laid out so already
+        with torch.autocast("cpu", torch.bfloat16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--layout-model", default="resnet18_cifar")
     args = parser.parse_args()
     print(f"{torch.get_num_threads()} threads, batch {args.batch_size}, ms per forward + backward (medians)")
     for dtype in (torch.bfloat16, torch.float32):
@@ -80,6 +101,17 @@ def main() -> None:
         print(f"depthwise 7x7, {channels} channels at {size}x{size}: "
               + ", ".join(f"{name} {ms:.1f}" for name, ms in row.items())
               + f" (bf16 / fp32 = {row['bfloat16'] / row['float32']:.2f})")
+    torch.manual_seed(0)
+    model = create_model(args.layout_model, num_classes=10)
+    optimizer = torch.optim.AdamW(model.parameters(), fused=True)
+    for batch in sorted({32, args.batch_size}):
+        row = {}
+        for _ in range(3):  # rounds alternating the layouts (each re-lays the weights out once a round)
+            for name, layout in (("channels_last", torch.channels_last), ("contiguous", torch.contiguous_format)):
+                row.setdefault(name, []).append(median_ms(layout_step(model, optimizer, layout, batch), 3) / batch)
+        cl, contiguous = statistics.median(row["channels_last"]), statistics.median(row["contiguous"])
+        print(f"layout, {args.layout_model} bf16 training step at {batch} images: channels_last {cl:.2f}, "
+              f"contiguous {contiguous:.2f} ms/image (channels_last {100 * (contiguous / cl - 1):+.0f}% faster)")
 
 
 if __name__ == "__main__":

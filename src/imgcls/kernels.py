@@ -46,9 +46,9 @@ REPEATS = 3
 # EVAL_TIMING_BATCH: the per-image shapes (tokens, heads, channels) are the model's own, and the kernels'
 # relative speed does not depend on the batch, which keeps a ViT's measurement to seconds on a CPU.
 TRAIN_TIMING_BATCH, EVAL_TIMING_BATCH = 32, 64
-# Except the training layout: channels_last's lead grows with the batch (resnet18_cifar: 5% at 32 images, 18% at
-# 128, Zen 5), so it is timed on the run's batch, up to LAYOUT_TIMING_PIXELS (128 images of 32x32) a step or
-# TRAIN_TIMING_BATCH images, whichever is more.
+# Except the training layout: channels_last's lead grows with the batch (resnet18_cifar: none at 32 images, 11%
+# at 128, Zen 5; bench/layer_kernels.py), so it is timed on the run's batch, up to LAYOUT_TIMING_PIXELS (128
+# images of 32x32) a step or TRAIN_TIMING_BATCH images, whichever is more.
 LAYOUT_TIMING_PIXELS = 128 * 32 * 32
 
 # timer(kind, candidate, fn) -> milliseconds of one call of fn (`time_ms`); kind: a KernelChoice field name
