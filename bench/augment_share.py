@@ -17,7 +17,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from imgcls.config import erasing_probability
 from imgcls.data import AUGMENTATIONS, TrainTransform, load_dataset, per_image_transform
+from imgcls.data.presets import PixelRecipe
 from imgcls.models import create_model
 
 
@@ -61,10 +63,13 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     for label, opts in settings:
         aug = opts.get("aug", label)
-        transform = TrainTransform(aug, 32, data.mean, data.std, data.num_classes, None, opts.get("mixup", 0.0),
-                                   opts.get("cutmix", 0.0), label_smoothing=opts.get("label_smoothing", 0.0))
+        recipe = PixelRecipe(aug)  # the default crop padding (size/8) for the crop-based recipes
+        transform = TrainTransform(recipe, 32, data.mean, data.std, data.num_classes,
+                                   erasing_probability(aug, None),  # the recipe's own erasing (0.2 for standard)
+                                   opts.get("mixup", 0.0), opts.get("cutmix", 0.0),
+                                   label_smoothing=opts.get("label_smoothing", 0.0))
         batched = median_seconds(lambda t=transform: t(images, labels, gen), args.repeats)
-        reference = per_image_transform(aug, 32)
+        reference = per_image_transform(recipe, 32)
         per_image = median_seconds(lambda r=reference: [r(img) for img in images], max(1, args.repeats // 2))
         share = batched / (batched + step_s)
         print(f"{label:<28} {1000 * batched:>10.1f} {100 * share:>6.1f}% {1000 * per_image:>13.1f} "

@@ -4,10 +4,11 @@
                                     [--images 1024] [--rounds 3] [--data-dir DIR/cifar10]
 
 Plain: the uint8 test images in memory, normalised per batch, fp32, NCHW, `model(x)` under
-torch.inference_mode(), at each batch size of imgcls.kernels.EVAL_BATCHES; the plain loop is credited
-with its best one. imgcls: `predict_probs` as `imgcls eval` runs it (--precision auto, and the kernels
-imgcls.kernels chooses for inference on this machine: attention kernel, depthwise precision, memory
-format, batch size; the choice is made, or read from the cache, once before timing). The variants are
+torch.inference_mode(), at each batch size of imgcls.kernels.measure.EVAL_BATCHES; the plain loop is
+credited with its best one. imgcls: the inference engine's `score_split` as `imgcls eval` runs it
+(--precision auto, and the kernels imgcls.kernels chooses for inference on this machine: attention
+kernel, depthwise precision, memory format, batch size; the choice is made, or read from the cache,
+once before timing, and the engine's model is configured with it). The variants are
 interleaved in each round, after a warm-up batch of each; the figures are the medians over the rounds.
 Images per second.
 """
@@ -21,9 +22,11 @@ import time
 import torch
 from classic import bench_data
 
-from imgcls.data import normalize
-from imgcls.evaluation.predict import predict_probs
-from imgcls.kernels import EVAL_BATCHES, choose_kernels
+from imgcls.data import Preprocessing, normalize
+from imgcls.inference.engine import Engine, TorchBackend
+from imgcls.inference.graph import InferenceModel
+from imgcls.kernels.apply import configure
+from imgcls.kernels.measure import EVAL_BATCHES, choose_kernels
 from imgcls.models import create_model
 from imgcls.runtime import resolve_precision
 
@@ -52,16 +55,17 @@ def measure(name: str, data, split, precision: str, rounds: int):
     choose_seconds = time.perf_counter() - start
     ours_model = create_model(name, data.num_classes).eval()
     ours_model.load_state_dict(model.state_dict())
-    ours_model.to(memory_format=choice.layout)
+    configure(ours_model, choice.attention_eval, choice.depthwise_eval, choice.memory_format)
+    prep = Preprocessing(split.img_size, data.mean, data.std, data.crop_pct)
+    engine = Engine(TorchBackend(InferenceModel(ours_model, prep, memory_format=choice.layout), DEVICE, precision),
+                    data.classes, prep, choice.eval_batch_size, precision=precision, kernels=choice, device=DEVICE)
     variants = {f"plain {b}": plain_loop(model, split, data.mean, data.std, b)
                 for b in sorted({min(b, len(split)) for b in EVAL_BATCHES})}
-    variants["imgcls"] = lambda: predict_probs(ours_model, split, data.mean, data.std, DEVICE, precision,
-                                               kernels=choice)
+    variants["imgcls"] = lambda: engine.score_split(split)
     times = {k: [] for k in variants}
     for b in sorted({min(b, len(split)) for b in EVAL_BATCHES}):  # warm-up: first-call allocations, oneDNN
         plain_loop(model, split.subset(torch.arange(b)), data.mean, data.std, b)()  # kernels for each shape
-    predict_probs(ours_model, split.subset(torch.arange(min(choice.eval_batch_size, len(split)))), data.mean,
-                  data.std, DEVICE, precision, kernels=choice)
+    engine.score_split(split.subset(torch.arange(min(choice.eval_batch_size, len(split)))))
     for _ in range(rounds):
         for key, fn in variants.items():
             t = time.perf_counter()
@@ -91,7 +95,7 @@ def main() -> None:
         best = max(plain, key=plain.get)
         kernels = (f"batch {choice.eval_batch_size}, {choice.memory_format}, attention {choice.attention_eval}, "
                    f"depthwise {choice.depthwise_eval} "
-                   f"({'/'.join(sorted(set(choice.source.values()) - {'n/a'}))}, {seconds:.1f} s)")
+                   f"({'/'.join(sorted(set(choice.source.values()) - {'none'}))}, {seconds:.1f} s)")
         print(f"{name:<16} {plain[best]:>11.0f} {best.split()[1]:>7} {ours:>12.0f} {ours / plain[best]:>7.2f}x  "
               f"{kernels}", flush=True)
 

@@ -63,7 +63,7 @@ def main() -> None:
 
     import torch  # after argparse, so --help is instant
 
-    from imgcls.kernels import machine
+    from imgcls.kernels.cache import machine
     from imgcls.models import create_model
     from imgcls.models.flops import forward_gflops
     from imgcls.training.train import fit

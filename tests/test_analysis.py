@@ -15,7 +15,7 @@ from imgcls import rundir
 from imgcls.cli import main
 from imgcls.config import build_config
 from imgcls.data import normalize
-from imgcls.data.presets import tta_views
+from imgcls.data.presets import PixelRecipe, tta_views
 from imgcls.evaluation.calibration import (
     brier_score,
     calibration_metrics,
@@ -26,9 +26,9 @@ from imgcls.evaluation.calibration import (
     negative_log_likelihood,
     reliability_bins,
 )
-from imgcls.evaluation.cam import grad_cam
-from imgcls.evaluation.evaluate import run_split
-from imgcls.evaluation.predict import load_run
+from imgcls.evaluation.cam import explain, grad_cam
+from imgcls.inference.run import load_run, run_engine
+from imgcls.models.contract import token_grid
 from imgcls.training.train import fit
 
 # --- calibration metrics on hand-computed examples -----------------------------------------------
@@ -93,12 +93,13 @@ def test_vector_scaling_recovers_per_class_scale_and_bias():
 
 def test_tta_views():
     images = torch.arange(2 * 3 * 8 * 8, dtype=torch.int64).reshape(2, 3, 8, 8).to(torch.uint8)
-    flip = tta_views(images, "flip", "basic", torch.Generator())
+    basic = PixelRecipe("basic")
+    flip = tta_views(images, "flip", basic, torch.Generator())
     assert len(flip) == 2 and torch.equal(flip[1], images.flip(-1))
-    views = tta_views(images, "flip-crop", "basic", torch.Generator())
+    views = tta_views(images, "flip-crop", basic, torch.Generator())
     assert len(views) == 6 and all(v.shape == images.shape for v in views)
     assert torch.equal(views[1][..., 1:, 1:], images[..., :-1, :-1])  # shifted by 1 px (size/32, at least 1)
-    assert len(tta_views(images, 3, "basic", torch.Generator().manual_seed(0))) == 3
+    assert len(tta_views(images, 3, basic, torch.Generator().manual_seed(0))) == 3
 
 
 def test_tta_views_are_bounded():
@@ -196,7 +197,7 @@ def test_report_on_a_comparison_links_every_run(tiny_folder, tmp_path, capsys):
 
 
 def test_cam_command_writes_one_overlay_per_image(overfit_run, tmp_path, capsys):
-    split = run_split(load_run(overfit_run), "test")
+    split = load_run(overfit_run).split("test")
     paths = []
     for i in range(3):
         path = tmp_path / f"img{i}.png"
@@ -235,11 +236,15 @@ def test_grad_cam_puts_most_mass_in_the_quadrant_that_decides_the_label(model, s
     run = fit(build_config(data=str(data), model=model, img_size=size, epochs=epochs, batch_size=64, lr=lr,
                            aug="none", warmup_epochs=0.5, out=str(tmp_path / "run"), quiet=True))
     trained = load_run(run)
-    test = run_split(trained, "test")
+    test = trained.split("test")
     images, labels = next(test.batches(torch.arange(len(test)), len(test)))
+    assert (token_grid(trained.model) is not None) == model.startswith("vit")  # where the maps come from
     x = normalize(images, trained.dataset["mean"], trained.dataset["std"])
+    engine = run_engine(trained)  # what imgcls cam and the report explain through
     for method in ("gradcam", "gradcam++"):
         cams, classes, probs = grad_cam(trained.model, x, method=method)
         assert (classes == labels).float().mean() > 0.95  # the model solved the task
         mass = cams[:, : size // 2, size // 2 :].sum(dim=(1, 2)) / cams.sum(dim=(1, 2))
         assert mass.mean() > 0.55, (method, mass.mean())  # the quadrant is a quarter of the image
+        through, same, _ = explain(engine, images.permute(0, 2, 3, 1), method=method)  # uint8 NHWC in
+        assert torch.equal(same, classes) and torch.allclose(through, cams, atol=1e-4)

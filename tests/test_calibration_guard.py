@@ -11,15 +11,12 @@ from PIL import Image
 from imgcls import rundir
 from imgcls.cli import main
 from imgcls.errors import UserError
-from imgcls.evaluation.calibration import (
-    MIN_PER_CLASS,
-    TEMPERATURE_RANGE,
-    Scaling,
-    check_calibration_data,
-    check_scaling,
-    fit_scaling,
-)
+from imgcls.evaluation.calibration import MIN_PER_CLASS, check_calibration_data, check_scaling, fit_scaling
+from imgcls.inference.scaling import TEMPERATURE_RANGE, Scaling
 from imgcls.models.checkpoint import save_checkpoint
+
+TEMPERATURE_MIN = MIN_PER_CLASS["temperature"]  # one parameter: ten images of each class
+VECTOR_MIN = MIN_PER_CLASS["vector"]  # a scale and a bias per class: twenty of each
 
 
 def _error(call) -> str:
@@ -34,14 +31,27 @@ def _error(call) -> str:
 def test_a_class_without_validation_images_is_named():
     labels = torch.tensor([0] * 20 + [2] * 20)
     message = _error(lambda: check_calibration_data(labels, 3, ["cat", "dog", "bird"]))
-    assert "no images of 'dog'" in message and f"at least {MIN_PER_CLASS}" in message
+    assert "no images of 'dog'" in message and f"at least {TEMPERATURE_MIN}" in message
 
 
 def test_too_few_validation_images_of_a_class_are_refused():
-    labels = torch.tensor([0] * 30 + [1] * (MIN_PER_CLASS - 1))
+    labels = torch.tensor([0] * 30 + [1] * (TEMPERATURE_MIN - 1))
     message = _error(lambda: check_calibration_data(labels, 2, ["cat", "dog"]))
-    assert f"only {MIN_PER_CLASS - 1} images of 'dog'" in message and "--val-fraction" in message
-    check_calibration_data(torch.tensor([0, 1] * MIN_PER_CLASS), 2)  # exactly the minimum is enough
+    assert f"only {TEMPERATURE_MIN - 1} images of 'dog'" in message and "--val-fraction" in message
+    check_calibration_data(torch.tensor([0, 1] * TEMPERATURE_MIN), 2)  # exactly the minimum is enough
+
+
+def test_vector_scaling_needs_twice_the_images_of_temperature_scaling():
+    assert VECTOR_MIN == 2 * TEMPERATURE_MIN  # two parameters per class against one in all
+    enough_for_temperature = torch.tensor([0, 1] * TEMPERATURE_MIN)
+    check_calibration_data(enough_for_temperature, 2, method="temperature")
+    message = _error(lambda: check_calibration_data(enough_for_temperature, 2, ["cat", "dog"], method="vector"))
+    assert f"only {TEMPERATURE_MIN} images of 'cat'" in message
+    assert f"vector scaling needs at least {VECTOR_MIN}" in message
+    labels = torch.tensor([0] * 30 + [1] * (VECTOR_MIN - 1))
+    assert f"only {VECTOR_MIN - 1} images of 'dog'" in _error(
+        lambda: check_calibration_data(labels, 2, ["cat", "dog"], method="vector"))
+    check_calibration_data(torch.tensor([0, 1] * VECTOR_MIN), 2, method="vector")  # exactly the minimum
 
 
 def _logits(labels, classes, margin, seed=0):
@@ -52,7 +62,7 @@ def _logits(labels, classes, margin, seed=0):
 
 
 def test_a_split_classified_all_right_is_refused_before_fitting():
-    labels = torch.arange(3).repeat(MIN_PER_CLASS)
+    labels = torch.arange(3).repeat(TEMPERATURE_MIN)
     logits = _logits(labels, 3, margin=4.0)  # every image right by a wide margin
     scaling = fit_scaling(logits, labels)
     assert scaling.temperature < 0.2  # the loss falls towards T = 0: the fit stops wherever L-BFGS gives up
@@ -94,9 +104,9 @@ def tiny_run(tiny_folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_run(mini, tmp_path_factory):
-    """A folder with its own val/ of exactly MIN_PER_CLASS images per class, and a 1-epoch run on it."""
+    """A folder with its own val/ of exactly TEMPERATURE_MIN images per class, and a 1-epoch run on it."""
     root = tmp_path_factory.mktemp("withval")
-    for split, source, start, count in (("train", mini.train, 0, 30), ("val", mini.train, 30, MIN_PER_CLASS),
+    for split, source, start, count in (("train", mini.train, 0, 30), ("val", mini.train, 30, TEMPERATURE_MIN),
                                         ("test", mini.test, 0, 10)):
         for cls in range(3):
             folder = root / split / mini.classes[cls]
@@ -118,7 +128,7 @@ def _one_line(capsys) -> str:
 def test_calibrate_refuses_a_carved_validation_split_of_four_per_class(tiny_run, capsys):
     assert main(["calibrate", str(tiny_run)]) == 2
     line = _one_line(capsys)
-    assert "validation split has only 4 images of" in line and f"at least {MIN_PER_CLASS}" in line
+    assert "validation split has only 4 images of" in line and f"at least {TEMPERATURE_MIN}" in line
     assert not (tiny_run / rundir.CALIBRATION).exists()
 
 
@@ -136,8 +146,16 @@ def test_calibrate_refuses_a_runaway_temperature_and_stores_nothing(val_run, tmp
     assert not (val_run / rundir.CALIBRATION).exists()
 
 
+def test_calibrate_refuses_vector_scaling_on_what_suffices_for_a_temperature(val_run, capsys):
+    # TEMPERATURE_MIN per class is enough for one temperature, not for a scale and a bias per class.
+    assert main(["calibrate", str(val_run), "--method", "vector"]) == 2
+    line = _one_line(capsys)
+    assert f"only {TEMPERATURE_MIN} images of" in line and f"vector scaling needs at least {VECTOR_MIN}" in line
+    assert not (val_run / rundir.CALIBRATION).exists()
+
+
 def test_calibrate_on_enough_data_stores_only_a_plausible_temperature(val_run, capsys):
-    # Exactly MIN_PER_CLASS per class: the count check passes; the fit is then stored or refused by its value.
+    # Exactly TEMPERATURE_MIN per class: the count check passes; the fit is then stored or refused by its value.
     code = main(["calibrate", str(val_run), "--method", "temperature"])
     stored = val_run / rundir.CALIBRATION
     if code == 0:

@@ -38,6 +38,19 @@ def test_eval_writes_metrics_json(run, capsys):
     assert "accuracy" in capsys.readouterr().out
 
 
+def test_eval_records_what_it_was_computed_from(run, capsys):
+    """eval-<split>.json names the checkpoint file, its sha256 (what export checks before reusing the file),
+    the precision it ran at and the calibration applied."""
+    from imgcls.inference.run import load_run
+
+    assert main(["eval", str(run)]) == 0
+    result = json.loads((run / "eval-test.json").read_text())
+    trained = load_run(run)
+    assert result["checkpoint"] == str(trained.checkpoint) and result["scaling"] is None
+    assert result["precision"] == trained.config.eval_precision
+    assert result["weights"] == trained.digest
+
+
 def test_predict_prints_topk_probabilities(run, tiny_folder, capsys):
     images = sorted((tiny_folder / "test" / "bird").iterdir())[:2]
     assert main(["predict", str(run), *map(str, images), "--topk", "2", "--json"]) == 0
@@ -130,3 +143,20 @@ def test_augment_preview_writes_a_grid(tmp_path, capsys):
     with Image.open(out) as img:
         assert img.format == "PNG" and img.width > 300 and img.height > 300
     assert str(out) in capsys.readouterr().out
+
+
+def test_augment_preview_takes_the_recipe_flags_of_train_and_no_others(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "recipe.png"
+    assert main(["augment-preview", "--aug", "basic", "--crop-padding", "2", "--crop-fill", "reflect",
+                 "--random-erasing", "0.5", "--mixup", "--mix-prob", "0.5", "--label-smoothing", "0.1",
+                 "--seed", "3", "--n", "2", "--out", str(out)]) == 0
+    with Image.open(out) as img:
+        assert img.format == "PNG"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse: not an option of augment-preview
+        main(["augment-preview", "--epochs", "3", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2 and "unrecognized arguments: --epochs" in capsys.readouterr().err
+    assert main(["augment-preview", "--aug", "standard", "--crop-padding", "2", "--out", str(tmp_path / "y.png")]) == 2
+    assert "--crop-padding" in _error_line(capsys)  # validated as train validates it

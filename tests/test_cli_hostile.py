@@ -131,9 +131,10 @@ CASES = [
     ("cifar-meta-repeats-a-class", lambda r, t, p: ["augment-preview", "--data", "cifar10", "--data-dir",
                                                     str(_cifar(p, [b"a", b"a", b"b"]).parent),
                                                     "--out", str(p / "g.png")], "names the class 'a' twice"),
-    # augment-preview: --img-size 0 silently became 32; --out without .png silently wrote OUT.png
+    # augment-preview: --img-size 0 silently became 32; --out without .png silently wrote OUT.png. Its flags are
+    # train's, checked by train's schema (the same message train gives)
     ("preview-img-size-zero", lambda r, t, p: ["augment-preview", "--img-size", "0", "--out", str(p / "g.png")],
-     "--img-size must be a whole number from 8 to 1024 (got 0)"),
+     "--img-size must be >= 8 and <= 1024 (got 0)"),
     ("preview-img-size-huge", lambda r, t, p: ["augment-preview", "--img-size", "5000", "--out", str(p / "g.png")],
      "(got 5000)"),
     ("preview-n-zero", lambda r, t, p: ["augment-preview", "--n", "0", "--out", str(p / "g.png")],
@@ -143,9 +144,9 @@ CASES = [
     ("preview-n-huge", lambda r, t, p: ["augment-preview", "--n", "100000", "--out", str(p / "g.png")],
      "--n must be from 1 to 64"),
     ("preview-seed-negative", lambda r, t, p: ["augment-preview", "--seed", "-1", "--out", str(p / "g.png")],
-     "--seed must be from 0"),
+     "--seed must be >= 0 and <= "),
     ("preview-seed-huge", lambda r, t, p: ["augment-preview", "--seed", str(10**22), "--out", str(p / "g.png")],
-     "--seed must be from 0"),
+     "--seed must be >= 0 and <= "),
     ("preview-out-is-a-folder", lambda r, t, p: ["augment-preview", "--out", str(p)], "is a folder; pass a PNG"),
     ("preview-out-not-png", lambda r, t, p: ["augment-preview", "--out", str(p / "g.txt")], "must name a .png file"),
     ("preview-out-no-suffix", lambda r, t, p: ["augment-preview", "--out", str(p / "grid")], "must name a .png file"),

@@ -83,3 +83,38 @@ def test_flag_values_keep_their_types():
     cfg = build_config(**{n: getattr(args, n) for n in FIELDS})
     assert (cfg.lr, cfg.epochs, cfg.mixup, cfg.group_lrs, cfg.whiten) == (3e-4, 7, 0.2, [1e-4, 1e-3], True)
     assert cfg.pretrained == "w.pt" and isinstance(cfg, TrainConfig)
+
+
+@pytest.mark.parametrize("legacy", ["math", "flash", "efficient"])
+def test_a_pinned_sdpa_backend_of_an_older_run_is_read_as_sdpa(legacy, tmp_path):
+    import yaml
+
+    from imgcls.config import load_config
+
+    assert build_config(attention=legacy, eval_attention=legacy).attention == "sdpa"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**TrainConfig().to_dict(), "attention": legacy, "eval_attention": legacy}))
+    cfg = load_config(path)
+    assert (cfg.attention, cfg.eval_attention) == ("sdpa", "sdpa")
+    with pytest.raises(UserError, match="--attention must be one of"):
+        build_config(attention="warp-drive")
+
+
+def test_the_plan_resolves_every_auto_once_and_resolving_it_again_changes_nothing():
+    from imgcls.config import KERNEL_FIELDS, Facts, resolve, unresolved
+
+    cfg = build_config(data="cifar10-mini", aug="standard")
+    assert {"precision", "eval_precision", "attention", "memory_format", "img_size", "eval_batch_size",
+            "prefetch"} <= set(unresolved(cfg))
+    kernels = {"attention": "none", "eval_attention": "none", "depthwise_precision": "none",
+               "eval_depthwise_precision": "none", "memory_format": "channels_last", "compile": "off",
+               "eval_batch_size": 128}
+    assert set(kernels) == set(KERNEL_FIELDS)
+    facts = Facts("cpu", "fp32", "fp32", 32, "cifar", "memory", "off", kernels)
+    plan = resolve(cfg, facts)
+    assert unresolved(plan) == [] and unresolved(cfg)  # a new object; cfg is left as it was
+    assert resolve(plan, facts) == plan
+    assert (plan.img_size, plan.eval_batch_size, plan.prefetch, plan.normalize) == (32, 128, "off", "cifar")
+    assert plan.random_erasing == 0.2 and plan.crop_padding is None  # standard's erasing; no random crop
+    basic = resolve(build_config(aug="basic"), facts)
+    assert basic.crop_padding == 4 and basic.random_erasing == 0.0  # size/8 at 32 px

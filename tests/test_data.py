@@ -17,10 +17,10 @@ from imgcls.config import build_config
 from imgcls.data import folder, load_dataset, normalize
 from imgcls.data.augment import random_crop, random_hflip
 from imgcls.data.cifar import load_cifar10, read_batch
-from imgcls.data.presets import BatchAugment
+from imgcls.data.presets import BatchAugment, PixelRecipe
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import analyze_run
-from imgcls.evaluation.predict import load_run
+from imgcls.inference.run import load_run
 from imgcls.training.train import fit
 from tests.conftest import shared_path
 
@@ -148,7 +148,7 @@ def test_cats_vs_dogs_loads():
 
 def test_basic_augmentation_keeps_shape_dtype_and_is_seeded(mini):
     x = mini.train.images[:256]
-    aug = BatchAugment("basic", 32)
+    aug = BatchAugment(PixelRecipe("basic"), 32)
     a = aug(x, torch.Generator().manual_seed(0))
     b = aug(x, torch.Generator().manual_seed(0))
     assert a.shape == x.shape and a.dtype == torch.uint8 and torch.equal(a, b)

@@ -14,8 +14,9 @@ from PIL import Image, ImageFile
 from imgcls.data import decode
 from imgcls.data.decode import DecodeError, open_rgb, to_rgb
 from imgcls.data.folder import IMG_EXTS, decode_all, load_image, scan
+from imgcls.data.preprocessing import Preprocessing
 from imgcls.errors import UserError
-from imgcls.evaluation.predict import load_images
+from imgcls.inference.files import load_images
 
 
 def pixels(img: Image.Image) -> np.ndarray:
@@ -240,7 +241,7 @@ def test_predict_names_the_file_and_the_problem_in_one_line(tmp_path, content, r
     path = tmp_path / "bad.png"
     path.write_bytes({"png": _damaged_png(), "jpg": _jpeg_bytes()[:700]}.get(content, content))
     with pytest.raises(UserError, match=reason) as e:
-        load_images([path], 32)
+        load_images([path], Preprocessing(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 

@@ -19,8 +19,9 @@ import imgcls  # noqa: E402
 from imgcls import rundir  # noqa: E402
 from imgcls.cli import main  # noqa: E402
 from imgcls.config import build_config  # noqa: E402
-from imgcls.evaluation.predict import load_run  # noqa: E402
+from imgcls.data.preprocessing import INPUT_LAYOUT, RESIZE_RULE  # noqa: E402
 from imgcls.export import export_run  # noqa: E402
+from imgcls.inference.run import load_run  # noqa: E402
 from imgcls.models import create_model  # noqa: E402
 from imgcls.models.checkpoint import save_checkpoint  # noqa: E402
 from imgcls.training.train import fit  # noqa: E402
@@ -89,13 +90,26 @@ def test_onnx_metadata_carries_the_runs_preprocessing_and_calibration(exported, 
     meta = {p.key: p.value for p in onnx.load(exported / "model.onnx").metadata_props}
     info = json.loads((base_run / rundir.DATASET).read_text())
     calibration = json.loads((base_run / rundir.CALIBRATION).read_text())
+    trained = load_run(base_run)
+    # flat keys, for readers without imgcls
     assert json.loads(meta["imgcls.classes"]) == info["classes"]
     assert int(meta["imgcls.img_size"]) == info["img_size"] and float(meta["imgcls.crop_pct"]) == info["crop_pct"]
     assert json.loads(meta["imgcls.mean"]) == list(info["mean"]) and json.loads(meta["imgcls.std"]) == list(info["std"])
-    assert float(meta["imgcls.temperature"]) == calibration["scaling"]["temperature"]
-    assert json.loads(meta["imgcls.fingerprint"]) == info["fingerprint"]
-    assert meta["imgcls.version"] == imgcls.__version__ and meta["torch.version"] == torch.__version__
-    assert json.loads(meta["imgcls.risk_coverage"]) == calibration["risk_coverage"]
+    assert meta["imgcls.model"] == "fastnet_cifar_small"
+    assert meta["imgcls.resize"] == RESIZE_RULE and meta["imgcls.input"] == INPUT_LAYOUT
+    # the whole export document, the same one model.json holds
+    document = json.loads(meta["imgcls.export"])
+    assert document == json.loads((exported / "model.json").read_text())
+    assert document["format"] == "imgcls-export-2" and document["classes"] == info["classes"]
+    assert document["scaling"]["temperature"] == calibration["scaling"]["temperature"]
+    assert document["fingerprint"] == info["fingerprint"]
+    assert document["risk_coverage"] == calibration["risk_coverage"]
+    assert document["weights"] == trained.digest  # provenance: the checkpoint exported
+    assert document["recipe"] == trained.recipe.as_dict()
+    assert document["preprocessing"] == trained.preprocessing.as_dict()
+    # what moved into the document is no longer duplicated as flat keys
+    assert not {"imgcls.temperature", "imgcls.scaling", "imgcls.fingerprint", "imgcls.risk_coverage",
+                "imgcls.aug"} & set(meta)
 
 
 def test_onnx_probabilities_include_the_temperature(exported, base_run):
@@ -140,7 +154,8 @@ def test_load_model_rebuilds_the_run_without_its_folder(exported, base_run, tiny
         expected = trained.model.float()(prep(image)[None])
     assert torch.allclose(logits, expected, atol=1e-5)
     assert model.imgcls["classes"] == trained.classes and prep.img_size == 32
-    assert model.imgcls["scaling"] == trained.scaling.as_dict()
+    assert trained.scaling is not None and model.imgcls["scaling"] == trained.scaling
+    assert model.imgcls["risk_coverage"] == trained.risk_coverage and model.imgcls["recipe"] == trained.recipe
 
 
 def test_the_safetensors_folder_predicts_like_the_run(exported, base_run, tiny_folder, capsys):
@@ -151,6 +166,30 @@ def test_the_safetensors_folder_predicts_like_the_run(exported, base_run, tiny_f
     from_export = json.loads(capsys.readouterr().out)
     for a, b in zip(from_run, from_export, strict=True):
         assert a["label"] == b["label"] and a["confidence"] == pytest.approx(b["confidence"], abs=1e-5)
+
+
+def test_an_engine_opens_each_source_with_its_batch(exported, base_run):
+    from imgcls.inference.exported import EXPORT_BATCH, open_engine
+
+    config = yaml.safe_load((base_run / rundir.CONFIG).read_text())
+    assert open_engine(base_run).batch_size == config["eval_batch_size"]  # the run's measured batch
+    assert EXPORT_BATCH == 64
+    for source in (exported, exported / "model.onnx", exported / "model.safetensors"):
+        engine = open_engine(source)
+        assert engine.batch_size == EXPORT_BATCH and engine.classes == load_run(base_run).classes
+        assert open_engine(source, batch_size=5).batch_size == 5
+        assert engine.identity["weights"] == load_run(base_run).digest[:16]
+
+
+def test_cam_explains_a_safetensors_export_and_refuses_an_onnx_file(exported, base_run, tiny_folder, tmp_path,
+                                                                   capsys):
+    image = str(sorted((tiny_folder / "test" / "bird").iterdir())[0])
+    assert main(["cam", str(exported), image, "--out", str(tmp_path / "cams")]) == 0
+    assert [p.name for p in (tmp_path / "cams").iterdir()] == [f"{image.rsplit('/', 1)[-1].rsplit('.', 1)[0]}-cam.png"]
+    capsys.readouterr()
+    assert main(["cam", str(exported / "model.onnx"), image, "--out", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Grad-CAM needs the model's gradients" in err[0]
 
 
 def _card_value(card: str, label: str) -> str:
@@ -179,22 +218,31 @@ def test_model_card_numbers_are_the_runs(exported, base_run):
     assert f"under the mean recall {mean_recall:.4f}" in card
 
 
-def test_a_disagreeing_export_fails_in_one_line(base_run, tmp_path, monkeypatch, capsys):
+def test_a_disagreeing_export_fails_in_one_line_and_leaves_nothing(base_run, tmp_path, monkeypatch, capsys):
     import imgcls.export as export
 
-    real = export.onnx_predictor
+    real = export.onnx_engine
 
-    def perturbed(path):
-        predictor = real(path)
-        run = predictor.run
-        predictor.run = lambda x: (lambda lp: (lp[0], np.roll(lp[1], 1, axis=1)))(run(x))  # scores on wrong classes
-        return predictor
+    def perturbed(path, *args, **kwargs):
+        engine = real(path, *args, **kwargs)
+        backend = engine.backend
 
-    monkeypatch.setattr(export, "onnx_predictor", perturbed)
+        class Rolled:  # the ONNX file's scores, moved onto the wrong classes
+            session = backend.session
+
+            def __call__(self, images):
+                return backend(images).roll(1, dims=1)
+
+        engine.backend = Rolled()
+        return engine
+
+    monkeypatch.setattr(export, "onnx_engine", perturbed)
     assert main(["export", str(base_run), "--format", "onnx", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "disagrees with the run" in err[0] and "agreement" in err[0]
-    assert json.loads((tmp_path / "bad" / "parity.json").read_text())["results"]["onnx"]["passed"] is False
+    assert "nothing was written" in err[0]
+    # the export was staged beside --out and is gone: no --out, no staging folder
+    assert not (tmp_path / "bad").exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_model_that_cannot_export_says_so_in_one_line(base_run, tmp_path, monkeypatch, capsys):

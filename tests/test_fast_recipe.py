@@ -6,13 +6,13 @@ import torch.nn.functional as F
 
 from imgcls.config import build_config
 from imgcls.data import augment as A
-from imgcls.data.presets import TrainTransform, tta_view_weights, tta_views
+from imgcls.data.presets import PixelRecipe, TrainTransform, tta_view_weights, tta_views
 from imgcls.errors import UserError
 from imgcls.models import create_model
 from imgcls.models.init import dirac_init
 from imgcls.training.context import warmup_linear
 from imgcls.training.lookahead import Lookahead
-from imgcls.training.loop import alternating_flips
+from imgcls.training.order import alternating_flips
 from imgcls.training.transfer import apply_schedule, batchnorm_parameters, optimizer_param_groups, plan_groups
 from tests.conftest import tiny_config
 
@@ -150,7 +150,7 @@ def test_alternating_flips_show_each_image_both_ways_in_turn():
 def test_alt_flip_turns_the_recipes_random_flip_off():
     images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8)
     images[..., 4:] = 0  # right half dark: a flip would move the dark half left
-    transform = TrainTransform("basic", 8, (0.5,) * 3, (0.5,) * 3, 10, crop_padding=0, random_flip=False)
+    transform = TrainTransform(PixelRecipe("basic", crop_padding=0), 8, (0.5,) * 3, (0.5,) * 3, 10, random_flip=False)
     x, _ = transform(images, torch.zeros(64, dtype=torch.long), torch.Generator().manual_seed(0))
     assert (x[..., 4:] == -1).all()  # never flipped
 
@@ -159,7 +159,7 @@ def test_flip_crop_tta_weighs_the_unshifted_pair_half():
     w = tta_view_weights("flip-crop")
     assert w.sum() == pytest.approx(1.0) and w[0] + w[3] == pytest.approx(0.5)
     images = torch.arange(3 * 32 * 32).view(1, 3, 32, 32).to(torch.uint8)
-    views = tta_views(images, "flip-crop", "basic", torch.Generator())
+    views = tta_views(images, "flip-crop", PixelRecipe("basic"), torch.Generator())
     assert torch.equal(views[1][..., 1:, 1:], images[..., :-1, :-1])  # 1 px at 32x32, as airbench
     assert tta_view_weights(4).tolist() == [0.25] * 4
 
@@ -193,7 +193,7 @@ def test_the_recipe_trains_with_every_piece_in_place(tmp_path):
 
     model = create_model("airbench94", 10)
     from imgcls.data import load_dataset
-    from imgcls.data.presets import normalize
+    from imgcls.data.preprocessing import normalize
 
     data = load_dataset("cifar10-mini", val_fraction=0.1)
     model.init_whitening(normalize(data.train.images[:5000], data.mean, data.std))

@@ -3,12 +3,14 @@
 Small real files (PNG, JPEG, GIF, WebP, BMP, TIFF in several modes) are mutated: bit flips, byte
 overwrites, truncation, corrupted headers, huge declared dimensions, random bytes and empty files
 under image names. Each batch of files goes through folder.decode_all (in-memory folders), the
-streamed StreamingImages behind a Split, and predict's load_images. Whatever the bytes:
+streamed StreamingImages behind a Split, Grad-CAM's load_images, and predict's file reader (an error
+row per unreadable file). Whatever the bytes:
 
-- no exception escapes except the intended one (predict's UserError); the folder paths skip;
+- no exception escapes except the intended one (load_images' UserError); the folder paths skip, and
+  predict's reader turns the file into an error;
 - every unreadable file is named in a warning, and no readable one is;
-- a decoded image is always uint8 3 x S x S, and the three paths agree on which files decode and
-  on their pixels (they share one decoder);
+- a decoded image is always uint8 3 x S x S (S x S x 3 on the inference paths), and the four paths agree
+  on which files decode and on their pixels (they share one decoder);
 - nothing hangs: a watchdog alarm fails the test instead of letting it stall CI.
 """
 
@@ -26,10 +28,13 @@ from PIL import Image
 
 from imgcls.data import Split, load_dataset
 from imgcls.data.folder import StreamingImages, decode_all
+from imgcls.data.preprocessing import Preprocessing
 from imgcls.errors import UserError
-from imgcls.evaluation.predict import load_images
+from imgcls.inference import files as inference_files
+from imgcls.inference.files import load_images
 
 SIZE = 16
+PREP = Preprocessing(SIZE, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 
@@ -135,26 +140,41 @@ def _fuzz(seeds, tmp_path, capsys, cases: int, seed: int):
         stream = Split(torch.tensor(labels), stream=StreamingImages(files, labels, SIZE), workers=0)
         streamed = list(stream.batches(torch.arange(cases), 32))
         skipped_streaming = _named_in_warnings(capsys.readouterr().err)
-        predicted, refused = {}, set()
+        loaded, refused = {}, set()
         for path, label in zip(files, labels, strict=True):
             try:
-                predicted[label] = load_images([path], SIZE)[0]
+                image = load_images([path], PREP)[0]
+                assert image.dtype == torch.uint8 and image.shape == (SIZE, SIZE, 3)  # NHWC
+                loaded[label] = image.permute(2, 0, 1)
             except UserError as e:
                 assert str(path) in str(e) and "\n" not in str(e)
                 refused.add(label)
+        predicted, errors = {}, set()
+        reader = inference_files._Files(files, PREP)  # what `imgcls predict` decodes each file with
+        for i in range(cases):
+            index, image, error = reader[i]
+            assert index == i and (image is None) != (error is None)
+            if image is None:
+                assert error and "\n" not in error
+                errors.add(i)
+            else:
+                assert image.dtype == torch.uint8 and image.shape == (SIZE, SIZE, 3)
+                predicted[i] = image.permute(2, 0, 1)
     finally:
         signal.alarm(0)
     readable = set(kept.tolist())
     assert images.dtype == torch.uint8 and images.shape == (len(readable), 3, SIZE, SIZE)
     assert skipped == skipped_streaming == {str(files[i]) for i in set(labels) - readable}
-    assert set(predicted) == readable and refused == set(labels) - readable
+    assert set(loaded) == readable and refused == set(labels) - readable
+    assert set(predicted) == readable and errors == set(labels) - readable
     s_images = torch.cat([b[0] for b in streamed if len(b[0])])
     s_labels = torch.cat([b[1] for b in streamed])
     assert torch.equal(s_labels, kept) and torch.equal(s_images, images)
+    assert all(torch.equal(loaded[int(y)], x) for x, y in zip(images, kept, strict=True))
     assert all(torch.equal(predicted[int(y)], x) for x, y in zip(images, kept, strict=True))
     assert {i for i in range(0, cases, 10)} <= readable  # the intact files all decode
     with capsys.disabled():
-        print(f"{cases} fuzz cases x 3 paths = {3 * cases} probes, {len(readable)} decodable, "
+        print(f"{cases} fuzz cases x 4 paths = {4 * cases} probes, {len(readable)} decodable, "
               f"{time.perf_counter() - start:.1f}s")
 
 

@@ -6,6 +6,7 @@ import pickle
 import re
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +14,11 @@ import torch
 from imgcls import rundir
 from imgcls.cli import main
 from imgcls.errors import UserError
-from imgcls.evaluation.evaluate import predict_files
-from imgcls.evaluation.predict import load_run
+from imgcls.inference import files as inference_files
+from imgcls.inference.files import predict_rows
+from imgcls.inference.run import load_run, run_engine
 from imgcls.models import create_model
 from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
-from imgcls.reporting.console import print_predictions
 
 GENERIC = re.compile(r"imgcls: error: [A-Za-z]+(Error|Exception):")  # the CLI's fallback for unforeseen errors
 
@@ -175,7 +176,8 @@ CASES = [
     ("cam-unknown-class", None, ["cam", "{run}", "{image}", "--class", "dog", "--out", "{tmp}/cam"],
      "unknown class 'dog'"),
     ("tta-too-many-views", None, ["eval", "{run}", "--tta", "65"], "more than 64 views"),
-    ("best-pt-other-tensors", _tensors_that_do_not_fit, ["eval", "{run}"], "does not fit fastnet_cifar_small"),
+    ("best-pt-other-tensors", _tensors_that_do_not_fit, ["eval", "{run}"],
+     "(fastnet_cifar_small, 3 classes) does not fit the model: 'group1.0.weight' has shape (64, 24, 3, 3)"),
     ("best-pt-empty", lambda r: (r / rundir.BEST).write_bytes(b""), ["eval", "{run}"], "damaged or truncated"),
     ("best-pt-incomplete", _best({"model_name": "fastnet_cifar_small", "num_classes": 3}), ["eval", "{run}"],
      "is incomplete"),
@@ -213,16 +215,28 @@ def test_non_finite_outputs_of_finite_weights_are_refused_before_printing(run, t
     trained = load_run(run)
     with torch.no_grad():
         trained.model.head.bias.fill_(float("inf"))  # inf - inf in the softmax: NaN probabilities
+    engine = run_engine(trained)
     with pytest.raises(UserError, match="model outputs are not finite .* checkpoint is damaged or the run diverged"):
-        predict_files(trained, [_image(tiny_folder)])
+        list(predict_rows(engine, [Path(_image(tiny_folder))]))
 
 
-def test_json_predictions_refuse_nan_rather_than_print_invalid_json(capsys):
-    rows = [{"image": "a.png", "top": [{"class": "cat", "probability": float("nan")}]}]
-    with pytest.raises(UserError, match="non-finite probabilities"):
-        print_predictions(rows, as_json=True)
-    assert capsys.readouterr().out == ""
-    print_predictions([{"image": "a.png", "top": [{"class": "cat", "probability": 0.5}]}], as_json=True)
+def test_json_predictions_refuse_nan_rather_than_print_invalid_json(run, tiny_folder, monkeypatch, capsys):
+    """Whatever reaches `predict --json`, it prints valid JSON or nothing: NaN is not JSON."""
+    def rows(probability):
+        def predict(engine, paths, *args, **kwargs):
+            for p in paths:
+                yield {"path": str(p), "label": "cat", "confidence": probability, "rejected": False, "energy": 1.0,
+                       "top": [{"class": "cat", "probability": probability}], "error": None}
+        return predict
+
+    monkeypatch.setattr(inference_files, "predict_rows", rows(float("nan")))
+    capsys.readouterr()
+    assert main(["predict", str(run), _image(tiny_folder), "--json"]) != 0
+    out = capsys.readouterr()
+    assert out.out == ""  # no JSON at all rather than JSON with NaN in it
+    assert len(out.err.strip().splitlines()) == 1 and out.err.startswith("imgcls: error: ")
+    monkeypatch.setattr(inference_files, "predict_rows", rows(0.5))
+    assert main(["predict", str(run), _image(tiny_folder), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"][0]["probability"] == 0.5
 
 

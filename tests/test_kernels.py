@@ -2,39 +2,87 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
 
-from imgcls import kernels, rundir
-from imgcls.config import build_config
-from imgcls.evaluation.predict import load_run, predict_logits, predict_probs
-from imgcls.kernels import DepthwiseConv2d, KernelChoice, attached, choose_kernels
+from imgcls import rundir
+from imgcls.config import KERNEL_FIELDS, build_config
+from imgcls.inference.engine import Engine, TorchBackend
+from imgcls.inference.graph import InferenceModel
+from imgcls.inference.run import load_run, run_engine
+from imgcls.kernels import cache, measure
+from imgcls.kernels.apply import (
+    DepthwiseConv2d,
+    has_depthwise,
+    inference_copy,
+    set_attention,
+    set_depthwise,
+    uses_attention,
+)
+from imgcls.kernels.choice import KernelChoice
+from imgcls.kernels.measure import choose_kernels
 from imgcls.models import create_model
+from imgcls.models.contract import attention_modules
+from imgcls.training.context import KERNEL_SOURCES, build_context
+from imgcls.training.distributed import World
 from imgcls.training.train import Interrupted, fit
+from imgcls.training.validation import engine_for
 
 CPU = torch.device("cpu")
 SHAPE = (8, 3, 32, 32)
 
 
-class FakeTimer:
-    """Makes `prefer[kind]` the fastest candidate of each kind (by far); counts its calls. With `run`, it
-    also calls the timed function, so a candidate that cannot run raises as under the real timer."""
+# The question a field asks of a timed case: which kind of case ("train", "infer", or either) and which of its
+# attributes (`fn.case`, set by the bench on every function it times).
+QUESTIONS = {"precision_train": ("train", "precision"), "precision_eval": ("infer", "precision"),
+             "attention_train": ("train", "attention"), "attention_eval": ("infer", "attention"),
+             "depthwise_train": ("train", "depthwise"), "depthwise_eval": ("infer", "depthwise"),
+             "memory_format": (None, "layout"), "compile": ("train", "compiled"), "eval_batch_size": ("infer", "batch")}
 
-    def __init__(self, prefer: dict | None = None, run: bool = False):
-        self.prefer, self.run, self.calls = prefer or {}, run, []
+
+def _label(value) -> str:
+    return {True: "on", False: "off"}.get(value, str(value)) if isinstance(value, bool) else str(value)
+
+
+class FakeTimer:
+    """Prices every timed case as a real timer would, one time per case whichever question asks for it: a
+    case is 10x slower for each preference of `prefer` (field -> value) it does not meet, and an inference
+    case costs its batch of images; counts its calls. With `run`, it also calls the timed function, so a
+    candidate that cannot run raises as under the real timer; `fail` names (question, candidate) pairs that
+    raise as a kernel this device cannot run would."""
+
+    def __init__(self, prefer: dict | None = None, run: bool = False, fail: dict | None = None):
+        self.prefer, self.run, self.fail, self.calls = prefer or {}, run, fail or {}, []
 
     def __call__(self, kind, candidate, fn):
         self.calls.append((kind, candidate))
+        if candidate in self.fail.get(kind, ()):
+            raise RuntimeError(f"no {candidate} kernel on this device")
         if self.run:
             fn()
-        ms = 1.0 if self.prefer.get(kind) == candidate else 10.0
-        return ms * int(candidate) if kind == "eval_batch_size" else ms  # the chooser divides by the batch
+        case, ms = fn.case, 1.0
+        for question, preferred in self.prefer.items():
+            where, attribute = QUESTIONS[question]
+            if where in (None, case["kind"]) and _label(case[attribute]) != preferred:
+                ms *= 10.0
+        # the chooser divides inference by the batch; milli-scale, so the batch search's time budget never binds
+        return 1e-3 * ms * case["batch"] if case["kind"] == "infer" else ms
 
     def kinds(self) -> set:
         return {k for k, _ in self.calls}
+
+
+class SdpaSpy:
+    """Counts calls of F.scaled_dot_product_attention (by the batch of q), passing them through: a test-only spy."""
+
+    def __init__(self, monkeypatch):
+        self.calls, real = [], F.scaled_dot_product_attention
+        monkeypatch.setattr(F, "scaled_dot_product_attention",
+                            lambda q, *a, **k: self.calls.append(len(q)) or real(q, *a, **k))
 
 
 @pytest.fixture(scope="module")
@@ -46,30 +94,31 @@ def vit():
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "machine_busy", lambda: False)  # caching is tested apart from the load
+    monkeypatch.setattr(cache, "machine_busy", lambda: False)  # caching is tested apart from the load
     return tmp_path / "cache"
 
 
 def test_timings_taken_on_a_busy_machine_are_used_but_not_cached(vit, cache_dir, monkeypatch):
-    monkeypatch.setattr(kernels, "machine_busy", lambda: True)
-    choice = choose(vit, FakeTimer({"attention_train": "flash"}))
-    assert choice.attention_train == "flash" and choice.source["attention_train"] == "measured"
+    monkeypatch.setattr(cache, "machine_busy", lambda: True)
+    choice = choose(vit, FakeTimer({"attention_train": "manual"}))
+    assert choice.attention_train == "manual" and choice.source["attention_train"] == "measured"
     assert not (cache_dir / "kernels.json").exists()
-    again = FakeTimer({"attention_train": "math"})
-    assert choose(vit, again).attention_train == "math" and again.calls  # measured afresh
+    again = FakeTimer({"attention_train": "sdpa"})
+    assert choose(vit, again).attention_train == "sdpa" and again.calls  # measured afresh
 
 
 def choose(model, timer, precision="fp32", **kw):
     return choose_kernels(model, SHAPE, CPU, precision, timer=timer, **{"data_size": 1000, **kw})
 
 
-@pytest.mark.parametrize("train, infer", [("math", "flash"), ("flash", "math")])
+@pytest.mark.parametrize("train, infer", [("sdpa", "manual"), ("manual", "sdpa")])
 def test_fake_timer_forces_each_attention_choice_apart(vit, cache_dir, train, infer):
     timer = FakeTimer({"attention_train": train, "attention_eval": infer})
     choice = choose(vit, timer)
     assert (choice.attention_train, choice.attention_eval) == (train, infer)
     assert choice.source["attention_train"] == choice.source["attention_eval"] == "measured"
-    assert set(choice.timings["attention_train"]) == {"math", "flash", "efficient", "manual"}
+    # pinned SDPA backends (math, flash, efficient) are no candidates: torch selects them process-wide
+    assert set(choice.timings["attention_train"]) == set(choice.timings["attention_eval"]) == {"sdpa", "manual"}
 
 
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
@@ -79,14 +128,38 @@ def test_fake_timer_forces_the_memory_format(vit, cache_dir, layout):
     assert choice.layout == (torch.channels_last if layout == "channels_last" else torch.contiguous_format)
 
 
-@pytest.mark.parametrize("batch", [64, 256, 512])
-def test_fake_timer_forces_the_eval_batch_size_capped_by_the_data(vit, cache_dir, batch):
-    timer = FakeTimer({"eval_batch_size": str(batch)})
-    choice = choose(vit, timer)
+def falling_to(best: int, ms_per_image: float = 1e-3):
+    """A timer whose per-image inference time falls with the batch down to `best`, then rises (as measured
+    curves do), cheap enough that the search's time budget never binds; every training step costs the same."""
+
+    def timer(kind, candidate, fn):
+        case = fn.case
+        if case["kind"] != "infer":
+            return 1.0
+        return ms_per_image * case["batch"] * (1 + abs(math.log2(case["batch"] / best)))
+
+    return timer
+
+
+@pytest.mark.parametrize("batch", [32, 64, 256, 512])
+def test_the_eval_batch_size_is_the_best_of_a_falling_curve_capped_by_the_data(vit, cache_dir, batch):
+    choice = choose(vit, falling_to(batch))
     assert choice.eval_batch_size == batch
-    assert sorted(map(int, choice.timings["eval_batch_size"])) == [64, 128, 256, 512]
-    capped = choose(vit, FakeTimer({"eval_batch_size": "300"}), data_size=300, name="few images")
-    assert capped.eval_batch_size == 300 and sorted(map(int, capped.timings["eval_batch_size"])) == [64, 128, 256, 300]
+    tried = sorted(map(int, choice.timings["eval_batch_size"]))
+    # smallest first, until a size is clearly worse than the best: up to the winner and one past it
+    assert tried == [b for b in measure.EVAL_BATCHES if b <= batch * 2]
+    capped = choose(vit, falling_to(300), data_size=300, name="few images")
+    assert capped.eval_batch_size == 300
+    assert sorted(map(int, capped.timings["eval_batch_size"])) == [32, 64, 128, 256, 300]
+
+
+def test_a_flat_stretch_does_not_end_the_search_but_the_budget_does(vit, cache_dir):
+    """A flat curve is searched on (a lower stretch may follow, as convnext_cifar's does) until the next size
+    would not fit the time budget: at 2 ms an image, 32 + 64 + 128 + 256 images, three calls each, fit 3 s."""
+    assert measure.BATCH_BUDGET_MS == 3000.0
+    flat = choose(vit, lambda kind, candidate, fn: 2.0 * fn.case["batch"] if fn.case["kind"] == "infer" else 1.0)
+    assert sorted(map(int, flat.timings["eval_batch_size"])) == [32, 64, 128, 256]
+    assert flat.eval_batch_size == 32  # all as fast: the smallest
 
 
 @pytest.mark.parametrize("winner", ["on", "off"])
@@ -96,152 +169,194 @@ def test_compile_is_timed_only_when_auto(vit, cache_dir, winner):
     assert "compile" in timer.kinds()
     timer = FakeTimer({"compile": "on"})
     choice = choose(vit, timer, compile="off", name="other")
-    assert choice.compile == "off" and choice.source["compile"] == "flag" and "compile" not in timer.kinds()
+    assert choice.compile == "off" and choice.source["compile"] == "given" and "compile" not in timer.kinds()
 
 
-def test_a_backend_that_raises_is_skipped(vit, cache_dir):
-    # efficient attention is CUDA-only: preferred by the timer, it fails on the CPU and is not chosen
-    timer = FakeTimer({"attention_train": "efficient", "attention_eval": "efficient"}, run=True)
+def test_a_kernel_that_raises_is_skipped(vit, cache_dir):
+    # preferred by the timer but unable to run (as a kernel this device lacks): never chosen, timing None
+    timer = FakeTimer({"attention_train": "sdpa", "attention_eval": "sdpa"}, run=True,
+                      fail={"attention_train": ("sdpa",), "attention_eval": ("sdpa",)})
     choice = choose(vit, timer, memory_format="contiguous", eval_batch_size=64)
-    assert {choice.attention_train, choice.attention_eval} <= {"math", "flash", "manual"}
-    assert choice.timings["attention_train"]["efficient"] is None
-    assert choice.timings["attention_eval"]["math"] is not None
+    assert (choice.attention_train, choice.attention_eval) == ("manual", "manual")
+    assert choice.timings["attention_train"]["sdpa"] is None and choice.timings["attention_eval"]["sdpa"] is None
+    assert choice.timings["attention_eval"]["manual"] is not None
+    # a candidate that fails only in a later round is dropped too
+    flaky = {"n": 0}
+
+    def timer_failing_late(kind, candidate, fn):
+        if kind == "attention_train" and candidate == "manual":
+            flaky["n"] += 1
+            if flaky["n"] == 3:
+                raise RuntimeError("out of memory")
+            return 1.0
+        return 10.0
+
+    late = choose(vit, timer_failing_late, name="late", memory_format="contiguous", eval_batch_size=64)
+    assert late.attention_train == "sdpa" and late.timings["attention_train"]["manual"] is None
 
 
 def test_flags_are_taken_as_given_and_not_timed(vit, cache_dir):
-    timer = FakeTimer({"attention_train": "math", "memory_format": "channels_last"})
-    choice = choose(vit, timer, attention="flash", memory_format="contiguous", compile="on", eval_batch_size=100)
+    timer = FakeTimer({"attention_train": "sdpa", "memory_format": "channels_last"})
+    choice = choose(vit, timer, attention="manual", attention_eval="sdpa", memory_format="contiguous",
+                    compile="on", eval_batch_size=100)
     assert timer.calls == []
     assert (choice.attention_train, choice.attention_eval, choice.memory_format, choice.compile,
-            choice.eval_batch_size) == ("flash", "flash", "contiguous", "on", 100)
-    assert set(choice.source.values()) == {"flag", "n/a"} and choice.source["depthwise_train"] == "n/a"  # a ViT
-    assert choice.config_values("flash", "auto") == {"attention": "flash", "depthwise_precision": "auto",
-                                                     "memory_format": "contiguous", "compile": "on"}
+            choice.eval_batch_size) == ("manual", "sdpa", "contiguous", "on", 100)
+    assert set(choice.source.values()) == {"given", "none"} and choice.source["depthwise_train"] == "none"  # a ViT
+    # the values a run's plan takes from the choice
+    assert {f: getattr(choice, KERNEL_SOURCES[f]) for f in KERNEL_FIELDS} == {
+        "attention": "manual", "eval_attention": "sdpa", "depthwise_precision": "none",
+        "eval_depthwise_precision": "none", "memory_format": "contiguous", "compile": "on", "eval_batch_size": 100}
 
 
 def test_inference_alone_times_no_training_step(vit, cache_dir):
     # load_run and --cache-features: nothing trains through the model, so no training attention or compile
-    timer = FakeTimer({"attention_eval": "flash", "memory_format": "contiguous"})
+    timer = FakeTimer({"attention_eval": "manual", "memory_format": "contiguous"})
     choice = choose(vit, timer, compile="auto", train=False)
     assert (choice.attention_train, choice.attention_eval, choice.memory_format, choice.compile) == (
-        "n/a", "flash", "contiguous", "off")
-    assert timer.kinds() == {"attention_eval", "memory_format", "eval_batch_size"}
+        "none", "manual", "contiguous", "off")
+    assert timer.kinds() == {"gemm", "precision_eval", "attention_eval", "memory_format", "eval_batch_size"}
 
 
-def test_a_model_without_sdpa_has_no_attention_to_time(cache_dir):
+def test_a_model_without_attention_has_no_attention_to_time(cache_dir):
     timer = FakeTimer()
     choice = choose(create_model("fastnet_cifar_small", 10), timer, attention="auto")
-    assert (choice.attention_train, choice.attention_eval) == ("n/a", "n/a")
+    assert (choice.attention_train, choice.attention_eval) == ("none", "none")
+    assert choice.source["attention_train"] == choice.source["attention_eval"] == "none"  # the plan records none
     assert not {"attention_train", "attention_eval"} & timer.kinds()
-    assert choice.config_values("auto", "auto")["attention"] == "auto"  # nothing chosen, the request is kept
-    assert kernels.uses_sdpa(create_model("vit_cifar_tiny", 10))
+    assert uses_attention(create_model("vit_cifar_tiny", 10))
+    assert not uses_attention(create_model("fastnet_cifar_small", 10))
 
 
 def test_a_cache_hit_times_nothing_and_a_corrupt_cache_is_ignored(vit, cache_dir):
-    first = FakeTimer({"attention_train": "flash", "attention_eval": "math", "eval_batch_size": "128"})
+    first = FakeTimer({"attention_train": "manual", "attention_eval": "sdpa", "eval_batch_size": "128"})
     measured = choose(vit, first)
     assert first.calls and (cache_dir / "kernels.json").is_file()
-    again = FakeTimer({"attention_train": "math"})
+    again = FakeTimer({"attention_train": "sdpa"})
     cached = choose(vit, again)
     assert again.calls == []
     assert {f: cached.source[f] for f in ("attention_train", "memory_format", "eval_batch_size")} == dict.fromkeys(
         ("attention_train", "memory_format", "eval_batch_size"), "cache")
-    assert (cached.attention_train, cached.attention_eval, cached.eval_batch_size) == ("flash", "math", 128)
+    assert (cached.attention_train, cached.attention_eval, cached.eval_batch_size) == ("manual", "sdpa", 128)
     assert cached.memory_format == measured.memory_format
     # another shape is another entry
     other = FakeTimer()
     choose_kernels(vit, (16, 3, 32, 32), CPU, "fp32", timer=other, data_size=1000)
     assert other.calls
 
-    for damage in (b"{not json", b'{"version": %d, "entries": {"x": 3}}' % kernels.CACHE_VERSION, b"[1, 2]",
-                   b"\xff\xfe", json.dumps({"version": 1, "entries": {}}).encode()):  # an older version's cache
+    for damage in (b"{not json", b'{"version": %d, "entries": {"x": 3}}' % cache.VERSION, b"[1, 2]",
+                   b"\xff\xfe", json.dumps({"version": 1, "entries": {}}).encode(),  # older versions' caches
+                   json.dumps({"version": cache.VERSION - 1, "entries": {}}).encode()):
         (cache_dir / "kernels.json").write_bytes(damage)
-        timer = FakeTimer({"attention_train": "math"})
+        timer = FakeTimer({"attention_train": "manual"})
         choice = choose(vit, timer)
-        assert timer.calls and choice.attention_train == "math" and choice.source["attention_train"] == "measured"
-        assert json.loads((cache_dir / "kernels.json").read_text())["version"] == kernels.CACHE_VERSION  # rewritten
+        assert timer.calls and choice.attention_train == "manual" and choice.source["attention_train"] == "measured"
+        assert json.loads((cache_dir / "kernels.json").read_text())["version"] == cache.VERSION  # rewritten
 
-    # a value in the cache that is no choice is measured again, not used
-    data = json.loads((cache_dir / "kernels.json").read_text())
-    for entry in data["entries"].values():
-        entry["attention_train"]["value"] = "warp-drive"
-    (cache_dir / "kernels.json").write_text(json.dumps(data))
-    timer = FakeTimer({"attention_train": "flash"})
-    assert choose(vit, timer).attention_train == "flash" and timer.kinds() == {"attention_train"}
+    # a value in the cache that is no choice (a pinned SDPA backend of old included) is measured again, not used
+    for impossible in ("warp-drive", "flash"):
+        data = json.loads((cache_dir / "kernels.json").read_text())
+        for entry in data["entries"].values():
+            entry["attention_train"]["value"] = impossible
+        (cache_dir / "kernels.json").write_text(json.dumps(data))
+        timer = FakeTimer({"attention_train": "sdpa"})
+        assert choose(vit, timer).attention_train == "sdpa" and timer.kinds() == {"attention_train"}
 
 
 def test_an_unwritable_cache_never_breaks_a_choice(vit, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("IMGCLS_CACHE_DIR", str(blocker))
-    timer = FakeTimer({"attention_eval": "flash"})
-    assert choose(vit, timer).attention_eval == "flash"
+    timer = FakeTimer({"attention_eval": "manual"})
+    assert choose(vit, timer).attention_eval == "manual"
 
 
-def test_the_sdpa_context_selects_the_backend():
-    q, k, v = (torch.randn(2, 3, 17, 8) for _ in range(3))
-    reference = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1) @ v
-    math_only = KernelChoice(attention_train="flash", attention_eval="math")
-    none = torch.nn.Identity()
-    with math_only.context(none, train=False):
-        assert torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.flash_sdp_enabled()
-        assert torch.allclose(F.scaled_dot_product_attention(q, k, v), reference, atol=1e-5)
-    with math_only.context(none, train=True):
-        assert torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
-        assert torch.allclose(F.scaled_dot_product_attention(q, k, v), reference, atol=1e-5)
-    # documented: a backend that cannot run here raises, it does not fall back silently
-    with KernelChoice(attention_eval="efficient").context(none, train=False), pytest.raises(RuntimeError):
-        F.scaled_dot_product_attention(q, k, v)
-    with KernelChoice().context(none, train=True):  # "n/a": torch's own choice, all backends allowed
-        assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+SDPA_SWITCHES = ("math_sdp_enabled", "flash_sdp_enabled", "mem_efficient_sdp_enabled")
 
 
-def test_predict_logits_uses_the_kernels_it_is_given(vit, mini):
+def _switches():
+    return {name: getattr(torch.backends.cuda, name)() for name in SDPA_SWITCHES}
+
+
+def test_attention_is_set_on_each_model_and_no_process_wide_switch_is_touched(vit, monkeypatch):
+    # a pinned SDPA backend was a process-wide switch two threads raced on; a kernel is now the model's own
+    before = _switches()
+    spy = SdpaSpy(monkeypatch)
+    x = torch.randn(3, 3, 32, 32)
+    fused, manual = copy.deepcopy(vit).eval(), copy.deepcopy(vit).eval()
+    set_attention(fused, "sdpa")
+    set_attention(manual, "manual")
+    assert all(m.fused_attn for m in attention_modules(fused))
+    assert not any(m.fused_attn for m in attention_modules(manual))
+    with torch.no_grad():
+        a = fused(x)
+        assert len(spy.calls) == len(attention_modules(fused)) and set(spy.calls) == {3}
+        b = manual(x)  # the two models, configured apart, coexist: neither changes the other
+    assert len(spy.calls) == len(attention_modules(fused))  # the manual model never called the fused kernel
+    assert torch.allclose(a, b, atol=1e-5)
+    assert all(m.fused_attn for m in attention_modules(fused))
+    set_attention(manual, "none")  # nothing to choose: the model is left as it is
+    assert not any(m.fused_attn for m in attention_modules(manual))
+    assert _switches() == before
+
+
+def _engine(model, mini, choice: KernelChoice, batch_size: int) -> Engine:
+    from imgcls.data.preprocessing import Preprocessing
+
+    prep = Preprocessing(mini.img_size, mini.mean, mini.std, mini.crop_pct)
+    view = inference_copy(model, choice.attention_eval, choice.depthwise_eval)
+    graph = InferenceModel(view, prep, memory_format=choice.layout)
+    return Engine(TorchBackend(graph, CPU, "fp32"), mini.classes, prep, batch_size, kernels=choice)
+
+
+def test_an_engine_computes_with_the_kernels_its_model_was_configured_with(vit, mini, monkeypatch):
     split = mini.test.subset(torch.arange(40))
-    plain, labels = predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", 16)
-    for choice in (KernelChoice("math", "math", "contiguous", eval_batch_size=7),
-                   KernelChoice("flash", "flash", "channels_last", eval_batch_size=40)):
-        logits, same = predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", kernels=choice)
-        assert torch.equal(same, labels) and torch.allclose(logits, plain, atol=1e-4)
-    with pytest.raises(RuntimeError):  # the choice is really applied: efficient attention cannot run on a CPU
-        predict_logits(vit, split, mini.mean, mini.std, CPU, "fp32", kernels=KernelChoice("math", "efficient"))
+    plain, labels = _engine(vit, mini, KernelChoice(attention_eval="sdpa"), 16).score_split(split)
+    spy = SdpaSpy(monkeypatch)
+    for choice, calls in ((KernelChoice(attention_eval="manual", memory_format="contiguous", eval_batch_size=7), 0),
+                          (KernelChoice(attention_eval="sdpa", memory_format="channels_last", eval_batch_size=40),
+                           len(attention_modules(vit)))):
+        spy.calls.clear()
+        engine = _engine(vit, mini, choice, choice.eval_batch_size)
+        scores, same = engine.score_split(split)
+        assert torch.equal(same, labels) and torch.allclose(scores.logits, plain.logits, atol=1e-4)
+        # the choice is really applied: the manual model never calls the fused kernel, sdpa once a layer a batch
+        assert len(spy.calls) == calls * -(-40 // choice.eval_batch_size)
+    assert all(m.fused_attn for m in attention_modules(vit))  # inference copies leave the model as it was
 
 
-def test_tta_over_several_batches_keeps_the_chosen_attention(vit, mini):
-    # regression: predict_probs entered one sdpa_kernel context per batch, which fails from the second
+def test_engine_for_builds_validation_from_the_plans_inference_kernels(vit, mini, monkeypatch):
+    cfg = build_config(model="vit_cifar_tiny").replace(eval_attention="manual", eval_depthwise_precision="none",
+                                                       memory_format="contiguous", eval_precision="fp32",
+                                                       eval_batch_size=9)
+    spy = SdpaSpy(monkeypatch)
+    engine = engine_for(vit, cfg, mini, CPU)
+    assert engine.batch_size == 9 and engine.precision == "fp32"
+    scores, labels = engine.score_split(mini.test.subset(torch.arange(20)))
+    assert scores.logits.shape == (20, 10) and spy.calls == []
+    assert all(m.fused_attn for m in attention_modules(vit))  # the trained model keeps the training kernels
+    view = engine.backend.graph.model  # an inference copy over the very same tensors
+    assert view is not vit and not any(m.fused_attn for m in attention_modules(view))
+    assert all(a is b for a, b in zip(view.parameters(), vit.parameters(), strict=True))
+
+
+def test_tta_over_several_batches_keeps_the_chosen_attention(vit, mini, monkeypatch):
+    # regression: TTA entered one kernel context per batch, which failed from the second; a model configured
+    # once computes the same in every batch
     split = mini.test.subset(torch.arange(40))
-    choice = KernelChoice("math", "math", "contiguous", eval_batch_size=12)  # 12 // 2 views: 7 batches
-    probs, labels = predict_probs(vit, split, mini.mean, mini.std, CPU, "fp32", tta="flip", kernels=choice)
+    spy = SdpaSpy(monkeypatch)
+    engine = _engine(vit, mini, KernelChoice(attention_eval="manual", memory_format="contiguous"), 12)
+    scores, labels = engine.score_split(split, tta="flip")  # 12 // 2 views: 7 batches
+    probs = scores.probs
     assert probs.shape == (40, 10) and torch.allclose(probs.sum(1), torch.ones(40, dtype=probs.dtype))
-    with pytest.raises(RuntimeError):
-        predict_probs(vit, split, mini.mean, mini.std, CPU, "fp32", tta="flip",
-                      kernels=KernelChoice("math", "efficient"))
+    assert spy.calls == []
+    plain, _ = engine.score_split(split)
+    assert torch.allclose(scores.logits, plain.logits, atol=1e-5)  # the plain view is the first of each batch
 
 
 def _kernel_config(run) -> dict:
     config = yaml.safe_load((run / rundir.CONFIG).read_text())
-    return {k: config[k] for k in ("attention", "memory_format", "compile")}
-
-
-def test_a_vit_run_records_its_kernels_and_its_config_holds_the_choice(tiny_folder, tmp_path):
-    run = fit(build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
-                           quiet=True, out=str(tmp_path / "vit")))
-    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
-    assert recorded["attention_train"] in ("math", "flash", "manual")
-    assert recorded["attention_eval"] in ("math", "flash", "manual")
-    assert recorded["source"]["attention_train"] in ("measured", "cache")
-    assert recorded["source"]["compile"] == "flag"
-    assert set(recorded["timings"]["attention_train"]) == {"math", "flash", "efficient", "manual"}
-    assert _kernel_config(run) == {"attention": recorded["attention_train"],
-                                   "memory_format": recorded["memory_format"], "compile": "off"}
-    # evaluation loads the run and chooses its inference kernels when it first predicts
-    trained = load_run(run, "best")
-    logits, _ = predict_logits(trained.model, tiny_split(tiny_folder), trained.dataset["mean"],
-                               trained.dataset["std"], CPU, "fp32")
-    choice = attached(trained.model)
-    assert isinstance(choice, KernelChoice) and choice.attention_eval in ("math", "flash", "manual")
-    assert choice.source["attention_eval"] in ("measured", "cache")  # not the training choice taken as a flag
-    assert choice.attention_train == "n/a" and torch.isfinite(logits).all()
+    return {k: config[k] for k in KERNEL_FIELDS}
 
 
 def tiny_split(folder):
@@ -250,30 +365,91 @@ def tiny_split(folder):
     return load_dataset(str(folder), img_size=32).test
 
 
-def test_flags_reach_the_run_unchanged(tiny_folder, tmp_path):
+def _context(cfg):
+    """The training context a run of `cfg` builds (its model configured with the plan's training kernels)."""
+    return build_context(cfg, World(), cfg.device, fresh=True)
+
+
+def _elsewhere(run):
+    """The run's plan, as if it had been made on another machine: what it measured is measured again here."""
+    plan = rundir.read_json(run / rundir.PLAN)
+    rundir.write_json(run / rundir.PLAN, {**plan, "machine": "another machine; torch 0"})
+
+
+def test_a_vit_run_records_its_kernels_and_its_config_holds_the_choice(tiny_folder, tmp_path):
     run = fit(build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
-                           quiet=True, out=str(tmp_path / "flags"), attention="math", memory_format="contiguous",
-                           eval_batch_size=50))
-    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
-    assert (recorded["attention_train"], recorded["attention_eval"], recorded["memory_format"],
-            recorded["eval_batch_size"]) == ("math", "math", "contiguous", 50)
-    assert set(recorded["source"].values()) == {"flag", "n/a"} and recorded["timings"] == {}  # n/a: no depthwise
-    assert _kernel_config(run) == {"attention": "math", "memory_format": "contiguous", "compile": "off"}
+                           quiet=True, out=str(tmp_path / "vit")))
+    plan = rundir.read_plan(run)
+    assert rundir.read_json(run / rundir.SUMMARY)["kernels"] == plan
+    config = _kernel_config(run)
+    assert config["attention"] in ("sdpa", "manual") and config["eval_attention"] in ("sdpa", "manual")
+    assert config["memory_format"] in ("channels_last", "contiguous") and config["compile"] == "off"
+    assert isinstance(config["eval_batch_size"], int)  # measured: the plan records the number
+    assert plan["sources"]["attention_train"] in ("measured", "cache")
+    assert plan["sources"]["attention_eval"] in ("measured", "cache")
+    assert plan["sources"]["compile"] == "given"
+    assert {"attention", "eval_attention", "memory_format", "eval_batch_size"} <= set(plan["measured"])
+    assert "compile" not in plan["measured"]
+    assert set(plan["timings"]["attention"]) == set(plan["timings"]["eval_attention"]) == {"sdpa", "manual"}
+    # evaluation on the same machine takes the plan's inference kernels as recorded
+    trained = load_run(run, "best")
+    engine = run_engine(trained)
+    assert engine.kernels.attention_eval == config["eval_attention"] and engine.batch_size == config["eval_batch_size"]
+    assert engine.kernels.attention_train == "none" and not engine.kernels.source  # taken, not measured
+    assert all(m.fused_attn == (config["eval_attention"] == "sdpa") for m in attention_modules(trained.model))
+    scores, _ = engine.score_split(tiny_split(tiny_folder))
+    assert torch.isfinite(scores.logits).all()
+    # on another machine, what the plan measured is measured again for this one
+    _elsewhere(run)
+    again = run_engine(load_run(run, "best"))
+    assert again.kernels.source["attention_eval"] in ("measured", "cache")
+    assert again.kernels.source["eval_batch_size"] in ("measured", "cache")
+
+
+def test_flags_reach_the_run_unchanged(tiny_folder, tmp_path):
+    cfg = build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
+                       quiet=True, out=str(tmp_path / "flags"), attention="manual", eval_attention="sdpa",
+                       memory_format="contiguous", eval_batch_size=50, precision="fp32")
+    run = fit(cfg)
+    plan = rundir.read_plan(run)
+    assert set(plan["sources"].values()) == {"given", "none"} and plan["sources"]["depthwise_train"] == "none"
+    assert plan["measured"] == [] and plan["timings"] == {}
+    assert _kernel_config(run) == {"attention": "manual", "eval_attention": "sdpa", "depthwise_precision": "none",
+                                   "eval_depthwise_precision": "none", "memory_format": "contiguous",
+                                   "compile": "off", "eval_batch_size": 50}
+    # the model the run trains is configured with the training kernel, its validation with the inference one
+    ctx = _context(cfg.replace(out=str(tmp_path / "unused")))
+    assert not any(m.fused_attn for m in attention_modules(ctx.model))
+    assert all(m.fused_attn for m in attention_modules(ctx.validator.backend.graph.model))
+    assert ctx.validator.batch_size == 50 and ctx.cfg.eval_batch_size == 50
+    assert all(p.is_contiguous() for p in ctx.model.parameters())
 
 
 def test_a_layout_chosen_inside_inference_leaves_the_weights_trainable(tiny_folder, tmp_path, monkeypatch):
-    # regression: the lazy choice ran inside predict's inference_mode and re-laid the weights out there,
+    # regression: the kernel choice ran inside predict's inference_mode and re-laid the weights out there,
     # as inference tensors; Grad-CAM (report, cam) then failed to backpropagate through them
-    from imgcls.evaluation import predict
+    from imgcls.inference import run as inference_run
     from tests.conftest import tiny_config
 
     run = fit(tiny_config(tiny_folder, tmp_path / "run", epochs=1, memory_format="auto"))
-    monkeypatch.setattr(predict, "choose_kernels", lambda *a, **k: KernelChoice(memory_format="contiguous"))
-    trained = load_run(run, "best")  # loaded channels-last; the (forced) choice is contiguous
-    predict_probs(trained.model, tiny_split(tiny_folder), trained.dataset["mean"], trained.dataset["std"], CPU,
-                  "fp32")
-    weights = [p for p in trained.model.parameters() if p.dim() == 4]
-    assert weights and all(p.is_contiguous() and not p.is_inference() for p in weights)
+    _elsewhere(run)  # so the engine measures the layout (here: is handed one)
+    forced = []
+
+    def choose_channels_last(*args, **kw):
+        forced.append(kw)
+        return KernelChoice(memory_format="channels_last", eval_batch_size=64)
+
+    monkeypatch.setattr(inference_run, "choose_kernels", choose_channels_last)
+    trained = load_run(run, "best")  # loaded with torch's default layout; the (forced) choice is channels-last
+    weights = [p for p in trained.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert weights and all(p.is_contiguous() for p in weights)
+    with torch.inference_mode():  # as predict and eval call it
+        engine = run_engine(trained)
+        engine.score_split(tiny_split(tiny_folder))
+    assert forced and forced[0]["memory_format"] == "auto"
+    weights = [p for p in trained.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in weights)
+    assert not any(p.is_inference() for p in trained.model.parameters())
     trained.model(torch.zeros(1, 3, 32, 32)).sum().backward()  # what Grad-CAM needs
 
 
@@ -289,68 +465,83 @@ def _timm_vit():
 
 @pytest.mark.parametrize("make", [lambda: copy.deepcopy(create_model("vit_cifar_tiny", 10)), _timm_vit],
                          ids=["imgcls", "timm"])
-def test_manual_attention_computes_what_sdpa_computes_and_is_switched_back(make):
+def test_manual_attention_computes_what_sdpa_computes_and_is_set_back(make):
     model, x = make().eval(), torch.randn(4, 3, 32, 32)
-    assert kernels.uses_sdpa(model) and len(kernels.attention_modules(model)) >= 2
+    assert uses_attention(model) and len(attention_modules(model)) >= 2
+    set_attention(model, "sdpa")
     fused = model(x)
-    with KernelChoice(attention_eval="manual").context(model, train=False):
-        assert not any(m.fused_attn for m in kernels.attention_modules(model))
-        manual = model(x)
-    assert all(m.fused_attn for m in kernels.attention_modules(model))  # restored on leaving
+    view = inference_copy(model, "manual", "none")  # another module tree over the same tensors
+    assert not any(m.fused_attn for m in attention_modules(view))
+    assert all(m.fused_attn for m in attention_modules(model))  # the original is left as it was
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters(), strict=True))
+    assert torch.allclose(view(x), fused, atol=1e-5)
+    set_attention(model, "manual")
+    assert not any(m.fused_attn for m in attention_modules(model))
+    manual = model(x)
+    set_attention(model, "sdpa")
+    assert all(m.fused_attn for m in attention_modules(model))  # and set back
     assert torch.allclose(manual, fused, atol=1e-5)
     # and the written-out path backpropagates to the same gradients
     grads = []
-    for choice in (KernelChoice(attention_train="math"), KernelChoice(attention_train="manual")):
+    for kernel in ("sdpa", "manual"):
         model.zero_grad()
-        with choice.context(model, train=True):
-            model(x).square().mean().backward()
+        set_attention(model, kernel)
+        model(x).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
 
 
 def test_manual_attention_is_what_a_training_step_runs(tiny_folder, tmp_path, monkeypatch):
-    calls = []
-    sdpa = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(len(q)) or sdpa(q, *a, **k))
-    run = fit(build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
-                           quiet=True, out=str(tmp_path / "manual"), attention="manual", val_fraction=0.25))
-    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
-    assert (recorded["attention_train"], recorded["attention_eval"]) == ("manual", "manual")
-    # training and its evaluation never called the fused kernel; only the one-image probes before training (the
+    cfg = build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=1, batch_size=32, img_size=32,
+                       quiet=True, out=str(tmp_path / "manual"), attention="manual", eval_attention="manual",
+                       val_fraction=0.25)
+    ctx = _context(cfg.replace(out=str(tmp_path / "unused")))  # the model the run trains
+    assert not any(m.fused_attn for m in attention_modules(ctx.model))
+    assert not any(m.fused_attn for m in attention_modules(ctx.validator.backend.graph.model))
+    spy = SdpaSpy(monkeypatch)
+    run = fit(cfg)
+    config = _kernel_config(run)
+    assert (config["attention"], config["eval_attention"]) == ("manual", "manual")
+    # training and its validation never called the fused kernel; only the one-image probes before training (the
     # model's output shape) and after (its FLOP count) did
-    assert set(calls) == {1}
-    assert _kernel_config(run)["attention"] == "manual"
+    assert set(spy.calls) == {1}
 
 
-def test_switchable_depthwise_keeps_the_parameters_and_computes_alike_until_switched():
+def test_depthwise_float32_keeps_the_parameters_and_computes_alike_until_set():
     torch.manual_seed(0)
     model = create_model("convnext_cifar", 10).eval()
     params, keys = list(model.parameters()), list(model.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         before = model(x)
-    convs = kernels.switchable_depthwise(model)
-    assert len(convs) == 12 and not any(c.float32 for c in convs)  # convnext_cifar: 2+2+6+2 blocks
-    assert kernels.switchable_depthwise(model) == convs  # swapped once
+    set_depthwise(model, "autocast")  # nn.Conv2d already runs at the autocast precision: nothing swapped
+    assert not any(isinstance(m, DepthwiseConv2d) for m in model.modules())
+    view = inference_copy(model, "none", "float32")
+    assert sum(isinstance(m, DepthwiseConv2d) and m.float32 for m in view.modules()) == 12
+    assert not any(isinstance(m, DepthwiseConv2d) for m in model.modules())  # the original is left as it was
+    set_depthwise(model, "float32")
+    convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    assert len(convs) == 12 and all(c.float32 for c in convs)  # convnext_cifar: 2+2+6+2 blocks
+    set_depthwise(model, "float32")
+    assert [m for m in model.modules() if isinstance(m, DepthwiseConv2d)] == convs  # swapped once
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True)) and list(model.state_dict()) == keys
     dtypes = []
     convs[0].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-        assert torch.equal(model(x), before)  # switched off: nn.Conv2d exactly
-        with KernelChoice(depthwise_eval="float32").context(model, train=False):
-            assert all(c.float32 for c in convs)
-            model(x)
-        with KernelChoice(depthwise_eval="float32", depthwise_train="autocast").context(model, train=True):
-            model(x)
-    assert dtypes == [torch.bfloat16, torch.float32, torch.bfloat16]
-    assert not any(c.float32 for c in convs)
+        model(x)
+        set_depthwise(model, "autocast")
+        assert not any(c.float32 for c in convs)
+        assert torch.equal(model(x), before)  # float32 off: nn.Conv2d exactly
+    assert dtypes == [torch.float32, torch.bfloat16]
 
 
 def test_timm_conv2d_same_is_not_switched():
     from timm.layers import Conv2dSame
 
     model = torch.nn.Sequential(Conv2dSame(8, 8, 3, groups=8), torch.nn.Conv2d(8, 8, 3, groups=2))
-    assert not kernels.has_depthwise(model) and kernels.switchable_depthwise(model) == []
+    assert not has_depthwise(model)
+    set_depthwise(model, "float32")
+    assert [type(m) for m in model] == [Conv2dSame, torch.nn.Conv2d]
 
 
 @pytest.mark.parametrize("train, infer", [("float32", "autocast"), ("autocast", "float32")])
@@ -360,25 +551,31 @@ def test_fake_timer_forces_the_depthwise_precision(cache_dir, train, infer):
     choice = choose(model, timer, precision="bf16", memory_format="channels_last", eval_batch_size=64)
     assert (choice.depthwise_train, choice.depthwise_eval) == (train, infer)
     assert set(choice.timings["depthwise_train"]) == {"autocast", "float32"}
-    assert choice.source["depthwise_train"] == "measured" and choice.attention_train == "n/a"
+    assert choice.source["depthwise_train"] == "measured" and choice.attention_train == "none"
     assert not any(isinstance(m, DepthwiseConv2d) for m in model.modules())  # measured on a copy
     assert f"depthwise {train} (train) / {infer} (inference)" in choice.describe()
     fp32 = FakeTimer()
-    assert choose(model, fp32, name="fp32").depthwise_train == "n/a"  # no autocast: nothing to choose
+    assert choose(model, fp32, name="fp32").depthwise_train == "none"  # no autocast: nothing to choose
     assert not {"depthwise_train", "depthwise_eval"} & fp32.kinds()
 
 
 def test_a_convnext_run_trains_with_float32_depthwise_and_keeps_it(tiny_folder, tmp_path):
-    run = fit(build_config(data=str(tiny_folder), model="convnext_cifar", epochs=1, batch_size=32, img_size=32,
-                           quiet=True, out=str(tmp_path / "dw"), precision="bf16", depthwise_precision="float32",
-                           memory_format="channels_last", val_fraction=0.25))
-    recorded = rundir.read_json(run / rundir.SUMMARY)
-    assert (recorded["kernels"]["depthwise_train"], recorded["kernels"]["depthwise_eval"]) == ("float32", "float32")
-    assert yaml.safe_load((run / rundir.CONFIG).read_text())["depthwise_precision"] == "float32"
+    cfg = build_config(data=str(tiny_folder), model="convnext_cifar", epochs=1, batch_size=32, img_size=32,
+                       quiet=True, out=str(tmp_path / "dw"), precision="bf16", depthwise_precision="float32",
+                       eval_depthwise_precision="float32", memory_format="channels_last", val_fraction=0.25)
+    ctx = _context(cfg.replace(out=str(tmp_path / "unused")))
+    trains = [m for m in ctx.model.modules() if isinstance(m, DepthwiseConv2d)]
+    assert len(trains) == 12 and all(m.float32 for m in trains)
+    run = fit(cfg)
+    config = _kernel_config(run)
+    assert (config["depthwise_precision"], config["eval_depthwise_precision"]) == ("float32", "float32")
     trained = load_run(run, "best")  # the state_dict keys are nn.Conv2d's: the checkpoint loads into a fresh model
-    logits, _ = predict_logits(trained.model, tiny_split(tiny_folder), trained.dataset["mean"],
-                               trained.dataset["std"], CPU, "bf16")
-    assert torch.isfinite(logits).all() and attached(trained.model).depthwise_eval == "float32"
+    engine = run_engine(trained)
+    assert engine.precision == "bf16" and engine.kernels.depthwise_eval == "float32"
+    convs = [m for m in trained.model.modules() if isinstance(m, DepthwiseConv2d)]
+    assert len(convs) == 12 and all(m.float32 for m in convs)
+    scores, _ = engine.score_split(tiny_split(tiny_folder))
+    assert torch.isfinite(scores.logits).all()
 
 
 class _LayoutProbe(torch.nn.Module):
@@ -405,38 +602,44 @@ def test_each_layout_is_timed_with_its_own_weights_layout(cache_dir, train):
     def timer(kind, candidate, fn):
         _LayoutProbe.seen.clear()
         fn()
-        if kind == "memory_format":
-            observed.append((candidate, set(_LayoutProbe.seen)))
+        if kind != "gemm":  # the precision probe is a matrix product, no model
+            observed.append((kind, fn.case["layout"], set(_LayoutProbe.seen)))  # every timed call, any question
         return 1.0
 
     choose_kernels(_LayoutProbe(), SHAPE, CPU, "fp32", timer=timer, data_size=100, eval_batch_size=64, train=train)
-    assert len(observed) == 2 * (1 + kernels.REPEATS)
-    assert all(seen == {candidate == "channels_last"} for candidate, seen in observed)
+    assert {layout for kind, layout, _ in observed if kind == "memory_format"} <= {"channels_last", "contiguous"}
+    assert {layout for _, layout, _ in observed} == {"channels_last", "contiguous"}
+    assert all(seen == {layout == "channels_last"} for _, layout, seen in observed)
 
 
-def test_a_resumed_run_trains_with_its_recorded_kernels_and_chooses_inference_again(tiny_folder, tmp_path,
-                                                                                      cache_dir, monkeypatch):
+def test_a_resumed_run_runs_the_plan_it_recorded(tiny_folder, tmp_path, cache_dir, monkeypatch):
+    # the plan (config.yaml) is resolved once: a resumed run takes every kernel as given, training's and
+    # inference's alike, and measures nothing
     chosen = []
-    real = kernels.choose_kernels
+    real = measure.choose_kernels
 
     def recording(*args, **kw):
-        choice = real(*args, timer=FakeTimer({"attention_train": "math", "attention_eval": "flash"}), **kw)
-        chosen.append((kw, choice))
+        timer = FakeTimer({"attention_train": "manual", "attention_eval": "sdpa"})
+        choice = real(*args, timer=timer, **kw)
+        chosen.append((kw, choice, timer))
         return choice
 
-    monkeypatch.setattr("imgcls.training.train.choose_kernels", recording)
+    monkeypatch.setattr("imgcls.training.context.choose_kernels", recording)
     cfg = build_config(data=str(tiny_folder), model="vit_cifar_tiny", epochs=2, batch_size=32, img_size=32,
                        quiet=True, out=str(tmp_path / "resumed"), val_fraction=0.25)
     with pytest.raises(Interrupted):
         fit(cfg, stop_after_steps=4)  # inside epoch 2
+    plan = rundir.read_plan(tmp_path / "resumed")
     run = fit(resume=tmp_path / "resumed")
-    (_, first), (asked, again) = chosen
-    assert (first.attention_train, first.attention_eval) == ("math", "flash")
-    assert asked["attention"] == "math" and asked["attention_eval"] == "auto"  # training's from config.yaml
-    assert (again.attention_train, again.source["attention_train"]) == ("math", "flag")
-    assert again.attention_eval == "flash" and again.source["attention_eval"] in ("measured", "cache")
-    recorded = rundir.read_json(run / rundir.SUMMARY)["kernels"]
-    assert recorded["source"]["attention_eval"] != "flag"  # so eval and predict may choose it for themselves
+    (_, first, _), (asked, again, timer) = chosen
+    assert (first.attention_train, first.attention_eval) == ("manual", "sdpa")
+    assert first.source["attention_train"] == first.source["attention_eval"] == "measured"
+    assert (asked["attention"], asked["attention_eval"]) == ("manual", "sdpa")  # from config.yaml
+    assert asked["eval_batch_size"] == first.eval_batch_size and asked["memory_format"] == first.memory_format
+    assert (again.attention_train, again.attention_eval) == ("manual", "sdpa") and timer.calls == []
+    assert set(again.source.values()) <= {"given", "none"}
+    assert rundir.read_plan(run) == plan  # plan.json still says what the first process measured
+    assert {"attention", "eval_attention"} <= set(plan["measured"])  # so eval elsewhere may measure it again
 
 
 def test_float32_depthwise_is_what_the_training_steps_run(tiny_folder, tmp_path, monkeypatch):

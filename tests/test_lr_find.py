@@ -11,7 +11,7 @@ from imgcls.cli import main
 from imgcls.errors import UserError
 from imgcls.models import create_model
 from imgcls.training import lr_find
-from imgcls.training.lr_find import DIVERGE, lr_range_test, suggestions
+from imgcls.training.lr_find import BETA, DIVERGE, lr_range_test, suggestions
 
 
 @pytest.fixture
@@ -97,6 +97,68 @@ def test_steepest_and_valley_on_a_known_curve():
     assert steepest == pytest.approx(1e-3, rel=0.3)
     # the longest descent runs from the start to the minimum (about 1e-1); halfway along it in log-space
     assert 1e-4 < valley < 1e-2
+
+
+def _previous_valley(lrs, losses):
+    """REFERENCE ORACLE, not imgcls code: the previous implementation of lr_find._valley, kept verbatim
+    to check that the O(n log n) rewrite suggests the same rate. It followed fastai's O(n^2) loop."""
+    n = len(losses)
+    length = [1] * n
+    end = 0
+    for i in range(1, n):
+        for j in range(i):
+            if losses[i] < losses[j] and length[i] < length[j] + 1:
+                length[i] = length[j] + 1
+        if length[i] > length[end]:
+            end = i
+    if length[end] < 3:  # the loss never really fell
+        return None
+    start = end - length[end] + 1
+    span = (end - start) / 3
+    return lrs[start + int(span) + int(span / 2)]
+
+
+def _sweep_curve(gen: torch.Generator, n: int) -> list[float]:
+    """A range test's smoothed loss: flat, a fall, a blow-up, with noise, EMA-smoothed as lr_range_test
+    smooths it (bias-corrected)."""
+    x = torch.linspace(-1, 1, n)
+    centre, width = (torch.rand(2, generator=gen) * torch.tensor([1.0, 0.3]) + torch.tensor([-0.5, 0.05])).tolist()
+    blow_up = 0.2 + 0.6 * torch.rand(1, generator=gen).item()
+    raw = 2 - torch.tanh((x - centre) / width) + 20 * (x - blow_up).clamp(min=0) ** 2
+    raw = raw + 0.3 * torch.rand(1, generator=gen).item() * torch.randn(n, generator=gen)
+    smoothed, avg = [], 0.0
+    for i, loss in enumerate(raw.tolist()):
+        avg = BETA * avg + (1 - BETA) * loss
+        smoothed.append(avg / (1 - BETA ** (i + 1)))
+    return smoothed
+
+
+def _valley_cases():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(150):  # realistic sweeps of the lengths lr-find runs
+        n = int(torch.randint(10, 300, (1,), generator=gen))
+        yield _sweep_curve(gen, n)
+    for _ in range(150):  # unstructured: uniform noise, random walks, and values with many exact ties
+        n = int(torch.randint(1, 120, (1,), generator=gen))
+        yield torch.rand(n, generator=gen).tolist()
+        yield torch.randn(n, generator=gen).cumsum(0).tolist()
+        yield torch.randint(0, 6, (n,), generator=gen).float().tolist()
+    yield [3.0, 2.0, 2.0, 2.0, 1.0, 1.0, 0.5]  # ties inside the run
+    yield [1.0, 2.0, 1.0, 2.0, 1.0, 0.0, 2.0, 1.0, 0.0]  # two runs of the greatest length: the first ends first
+    yield [5.0, float("nan"), 4.0, 3.0, float("nan"), 2.0]  # NaN extends nothing and is extended by nothing
+    yield [float("inf"), 2.0, 1.0, float("-inf")]
+
+
+def test_valley_suggests_what_the_previous_quadratic_implementation_did():
+    """On some 600 curves, the patience-sorting valley picks the same point as the O(n^2) loop it
+    replaced, ties included: both take the earliest-ending run of the greatest length."""
+    checked = 0
+    for losses in _valley_cases():
+        lrs = [1e-6 * 1.1**i for i in range(len(losses))]
+        assert lr_find._valley(lrs, losses) == _previous_valley(lrs, losses), losses
+        checked += 1
+    assert checked > 600
+    assert lr_find._valley([], []) is None and lr_find._valley([1e-3, 1e-2], [2.0, 1.0]) is None  # too short
 
 
 def test_sweep_keeps_group_ratios_and_stops_on_divergence_and_nan(one_thread):

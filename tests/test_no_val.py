@@ -107,14 +107,18 @@ def test_calibrate_refuses_in_one_line(run, capsys):
 
 
 def test_reject_auto_threshold_is_refused_not_invented(run):
-    from imgcls.evaluation.predict import load_run
-    from imgcls.evaluation.rejection import resolve_threshold, val_risk_coverage
+    from imgcls.inference.reject import resolve_threshold
+    from imgcls.inference.run import load_run
 
+    trained = load_run(run)
+    assert not trained.has_split("val") and trained.has_split("test")
     with pytest.raises(UserError, match="needs a validation split"):
-        val_risk_coverage(load_run(run), None)
+        trained.require_split("val", "--reject auto")
+    assert trained.risk_coverage is None  # calibrate never stored a curve
     with pytest.raises(UserError, match="--val-fraction 0"):
-        resolve_threshold("auto", None)
+        resolve_threshold("auto", trained.risk_coverage)
     assert resolve_threshold("0.8", None) == 0.8  # an explicit threshold still works
+    assert resolve_threshold("off", None) is None
 
 
 def test_report_says_no_validation_split_and_shows_no_nan(run):
@@ -130,9 +134,9 @@ def test_report_says_no_validation_split_and_shows_no_nan(run):
 
 
 def test_comparison_table_and_model_card_say_final_epoch(run):
-    from imgcls.evaluation.batch_predict import Preprocessing
-    from imgcls.evaluation.predict import load_run
+    from imgcls.export import export_spec
     from imgcls.export.model_card import model_card
+    from imgcls.inference.run import load_run
     from imgcls.reporting.figures import comparison_charts
     from imgcls.reporting.tables import aggregate, to_markdown
 
@@ -145,14 +149,12 @@ def test_comparison_table_and_model_card_say_final_epoch(run):
     assert comparison_charts(records, run) == []  # nothing to draw: no run has validation accuracy
 
     trained = load_run(run)
-    info = trained.dataset
-    prep = Preprocessing(info["img_size"], tuple(info["mean"]), tuple(info["std"]), info.get("crop_pct", 1.0))
     ev = json.loads((run / "eval-test.json").read_text()) if (run / "eval-test.json").is_file() else None
     if ev is None:
         from imgcls.evaluation.evaluate import evaluate_run
 
         ev, _ = evaluate_run(run, "test", device="cpu")
-    card = model_card(trained, prep, ev, None, None, None, {}, summary)
+    card = model_card(trained, export_spec(trained), ev, None, {}, summary)
     assert "no validation split" in card and not re.search(r"\bnan\b", card, re.IGNORECASE)
 
 

@@ -12,10 +12,10 @@ from PIL import Image
 
 from imgcls.cli import main
 from imgcls.config import build_config
+from imgcls.data.preprocessing import normalize
 from imgcls.data.presets import tta_views
-from imgcls.evaluation.batch_predict import collect_paths, predict_paths, run_predictor
-from imgcls.evaluation.evaluate import predict_files
-from imgcls.evaluation.predict import forward_batch, load_images, load_run
+from imgcls.inference.files import collect_paths, load_images, predict_rows
+from imgcls.inference.run import load_run, run_engine
 from imgcls.training.train import fit
 
 
@@ -43,6 +43,10 @@ def messy(tiny_folder, tmp_path):
 def test_a_messy_folder_gives_one_row_per_file_with_an_error_column(run, messy, tmp_path):
     out = tmp_path / "preds.csv"
     assert main(["predict", str(run), str(messy), "--out", str(out), "--quiet", "--batch-size", "4"]) == 0
+    with open(out) as f:
+        header = next(csv.reader(f))
+    assert header == ["path", "label", "confidence", "rejected", "energy", "top1", "top1_prob", "top2", "top2_prob",
+                      "top3", "top3_prob", "error"]
     rows = list(csv.DictReader(open(out)))
     files = [p for p in messy.rglob("*") if p.is_file() and not p.name.startswith(".")]
     assert sorted(r["path"] for r in rows) == sorted(map(str, files)) and len(rows) == 23
@@ -55,15 +59,39 @@ def test_a_messy_folder_gives_one_row_per_file_with_an_error_column(run, messy, 
     assert all(float(r["top1_prob"]) >= float(r["top2_prob"]) >= float(r["top3_prob"]) for r in good)
 
 
+def _bare_probs(trained, images_nhwc):
+    """The bare model's softmax over uint8 N x H x W x 3 images: no engine, no batching, no DataLoader."""
+    x = normalize(images_nhwc.permute(0, 3, 1, 2), trained.dataset["mean"], trained.dataset["std"])
+    with torch.inference_mode():
+        return trained.model(x).double().softmax(1)
+
+
 def test_rows_match_the_runs_own_predict(run, tiny_folder):
-    """The folder path and the old per-file path give the same probabilities: one preprocessing."""
+    """The folder path (decoded in batches of 4 by the DataLoader) and the per-file path (each file decoded
+    alone and scored by the bare model) give the same probabilities: one preprocessing."""
     files = sorted((tiny_folder / "test" / "automobile").iterdir())
     trained = load_run(run)
-    rows = list(predict_paths(run_predictor(trained), files, topk=3, batch_size=4, workers=0))
-    expected = predict_files(trained, list(map(str, files)), topk=3)
-    for row, exp in zip(rows, expected, strict=True):
-        assert [t["class"] for t in row["top"]] == [t["class"] for t in exp["top"]]
-        assert np.allclose([t["probability"] for t in row["top"]], [t["probability"] for t in exp["top"]], atol=1e-5)
+    engine = run_engine(trained, batch_size=4)
+    rows = list(predict_rows(engine, files, topk=3, workers=0))
+    assert len(rows) == len(files) == 10 and [r["path"] for r in rows] == list(map(str, files))
+    for row, file in zip(rows, files, strict=True):
+        expected = _bare_probs(trained, load_images([file], trained.preprocessing))[0]
+        order = expected.argsort(descending=True)[:3]
+        assert [t["class"] for t in row["top"]] == [trained.classes[i] for i in order]
+        assert np.allclose([t["probability"] for t in row["top"]], expected[order].numpy(), atol=1e-5)
+        assert row["label"] == row["top"][0]["class"] and row["rejected"] is False
+
+
+def test_a_row_carries_the_energy_of_the_plain_views_logits(run, tiny_folder):
+    files = sorted((tiny_folder / "test" / "bird").iterdir())[:3]
+    trained = load_run(run)
+    rows = list(predict_rows(run_engine(trained), files, tta="flip", workers=0))
+    x = normalize(load_images(files, trained.preprocessing).permute(0, 3, 1, 2), trained.dataset["mean"],
+                  trained.dataset["std"])
+    with torch.inference_mode():
+        energy = torch.logsumexp(trained.model(x).double(), dim=1)  # the unmirrored view only
+    assert [r["energy"] for r in rows] == pytest.approx(energy.tolist(), abs=1e-4)
+    assert list(rows[0]) == ["path", "label", "confidence", "rejected", "energy", "top", "error"]
 
 
 def test_files_folders_globs_and_a_list_mix(tiny_folder, tmp_path):
@@ -76,19 +104,19 @@ def test_files_folders_globs_and_a_list_mix(tiny_folder, tmp_path):
     assert paths[1:11] == sorted((test / "automobile").iterdir())
 
 
-@pytest.mark.parametrize("argv, problem", [
-    (["/no/such/dir"], "matches no file or folder"),
-    (["--list", "/no/such/list.txt"], "--list /no/such/list.txt does not exist"),
-    ([], "no files to predict"),
-    (["{test}", "--out", "x.xlsx"], "unknown format"),
-    (["{test}", "--reject", "often"], "neither auto nor a probability"),
-    (["{test}", "--reject", "auto"], "run imgcls calibrate"),
-])
-def test_bad_predict_arguments_are_one_line(run, tiny_folder, argv, problem, capsys):
-    argv = [a.replace("{test}", str(tiny_folder / "test")) for a in argv]
-    assert main(["predict", str(run), *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and problem in err[0]
+def test_a_listed_file_that_is_missing_is_an_error_row(run, tiny_folder, tmp_path):
+    # changed: a path in --list that does not exist is no longer refused; it becomes a row with an error
+    good = sorted((tiny_folder / "test" / "bird").iterdir())[0]
+    missing = tmp_path / "gone.png"
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{good}\n{missing}\n")
+    assert collect_paths([], str(listed)) == [good, missing]
+    out = tmp_path / "preds.csv"
+    assert main(["predict", str(run), "--list", str(listed), "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert [r["path"] for r in rows] == [str(good), str(missing)]
+    assert rows[0]["error"] == "" and rows[0]["label"] in {"airplane", "automobile", "bird"}
+    assert "does not exist" in rows[1]["error"] and rows[1]["label"] == "" and rows[1]["energy"] == ""
 
 
 def test_jsonl_and_parquet_hold_the_same_rows(run, messy, tmp_path):
@@ -103,18 +131,27 @@ def test_jsonl_and_parquet_hold_the_same_rows(run, messy, tmp_path):
     assert [r["top1"] for r in table] == [r["top"][0]["class"] if r["top"] else None for r in rows]
 
 
+def test_reject_off_accepts_everything(run, tiny_folder, tmp_path):
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(run), str(tiny_folder / "test"), "--reject", "off", "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 30 and not any(r["rejected"] for r in rows) and "unknown" not in {r["label"] for r in rows}
+    assert main(["predict", str(run), str(tiny_folder / "test"), "--reject", "1", "--out", str(out), "--quiet"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["rejected"] and r["label"] == "unknown" for r in rows)  # nothing reaches probability 1
+
+
 def test_tta_flip_averages_the_image_and_its_mirror(run, tiny_folder):
     files = sorted((tiny_folder / "test" / "bird").iterdir())[:4]
     trained = load_run(run)
-    rows = list(predict_paths(run_predictor(trained), files, topk=3, tta="flip", workers=0))
-    images = load_images(files, 32)
-    views = torch.cat(tta_views(images, "flip", "basic", torch.Generator()))
-    with torch.inference_mode():
-        logits = forward_batch(trained.model, views, trained.dataset["mean"], trained.dataset["std"], "cpu", "fp32")
-    expected = logits.softmax(1).view(2, 4, -1).mean(0)
+    engine = run_engine(trained)
+    rows = list(predict_rows(engine, files, topk=3, tta="flip", workers=0))
+    images = load_images(files, trained.preprocessing).permute(0, 3, 1, 2)  # uint8 N x 3 x H x W
+    views = torch.cat(tta_views(images, "flip", trained.recipe, torch.Generator()))
+    expected = _bare_probs(trained, views.permute(0, 2, 3, 1)).view(2, 4, -1).mean(0)
     for row, probs in zip(rows, expected, strict=True):
         assert row["top"][0]["probability"] == pytest.approx(probs.max().item(), abs=1e-5)
-    plain = list(predict_paths(run_predictor(trained), files, topk=3, workers=0))
+    plain = list(predict_rows(engine, files, topk=3, workers=0))
     gaps = [abs(a["top"][0]["probability"] - b["top"][0]["probability"]) for a, b in zip(rows, plain, strict=True)]
     assert max(gaps) > 1e-6  # the mirror changed something
 
@@ -124,13 +161,40 @@ def test_predict_streams_a_batch_at_a_time(run, tiny_folder, tmp_path):
     folder = tmp_path / "many"
     shutil.copytree(tiny_folder / "test" / "bird", folder)
     files = sorted(folder.iterdir())
-    rows = predict_paths(run_predictor(load_run(run)), files, batch_size=4, workers=0)
+    engine = run_engine(load_run(run), batch_size=4)
+    assert engine.batch_size == 4
+    rows = predict_rows(engine, files, workers=0)
     first = [next(rows) for _ in range(4)]
     for f in files[4:]:
         f.unlink()
     rest = list(rows)
     assert all(r["error"] is None for r in first)
     assert len(rest) == 6 and all(r["error"] for r in rest)
+
+
+def test_an_existing_out_file_is_replaced_whole_or_left_as_it_was(run, tiny_folder, tmp_path, capsys):
+    from imgcls.reporting.predictions import write_rows
+
+    out = tmp_path / "preds.csv"
+    images = str(tiny_folder / "test" / "bird")
+    assert main(["predict", str(run), images, "--out", str(out), "--quiet"]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    before = out.read_bytes()
+    assert main(["predict", str(run), images, "--out", str(out), "--quiet"]) == 0
+    assert "(replaced the existing file)" in capsys.readouterr().out and out.read_bytes() == before
+
+    def broken_rows():  # the writer dies after one row: the file it replaces must not be cut
+        yield {"path": "a.png", "label": "bird", "confidence": 0.9, "rejected": False, "energy": 1.0,
+               "top": [{"class": "bird", "probability": 0.9}], "error": None}
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        write_rows(broken_rows(), out, topk=1)
+    assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["preds.csv"]
+    rows = [{"path": "a.png", "label": None, "confidence": None, "rejected": None, "energy": None, "top": [],
+             "error": "FileNotFoundError: a.png does not exist"}]
+    counts = write_rows(iter(rows), tmp_path / "new.jsonl", topk=1)
+    assert counts == {"images": 1, "errors": 1, "rejected": 0, "replaced": False}
 
 
 def test_console_output_without_out(run, tiny_folder, capsys):
@@ -148,13 +212,20 @@ def test_a_grayscale_image_predicts(run, tmp_path, capsys):
     assert row["error"] is None and row["image"] == str(tmp_path / "gray.png")
 
 
-def test_a_bf16_run_predicts_in_fp32_on_the_cpu_like_its_export(run, tiny_folder):
-    """A run trained with bf16 autocast still predicts in fp32 on the CPU, so its rows equal its ONNX file's."""
+def test_predict_runs_at_the_plans_inference_precision(run, tiny_folder):
+    """Changed: a run's inference precision is its plan's eval_precision (auto: as training), no longer fp32
+    whatever the training precision. A bf16-trained run planned to infer in fp32 gives its export's rows; one
+    planned to infer in bf16 does not."""
     files = sorted((tiny_folder / "test" / "bird").iterdir())[:6]
     trained = load_run(run)
-    trained.config = dataclasses.replace(trained.config, precision="bf16")
-    rows = list(predict_paths(run_predictor(trained), files, workers=0))
-    fp32 = list(predict_paths(run_predictor(trained, precision="fp32"), files, workers=0))
-    bf16 = list(predict_paths(run_predictor(trained, precision="bf16"), files, workers=0))
-    assert [r["top"] for r in rows] == [r["top"] for r in fp32]
-    assert [r["top"] for r in rows] != [r["top"] for r in bf16]
+    fp32 = list(predict_rows(run_engine(trained, precision="fp32"), files, workers=0))
+    bf16 = list(predict_rows(run_engine(trained, precision="bf16"), files, workers=0))
+    assert [r["top"] for r in fp32] != [r["top"] for r in bf16]
+    trained.config = dataclasses.replace(trained.config, precision="bf16", eval_precision="fp32")
+    engine = run_engine(trained)
+    assert engine.precision == "fp32"
+    assert [r["top"] for r in predict_rows(engine, files, workers=0)] == [r["top"] for r in fp32]
+    trained.config = dataclasses.replace(trained.config, precision="bf16", eval_precision="bf16")
+    engine = run_engine(trained)
+    assert engine.precision == "bf16"
+    assert [r["top"] for r in predict_rows(engine, files, workers=0)] == [r["top"] for r in bf16]

@@ -14,7 +14,9 @@ from imgcls import rundir
 from imgcls.cli import main
 from imgcls.config import build_config
 from imgcls.errors import UserError
-from imgcls.evaluation.rejection import auroc, choose_threshold, energy, fpr_at_tpr, resolve_threshold, risk_coverage
+from imgcls.evaluation.rejection import auroc, fpr_at_tpr, risk_coverage
+from imgcls.inference.reject import choose_threshold, energy, resolve_threshold
+from imgcls.inference.run import load_run, run_engine
 from imgcls.training.train import fit
 
 
@@ -86,12 +88,15 @@ def test_auroc_and_fpr_against_a_direct_count():
 def test_resolve_threshold():
     curve = {"threshold": [0.9, 0.5], "coverage": [0.5, 1.0], "accuracy": [0.97, 0.8]}
     assert resolve_threshold(None, None) is None
+    assert resolve_threshold("off", curve) is None  # --reject off: accept everything, like no flag
     assert resolve_threshold("0.8", None) == 0.8
     assert resolve_threshold("auto", curve) == 0.9
     assert resolve_threshold("auto", curve, coverage=1.0) == 0.5
     with pytest.raises(UserError, match="add --reject auto"):
         resolve_threshold(None, curve, target_accuracy=0.9)
-    with pytest.raises(UserError, match="neither auto nor a probability"):
+    with pytest.raises(UserError, match="add --reject auto"):
+        resolve_threshold("off", curve, coverage=0.5)
+    with pytest.raises(UserError, match="neither auto, off nor a probability"):
         resolve_threshold("1.5", curve)
 
 
@@ -110,6 +115,14 @@ def test_calibrate_stores_the_val_risk_coverage_curve(calibrated):
     assert curve["n"] == 36 and curve["coverage"][-1] == 1.0  # 30% of 120 images held out for val
     assert curve["accuracy"][-1] == pytest.approx(report["splits"]["val"]["after"]["accuracy"])
     assert curve["threshold"] == sorted(curve["threshold"], reverse=True)
+    # the curve is the calibrated validation split's: what the run's engine scores on val now
+    trained = load_run(calibrated)
+    assert trained.risk_coverage == curve
+    scores, labels = run_engine(trained).score_split(trained.split("val"))
+    again = risk_coverage(scores.probs, labels)
+    assert again["n"] == curve["n"] and again["coverage"] == pytest.approx(curve["coverage"])
+    assert again["threshold"] == pytest.approx(curve["threshold"], abs=1e-9)
+    assert again["accuracy"] == pytest.approx(curve["accuracy"])
 
 
 def test_predict_reject_marks_unknown_and_keeps_scores(calibrated, tiny_folder, tmp_path):

@@ -13,7 +13,7 @@ from imgcls.config import build_config
 from imgcls.training.checkpointer import EpochMeter, TrainState
 from imgcls.training.context import build_context
 from imgcls.training.distributed import World
-from imgcls.training.loop import Stepper, train_one_epoch
+from imgcls.training.loop import train_one_epoch
 from imgcls.training.progress import Progress
 from imgcls.training.train import fit, prepare_inputs
 
@@ -50,7 +50,7 @@ def _train(ctx, inputs, steps: int, transform=None, epoch_steps: int = 1000) -> 
     meter, gen = EpochMeter(), torch.Generator().manual_seed(0)
     order = torch.arange(steps * BATCH)
     progress = Progress(1, epoch_steps, BATCH, quiet=True)
-    assert train_one_epoch(Stepper(ctx, inputs.trainee), inputs.train.batches(order, BATCH),
+    assert train_one_epoch(ctx, inputs.trainee, inputs.train.batches(order, BATCH),
                            transform or inputs.transform, gen, meter, should_stop=lambda read=True: False,
                            progress=progress)
     return meter

@@ -5,7 +5,7 @@ import builtins
 import pytest
 
 from imgcls.errors import UserError
-from imgcls.training.tensorboard import INSTALL, TensorBoardLog, check_installed, compare_logdir
+from imgcls.training.tensorboard import INSTALL, TensorBoardLog, check_installed
 
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
@@ -92,17 +92,6 @@ def test_resume_purges_what_the_killed_process_logged_after_the_checkpoint(tmp_p
     acc = _read(tmp_path / "tb")
     assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 3 * STEPS_PER_EPOCH + 1))
     assert [e.step for e in acc.Scalars("epoch/val_acc")] == [5, 10, 15]
-
-
-def test_compare_runs_share_one_logdir(tmp_path):
-    for variant in ("a", "b"):
-        log = TensorBoardLog(tmp_path / variant / "seed-0", HPARAMS, logdir=compare_logdir(tmp_path, variant, 0))
-        _write(log, epochs=1)
-        log.close()
-    runs = sorted(p.name for p in (tmp_path / "tb").iterdir())
-    assert runs == ["a-seed-0", "b-seed-0"]
-    assert not (tmp_path / "a").exists()  # nothing in the run folder when the logdir is shared
-    assert "epoch/val_acc" in _read(tmp_path / "tb" / "b-seed-0").Tags()["scalars"]
 
 
 def test_missing_package_is_one_line(tmp_path, monkeypatch):

@@ -6,10 +6,11 @@ import torch
 import yaml
 
 from imgcls import rundir
-from imgcls.config import build_config
+from imgcls.config import build_config, load_config, unresolved
 from imgcls.errors import UserError
 from imgcls.models import count_parameters, create_model
-from imgcls.training.train import Interrupted, fit, warmup_cosine
+from imgcls.training.context import warmup_cosine
+from imgcls.training.train import Interrupted, fit
 
 TIMING = ("epoch_time", "data_time", "compute_time", "images_per_s")
 
@@ -26,8 +27,11 @@ def _metrics(run):
 
 def test_run_directory_is_complete(tiny_folder, tmp_path):
     run = fit(_cfg(tiny_folder, tmp_path / "run", epochs=1))
-    for name in (rundir.CONFIG, rundir.DATASET, rundir.METRICS, rundir.SUMMARY, rundir.LAST, rundir.BEST):
+    for name in (rundir.CONFIG, rundir.PLAN, rundir.DATASET, rundir.METRICS, rundir.SUMMARY, rundir.LAST,
+                 rundir.BEST):
         assert (run / name).is_file(), name
+    assert unresolved(load_config(run / rundir.CONFIG)) == []  # the plan: every auto decided
+    assert rundir.read_plan(run)["machine"] and isinstance(rundir.read_plan(run)["measured"], list)
     config = yaml.safe_load((run / rundir.CONFIG).read_text())
     assert config["model"] == "fastnet_cifar_small" and config["img_size"] == 32 and config["aug"] == "basic"
     # resolved values, not "auto" or None

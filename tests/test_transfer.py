@@ -10,15 +10,15 @@ from PIL import Image
 from imgcls import rundir
 from imgcls.cli import main
 from imgcls.config import build_config
-from imgcls.data import normalize
+from imgcls.data import Preprocessing
 from imgcls.errors import UserError
 from imgcls.evaluation.evaluate import evaluate_run
-from imgcls.evaluation.predict import load_images
+from imgcls.inference.files import load_images
 from imgcls.models import create_model
 from imgcls.models.efficientnet import map_efficientnet_pytorch_keys, package_weights
 from imgcls.models.surface import classifier_name, layer_groups
-from imgcls.training.context import build_optimizer
-from imgcls.training.train import Interrupted, fit, warmup_cosine
+from imgcls.training.context import build_optimizer, warmup_cosine
+from imgcls.training.train import Interrupted, fit
 from imgcls.training.transfer import plan_groups
 
 DOMESTIC_CATS = {281, 282, 283, 284, 285}  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -68,9 +68,11 @@ def test_pretrained_efficientnet_lite0_sees_a_cat_in_a_real_photo(tmp_path):
     path = tmp_path / "chelsea.png"
     Image.fromarray(skimage_data.chelsea()).save(path)
     model = create_model("efficientnet_lite0", 1000, pretrained=True).eval()
-    images = load_images([path], 224, crop_pct=0.875)  # the weights' own preprocessing
+    prep = Preprocessing(224, (0.5,) * 3, (0.5,) * 3, crop_pct=0.875)  # the weights' own preprocessing
+    images = load_images([path], prep)  # uint8 N x H x W x 3
+    assert images.shape == (1, 224, 224, 3)
     with torch.inference_mode():
-        probs = model(normalize(images, (0.5,) * 3, (0.5,) * 3)).softmax(1)[0]
+        probs = model(prep.normalize(images.permute(0, 3, 1, 2))).softmax(1)[0]
     top3 = set(probs.topk(3).indices.tolist())
     assert top3 & DOMESTIC_CATS, top3
 

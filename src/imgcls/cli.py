@@ -7,10 +7,14 @@ their values; nothing here imports torch, so `imgcls --help` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
-from imgcls.config import FIELDS, TYPES, flag
+from imgcls.config import FIELDS, TYPES, erasing_probability, flag
+from imgcls.errors import UserError
+from imgcls.options import OPTIONS, add_options
 
 DESCRIPTION = "Train, evaluate and use image classifiers, offline and fast on a CPU."
 
@@ -34,9 +38,12 @@ def _default_note(name: str) -> str:
     return "" if default in (None, False) else f" (default {default})"
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; values arrive as text and the schema coerces and checks them."""
+def _add_train_flags(p: argparse.ArgumentParser, names=None) -> None:
+    """One flag per TrainConfig field (or per field of `names`); values arrive as text and the schema coerces
+    and checks them."""
     for name, f in FIELDS.items():
+        if names is not None and name not in names:
+            continue
         meta, help_text = f.metadata, f.metadata["help"] + _default_note(name)
         if TYPES[name] is bool:
             p.add_argument(flag(name), action="store_const", const=True, default=None, help=help_text)
@@ -47,23 +54,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag(name), default=None, metavar=_metavar(name), help=help_text)
 
 
-def _checkpoint_and_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default="best", help="best (chosen on val), last, or a file (best)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-
-
-def _allow_data_change(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--allow-data-change", action="store_true",
-                   help="use the run's data even though it changed since training (by default refused)")
-
-
 def _train_parser(sub, common) -> None:
     train = sub.add_parser("train", parents=[common], help="train a model; writes a run folder",
                            description="Train a model. Flags override the --recipe file, which overrides defaults.")
     train.add_argument("--recipe", metavar="YAML", help="YAML file of train options (keys as the flags)")
     train.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config "
                                                        "(only --quiet and --allow-data-change may be given with it)")
-    _allow_data_change(train)
+    add_options(train, "--allow-data-change")
     _add_train_flags(train)
 
 
@@ -88,16 +85,11 @@ def _eval_parsers(sub, common) -> None:
     ev = sub.add_parser("eval", parents=[common], help="evaluate a run; writes eval-<split>.json into it")
     ev.add_argument("run", help="run folder")
     ev.add_argument("--data", help="evaluate on other data with the same classes (default: the run's)")
-    ev.add_argument("--data-dir", help="as in train, for --data cifar10")
     ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (test)")
-    _checkpoint_and_device(ev)
-    _allow_data_change(ev)
     ev.add_argument("--ood", metavar="DIR", help="a folder of images from classes the run never saw: AUROC and "
                     "FPR@95TPR of max-softmax and energy scores, and what --reject auto lets through")
-    ev.add_argument("--tta", default="none", metavar="MODE",
-                    help="test-time augmentation, compared against none: flip (2 views), flip-crop (flip and "
-                         "two shifted crops, 6 views) or N random views of the training recipe; probabilities "
-                         "are averaged")
+    add_options(ev, "--data-dir", "--checkpoint", "--device", "--allow-data-change", "--tta",
+                tta={"help": OPTIONS["--tta"].help + "; compared against none"})
 
     cal = sub.add_parser("calibrate", parents=[common], help="fit a temperature on val; eval and predict use it",
                          description="Fit temperature scaling (one scale) or vector scaling (a scale and bias "
@@ -107,8 +99,7 @@ def _eval_parsers(sub, common) -> None:
     cal.add_argument("--method", default="temperature", choices=["temperature", "vector"],
                      help="temperature (one scale; never changes a prediction) or vector (a scale and bias "
                           "per class) (temperature)")
-    _checkpoint_and_device(cal)
-    _allow_data_change(cal)
+    add_options(cal, "--checkpoint", "--device", "--allow-data-change")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,32 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _use_parsers(sub, common) -> None:
-    pr = sub.add_parser("predict", parents=[common], help="classify image files with a trained run")
+    pr = sub.add_parser("predict", parents=[common], help="classify image files with a run or an export")
     pr.add_argument("run", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
     pr.add_argument("images", nargs="*", help="image files, folders (recursive) and globs, mixed")
-    pr.add_argument("--topk", type=int, default=3, help="classes to show per image (3)")
-    pr.add_argument("--json", action="store_true", help="print JSON instead of text")
-    pr.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
-    _predict_flags(pr)
+    pr.add_argument("--out", help="write rows to a .csv, .jsonl or .parquet file (with a progress bar)")
+    add_options(pr, "--topk", "--json", "--checkpoint", "--list", "--tta", "--reject", "--target-accuracy",
+                "--coverage", "--batch-size", "--workers", "--quiet")
 
     exp = sub.add_parser("export", parents=[common], help="export a run to ONNX and safetensors, with a parity "
                          "proof and MODEL_CARD.md")
     exp.add_argument("run", help="run folder")
-    exp.add_argument("--format", default="all", choices=["onnx", "safetensors", "all"], help="(all)")
     exp.add_argument("--out", help="export folder (default RUN/export)")
-    exp.add_argument("--opset", type=int, default=18, help="ONNX opset (18)")
-    exp.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+    add_options(exp, "--format", "--opset", "--quantize", "--checkpoint")
 
     cam = sub.add_parser("cam", parents=[common], help="Grad-CAM heat-maps over image files",
-                         description="Explain a trained run's predictions: the heat-map of the chosen class over "
-                                     "each image (CNNs: last convolutional stage; ViTs: patch tokens before the "
-                                     "last attention). All images run as one batch.")
-    cam.add_argument("run", help="run folder")
+                         description="Explain a run's (or a safetensors export's) predictions: the heat-map of the "
+                                     "chosen class over each image (CNNs: last convolutional stage; ViTs: patch "
+                                     "tokens before the last attention). All images run as one batch.")
+    cam.add_argument("run", help="run folder or safetensors export folder")
     cam.add_argument("images", nargs="+", help="image files")
-    cam.add_argument("--class", dest="class_name", metavar="NAME", help="class to explain (default: the predicted)")
-    cam.add_argument("--method", default="gradcam", choices=["gradcam", "gradcam++"], help="(gradcam)")
     cam.add_argument("--out", default="cam", help="folder for the overlays (cam)")
-    cam.add_argument("--checkpoint", default="best", help="best, last, or a file (best)")
+    add_options(cam, "--class", "--method", "--checkpoint")
+
+
+# train's options that change what augment-preview draws
+PREVIEW_FIELDS = ("data", "data_dir", "img_size", "aug", "crop_padding", "crop_fill", "random_erasing", "mixup",
+                  "cutmix", "mix_prob", "mix_switch_prob", "label_smoothing", "seed")
 
 
 def _compare_parsers(sub, common) -> None:
@@ -160,9 +151,8 @@ def _compare_parsers(sub, common) -> None:
                                      "RUN/report/report.html. For an imgcls compare folder: the results table and "
                                      "charts in FOLDER/report.html, linking a report for every run.")
     rep.add_argument("path", help="run folder or compare folder")
-    rep.add_argument("--tta", default="flip", metavar="MODE", help="test-time augmentation to compare (flip)")
-    rep.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    _allow_data_change(rep)
+    add_options(rep, "--tta", "--device", "--allow-data-change",
+                tta={"default": "flip", "help": "test-time augmentation the report compares against none (flip)"})
 
     sub.add_parser("models", parents=[common], help="list the registered models with parameter counts")
 
@@ -174,27 +164,18 @@ def _compare_parsers(sub, common) -> None:
     cmp_.add_argument("--models", help="flag form: comma-separated models, one variant each")
     cmp_.add_argument("--epochs", type=int, help="flag form: epochs for every variant")
     cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: the file's, else 0)")
-    cmp_.add_argument("--data-dir", help="as in train, for cifar10")
     cmp_.add_argument("--out", required=True, help="folder for all runs and the results files")
-    cmp_.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_options(cmp_, "--data-dir", "--quiet")
 
-    prev = sub.add_parser("augment-preview", parents=[common], help="draw originals next to augmented versions")
-    prev.add_argument("--data", default="cifar10-mini", help="as in train (cifar10-mini)")
-    prev.add_argument("--data-dir", help="as in train, for cifar10")
-    prev.add_argument("--aug", default="basic", help="recipe, as in train (basic)")
-    prev.add_argument("--img-size", type=int, help="as in train (default 32, or 64 for folders)")
-    prev.add_argument("--random-erasing", type=float, help="as in train")
-    prev.add_argument("--mixup", type=float, nargs="?", const=0.2, default=0.0, metavar="ALPHA", help="as in train")
-    prev.add_argument("--cutmix", type=float, nargs="?", const=1.0, default=0.0, metavar="ALPHA", help="as in train")
-    prev.add_argument("--label-smoothing", type=float, default=0.0, help="as in train")
+    prev = sub.add_parser("augment-preview", parents=[common], help="draw originals next to augmented versions",
+                          description="The augmentation train would apply, drawn: every flag is train's.")
+    _add_train_flags(prev, PREVIEW_FIELDS)
     prev.add_argument("--n", type=int, default=8, help="images per row (8)")
-    prev.add_argument("--seed", type=int, default=0, help="seed (0)")
-    prev.add_argument("--out", default="augment-preview.png", help="PNG file to write")
+    prev.add_argument("--out", default="augment-preview.png", help="PNG file to write (augment-preview.png)")
 
 
 def cmd_train(args) -> int:
     from imgcls.config import build_config
-    from imgcls.errors import UserError
     from imgcls.reporting.console import print_summary
     from imgcls.rundir import SUMMARY, read_json
     from imgcls.training.distributed import launched_rank
@@ -237,7 +218,8 @@ def cmd_eval(args) -> int:
                                args.tta, args.allow_data_change)
     print_eval(result, args.split, args.run)
     if args.ood:
-        from imgcls.evaluation.rejection import evaluate_ood, format_ood
+        from imgcls.evaluation.rejection import evaluate_ood
+        from imgcls.reporting.console import format_ood
 
         print(format_ood(evaluate_ood(args.run, args.ood, args.split, args.checkpoint, args.device, out)))
     print(f"wrote {out}")
@@ -255,46 +237,59 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
-def _predict_flags(pr) -> None:
-    pr.add_argument("--list", metavar="FILE", help="a text file of image paths, one per line")
-    pr.add_argument("--out", help="write rows to a .csv, .jsonl or .parquet file (with a progress bar)")
-    pr.add_argument("--tta", default="none", metavar="MODE", help="test-time augmentation, as in eval (none)")
-    pr.add_argument("--reject", metavar="auto|P", help="label 'unknown' when the top-1 probability is under P, or "
-                    "under the threshold chosen on val (auto; needs imgcls calibrate)")
-    pr.add_argument("--target-accuracy", type=float, help="--reject auto: accuracy of accepted images on val (0.95)")
-    pr.add_argument("--coverage", type=float, help="--reject auto: share of val images to accept instead")
-    pr.add_argument("--batch-size", type=int, default=64, help="images per forward pass (64)")
-    pr.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding images (2)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def cmd_predict(args) -> int:
-    from imgcls.export import predict_command
+    from imgcls.evaluation.evaluate import parse_tta_flag
+    from imgcls.inference.exported import open_engine
+    from imgcls.inference.files import collect_paths, predict_rows
+    from imgcls.reporting.console import track
+    from imgcls.reporting.predictions import check_out, format_row, write_rows
 
-    return predict_command(args.run, args.images, args.list, args.topk, args.json, args.out, args.tta, args.reject,
-                           args.target_accuracy, args.coverage, args.batch_size, args.workers, args.checkpoint,
-                           not args.quiet)
+    if args.topk < 1 or args.workers < 0 or (args.batch_size is not None and args.batch_size < 1):
+        raise UserError("--topk and --batch-size must be at least 1 and --workers at least 0; "
+                        "pass e.g. --topk 3 --batch-size 64 --workers 2")
+    out = check_out(args.out) if args.out else None
+    tta = parse_tta_flag(args.tta)
+    engine = open_engine(args.run, args.checkpoint, args.batch_size)
+    threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
+    paths = collect_paths(args.images, args.list)
+    rows = predict_rows(engine, paths, args.topk, tta, threshold, args.workers)
+    if out is None:
+        rows = list(rows)
+        if args.json:
+            print(json.dumps([{"image": r["path"], **r} for r in rows], indent=2, allow_nan=False))
+        else:
+            print("\n".join(format_row(r) for r in rows))
+        return 0
+    start = time.perf_counter()
+    counts = write_rows(track(rows, len(paths), "predict", enabled=not args.quiet), out, args.topk)
+    rule = "" if threshold is None else f", {counts['rejected']} rejected below {threshold:.4f}"
+    replaced = " (replaced the existing file)" if counts["replaced"] else ""
+    print(f"wrote {out}{replaced}: {counts['images']} files, {counts['errors']} unreadable{rule}; "
+          f"{counts['images'] / max(time.perf_counter() - start, 1e-9):.0f} images/s")
+    return 0
 
 
 def cmd_export(args) -> int:
-    from imgcls.export import export_run, format_parity
+    from imgcls.export import export_run
+    from imgcls.reporting.console import format_int8, format_parity
 
-    result = export_run(args.run, args.format, args.out, args.opset, args.checkpoint)
+    result = export_run(args.run, args.format, args.out, args.opset, args.checkpoint, quantize=args.quantize)
     for parity in result["parity"].values():
-        print(format_parity(parity))
+        print(format_parity(parity) if "max_abs_prob_diff" in parity else format_int8(parity))
     print(f"wrote {result['out']}: {', '.join(result['files'])}")
     return 0
 
 
 def cmd_cam(args) -> int:
     from imgcls.evaluation.cam import explain_files
-    from imgcls.evaluation.predict import load_run
+    from imgcls.inference.exported import open_engine
     from imgcls.reporting.figures import save_cam_overlays
 
-    trained = load_run(args.run, args.checkpoint)
-    images, cams, classes, probs = explain_files(trained, args.images, args.class_name, args.method)
-    captions = [f"{args.method} for '{trained.classes[c]}' (p = {probs[i, c]:.2f}); predicted "
-                f"'{trained.classes[probs[i].argmax()]}'" for i, c in enumerate(classes.tolist())]
+    engine = open_engine(args.run, args.checkpoint)
+    images, cams, classes, probs = explain_files(engine, args.images, args.class_name, args.method)
+    names = engine.classes
+    captions = [f"{args.method} for '{names[c]}' (p = {probs[i, c]:.2f}); predicted '{names[probs[i].argmax()]}'"
+                for i, c in enumerate(classes.tolist())]
     stems = [Path(p).stem for p in args.images]
     for path in save_cam_overlays(images, cams, captions, stems, Path(args.out)):
         print(f"wrote {path}")
@@ -342,7 +337,6 @@ def cmd_models(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from imgcls.errors import UserError
     from imgcls.reporting.figures import comparison_charts
     from imgcls.reporting.tables import aggregate, to_markdown, write_tables
     from imgcls.training.compare import experiment_from_flags, parse_seeds, read_experiment, run_experiment
@@ -370,15 +364,16 @@ def cmd_compare(args) -> int:
 def cmd_augment_preview(args) -> int:
     from imgcls.config import build_config
     from imgcls.data import TrainTransform, load_dataset
+    from imgcls.data.presets import PixelRecipe
     from imgcls.data.preview import preview_rows
     from imgcls.reporting.figures import image_grid
 
-    cfg = build_config(data=args.data, aug=args.aug, random_erasing=args.random_erasing, mixup=args.mixup,
-                       cutmix=args.cutmix, label_smoothing=args.label_smoothing)  # validates the options
-    dataset = load_dataset(cfg.data, args.data_dir, args.img_size)
-    transform = TrainTransform(cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
-                               cfg.random_erasing, cfg.mixup, cfg.cutmix, label_smoothing=cfg.label_smoothing)
-    rows, captions, titles = preview_rows(dataset, transform, args.n, seed=args.seed)
+    cfg = build_config(**{name: getattr(args, name) for name in PREVIEW_FIELDS})  # validates the options
+    dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size)
+    erasing = erasing_probability(cfg.aug, cfg.random_erasing)
+    transform = TrainTransform(PixelRecipe.of(cfg), dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
+                               erasing, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing)
+    rows, captions, titles = preview_rows(dataset, transform, args.n, seed=cfg.seed)
     print(f"wrote {image_grid(rows, captions, titles, Path(args.out))}")
     return 0
 
@@ -390,14 +385,10 @@ def _audit_parser(sub, common) -> None:
                                      "leakage), and for folders unreadable, tiny, extreme-aspect, non-RGB and "
                                      "EXIF-rotated files; a summary, a JSON file and a suggested train command.")
     aud.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
-    aud.add_argument("--data-dir", help="as in train, for cifar10")
     aud.add_argument("--img-size", type=int, help="the size you will train at; folder images under half of it are "
                                                   "reported as small (64)")
-    aud.add_argument("--max-distance", type=int, default=4, help="near-duplicates: dHash bits of 64 that may "
-                                                                 "differ (4)")
     aud.add_argument("--out", default="audit.json", help="JSON report (audit.json)")
-    aud.add_argument("--html", action="store_true", help="also write an HTML page with thumbnails beside --out")
-    aud.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_options(aud, "--data-dir", "--max-distance", "--html", "--quiet")
 
 
 def cmd_audit(args) -> int:
@@ -421,8 +412,7 @@ COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "calib
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from imgcls.errors import UserError
-    from imgcls.training.train import Interrupted
+    from imgcls.training.stops import Interrupted
 
     try:
         return COMMANDS[args.command](args)

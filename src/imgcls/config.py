@@ -26,6 +26,12 @@ NORMALIZATIONS = {  # name -> (mean, std) of RGB in [0, 1]
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 STRATEGIES = ("auto", "scratch", "feature-extract", "finetune", "gradual")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# The recipes that start with a random crop (and so have a --crop-padding), and the erasing each applies
+# unless --random-erasing says otherwise.
+CROP_RECIPES = ("basic", "randaugment", "trivialaugment", "autoaugment")
+DEFAULT_ERASING = {"standard": 0.2}
+LEGACY_ATTENTION = ("math", "flash", "efficient")  # pinned SDPA backends of older runs: now "sdpa"
 SAMPLERS = ("uniform", "balanced", "sqrt")
 MONITORS = {"val_acc": "max", "val_loss": "min", "balanced_acc": "max", "macro_f1": "max"}  # name -> better
 MAX_IMG_SIZE = 1024  # a 1024 px batch of 128 already needs ~1.6 GB as uint8; beyond that is a typo
@@ -162,7 +168,8 @@ class TrainConfig:
                             "(2 ops, magnitude 9), trivialaugment, autoaugment, each after crop + flip",
                    choices=AUGMENTATIONS)
     crop_padding: int | None = opt(None, "random-crop padding in pixels for basic and the crop-based recipes "
-                                         "(default: size/8, 4 at 32; airbench: 2)", low=0, metavar="PX")
+                                         "(default: size/8, 4 at 32; airbench: 2; a run's config records none for "
+                                         "recipes without a random crop)", low=0, metavar="PX")
     crop_fill: str = opt("zeros", "what the crop padding holds: zeros, or reflect (the image mirrored; airbench)",
                          choices=("zeros", "reflect"))
     alt_flip: bool = opt(False, "airbench's alternating flip instead of a random one: each image is flipped at "
@@ -186,27 +193,38 @@ class TrainConfig:
     out: str | None = opt(None, "run folder (default runs/<data>-<model>, numbered if taken); an existing run is "
                                 "never overwritten")
     device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
-    precision: str = opt("auto", "auto (bf16 where the hardware runs it natively, else fp32), fp32, bf16 or fp16",
-                         choices=("auto", "fp32", "bf16", "fp16"))
+    precision: str = opt("auto", "training precision: auto (the precisions this device runs timed on the model's "
+                                 "training step; a lower one only when at least 10% faster than fp32), fp32, bf16 "
+                                 "or fp16 (CUDA, with loss scaling)", choices=PRECISIONS)
+    eval_precision: str = opt("auto", "precision of inference (validation, eval, predict, serve): auto (timed on the "
+                                      "model's inference when --precision is auto too; else --precision's), fp32, "
+                                      "bf16 or fp16; exports are always fp32", choices=PRECISIONS)
     compile: str = opt("off", "torch.compile the training forward pass: off, on (the flag alone), or auto (time "
                               "both on this machine and keep the faster; a warm-up of tens of seconds)",
                        choices=("off", "on", "auto"), const="on")
-    attention: str = opt("auto", "attention kernel for ViTs and timm models: auto (timed on this machine, for "
-                                 "training and inference apart), math, flash or efficient "
-                                 "(scaled_dot_product_attention backends), or manual (matmul, softmax, matmul "
-                                 "written out)",
-                         choices=("auto", "math", "flash", "efficient", "manual"))
-    depthwise_precision: str = opt("auto", "precision of depthwise convolutions (those that are plain nn.Conv2d: "
-                                           "ConvNeXt's, EfficientNet's stride-1 ones) under bf16 or fp16: auto "
-                                           "(timed, for training and inference apart), autocast (the run's "
-                                           "precision) or float32", choices=("auto", "autocast", "float32"))
+    attention: str = opt("auto", "training attention kernel for ViTs and timm models: auto (timed on this machine), "
+                                 "sdpa (scaled_dot_product_attention, torch's own backend choice) or manual (matmul, "
+                                 "softmax, matmul written out); a run's config records none for models without "
+                                 "attention", choices=("auto", "sdpa", "manual", "none"))
+    eval_attention: str = opt("auto", "inference attention kernel, as --attention (auto: timed for inference)",
+                              choices=("auto", "sdpa", "manual", "none"))
+    depthwise_precision: str = opt("auto", "training precision of depthwise convolutions (those that are plain "
+                                           "nn.Conv2d: ConvNeXt's, EfficientNet's stride-1 ones) under bf16 or fp16: "
+                                           "auto (timed), autocast (the run's precision) or float32; none where "
+                                           "there is nothing to choose",
+                                   choices=("auto", "autocast", "float32", "none"))
+    eval_depthwise_precision: str = opt("auto", "inference precision of depthwise convolutions, as "
+                                                "--depthwise-precision (auto: timed for inference)",
+                                        choices=("auto", "autocast", "float32", "none"))
     memory_format: str = opt("auto", "tensor layout for images: auto (timed), channels_last or contiguous",
                              choices=("auto", "channels_last", "contiguous"))
-    prefetch: str = opt("auto", "prepare the next batch while the current one computes: auto (on for CUDA; on the "
-                                "CPU as measured), on or off", choices=("auto", "on", "off"))
+    prefetch: str = opt("auto", "prepare the next batch while the current one computes: auto (on for CUDA, off on "
+                                "the CPU, where a thread measured no faster), on or off", choices=("auto", "on", "off"))
     sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm statistics over the global batch (torch's "
                                "SyncBatchNorm)")
-    eval_batch_size: int = opt(512, "batch size for evaluation", low=1, high=65_536)
+    eval_batch_size: int | None = opt(None, "images per inference pass (validation, eval, predict, serve; TTA views "
+                                            "count): default, the fastest of 64, 128, 256 and 512 timed on this "
+                                            "machine, at most 2M pixels a batch", low=1, high=65_536)
     quiet: bool = opt(False, "no progress bar or per-epoch lines, only the final summary")
 
     def to_dict(self) -> dict[str, Any]:
@@ -281,6 +299,8 @@ def coerce(name: str, value: Any) -> Any:
         return value if isinstance(value, bool) else str(value)
     if name == "compile" and isinstance(value, bool):  # runs and recipes written when it was a switch
         return "on" if value else "off"
+    if name in ("attention", "eval_attention") and value in LEGACY_ATTENTION:
+        return "sdpa"  # older runs pinned an SDPA backend; torch now dispatches (same numbers to rounding)
     if kind is bool:
         return _boolean(name, value)
     base = next((a for a in args if a is not type(None)), kind) if args else kind
@@ -443,25 +463,65 @@ def data_location(data: str) -> str:
     return data if data in BUILTIN_DATA else str(Path(data).expanduser().resolve())
 
 
-def resolve(cfg: TrainConfig, *, img_size: int, normalization: str, default_erasing: float) -> TrainConfig:
-    """The config as it runs: every 'auto' and None that training decides replaced by its value, and
-    paths made absolute. Returns a new object; `cfg` is left as the caller made it."""
+@dataclass(frozen=True)
+class Facts:
+    """What the plan needs that the config cannot know: found on the machine, in the data and by timing."""
+
+    device: str  # cpu | cuda
+    precision: str  # training's: fp32 | bf16 | fp16
+    eval_precision: str
+    img_size: int
+    normalization: str  # a key of NORMALIZATIONS
+    data_mode: str  # memory | stream
+    prefetch: str  # on | off
+    kernels: dict[str, Any]  # attention, eval_attention, depthwise_precision, eval_depthwise_precision,
+    #                          memory_format, compile, eval_batch_size: the kernel choice (imgcls.kernels)
+
+
+KERNEL_FIELDS = ("attention", "eval_attention", "depthwise_precision", "eval_depthwise_precision", "memory_format",
+                 "compile", "eval_batch_size")
+
+
+def default_crop_padding(img_size: int) -> int:
+    return max(1, img_size // 8)  # 4 pixels at 32x32, the classic CIFAR recipe
+
+
+def erasing_probability(aug: str, random_erasing: float | None) -> float:
+    """--random-erasing, or the recipe's own (0.2 for standard, else 0)."""
+    return DEFAULT_ERASING.get(aug, 0.0) if random_erasing is None else random_erasing
+
+
+def resolve(cfg: TrainConfig, facts: Facts) -> TrainConfig:
+    """The run plan: `cfg` with every 'auto' and every default that depends on the data, the machine or
+    a measurement replaced by its value, and paths made absolute. What is None afterwards does not apply
+    (a recipe without a random crop has no crop padding). A new object; `cfg` is left as it was.
+    Resolving a resolved config changes nothing, so a resumed run runs the plan it recorded."""
+    strategy = resolved_strategy(cfg)
+    aug = "none" if cfg.cache_features else cfg.aug  # the features are computed once, from unaugmented images
+    padding = cfg.crop_padding if cfg.crop_padding is not None else default_crop_padding(facts.img_size)
+    gradual_every = (cfg.unfreeze_every or 1) if strategy == "gradual" and cfg.unfreeze_at is None else None
     return cfg.replace(
         data=data_location(cfg.data),
         data_dir=str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else None,
-        img_size=img_size,
-        normalize=normalization,
-        strategy=resolved_strategy(cfg),
-        aug="none" if cfg.cache_features else cfg.aug,  # the features are computed once, from unaugmented images
-        random_erasing=default_erasing if cfg.random_erasing is None else cfg.random_erasing,
         out=str(Path(cfg.out).resolve()) if cfg.out else None,
+        img_size=facts.img_size, normalize=facts.normalization, strategy=strategy, aug=aug,
+        crop_padding=padding if aug in CROP_RECIPES else None,
+        random_erasing=erasing_probability(aug, cfg.random_erasing),
+        unfreeze_every=gradual_every,
+        device=facts.device, precision=facts.precision, eval_precision=facts.eval_precision,
+        data_mode=facts.data_mode, prefetch=facts.prefetch,
+        **{k: facts.kernels[k] for k in KERNEL_FIELDS},
     )
 
 
-def given_eval_batch_size(cfg: TrainConfig) -> int | None:
-    """--eval-batch-size as the user's choice, or None when it is the default, which imgcls.kernels measures
-    (an explicit 512 cannot be told from the default and is measured too)."""
-    return None if cfg.eval_batch_size == FIELDS["eval_batch_size"].default else cfg.eval_batch_size
+# The fields whose "auto" (or None) the plan decides; for the others "auto" is a value (--class-weights auto).
+RESOLVED_FIELDS = ("img_size", "normalize", "strategy", "device", "precision", "eval_precision", "data_mode",
+                   "prefetch", *KERNEL_FIELDS)
+
+
+def unresolved(cfg: TrainConfig) -> list[str]:
+    """The fields of a plan still left to decide: empty for a resolved config."""
+    return [name for name in RESOLVED_FIELDS if getattr(cfg, name) in ("auto", None)]
 
 
 def load_config(path: str | Path) -> TrainConfig:

@@ -3,6 +3,7 @@ time, and the data it was trained on pinned by a fingerprint."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -10,13 +11,15 @@ import math
 import os
 import shutil
 import socket
+import threading
 from pathlib import Path
 
 import yaml
 
 from imgcls.errors import UserError
 
-CONFIG = "config.yaml"  # the fully resolved TrainConfig
+CONFIG = "config.yaml"  # the run plan: the TrainConfig with every value resolved
+PLAN = "plan.json"  # how the plan was decided: the machine, which values were measured, their timings
 DATASET = "dataset.json"  # classes, image size, normalisation, split fingerprint
 METRICS = "metrics.jsonl"  # one line per finished epoch
 SUMMARY = "summary.json"  # written when training ends
@@ -29,34 +32,47 @@ REPORT_DIR = "report"  # imgcls report: figures, galleries and report.html
 ANALYSIS_JSON, ANALYSIS_NPZ = "analysis.json", "analysis.npz"  # in REPORT_DIR: what the report shows
 REPORT_HTML = "report.html"  # in REPORT_DIR of a run, or at the top of a comparison folder
 # What a run folder holds before its first checkpoint: nothing a user could lose by starting over.
-UNSTARTED_FILES = {CONFIG, DATASET, METRICS, LOCK}
+UNSTARTED_FILES = {CONFIG, PLAN, DATASET, METRICS, LOCK}
 TMP_MARK = ".tmp-"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`.
-
-    A full disk or a crash leaves the previous file intact; a full disk is reported in one line."""
+@contextlib.contextmanager
+def atomic_path(path: Path, kept: str | None = None):
+    """A temporary path beside `path` to write to; renamed over `path` (after an fsync) when the block
+    ends normally, removed otherwise. Readers see the old file or the new one, never a part of one, and
+    of two writers at once the last to finish wins whole. A full disk is reported in one line."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        _raise_if_disk_full(e, path, f"the previous {path.name} is intact")
+        _raise_if_disk_full(e, path, kept or f"the previous {path.name}, if any, is intact")
         raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "w", **kwargs):
+    """An open file that lands at `path` whole when the block ends (see `atomic_path`)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """`data` at `path`, whole or not at all (see `atomic_path`)."""
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
 def _raise_if_disk_full(e: OSError, path: Path, kept: str) -> None:
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise UserError(f"no space left on the device to write {path}; {kept}: free some space, then continue "
-                        "with imgcls train --resume (a run that had no checkpoint yet is removed: start it "
-                        "again)") from e
+        again = ("continue with imgcls train --resume (a run that had no checkpoint yet is removed: start it again)"
+                 if path.name in (LAST, BEST, METRICS, CONFIG, PLAN, DATASET) else "run the command again")
+        raise UserError(f"no space left on the device to write {path}; {kept}: free some space, then {again}") from e
 
 
 def _finite_or_null(obj):
@@ -82,6 +98,19 @@ def read_json(path: Path):
         raise UserError(f"{path} is missing; the run folder is incomplete (train it again)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or train the run again") from None
+
+
+def read_plan(run: Path) -> dict | None:
+    """plan.json of a run (None for runs of older imgcls versions, which have none)."""
+    path = Path(run) / PLAN
+    if not path.is_file():
+        return None
+    plan = read_json(path)
+    if not (isinstance(plan, dict) and isinstance(plan.get("machine"), str) and isinstance(plan.get("measured"), list)
+            and all(isinstance(f, str) for f in plan["measured"])):
+        raise UserError(f"{path} is damaged (it needs 'machine' and a 'measured' list); restore it, or delete it to "
+                        "use the recorded kernels as they are")
+    return plan
 
 
 def read_metrics(run: Path) -> list[dict]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 
 import numpy as np
@@ -13,30 +12,24 @@ from imgcls.errors import UserError
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device `--device` names. On CUDA, fp32 matrix products run in TF32 from here on (torch's "high"
+    float32 precision, as fp32 is among the precisions measured there): a setting of the process, made once."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
 
 
-@functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN has native bf16 kernels (AVX512-BF16 or AMX).
-
-    Without them bf16 is emulated and several times slower than fp32, so `auto` must not pick it.
-    """
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` picks the fastest precision that trains as well as fp32 on this device."""
-    if name == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if cpu_has_fast_bf16() else "fp32"
+def check_precision(name: str, device: torch.device) -> str:
+    """A precision the device can run (`auto` is decided by measurement, imgcls.kernels)."""
     if name == "fp16" and device.type == "cpu":
         raise UserError("--precision fp16 is not supported on the CPU; use bf16 or fp32")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU has no bf16; use --precision fp16 or fp32")
     return name
 
 

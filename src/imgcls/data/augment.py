@@ -3,8 +3,8 @@
 torchvision's transforms draw one set of parameters per call, so applying them to a batch gives
 every image the same crop, the same RandAugment op, the same jitter. Calling them per image in
 Python costs more than the small networks' training step. These ops draw per-sample parameters
-from an explicit generator and do the pixel work as batch tensor ops, following torchvision's
-arithmetic (blend, grayscale, affine grid) so that the results match its per-image functions;
+from an explicit generator and do the pixel work as batch tensor ops that round as torchvision's
+per-image functions do (blend, grayscale, smoothing, affine grid), so that the results match them;
 tests/test_augment.py checks them against torchvision.
 """
 
@@ -27,11 +27,30 @@ def uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Tens
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
-def _first_valid(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, the index of the first True attempt and whether any was True."""
-    any_valid = valid.any(dim=1)
-    first = torch.argmax(valid.int(), dim=1)
-    return first, any_valid
+def _box_shapes(n: int, attempts: int, area: int, scale, ratio, gen: torch.Generator):
+    """`attempts` candidate box shapes for each of n samples, drawn as RandomResizedCrop and RandomErasing
+    draw theirs: the box covers a fraction of `area` uniform in `scale`, and its aspect ratio is
+    log-uniform in `ratio`. Returns the rounded sides (sqrt(size * aspect), sqrt(size / aspect)), each
+    n x attempts: (width, height) when the ratio is width / height, (height, width) when it is height / width."""
+    size = area * uniform(n * attempts, scale[0], scale[1], gen).view(n, attempts)
+    aspect = uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), gen).view(n, attempts).exp()
+    return (size * aspect).sqrt().round().long(), (size / aspect).sqrt().round().long()
+
+
+def _first_fit(fits: torch.Tensor, *sides: torch.Tensor):
+    """The sides of each sample's first candidate that fits (per row of the n x attempts mask `fits`), and
+    whether one did; a sample with none gets its first candidate's sides, for the caller to replace."""
+    attempts = fits.shape[1]
+    tried = torch.arange(attempts).expand_as(fits)
+    first = torch.where(fits, tried, attempts).amin(dim=1, keepdim=True)
+    found = first.squeeze(1) < attempts
+    first = first.masked_fill(~found[:, None], 0)
+    return *(side.gather(1, first).squeeze(1) for side in sides), found
+
+
+def _uniform_offset(room: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A per-sample integer uniform in [0, room[i]]."""
+    return (torch.rand(len(room), generator=gen) * (room + 1).float()).long()
 
 
 # ---------------------------------------------------------------- geometry
@@ -76,35 +95,19 @@ def random_hflip(images: torch.Tensor, gen: torch.Generator, p: float = 0.5) -> 
 
 
 def resized_crop_boxes(n: int, height: int, width: int, scale, ratio, gen: torch.Generator, attempts: int = 10):
-    """RandomResizedCrop.get_params for n samples: (top, left, h, w) integer tensors.
+    """RandomResizedCrop's boxes for n samples: (top, left, h, w) integer tensors.
 
-    Ten attempts per sample as torchvision makes; the first that fits wins, and a sample with
-    none falls back to the whole image cropped to the allowed aspect ratio, as torchvision does.
+    As torchvision does per image: up to ten candidate boxes per sample, the first that fits inside the
+    image taken at a uniform position; a sample whose candidates all fail gets the fallback, the largest
+    centred box whose aspect ratio is the image's own clamped into `ratio`.
     """
-    area = height * width
-    target = area * uniform(n * attempts, scale[0], scale[1], gen).view(n, attempts)
-    log_r = uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), gen).view(n, attempts)
-    aspect = torch.exp(log_r)
-    w = torch.round(torch.sqrt(target * aspect)).long()
-    h = torch.round(torch.sqrt(target / aspect)).long()
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first, ok = _first_valid(valid)
-    rows = torch.arange(n)
-    h, w = h[rows, first], w[rows, first]
-    # fallback: centre crop at the clamped ratio
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw, fh = int(round(height * ratio[1])), height
-    else:
-        fw, fh = width, height
-    h = torch.where(ok, h, torch.full_like(h, fh))
-    w = torch.where(ok, w, torch.full_like(w, fw))
-    top = (torch.rand(n, generator=gen) * (height - h + 1).float()).long()
-    left = (torch.rand(n, generator=gen) * (width - w + 1).float()).long()
-    top = torch.where(ok, top, (height - h) // 2)
-    left = torch.where(ok, left, (width - w) // 2)
+    w, h = _box_shapes(n, attempts, height * width, scale, ratio, gen)
+    h, w, found = _first_fit((w >= 1) & (w <= width) & (h >= 1) & (h <= height), h, w)
+    aspect = min(max(width / height, min(ratio)), max(ratio))
+    h = torch.where(found, h, min(height, round(width / aspect)))
+    w = torch.where(found, w, min(width, round(height * aspect)))
+    top = torch.where(found, _uniform_offset(height - h, gen), (height - h) // 2)
+    left = torch.where(found, _uniform_offset(width - w, gen), (width - w) // 2)
     return top, left, h, w
 
 
@@ -151,41 +154,92 @@ def resized_crop(images: torch.Tensor, top, left, h, w) -> torch.Tensor:
     return out.round().clamp(0, 255).to(images.dtype)
 
 
+# Affine maps. A point is (x, y, 1): x to the right and y down, in pixels, measured from the image
+# centre, so the pixel in row i, column j has its centre at (j + 1/2 - W/2, i + 1/2 - H/2). Each map
+# is a 3 x 3 homogeneous matrix per sample, built and inverted in float64: torchvision computes its
+# matrices in Python floats, and only then does the float32 grid agree with its per-image kernel.
+
+
+def _homogeneous(a, b, c, d, e, f) -> torch.Tensor:
+    """N x 3 x 3 matrices [[a, b, c], [d, e, f], [0, 0, 1]] from N-vectors."""
+    zero, one = torch.zeros_like(a), torch.ones_like(a)
+    return torch.stack([a, b, c, d, e, f, zero, zero, one], dim=-1).view(-1, 3, 3)
+
+
+def affine_matrix(angle, translate_x, translate_y, shear_x, shear_y, scale=1.0, center_x=0.0, center_y=0.0):
+    """Per-sample forward maps (N x 3 x 3, float64) with the parameters of torchvision's `affine`.
+
+    Sample i's matrix takes a point of the input image to the point of the output it lands on:
+
+        M = T(c + t) @ R(angle) @ Hy(shear_y) @ Hx(shear_x) @ S(scale) @ T(-c)
+
+    Read right to left: move the centre c = (center_x, center_y) (relative to the image centre) to the
+    origin; scale by `scale`; shear along x, x -= y * tan(shear_x); then along y, y -= x * tan(shear_y);
+    rotate by R(a) = [[cos a, -sin a], [sin a, cos a]]; move the origin to c + t, t = (translate_x,
+    translate_y). With y pointing down, R turns the picture clockwise for a positive angle, which is
+    torchvision's `affine` convention; its `rotate` turns counter-clockwise, i.e. is this map with
+    -angle (see `rotate`). Angles in degrees; the arguments are N-vectors or scalars.
+    """
+    params = (angle, translate_x, translate_y, shear_x, shear_y, scale, center_x, center_y)
+    angle, tx, ty, sx, sy, s, cx, cy = torch.broadcast_tensors(*(torch.as_tensor(p, dtype=torch.float64)
+                                                                 for p in params))
+    zero, one = torch.zeros_like(angle), torch.ones_like(angle)
+    cos, sin = torch.cos(torch.deg2rad(angle)), torch.sin(torch.deg2rad(angle))
+    to_origin = _homogeneous(one, zero, -cx, zero, one, -cy)
+    scaling = _homogeneous(s, zero, zero, zero, s, zero)
+    along_x = _homogeneous(one, -torch.tan(torch.deg2rad(sx)), zero, zero, one, zero)
+    along_y = _homogeneous(one, zero, zero, -torch.tan(torch.deg2rad(sy)), one, zero)
+    rotation = _homogeneous(cos, -sin, zero, sin, cos, zero)
+    back = _homogeneous(one, zero, cx + tx, zero, one, cy + ty)
+    return back @ rotation @ along_y @ along_x @ scaling @ to_origin
+
+
 def _inverse_affine(angle, translate_x, translate_y, shear_x, shear_y, scale=1.0, center_x=0.0, center_y=0.0):
-    """Per-sample inverse affine matrices (N x 2 x 3), torchvision's _get_inverse_affine_matrix."""
-    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
-    a = torch.cos(rot - sy) / torch.cos(sy)
-    b = -torch.cos(rot - sy) * torch.tan(sx) / torch.cos(sy) - torch.sin(rot)
-    c = torch.sin(rot - sy) / torch.cos(sy)
-    d = -torch.sin(rot - sy) * torch.tan(sx) / torch.cos(sy) + torch.cos(rot)
-    m0, m1, m3, m4 = d / scale, -b / scale, -c / scale, a / scale
-    m2 = m0 * (-center_x - translate_x) + m1 * (-center_y - translate_y) + center_x
-    m5 = m3 * (-center_x - translate_x) + m4 * (-center_y - translate_y) + center_y
-    return torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(-1, 2, 3)
+    """Per-sample inverse maps (N x 2 x 3, float64): output point -> input point, for `affine`."""
+    forward = affine_matrix(angle, translate_x, translate_y, shear_x, shear_y, scale, center_x, center_y)
+    return torch.linalg.inv(forward)[:, :2]
+
+
+def _sampling_grid(theta: torch.Tensor, height: int, width: int, device) -> torch.Tensor:
+    """grid_sample's coordinates (N x H x W x 2) of the input points that theta sends each output pixel
+    centre to.
+
+    With align_corners=False grid_sample puts the input's outer edges at -1 and 1, so a point u pixels
+    right of the centre is at u / (W/2), and likewise down with H/2. Dividing theta's two rows by those
+    half-sizes gives a map from an output centre straight to normalised input coordinates, applied to
+    all centres at once as one float32 matrix product. These float32 steps (the rows cast, then divided,
+    then one product with the exact centre coordinates) round as torchvision's per-image kernel does:
+    composing the division into the float64 matrix instead moves about 3 in 10^5 bilinear values by
+    one level, and the odd nearest pixel at 64 px.
+    """
+    half = torch.tensor([[width / 2], [height / 2]], device=device)
+    rows = theta[:, :2].to(device, torch.float32) / half  # N x 2 x 3
+    xs = torch.arange(width, device=device, dtype=torch.float32) - (width - 1) / 2
+    ys = torch.arange(height, device=device, dtype=torch.float32) - (height - 1) / 2
+    centres = torch.stack(torch.broadcast_tensors(xs, ys[:, None], torch.ones((), device=device)), dim=-1)
+    points = centres.view(1, height * width, 3).expand(len(rows), -1, -1)
+    return points.bmm(rows.transpose(1, 2)).view(-1, height, width, 2)
 
 
 def affine(images: torch.Tensor, theta: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
-    """Apply per-sample inverse affine matrices with torchvision's pixel-centred grid, zero fill."""
-    n, _, h, w = images.shape
-    theta = theta.to(images.device, torch.float32)
-    xs = torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, w, device=images.device)
-    ys = torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, h, device=images.device)
-    base = torch.stack([xs.expand(h, w), ys[:, None].expand(h, w), torch.ones(h, w, device=images.device)], -1)
-    scaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=images.device)
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(scaled).view(n, h, w, 2)
+    """Resample sample i through its inverse map theta[i] (N x 2 x 3 or N x 3 x 3, output point -> input
+    point, in affine_matrix's coordinates): nearest or bilinear, points outside the input read 0,
+    uint8 results rounded."""
+    _, _, h, w = images.shape
+    grid = _sampling_grid(theta, h, w, images.device)
     out = F.grid_sample(images.float(), grid, mode=mode, padding_mode="zeros", align_corners=False)
     return out.round().clamp(0, 255).to(images.dtype) if images.dtype == torch.uint8 else out
 
 
-# The matrices are computed in float64, as torchvision computes them in Python floats, so that the
-# float32 grid is the same and nearest-neighbour sampling picks the same pixels.
 def _zeros_like(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x, dtype=torch.float64)
 
 
 def rotate(images, degrees: torch.Tensor, mode: str = "nearest"):
+    """torchvision's rotate: counter-clockwise by `degrees` about the centre, i.e. affine_matrix with
+    the angle negated (after reducing it to [0, 360), as torchvision does)."""
     z = _zeros_like(degrees)
-    return affine(images, _inverse_affine(-degrees.double(), z, z, z, z), mode)
+    return affine(images, _inverse_affine(-degrees.double().remainder(360.0), z, z, z, z), mode)
 
 
 def shear(images, magnitude: torch.Tensor, axis: str):
@@ -212,19 +266,54 @@ def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return values.to(images.device, torch.float32).view(-1, 1, 1, 1)
 
 
-def _blend(image1: torch.Tensor, image2: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """torchvision's _blend with a per-sample ratio; uint8 results are truncated as there. 1 - ratio
-    is taken in float64 and then rounded, as torchvision does with a Python float."""
-    r = _per_sample(ratio, image1)
-    rest = (1.0 - ratio.double()).to(image1.device, torch.float32).view(-1, 1, 1, 1)
-    out = image1.float().mul(r).add_(image2 * rest).clamp_(0, 255)
-    return out.to(torch.uint8)
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Clamped to [0, 255] and truncated, as torchvision converts its float results back."""
+    return x.clamp(0, 255).to(torch.uint8)
+
+
+def _fused(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """a + b * c for float32 operands, rounded to float32 once, as a fused multiply-add rounds it.
+
+    torchvision's blends end in `add_(other, alpha=...)`, which the vector kernels of AVX2 CPUs evaluate
+    as a fused multiply-add (CUDA's too, nvcc contracting a + alpha * b by default). Its alpha is one
+    Python float per image; ours differs per sample, so no alpha argument can carry it. The product and
+    the sum are formed in float64 instead, where the product of two float32 numbers is exact and the sum
+    nearly always is: the one rounding to float32 then gives the fused result (a second rounding could
+    only differ if an inexact float64 sum fell exactly halfway between two float32 numbers, about one
+    chance in 2^29).
+    """
+    return (a.double() + b.double() * c.double()).float()
+
+
+def _blend(images: torch.Tensor, towards: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Each sample moved from `towards` (factor 0) to itself (factor 1), or beyond it, per sample:
+    factor * images + (1 - factor) * towards, clamped and truncated to uint8.
+
+    The roundings are torchvision's: images * factor rounded to float32, then the second product added with
+    one rounding (see `_fused`). 1 - factor is taken in float64 and then rounded, as torchvision takes it
+    in Python.
+    """
+    own = images.float() * _per_sample(factor, images)
+    rest = _per_sample((1.0 - factor.double()).float(), images)
+    return _to_uint8(_fused(own, towards, rest))
+
+
+_LUMA = (0.2989, 0.587, 0.114)  # the ITU-R 601-2 luma weights of R, G and B, as torchvision and PIL use them
 
 
 def _gray(images: torch.Tensor) -> torch.Tensor:
-    """torchvision's grayscale in float, floored as it is for uint8 images before blending."""
-    r, g, b = images.float().unbind(dim=1)
-    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(1).floor_()
+    """The luma of each pixel (N x 1 x H x W), floored to an integer, as torchvision floors it for uint8
+    images before blending with it.
+
+    The weighted sum is accumulated a channel at a time, each later channel added with add's `alpha`, the
+    same float32 kernels (fused or not, as the machine runs them) that torchvision's grayscale uses, so a
+    luma that lands near an integer floors the same way.
+    """
+    first, *others = images.float().unbind(dim=1)
+    luma = first * _LUMA[0]
+    for channel, weight in zip(others, _LUMA[1:], strict=True):
+        luma = torch.add(luma, channel, alpha=weight)
+    return luma.floor().unsqueeze(1)
 
 
 def adjust_brightness(images, factor):
@@ -240,24 +329,44 @@ def adjust_contrast(images, factor):
     return _blend(images, mean, factor)
 
 
+def _smoothed_interior(images: torch.Tensor) -> torch.Tensor:
+    """PIL's SMOOTH filter on the interior pixels (all but a 1-pixel border), as integers: each pixel's
+    3 x 3 neighbourhood with weight 1, its own value with weight 5, the sum divided by 13 and rounded.
+
+    The sum is exact in int32. k / 13 is never halfway between two integers, and a float32 convolution with
+    the weights 1/13 and 5/13 errs by far less than the 1/26 that separates it from one, so rounding the
+    exact quotient gives the values torchvision's rounded convolution gives.
+    """
+    x = images.to(torch.int32)
+    height, width = x.shape[-2:]
+    total = 4 * x[..., 1:-1, 1:-1]  # the centre's extra weight; the loop adds it a fifth time
+    for dy in range(3):
+        for dx in range(3):
+            total = total + x[..., dy : height - 2 + dy, dx : width - 2 + dx]
+    return torch.div(2 * total + 13, 26, rounding_mode="floor")  # round(total / 13), total >= 0
+
+
 def adjust_sharpness(images, factor):
-    a, b = 1.0 / 13.0, 5.0 / 13.0  # torchvision's kernel, rounded to float32 the same way
-    kernel = torch.tensor([[a, a, a], [a, b, a], [a, a, a]], device=images.device)
-    x = images.float()
-    blurred = F.conv2d(x, kernel.expand(3, 1, 3, 3), groups=3).round()
-    out = x.clone()
-    inner = out[..., 1:-1, 1:-1]
-    r = _per_sample(factor, images)
-    out[..., 1:-1, 1:-1] = inner + (1.0 - r) * (blurred - inner)
-    return out.clamp(0, 255).to(torch.uint8)
+    """Per-sample sharpness, as PIL and torchvision define it: the interior blended between the smoothed
+    image (factor 0) and the image (factor 1, and beyond it above 1); the border pixels stay as they are."""
+    inner = images[..., 1:-1, 1:-1].float()
+    smooth = _smoothed_interior(images).float()
+    rest = _per_sample((1.0 - factor.double()).float(), images)
+    out = images.clone()
+    out[..., 1:-1, 1:-1] = _to_uint8(_fused(inner, smooth - inner, rest))
+    return out
 
 
 def adjust_hue(images, shift):
+    """Each sample's hue turned by shift[i] (a fraction of the colour circle, in [-0.5, 0.5]) in HSV.
+
+    The RGB <-> HSV conversions and the uint8 <-> float scaling are torchvision's own (its private
+    _rgb_to_hsv and _hsv_to_rgb, and to_dtype), so the results equal its adjust_hue's per image.
+    """
     hsv = _rgb_to_hsv(TF.to_dtype(images, torch.float32, scale=True))
-    h, s, v = hsv.unbind(dim=1)
-    h = (h + _per_sample(shift, images).view(-1, 1, 1)).remainder(1.0)
-    rgb = _hsv_to_rgb(torch.stack((h, s, v), dim=1))
-    return TF.to_dtype(rgb, torch.uint8, scale=True)
+    hue = (hsv[:, :1] + _per_sample(shift, images)).remainder(1.0)
+    turned = _hsv_to_rgb(torch.cat([hue, hsv[:, 1:]], dim=1))
+    return TF.to_dtype(turned, torch.uint8, scale=True)
 
 
 def posterize(images, bits: torch.Tensor):
@@ -293,19 +402,15 @@ def color_jitter(images, gen: torch.Generator, brightness=0.2, contrast=0.2, sat
 def random_erasing(images: torch.Tensor, p: float, gen: torch.Generator, scale=(0.02, 0.33), ratio=(0.3, 3.3),
                    attempts: int = 10) -> torch.Tensor:
     """Erase one box per selected sample to 0 (the mean, after normalisation), as torchvision's
-    RandomErasing(value=0): up to ten tries per sample for a box that fits."""
+    RandomErasing(value=0): each sample is selected with probability p and tries up to ten candidate
+    boxes (its ratio is height / width) for one strictly smaller than the image; with none it is left as
+    it was."""
     n, _, height, width = images.shape
-    chosen = torch.rand(n, generator=gen) < p
-    area = height * width * uniform(n * attempts, scale[0], scale[1], gen).view(n, attempts)
-    aspect = torch.exp(uniform(n * attempts, math.log(ratio[0]), math.log(ratio[1]), gen)).view(n, attempts)
-    h = torch.round(torch.sqrt(area * aspect)).long()
-    w = torch.round(torch.sqrt(area / aspect)).long()
-    first, ok = _first_valid((h < height) & (w < width))
-    rows = torch.arange(n)
-    h, w = h[rows, first], w[rows, first]
-    top = (torch.rand(n, generator=gen) * (height - h + 1).float()).long()
-    left = (torch.rand(n, generator=gen) * (width - w + 1).float()).long()
-    return erase(images, top, left, h, w, chosen & ok)
+    selected = torch.rand(n, generator=gen) < p
+    h, w = _box_shapes(n, attempts, height * width, scale, ratio, gen)
+    h, w, found = _first_fit((h < height) & (w < width), h, w)
+    top, left = _uniform_offset(height - h, gen), _uniform_offset(width - w, gen)
+    return erase(images, top, left, h, w, selected & found)
 
 
 def erase(images: torch.Tensor, top, left, h, w, selected: torch.Tensor) -> torch.Tensor:
@@ -321,35 +426,45 @@ def erase(images: torch.Tensor, top, left, h, w, selected: torch.Tensor) -> torc
 # ---------------------------------------------------------------- AutoAugment family
 
 
+def _enhancement(adjust):
+    """An ImageEnhance-style op (brightness, colour, contrast, sharpness) whose AutoAugment magnitude is an
+    offset from the factor 1 that leaves the image unchanged."""
+    return lambda images, magnitude: adjust(images, magnitude + 1.0)
+
+
+def _along(op, axis: str):
+    return lambda images, magnitude: op(images, magnitude, axis)
+
+
+# The AutoAugment family's ops by name, each (images, per-sample magnitudes with their signs) -> images.
+# AutoContrast and Equalize are torchvision's own: they already work on each image of a batch separately.
+_OPS = {
+    "Identity": lambda images, _: images,
+    # the ImageEnhance family
+    "Brightness": _enhancement(adjust_brightness),
+    "Color": _enhancement(adjust_saturation),
+    "Contrast": _enhancement(adjust_contrast),
+    "Sharpness": _enhancement(adjust_sharpness),
+    # tone curves
+    "Posterize": posterize,
+    "Solarize": lambda images, fraction: solarize(images, fraction * 255.0),  # the threshold, as a share of 255
+    "Invert": lambda images, _: 255 - images,
+    "AutoContrast": lambda images, _: TF.autocontrast(images),
+    "Equalize": lambda images, _: TF.equalize(images),
+    # geometry
+    "Rotate": lambda images, degrees: rotate(images, degrees),
+    "ShearX": _along(shear, "x"),
+    "ShearY": _along(shear, "y"),
+    "TranslateX": _along(translate, "x"),
+    "TranslateY": _along(translate, "y"),
+}
+
+
 def apply_op(images: torch.Tensor, op: str, magnitude: torch.Tensor) -> torch.Tensor:
     """One AutoAugment-family op with per-sample magnitudes (signs already applied)."""
-    if op == "Identity":
-        return images
-    if op in ("ShearX", "ShearY"):
-        return shear(images, magnitude, op[-1].lower())
-    if op in ("TranslateX", "TranslateY"):
-        return translate(images, magnitude, op[-1].lower())
-    if op == "Rotate":
-        return rotate(images, magnitude)
-    if op == "Brightness":
-        return adjust_brightness(images, 1.0 + magnitude)
-    if op == "Color":
-        return adjust_saturation(images, 1.0 + magnitude)
-    if op == "Contrast":
-        return adjust_contrast(images, 1.0 + magnitude)
-    if op == "Sharpness":
-        return adjust_sharpness(images, 1.0 + magnitude)
-    if op == "Posterize":
-        return posterize(images, magnitude)
-    if op == "Solarize":
-        return solarize(images, 255.0 * magnitude)
-    if op == "AutoContrast":
-        return TF.autocontrast(images)  # per image already
-    if op == "Equalize":
-        return TF.equalize(images)  # per image already
-    if op == "Invert":
-        return 255 - images
-    raise ValueError(f"unknown op {op}")
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op}")
+    return _OPS[op](images, magnitude)
 
 
 def apply_per_sample(images: torch.Tensor, op_ids: torch.Tensor, magnitudes: torch.Tensor, names: list[str]):

@@ -24,7 +24,6 @@ from imgcls.config import FIELDS, MAX_IMG_SIZE, NORMALIZATIONS, data_location
 from imgcls.data import cifar, folder
 from imgcls.errors import UserError
 
-(CIFAR_MEAN, CIFAR_STD), (IMAGENET_MEAN, IMAGENET_STD) = NORMALIZATIONS["cifar"], NORMALIZATIONS["imagenet"]
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
 MIN_IMG_SIZE = FIELDS["img_size"].metadata["low"]  # the bounds train checks, for callers that skip the config
 

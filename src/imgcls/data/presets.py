@@ -8,47 +8,58 @@
     trivialaugment  crop + flip + TrivialAugmentWide
     autoaugment     crop + flip + AutoAugment (CIFAR-10 policy up to 64 px, ImageNet's above)
 
-In memory, `BatchTransform` runs a recipe on whole uint8 batches with per-sample parameters
+In memory, `BatchAugment` runs a recipe's pixel stage on whole uint8 batches with per-sample parameters
 (data/augment.py). A streamed folder runs `per_image_transform`, the same recipe in
 torchvision.transforms.v2, in its DataLoader workers. Random erasing (on normalised pixels),
-Mixup/CutMix and label smoothing then act on the batch in both cases.
+Mixup/CutMix and label smoothing then act on the batch in both cases (`TrainTransform`).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torchvision.transforms.v2 as T
 
-from imgcls.config import AUGMENTATIONS
+from imgcls.config import AUGMENTATIONS, default_crop_padding
 from imgcls.data import augment as A
 from imgcls.data.mixing import Mixer
+from imgcls.data.preprocessing import normalize
 
-DEFAULT_ERASING = {"standard": 0.2}
 
+@dataclass(frozen=True)
+class PixelRecipe:
+    """A recipe's pixel stage as a run's plan resolved it: what training augments with, what `--tta N`
+    redraws at test time, and what an export records so that its TTA is the run's."""
 
-def crop_padding(img_size: int) -> int:
-    return max(1, img_size // 8)  # 4 pixels at 32x32, the classic CIFAR recipe
+    aug: str = "basic"
+    crop_padding: int | None = None  # the random crop's padding; None: the recipe has no random crop
+    crop_fill: str = "zeros"  # zeros | reflect
+
+    @classmethod
+    def of(cls, cfg) -> PixelRecipe:
+        """The recipe of a resolved TrainConfig."""
+        return cls(cfg.aug, cfg.crop_padding, cfg.crop_fill)
+
+    def padding(self, img_size: int) -> int:
+        return self.crop_padding if self.crop_padding is not None else default_crop_padding(img_size)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
 def _autoaugment_policy(img_size: int) -> T.AutoAugmentPolicy:
     return T.AutoAugmentPolicy.CIFAR10 if img_size <= 64 else T.AutoAugmentPolicy.IMAGENET
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 N x 3 x H x W -> float32, scaled to [0, 1] then standardised per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, 3, 1, 1) * 255
-    std_t = torch.tensor(std, device=images.device).view(1, 3, 1, 1) * 255
-    return (images.float() - mean_t) / std_t
-
-
 class BatchAugment:
     """A recipe's pixel stage on uint8 batches: `aug(images, gen) -> images`."""
 
-    def __init__(self, name: str, img_size: int, pad: int | None = None, fill: str = "zeros",
-                 random_flip: bool = True):
-        if name not in AUGMENTATIONS:
-            raise ValueError(f"unknown augmentation {name}")
-        self.name, self.pad, self.fill = name, crop_padding(img_size) if pad is None else pad, fill
+    def __init__(self, recipe: PixelRecipe, img_size: int, random_flip: bool = True):
+        if recipe.aug not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation {recipe.aug}")
+        name = recipe.aug
+        self.name, self.pad, self.fill = name, recipe.padding(img_size), recipe.crop_fill
         # off under --alt-flip, whose flips the loop applies (they depend on the epoch and the image)
         self.flip = A.random_hflip if random_flip else lambda images, gen: images
         self.auto = {
@@ -68,10 +79,10 @@ class BatchAugment:
         return self.auto(images, gen) if self.auto is not None else images
 
 
-def per_image_transform(name: str, img_size: int, pad: int | None = None, fill: str = "zeros") -> T.Compose:
+def per_image_transform(recipe: PixelRecipe, img_size: int) -> T.Compose:
     """The same recipe as torchvision v2 transforms on one uint8 image (for streamed folders)."""
-    pad = crop_padding(img_size) if pad is None else pad
-    mode = "reflect" if fill == "reflect" else "constant"
+    name, pad = recipe.aug, recipe.padding(img_size)
+    mode = "reflect" if recipe.crop_fill == "reflect" else "constant"
     crop_flip = [T.RandomCrop(img_size, padding=pad, padding_mode=mode), T.RandomHorizontalFlip()]
     steps = {
         "none": [T.Identity()],
@@ -88,13 +99,12 @@ def per_image_transform(name: str, img_size: int, pad: int | None = None, fill: 
 class TrainTransform:
     """uint8 batch + labels -> normalised float batch + soft targets, per the run's settings."""
 
-    def __init__(self, aug: str, img_size: int, mean, std, num_classes: int, random_erasing: float | None = None,
+    def __init__(self, recipe: PixelRecipe, img_size: int, mean, std, num_classes: int, random_erasing: float = 0.0,
                  mixup: float = 0.0, cutmix: float = 0.0, mix_prob: float = 1.0, mix_switch_prob: float = 0.5,
-                 label_smoothing: float = 0.0, pixels_done: bool = False, crop_padding: int | None = None,
-                 crop_fill: str = "zeros", random_flip: bool = True):
-        self.pixels = None if pixels_done else BatchAugment(aug, img_size, crop_padding, crop_fill, random_flip)
+                 label_smoothing: float = 0.0, pixels_done: bool = False, random_flip: bool = True):
+        self.pixels = None if pixels_done else BatchAugment(recipe, img_size, random_flip)
         self.mean, self.std = mean, std
-        self.erasing = DEFAULT_ERASING.get(aug, 0.0) if random_erasing is None else random_erasing
+        self.erasing = random_erasing
         self.mixer = Mixer(num_classes, mixup, cutmix, mix_prob, mix_switch_prob, label_smoothing)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
@@ -128,17 +138,17 @@ def tta_view_weights(mode: str | int) -> torch.Tensor:
     return torch.full((n,), 1.0 / n, dtype=torch.float64)
 
 
-def tta_views(images: torch.Tensor, mode: str | int, aug: str, gen: torch.Generator) -> list[torch.Tensor]:
-    """The views test-time augmentation averages over, each a uint8 batch like `images`.
+def tta_views(images: torch.Tensor, mode: str | int, recipe: PixelRecipe, gen: torch.Generator) -> list[torch.Tensor]:
+    """The views test-time augmentation averages over, each a uint8 N x 3 x H x W batch like `images`.
 
     flip: the image and its mirror. flip-crop: those two plus the image shifted by size/32 pixels (at
     least 1; reflect-padded) towards the top-left and the bottom-right, each also mirrored: 6 views, as
-    airbench94's TTA. N: N random draws of the training recipe `aug` (no erasing or mixing).
+    airbench94's TTA. N: N random draws of the training recipe's pixel stage (no erasing or mixing).
     """
     if mode == "none":
         return [images]
     if isinstance(mode, int):
-        pixels = BatchAugment(aug, images.shape[-1])
+        pixels = BatchAugment(recipe, images.shape[-1])
         return [pixels(images, gen) for _ in range(mode)]
     views = [images]
     if mode == "flip-crop":

@@ -7,28 +7,31 @@ the run; reporting/ turns them into figures and one HTML page.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from imgcls import rundir
-from imgcls.data import Split, normalize
+from imgcls.data import Split
 from imgcls.data.folder import StreamingImages
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import (
-    Scaling,
     calibration_metrics,
     check_calibration_data,
     check_scaling,
     fit_scaling,
     reliability_bins,
 )
-from imgcls.evaluation.cam import grad_cam
-from imgcls.evaluation.evaluate import has_val_split, parse_tta_flag, run_probs, run_split
+from imgcls.evaluation.cam import explain
+from imgcls.evaluation.evaluate import parse_tta_flag
 from imgcls.evaluation.metrics import classification_metrics
-from imgcls.evaluation.predict import load_run, predict_logits
-from imgcls.runtime import resolve_device, resolve_precision
+from imgcls.inference.engine import Engine
+from imgcls.inference.reject import choose_threshold
+from imgcls.inference.run import TrainedRun, load_run, run_engine
+from imgcls.inference.scaling import Scaling
+from imgcls.runtime import resolve_device
 
 
 def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: str = "auto",
@@ -36,28 +39,19 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     """Compute the report's contents for a trained run; returns the report folder."""
     training_record(run)  # a damaged summary or metrics file is refused before minutes of inference
     trained = load_run(run, "best", resolve_device(device), allow_data_change)
-    cfg, dev = trained.config, next(trained.model.parameters()).device
-    precision = resolve_precision(cfg.precision, dev)
-    sizes = trained.dataset["fingerprint"]["sizes"]
-    split_name = "test" if "test" in sizes else "val"
-    if split_name not in sizes:
+    split_name = "test" if trained.has_split("test") else "val"
+    if not trained.has_split(split_name):
         raise UserError(f"{trained.path} has neither a test split nor a validation split (trained with --val-fraction "
                         "0) to report on; add a test/ folder of class folders, or train with --val-fraction 0.1")
-    split = run_split(trained, split_name)
-    mean, std = trained.dataset["mean"], trained.dataset["std"]
-
-    def logits_of(name):
-        return predict_logits(trained.model, split if name == split_name else run_split(trained, name), mean, std,
-                              dev, precision, cfg.eval_batch_size)
-
+    engine = run_engine(trained)
+    split = trained.split(split_name)
     # Labelled by index, the pass says which images it saw: a streamed file that became unreadable
     # after scanning is dropped, and every position after it would otherwise point at its neighbour.
-    logits, seen = predict_logits(trained.model, _by_index(split), mean, std, dev, precision, cfg.eval_batch_size)
-    logits, labels = logits.double(), split.labels[seen]
-    scaling, where = _report_scaling(trained, lambda: logits_of("val"))
+    scores, seen = engine.score_split(_by_index(split), where=f"the {split_name} split")
+    logits, labels = scores.logits.double(), split.labels[seen]
+    scaling, where = _report_scaling(trained, engine)
     before, after = logits.softmax(1), scaling.apply(logits).softmax(1)
-    trained.scaling = scaling
-    tta_probs, tta_labels = run_probs(trained, split, parse_tta_flag(tta))
+    tta_scores, tta_labels = replace(engine, scaling=scaling).score_split(split, parse_tta_flag(tta))
 
     after_metrics = calibration_metrics(after, labels)
     result = classification_metrics(after, labels, trained.classes)
@@ -66,42 +60,53 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
         calibration={"temperature": scaling.temperature, "where": where,
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
-        tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_probs, tta_labels)},
+        tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_scores.probs, tta_labels)},
+        risk_coverage=trained.risk_coverage, reject_rule=_reject_rule(trained.risk_coverage),
     )
 
-    loss_pixels, cam_pixels, cams = _galleries(trained, split, seen, after, labels, gallery, result)
+    loss_pixels, cam_pixels, cams = _galleries(engine, split, seen, after, labels, gallery, result)
     out = trained.path / rundir.REPORT_DIR
     out.mkdir(exist_ok=True)
     rundir.write_json(out / rundir.ANALYSIS_JSON, result)
-    buffer = Path(out / f".{rundir.ANALYSIS_NPZ}.tmp.npz")
-    np.savez_compressed(buffer, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
-                        cams=cams.float().cpu().numpy())
-    buffer.replace(out / rundir.ANALYSIS_NPZ)
+    with rundir.atomic_path(out / rundir.ANALYSIS_NPZ) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
+                            cams=cams.float().cpu().numpy())
     return out
 
 
-def _report_scaling(trained, val_logits) -> tuple[Scaling, str]:
+def _reject_rule(curve: dict | None) -> dict | None:
+    """--reject auto's threshold at the default target on the validation curve; None without a curve or
+    when the target is out of reach there."""
+    try:
+        return choose_threshold(curve) if curve else None
+    except UserError:
+        return None
+
+
+def _report_scaling(trained: TrainedRun, engine: Engine) -> tuple[Scaling, str]:
     """The temperature the report shows, and where it comes from: the run's own, else one fitted here on
     val; a validation split too small to fit one (calibration.py's checks) gets none (T = 1), and says why."""
     stored = trained.scaling
     if stored is not None and stored.method == "temperature":
         return stored, "stored by imgcls calibrate"
-    if not has_val_split(trained):
-        return (Scaling("temperature", [1.0], [0.0] * len(trained.classes)),
-                "none: no validation split to fit one on (trained with --val-fraction 0)")
-    logits, labels = val_logits()
+    identity = Scaling.identity(len(trained.classes))
+    if not trained.has_split("val"):
+        return identity, "none: no validation split to fit one on (trained with --val-fraction 0)"
+    scores, labels = engine.score_split(trained.split("val"), where="the val split")
+    logits = scores.logits.double()
     try:
         check_calibration_data(labels, len(trained.classes), trained.classes, logits)
         scaling = fit_scaling(logits, labels, "temperature")
         check_scaling(scaling)
     except UserError as e:
-        return Scaling("temperature", [1.0], [0.0] * len(trained.classes)), f"none: {e}"
+        return identity, f"none: {e}"
     return scaling, "fitted on val for this report"
 
 
-def _galleries(trained, split, seen, after, labels, gallery: int, result: dict):
+def _galleries(engine: Engine, split, seen, after, labels, gallery: int, result: dict):
     """The highest-loss images, and Grad-CAM on the most confident right and wrong predictions: their
     descriptions go into `result`; returns (loss-gallery pixels, CAM pixels, heat-maps)."""
+    classes = engine.classes
     loss = -after[torch.arange(len(labels)), labels].clamp(min=1e-12).log()
     predicted, confidence = after.argmax(1), after.max(1).values
     top_losses = loss.argsort(descending=True)[:gallery]
@@ -113,15 +118,11 @@ def _galleries(trained, split, seen, after, labels, gallery: int, result: dict):
     right, right_pixels = _gallery(split, seen, right)
     wrong, wrong_pixels = _gallery(split, seen, wrong)
     cam_idx, cam_pixels = torch.cat([right, wrong]), torch.cat([right_pixels, wrong_pixels])
-    dev = next(trained.model.parameters()).device
-    x = normalize(cam_pixels.to(dev), trained.dataset["mean"], trained.dataset["std"])
-    x = x.contiguous(memory_format=torch.channels_last)
-    cams, _, _ = grad_cam(trained.model, x.float()) if len(cam_idx) else (torch.zeros(0, 1, 1), None, None)
+    cams = explain(engine, cam_pixels.permute(0, 2, 3, 1))[0] if len(cam_idx) else torch.zeros(0, 1, 1)
 
     def describe(indices):
-        return [{"index": seen[i].item(), "true": trained.classes[labels[i]],
-                 "predicted": trained.classes[predicted[i]], "probability": after[i, predicted[i]].item(),
-                 "loss": loss[i].item()} for i in indices.tolist()]
+        return [{"index": seen[i].item(), "true": classes[labels[i]], "predicted": classes[predicted[i]],
+                 "probability": after[i, predicted[i]].item(), "loss": loss[i].item()} for i in indices.tolist()]
 
     result["top_losses"] = describe(top_losses)
     result["cam"] = {"right": describe(right), "wrong": describe(wrong), "method": "gradcam"}

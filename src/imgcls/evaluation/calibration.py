@@ -6,27 +6,20 @@ probabilities over views) is measured the same way.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-from imgcls import rundir
 from imgcls.errors import UserError
+from imgcls.inference.scaling import Scaling, scaling_problem
 
 BINS = 15
 # Fewest validation images of every class a scaling may be fitted on. Fitting is a logistic regression
 # on the logits, and the usual rule for those is about ten outcomes per fitted parameter (Peduzzi et
-# al., 1996): vector scaling fits two per class, so ten per class; one temperature over K >= 2 classes
-# then has at least twenty. Below that a single image moves the fit, and a split whose images are all
-# right (or all wrong) has no finite optimum: a temperature of 164,328 was fitted on a handful.
-MIN_PER_CLASS = 10
-# Temperatures a real network can have. Over-confident CNNs and ViTs are fitted at about 1-3 (Guo et
-# al., 2017); at 20 a logit gap of 20 means nothing, at 0.05 every prediction is certain. A fit
-# outside says the validation split could not pin the temperature down, not that the model needs it.
-TEMPERATURE_RANGE = (0.05, 20.0)
+# al., 1996). Vector scaling fits two parameters per class (a scale and a bias), so it needs twenty
+# images of each class. One temperature is a single parameter; ten of each class (at least twenty in all)
+# keep every class represented. Below that a single image moves the fit, and a split whose images are
+# all right (or all wrong) has no finite optimum: a temperature of 164,328 was fitted on a handful.
+MIN_PER_CLASS = {"temperature": 10, "vector": 20}
 
 
 def _bin_index(confidence: torch.Tensor, bins: int) -> torch.Tensor:
@@ -102,48 +95,23 @@ def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor, bins: int = B
     }
 
 
-@dataclass
-class Scaling:
-    """logits -> logits * scale + bias, with one scale (temperature scaling: scale = 1/T, no bias)
-    or one scale and bias per class (vector scaling)."""
-
-    method: str  # "temperature" or "vector"
-    scale: list[float]
-    bias: list[float]
-
-    @property
-    def temperature(self) -> float | None:
-        return 1.0 / self.scale[0] if self.method == "temperature" else None
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        scale = torch.tensor(self.scale, dtype=logits.dtype, device=logits.device)
-        bias = torch.tensor(self.bias, dtype=logits.dtype, device=logits.device)
-        return logits * scale + bias
-
-    def as_dict(self) -> dict:
-        return {"method": self.method, "temperature": self.temperature, "scale": self.scale, "bias": self.bias}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Scaling:
-        return cls(d["method"], d["scale"], d["bias"])
-
-
 def check_calibration_data(labels: torch.Tensor, num_classes: int, class_names: list[str] | None = None,
-                           logits: torch.Tensor | None = None) -> None:
-    """Refuse (UserError) to fit a scaling on validation labels with a class absent or under
-    MIN_PER_CLASS images: what is fitted there would be noise, applied to every later prediction.
+                           logits: torch.Tensor | None = None, method: str = "temperature") -> None:
+    """Refuse (UserError) to fit a `method` scaling on validation labels with a class absent or under
+    MIN_PER_CLASS[method] images: what is fitted there would be noise, applied to every later prediction.
     Given the `logits`, also refuse when every image is classified right: the NLL then falls all the
     way to a temperature of 0, and the fit stops wherever L-BFGS gives up."""
     names = class_names or [f"class {k}" for k in range(num_classes)]
     counts = torch.bincount(labels.long().flatten(), minlength=num_classes)[:num_classes].tolist()
-    fix = (f"calibration needs at least {MIN_PER_CLASS} validation images of every class: give the data a val/ "
+    least = MIN_PER_CLASS[method]
+    fix = (f"{method} scaling needs at least {least} validation images of every class: give the data a val/ "
            "folder with more images, or train again with a larger --val-fraction")
     absent = [names[k] for k, n in enumerate(counts) if n == 0]
     if absent:
         more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
         raise UserError(f"the validation split has no images of '{absent[0]}'{more}; {fix}")
     fewest = min(range(num_classes), key=lambda k: counts[k])
-    if counts[fewest] < MIN_PER_CLASS:
+    if counts[fewest] < least:
         raise UserError(f"the validation split has only {counts[fewest]} images of '{names[fewest]}' "
                         f"({sum(counts)} in all); {fix}")
     if logits is not None and bool((logits.argmax(1) == labels).all()):
@@ -152,47 +120,13 @@ def check_calibration_data(labels: torch.Tensor, num_classes: int, class_names: 
                         "that holds some mistakes, or use the run uncalibrated")
 
 
-def _scaling_problem(scaling: Scaling) -> str | None:
-    """What makes a scaling implausible (a non-finite parameter, a temperature outside
-    TEMPERATURE_RANGE), or None."""
-    values = [*scaling.scale, *scaling.bias]
-    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
-        return "has non-finite parameters (the model's outputs were not finite)"
-    low, high = TEMPERATURE_RANGE
-    temperatures = [1.0 / s if s > 0 else math.inf for s in scaling.scale]
-    outside = [t for t in temperatures if not low <= t <= high]
-    if outside:
-        what = "temperature" if scaling.method == "temperature" else "per-class temperature"
-        return f"has a {what} of {outside[0]:.4g}, outside the plausible {low:g}-{high:g}"
-    return None
-
-
 def check_scaling(scaling: Scaling) -> None:
-    """Refuse (UserError) a scaling just fitted on validation that `_scaling_problem` finds implausible."""
-    problem = _scaling_problem(scaling)
+    """Refuse (UserError) a scaling just fitted on validation that `scaling_problem` finds implausible."""
+    problem = scaling_problem(scaling)
     if problem:
         raise UserError(f"the {scaling.method} scaling fitted on the validation split {problem}: its images are too "
                         "few, or all classified alike (all right or all wrong), to fit it; nothing was stored: "
                         "calibrate with more validation data, or use the run uncalibrated")
-
-
-def read_scaling(path: Path, num_classes: int) -> Scaling:
-    """The scaling `imgcls calibrate` stored in `path` (calibration.json), checked as when it was fitted."""
-    fix = "delete it to use the run uncalibrated, or run imgcls calibrate again"
-    d = rundir.read_json(path)
-    try:
-        scaling = Scaling.from_dict(d["scaling"])
-        sizes = (len(scaling.scale), len(scaling.bias))
-    except (KeyError, TypeError):  # not a dict, a key missing, or numbers where lists belong
-        raise UserError(f"{path} holds no valid scaling (method, scale, bias); {fix}") from None
-    expected = {"temperature": (1, num_classes), "vector": (num_classes, num_classes)}.get(scaling.method)
-    if sizes != expected:
-        raise UserError(f"{path} holds a scaling for another method or number of classes than this run's "
-                        f"{num_classes}; {fix}")
-    problem = _scaling_problem(scaling)
-    if problem:
-        raise UserError(f"the scaling in {path} {problem}; {fix}")
-    return scaling
 
 
 def fit_scaling(logits: torch.Tensor, labels: torch.Tensor, method: str = "temperature") -> Scaling:

@@ -16,25 +16,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from imgcls.errors import UserError
+from imgcls.inference.engine import Engine
+from imgcls.inference.files import load_images
+from imgcls.models.contract import TokenGrid, token_grid
+
 METHODS = ("gradcam", "gradcam++")
 
 
-def is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens")
-
-
-def _patch_size(model: nn.Module) -> int:
-    size = getattr(model, "patch_size", None) or model.patch_embed.patch_size
-    return size[0] if isinstance(size, tuple | list) else size
-
-
-def _activations_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _activations_and_logits(model: nn.Module, x: torch.Tensor, grid: TokenGrid | None):
     """(B x C x h x w activations that the logits depend on, logits)."""
-    if not is_vit(model):
+    if grid is None:
         features = model.forward_features(x)
         return features, model.forward_head(features)
     captured = {}
-    hook = model.blocks[-1].norm1.register_forward_hook(lambda m, i, out: captured.setdefault("tokens", out))
+    hook = grid.cam_module.register_forward_hook(lambda m, i, out: captured.setdefault("tokens", out))
     try:
         logits = model(x)
     finally:
@@ -42,12 +38,12 @@ def _activations_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Te
     return captured["tokens"], logits
 
 
-def _to_maps(model: nn.Module, tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _to_maps(grid: TokenGrid | None, tensor: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """CNN maps as they are; ViT tokens without the CLS (and any register) tokens, as B x D x h x w."""
-    if not is_vit(model):
+    if grid is None:
         return tensor
-    tokens = tensor[:, model.num_prefix_tokens:]
-    grid_h, grid_w = x.shape[-2] // _patch_size(model), x.shape[-1] // _patch_size(model)
+    tokens = tensor[:, grid.prefix_tokens:]
+    grid_h, grid_w = x.shape[-2] // grid.patch_size, x.shape[-1] // grid.patch_size
     if grid_h * grid_w != tokens.shape[1]:
         raise ValueError(f"{tokens.shape[1]} patch tokens do not form a {grid_h}x{grid_w} grid")
     return tokens.reshape(len(tokens), grid_h, grid_w, -1).permute(0, 3, 1, 2)
@@ -61,13 +57,14 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = N
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method}; use one of {', '.join(METHODS)}")
     model.eval()
+    grid = token_grid(model)
     with torch.enable_grad():
-        activations, logits = _activations_and_logits(model, x)
+        activations, logits = _activations_and_logits(model, x, grid)
         if classes is None:
             classes = logits.argmax(dim=1)
         score = logits.gather(1, classes[:, None].to(logits.device)).sum()
         grads = torch.autograd.grad(score, activations)[0]
-    maps, grads = _to_maps(model, activations.detach(), x), _to_maps(model, grads, x)
+    maps, grads = _to_maps(grid, activations.detach(), x), _to_maps(grid, grads, x)
     if method == "gradcam":
         weights = grads.mean(dim=(2, 3), keepdim=True)
     else:  # Grad-CAM++ (Chattopadhay et al., 2018), with the exponential of the score
@@ -80,18 +77,20 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = N
     return cams / peak[:, None, None], classes, logits.detach().softmax(dim=1)
 
 
-def explain_files(trained, paths: list[str], class_name: str | None = None, method: str = "gradcam"):
-    """Grad-CAM for image files with a trained run's preprocessing, as one batch.
-    Returns (uint8 images N x H x W x 3, cams N x H x W, explained class per image, probabilities)."""
-    from imgcls.data import normalize
-    from imgcls.errors import UserError
-    from imgcls.evaluation.predict import load_images
+def explain(engine: Engine, images: torch.Tensor, classes: torch.Tensor | None = None, method: str = "gradcam"):
+    """Grad-CAM of uint8 N x H x W x 3 `images` through `engine`'s model, in float32: (cams, classes, probs)."""
+    if engine.module is None:
+        raise UserError(f"Grad-CAM needs the model's gradients; {engine.source} is an ONNX file: pass the run "
+                        "folder or its safetensors export")
+    return grad_cam(engine.module, engine.model_input(images).float(), classes, method)
 
-    if class_name is not None and class_name not in trained.classes:
-        raise UserError(f"unknown class '{class_name}'; the run's classes are {', '.join(trained.classes)}")
-    images = load_images(paths, trained.dataset["img_size"], trained.dataset.get("crop_pct", 1.0))
-    device = next(trained.model.parameters()).device
-    x = normalize(images.to(device), trained.dataset["mean"], trained.dataset["std"])
-    classes = None if class_name is None else torch.full((len(images),), trained.classes.index(class_name))
-    cams, classes, probs = grad_cam(trained.model, x.contiguous(memory_format=torch.channels_last), classes, method)
-    return images.permute(0, 2, 3, 1).numpy(), cams.cpu().numpy(), classes.cpu(), probs.cpu()
+
+def explain_files(engine: Engine, paths: list[str], class_name: str | None = None, method: str = "gradcam"):
+    """Grad-CAM for image files, as one batch. Returns (uint8 images N x H x W x 3, cams N x H x W,
+    explained class per image, probabilities)."""
+    if class_name is not None and class_name not in engine.classes:
+        raise UserError(f"unknown class '{class_name}'; the model's classes are {', '.join(engine.classes)}")
+    images = load_images(paths, engine.preprocessing)
+    classes = None if class_name is None else torch.full((len(images),), engine.classes.index(class_name))
+    cams, classes, probs = explain(engine, images, classes, method)
+    return images.numpy(), cams.cpu().numpy(), classes.cpu(), probs.cpu()

@@ -1,9 +1,6 @@
-"""Saying "unknown": the risk-coverage curve of the calibrated top-1 confidence, thresholds chosen on
-validation, and out-of-distribution scores (max-softmax probability and energy).
-
-A prediction is accepted when its top-1 probability is at least the threshold. `imgcls calibrate`
-stores the validation curve in calibration.json ("risk_coverage"); `predict --reject auto` picks the
-threshold from it, never from test.
+"""How well "unknown" works: the risk-coverage curve of the calibrated top-1 confidence (which `imgcls
+calibrate` stores for `--reject auto`, inference/reject.py), and out-of-distribution scores (max-softmax
+probability and energy) against a folder of images from other classes.
 """
 
 from __future__ import annotations
@@ -15,8 +12,11 @@ import torch
 
 from imgcls import rundir
 from imgcls.errors import UserError
+from imgcls.inference.files import collect_paths, score_all
+from imgcls.inference.reject import choose_threshold, energy
+from imgcls.inference.run import load_run, run_engine
+from imgcls.runtime import resolve_device
 
-DEFAULT_TARGET_ACCURACY = 0.95
 MAX_POINTS = 1000  # points kept of the curve: exact at each, only coarser in coverage
 
 
@@ -37,78 +37,6 @@ def risk_coverage(probs: torch.Tensor, labels: torch.Tensor, max_points: int = M
         idx = idx[torch.linspace(0, len(idx) - 1, max_points).round().long().unique()]
     return {"n": n, "threshold": confidence[idx].tolist(), "coverage": (accepted[idx] / n).tolist(),
             "accuracy": accuracy[idx].tolist(), "aurc": (1 - accuracy).mean().item()}
-
-
-def val_risk_coverage(trained, scaling) -> dict:
-    """The risk-coverage curve of `trained` on its validation split, probabilities scaled by `scaling`."""
-    from imgcls.evaluation.evaluate import require_val_split, run_split  # evaluate imports this module: late
-    from imgcls.evaluation.predict import predict_logits
-    from imgcls.runtime import resolve_precision
-
-    require_val_split(trained, "the --reject auto threshold (chosen on validation, never on test)")
-    device = next(trained.model.parameters()).device
-    logits, labels = predict_logits(trained.model, run_split(trained, "val"), trained.dataset["mean"],
-                                    trained.dataset["std"], device,
-                                    resolve_precision(trained.config.precision, device),
-                                    trained.config.eval_batch_size)
-    logits = logits.double()
-    probs = (scaling.apply(logits) if scaling is not None else logits).softmax(dim=1)
-    return risk_coverage(probs, labels)
-
-
-def read_risk_coverage(run: str | Path) -> dict | None:
-    """The validation curve `imgcls calibrate` stored in the run, if it has run."""
-    path = Path(run) / rundir.CALIBRATION
-    return rundir.read_json(path).get("risk_coverage") if path.is_file() else None
-
-
-def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage: float | None = None) -> dict:
-    """The threshold that keeps the most images while their validation accuracy is at least
-    `target_accuracy`, or the highest that still accepts at least `coverage` of them."""
-    thresholds, coverages, accuracies = curve["threshold"], curve["coverage"], curve["accuracy"]
-    if coverage is not None:
-        if not 0 < coverage <= 1:
-            raise UserError(f"--coverage {coverage} is not a share; pass a number in (0, 1], e.g. 0.8")
-        i = next(i for i, c in enumerate(coverages) if c >= coverage - 1e-12)
-    else:
-        target = DEFAULT_TARGET_ACCURACY if target_accuracy is None else target_accuracy
-        if not 0 < target <= 1:
-            raise UserError(f"--target-accuracy {target} is not a share; pass a number in (0, 1], e.g. 0.95")
-        meets = [i for i, a in enumerate(accuracies) if a >= target]
-        if not meets:
-            raise UserError(f"no threshold reaches accuracy {target} on validation (best {max(accuracies):.3f}); "
-                            "lower --target-accuracy or use --coverage")
-        i = meets[-1]
-    return {"threshold": thresholds[i], "coverage": coverages[i], "accuracy": accuracies[i],
-            "target_accuracy": None if coverage is not None else (target_accuracy or DEFAULT_TARGET_ACCURACY),
-            "target_coverage": coverage}
-
-
-def resolve_threshold(reject: str | None, curve: dict | None, target_accuracy: float | None = None,
-                      coverage: float | None = None) -> float | None:
-    """`--reject`: None (accept everything), 'auto' (chosen on validation) or a probability."""
-    if reject is None:
-        if target_accuracy is not None or coverage is not None:
-            raise UserError("--target-accuracy and --coverage choose the --reject auto threshold; add --reject auto")
-        return None
-    if reject == "auto":
-        if curve is None:
-            raise UserError("--reject auto needs the validation risk-coverage curve; run imgcls calibrate RUN "
-                            "first (and export again), or pass a threshold such as --reject 0.8 (a run trained "
-                            "with --val-fraction 0 has no validation split, so only a threshold works)")
-        return choose_threshold(curve, target_accuracy, coverage)["threshold"]
-    try:
-        value = float(reject)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise UserError(f"--reject {reject} is neither auto nor a probability; pass auto or a number in [0, 1]")
-    return value
-
-
-def energy(logits: torch.Tensor) -> torch.Tensor:
-    """Negative free energy, logsumexp of the logits (Liu et al., 2020): higher means more in-distribution."""
-    return torch.logsumexp(logits.double(), dim=1)
 
 
 def auroc(in_scores: torch.Tensor, out_scores: torch.Tensor) -> float:
@@ -151,52 +79,29 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
     """Score a folder of images from classes the run never saw against `split`: AUROC and FPR at 95%
     TPR for max-softmax probability and energy, and what `--reject auto` (target 0.95 on val) lets
     through of each. Added as "ood" to `eval_json` when given."""
-    from imgcls.evaluation.batch_predict import collect_paths, predict_arrays, run_predictor, split_nhwc
-    from imgcls.evaluation.evaluate import run_split
-    from imgcls.evaluation.predict import load_run
-    from imgcls.runtime import resolve_device
-
+    paths = collect_paths([str(ood)])  # before minutes of inference: a wrong folder is one line at once
     trained = load_run(run, checkpoint, resolve_device(device))
-    predictor = run_predictor(trained)
-    outs, labels = [], []
-    for images, batch_labels in split_nhwc(run_split(trained, split)):
-        outs.append(predictor.run(images))
-        labels.append(batch_labels)
-    in_logits = torch.from_numpy(np.concatenate([o[0] for o in outs])).double()
-    in_probs = torch.from_numpy(np.concatenate([o[1] for o in outs])).double()
-    labels = torch.cat(labels)
-    out_logits, out_probs, unreadable = predict_arrays(predictor, collect_paths([str(ood)]))
-    if len(out_probs) == 0:
+    engine = run_engine(trained)
+    inside, labels = engine.score_split(trained.split(split), where=f"the {split} split")
+    outside, unreadable = score_all(engine, paths)
+    if outside is None:
         raise UserError(f"{ood} holds no readable images; pass --ood a folder of images from other classes")
-    result = {"folder": str(ood), "split": split, "n_in": len(labels), "n_ood": len(out_probs),
-              "unreadable": unreadable, **ood_table(in_logits, in_probs, out_logits, out_probs), "reject_auto": None}
-    curve = predictor.risk_coverage
+    result = {"folder": str(ood), "split": split, "n_in": len(labels), "n_ood": len(outside.probs),
+              "unreadable": unreadable, **ood_table(inside.logits, inside.probs, outside.logits, outside.probs),
+              "reject_auto": None}
     try:
-        rule = choose_threshold(curve) if curve else None
+        rule = choose_threshold(engine.risk_coverage) if engine.risk_coverage else None
     except UserError:  # the target is out of reach on val
         rule = None
     if rule is not None:
-        accepted = in_probs.max(1).values >= rule["threshold"]
-        hits = (in_probs.argmax(1) == labels)[accepted].double()
+        accepted = inside.probs.max(1).values >= rule["threshold"]
+        hits = (inside.probs.argmax(1) == labels)[accepted].double()
         result["reject_auto"] = {**rule, "in_coverage": accepted.double().mean().item(),
                                  "in_accuracy_accepted": hits.mean().item() if len(hits) else None,
-                                 "ood_accepted": (out_probs.max(1).values >= rule["threshold"]).double().mean().item()}
+                                 "ood_accepted": (outside.probs.max(1).values >= rule["threshold"]).double().mean()
+                                 .item()}
     if eval_json is not None:
         record = rundir.read_json(eval_json)
         record["ood"] = result
         rundir.write_json(eval_json, record)
     return result
-
-
-def format_ood(result: dict) -> str:
-    lines = [f"OOD {result['folder']}: {result['n_ood']} images against {result['n_in']} {result['split']} images",
-             f"{'score':<8} {'AUROC':>7} {'FPR@95TPR':>10}"]
-    for name in ("msp", "energy"):
-        lines.append(f"{name:<8} {result[name]['auroc']:>7.4f} {result[name]['fpr_at_95tpr']:>10.4f}")
-    rule = result["reject_auto"]
-    if rule is None:
-        lines.append("--reject auto: no threshold (run imgcls calibrate first, or the 0.95 target is out of reach)")
-    else:
-        lines.append(f"--reject auto (threshold {rule['threshold']:.4f}): accepts {rule['ood_accepted']:.1%} of OOD, "
-                     f"{rule['in_coverage']:.1%} of {result['split']}")
-    return "\n".join(lines)

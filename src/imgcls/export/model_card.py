@@ -69,14 +69,27 @@ def _rejection_section(rule: dict | None, curve: dict | None, has_val: bool = Tr
 
 def _parity_section(parity: dict, split: str = "val") -> list[str]:
     rows = []
-    for r in parity.values():
+    for r in (r for kind, r in parity.items() if kind != "int8"):
         lat = r["latency_ms_per_image"]
         rows.append([r["format"], r["images"], pct(r["top1_agreement"]), f"{r['max_abs_prob_diff']:.2e}",
                      f"{lat['pytorch']['batch1']:.2f}", f"{lat[r['format']]['batch1']:.2f}",
                      f"{lat['pytorch']['batch64']:.2f}", f"{lat[r['format']]['batch64']:.2f}"])
     header = ["format", f"{split} images", "top-1 agreement", "max abs prob diff", "pytorch ms/img b1",
               "export ms/img b1", "pytorch ms/img b64", "export ms/img b64"]
-    return ["## Export parity (fp32, against the run in PyTorch)", "", *_table(header, rows)]
+    return ["## Export parity (fp32, against the run in PyTorch)", "", *_table(header, rows)] + _int8_section(parity)
+
+
+def _int8_section(parity: dict) -> list[str]:
+    r = parity.get("int8")
+    if r is None:
+        return []
+    lat = r["latency_ms_per_image"]
+    rows = [[name, a["images"], pct(a["fp32"]), pct(a["int8"])] for name, a in r["accuracy"].items()]
+    return ["", f"## int8 ({r['method']})", "",
+            f"- top-1 agreement with the fp32 file on {r['images']} {r['split']} images: {pct(r['top1_agreement'])}",
+            f"- ms/image, batch 1: fp32 {lat['fp32']['batch1']:.2f}, int8 {lat['int8']['batch1']:.2f}; batch 64: "
+            f"fp32 {lat['fp32']['batch64']:.2f}, int8 {lat['int8']['batch64']:.2f}", "",
+            *_table(["split", "images", "fp32 accuracy", "int8 accuracy"], rows)]
 
 
 def _limitations(ev: dict | None, calibration: dict | None) -> list[str]:
@@ -94,9 +107,10 @@ def _limitations(ev: dict | None, calibration: dict | None) -> list[str]:
     return lines
 
 
-def model_card(trained, prep, ev: dict, calibration: dict | None, rule: dict | None, curve: dict | None,
-               parity: dict, summary: dict | None) -> str:
+def model_card(trained, spec, ev: dict | None, calibration: dict | None, parity: dict, summary: dict | None) -> str:
+    """The card of an export (`spec`, inference/metadata.py) of `trained`, from the run's own numbers."""
     cfg, info = trained.config, trained.dataset
+    prep, rule, curve = spec.preprocessing, spec.reject_rule, spec.risk_coverage
     fp = info["fingerprint"]
     scaling = calibration["scaling"] if calibration else None
     lines = [f"# Model card: {cfg.model} on {info.get('name', fp['source'])}", "",

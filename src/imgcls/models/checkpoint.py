@@ -78,10 +78,32 @@ def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes
     return ckpt
 
 
+def state_mismatch(model: torch.nn.Module, state: dict) -> str | None:
+    """The first way `state` does not fit `model` (a missing or extra key, a shape, a non-tensor), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    if missing:
+        return f"no tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+    if extra:
+        return f"an unexpected tensor {extra[0]!r}" + (f" and {len(extra) - 1} more" if len(extra) > 1 else "")
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            return f"{k!r} is not a tensor"
+        if v.shape != own[k].shape:
+            return f"{k!r} has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}"
+    return None
+
+
+def load_state_strict(model: torch.nn.Module, state: dict, where: str, fix: str) -> None:
+    """`state` into `model`, every key and shape matching; the first misfit is one line naming `where`."""
+    problem = state_mismatch(model, state)
+    if problem:
+        raise UserError(f"{where} does not fit the model: {problem}; {fix}")
+    model.load_state_dict(state)
+
+
 def restore_weights(model: torch.nn.Module, ckpt: dict, path: str | Path) -> None:
     """Copy a loaded checkpoint's state dict into `model`; a tensor that does not fit is one line."""
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:  # missing/unexpected keys or shapes: the file was edited or mislabelled
-        raise UserError(f"checkpoint {path} does not fit {ckpt['model_name']} with {ckpt['num_classes']} classes "
-                        f"({first_line(e, 160)}); pass a checkpoint written by the same run") from e
+    load_state_strict(model, ckpt["model"], f"checkpoint {path} ({ckpt['model_name']}, {ckpt['num_classes']} classes)",
+                      "pass a checkpoint written by the same run")

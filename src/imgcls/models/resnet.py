@@ -25,7 +25,10 @@ class ResNetCifar(ClassifierSurface, nn.Module):
         self.head = net.fc
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        return {"stem": r"^stem", "blocks": r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)"}
+        """Layer groups in timm's matcher format: the stem, then each stage `layerK` (coarse) or each of
+        its residual blocks `layerK.J`, sorted by the captured numbers; the head is unmatched."""
+        stage = r"^layer(\d)(?=\.)"
+        return {"stem": r"^stem(?=\.)", "blocks": stage if coarse else stage + r"\.(\d)(?=\.)"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -1,4 +1,5 @@
-"""The part of the common model surface that is the same for every architecture written here."""
+"""What the models written here share of the contract (models/contract.py), and the helpers that act on
+any model's classifier and layer groups."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import re
 import torch
 import torch.nn as nn
 
+from imgcls.models.contract import problems
+
 
 class ClassifierSurface:
-    """forward = forward_head(forward_features(x)), with the classifier in `self.head`.
+    """forward, get_classifier and reset_classifier for a model whose classifier is `self.head`.
 
-    Models define forward_features, forward_head and num_features; this adds the rest of the
-    timm-style surface so tools can treat ours and timm's models alike.
-    """
+    Each model still defines forward_features, forward_head, num_features and group_matcher itself:
+    those differ by architecture. reset_classifier makes a linear head (as timm's models do)."""
 
     head: nn.Module
     num_features: int
@@ -54,7 +56,7 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     """
     from timm.models import group_parameters
 
-    if not hasattr(model, "group_matcher"):
+    if "no group_matcher" in problems(model):
         raise ValueError(f"{type(model).__name__} has no group_matcher; layer groups cannot be derived")
     head_prefix = classifier_name(model) + "."
     matcher = model.group_matcher(coarse=True)

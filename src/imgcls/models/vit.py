@@ -44,16 +44,20 @@ class Attention(nn.Module):
         self.attn_dropout = attn_dropout
         self.drop = nn.Dropout(dropout)
 
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """B x N x D -> B x heads x N x D/heads: each head's slice of the features, tokens second-last."""
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        p = self.attn_dropout if self.training else 0.0
+        # the projection's outputs are the queries, then the keys, then the values, each head by head
+        query, key, value = map(self._heads, self.qkv(x).chunk(3, dim=-1))
+        drop = self.attn_dropout if self.training else 0.0
         if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            mixed = F.scaled_dot_product_attention(query, key, value, dropout_p=drop)
         else:
-            attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
-            x = (F.dropout(attn, p) if p else attn) @ v
-        return self.drop(self.proj(x.transpose(1, 2).reshape(b, n, d)))
+            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(query.shape[-1])
+            mixed = torch.matmul(F.dropout(scores.softmax(dim=-1), drop), value)
+        return self.drop(self.proj(mixed.transpose(1, 2).flatten(2)))
 
 
 class Block(nn.Module):
@@ -92,15 +96,21 @@ class VisionTransformer(ClassifierSurface, nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight  # like a linear layer over the flattened patch
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=math.sqrt(1.0 / w[0].numel()))
-        nn.init.zeros_(self.patch_embed.bias)
+        """timm's ViT initial values ('timm' scheme): the learned positions truncated-normal with std 0.02,
+        the CLS token normal with std 1e-6, every linear layer's weight truncated-normal with std 0.02;
+        and the patch embedding, a linear map of each flattened patch, truncated-normal with variance
+        1 / fan-in. Biases start at zero. The draws come in that order (linear layers as modules() lists
+        them), which fixes the weights a given seed produces."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        patch = self.patch_embed.weight.flatten(1)  # a view: one row per output channel
+        truncated, plain = nn.init.trunc_normal_, nn.init.normal_
+        draws = [(truncated, self.pos_embed, 0.02), (plain, self.cls_token, 1e-6)]
+        draws += [(truncated, m.weight, 0.02) for m in linears]
+        draws += [(truncated, patch, math.sqrt(1.0 / patch.shape[1]))]
+        for draw, tensor, std in draws:
+            draw(tensor, std=std)
+        for layer in [*linears, self.patch_embed]:
+            nn.init.zeros_(layer.bias)
 
     def _pos_embed_for(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """Position embeddings, bicubically interpolated when the patch grid differs."""
@@ -117,9 +127,12 @@ class VisionTransformer(ClassifierSurface, nn.Module):
         return {"pos_embed", "cls_token"}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        # As timm's ViT: embeddings first, one group per block, the final norm with the last block.
-        return {"stem": r"^cls_token|^pos_embed|^patch_embed", "blocks": [(r"^blocks\.(\d+)", None),
-                                                                         (r"^norm", (99999,))]}
+        """Layer groups in the matcher format timm.models.group_parameters reads (a group's patterns map a
+        parameter name to a sort key): the embeddings, then block i alone, with the final LayerNorm
+        given the last block's key, since it only normalises that block's output; the head is unmatched."""
+        embeddings = "|".join(f"^{name}(?![^.])" for name in ("patch_embed", "cls_token", "pos_embed"))
+        last = len(self.blocks) - 1
+        return {"stem": embeddings, "blocks": [(r"^blocks\.(\d+)(?=\.)", None), (r"^norm(?=\.)", (last,))]}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)  # B x D x H/p x W/p

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from rich.console import Console
 from rich.table import Table
 
-from imgcls.errors import UserError
-
 console = Console()
+FEW_PARITY_IMAGES = 100  # below this, one image moves the agreement by a percent or more
 
 
 def _pct(x) -> str:
@@ -118,20 +115,6 @@ def print_calibration(report: dict, run: str) -> None:
                                     "after", m["before"], m["after"]))
 
 
-def print_predictions(predictions: list[dict], as_json: bool) -> None:
-    if as_json:
-        try:  # JSON has no NaN or Infinity: refuse rather than print text that parsers reject
-            text = json.dumps(predictions, indent=2, allow_nan=False)
-        except ValueError:
-            raise UserError("the predictions hold non-finite probabilities, which JSON cannot carry; the "
-                            "checkpoint is damaged or the run diverged: train again") from None
-        print(text)
-        return
-    for p in predictions:
-        ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in p["top"])
-        console.print(f"{p['image']}: {ranked}", soft_wrap=True, highlight=False)
-
-
 def print_models(rows: list[dict]) -> None:
     table = Table("name", "params", "classes", "input", "family", "description")
     for r in rows:
@@ -139,3 +122,56 @@ def print_models(rows: list[dict]) -> None:
                       r["family"], r["description"])
     console.print(table)
     console.print("and any timm model as timm/<name> (e.g. timm/efficientnet_b0)")
+
+
+def track(items, total: int, label: str, enabled: bool = True):
+    """`items` passed through, with a progress bar (count, rate, time left) on stderr while they are consumed."""
+    if not enabled:
+        yield from items
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} /s"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task(label, total=total)
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def format_ood(result: dict) -> str:
+    """eval --ood's table: AUROC and FPR at 95% TPR per score, and what --reject auto lets through."""
+    lines = [f"OOD {result['folder']}: {result['n_ood']} images against {result['n_in']} {result['split']} images",
+             f"{'score':<8} {'AUROC':>7} {'FPR@95TPR':>10}"]
+    for name in ("msp", "energy"):
+        lines.append(f"{name:<8} {result[name]['auroc']:>7.4f} {result[name]['fpr_at_95tpr']:>10.4f}")
+    rule = result["reject_auto"]
+    if rule is None:
+        lines.append("--reject auto: no threshold (run imgcls calibrate first, or the 0.95 target is out of reach)")
+    else:
+        lines.append(f"--reject auto (threshold {rule['threshold']:.4f}): accepts {rule['ood_accepted']:.1%} of OOD, "
+                     f"{rule['in_coverage']:.1%} of {result['split']}")
+    return "\n".join(lines)
+
+
+def format_int8(result: dict) -> str:
+    """export --quantize int8's line: agreement with fp32, the accuracy of both, latency of both."""
+    lat = result["latency_ms_per_image"]
+    accuracy = "; ".join(f"{name} accuracy fp32 {a['fp32']:.2%} int8 {a['int8']:.2%}"
+                         for name, a in result["accuracy"].items())
+    return (f"int8: agreement with fp32 {result['top1_agreement']:.2%} on {result['images']} {result['split']} "
+            f"images; {accuracy}; ms/image batch 1: fp32 {lat['fp32']['batch1']:.2f} int8 {lat['int8']['batch1']:.2f}, "
+            f"batch 64: fp32 {lat['fp32']['batch64']:.2f} int8 {lat['int8']['batch64']:.2f}")
+
+
+def format_parity(result: dict) -> str:
+    """export's line per format: agreement (with a caveat on few images), probability difference, latency."""
+    lat, other = result["latency_ms_per_image"], result["format"]
+    few = f" (only {result['images']} images: one image moves agreement by {1 / result['images']:.1%})" \
+        if result["images"] < FEW_PARITY_IMAGES else ""
+    return (f"parity {other}: {result['images']} {result.get('split', 'val')} images, "
+            f"top-1 agreement {result['top1_agreement']:.2%}{few}, "
+            f"max |dp| {result['max_abs_prob_diff']:.1e}; ms/image batch 1: pytorch {lat['pytorch']['batch1']:.2f} "
+            f"{other} {lat[other]['batch1']:.2f}, batch 64: pytorch {lat['pytorch']['batch64']:.2f} "
+            f"{other} {lat[other]['batch64']:.2f}")

@@ -78,21 +78,9 @@ def _gallery(images: np.ndarray, items: list[dict], title: str, out: Path, cams:
     return figures.image_grid([row], [captions], [title], out)
 
 
-def write_run_report(run: Path) -> Path:
-    """report/report.html for a run whose report/analysis.* exist (see evaluation.analysis)."""
-    run = Path(run)
-    folder = run / rundir.REPORT_DIR
-    summary, metrics = training_record(run)
-    a = rundir.read_json(folder / rundir.ANALYSIS_JSON)
-    arrays = np.load(folder / rundir.ANALYSIS_NPZ)
-    config = (run / rundir.CONFIG).read_text()
-    cal, tta = a["calibration"], a["tta"]
-
-    curves = figures.training_curves(metrics, folder / "curves.png")
-    confusion = figures.confusion_heatmaps(a["confusion_matrix"], a["classes"], folder / "confusion.png")
-    reliability = figures.reliability_diagrams(
-        [("before", cal["bins_before"], cal["before"]["ece"]),
-         (f"after, T = {cal['temperature']:.2f}", cal["bins_after"], cal["after"]["ece"])], folder / "reliability.png")
+def _run_figures(folder: Path, metrics: list[dict], a: dict, arrays) -> dict:
+    """The report's figures, drawn into `folder`: curves, confusion, reliability, CAM and loss galleries."""
+    cal = a["calibration"]
     n_right = len(a["cam"]["right"])
     cam_images, cams = arrays["cam_images"], arrays["cams"]
     galleries = []
@@ -100,8 +88,30 @@ def write_run_report(run: Path) -> Path:
                             ("wrong", a["cam"]["wrong"], slice(n_right, None))):
         if items:
             galleries.append(_gallery(cam_images[sl], items, f"Grad-CAM, {name}", folder / f"cam_{name}.png", cams[sl]))
-    losses = _gallery(arrays["loss_images"], a["top_losses"], "top losses", folder / "top_losses.png") \
-        if a["top_losses"] else None
+    return {
+        "curves": figures.training_curves(metrics, folder / "curves.png"),
+        "confusion": figures.confusion_heatmaps(a["confusion_matrix"], a["classes"], folder / "confusion.png"),
+        "reliability": figures.reliability_diagrams(
+            [("before", cal["bins_before"], cal["before"]["ece"]),
+             (f"after, T = {cal['temperature']:.2f}", cal["bins_after"], cal["after"]["ece"])],
+            folder / "reliability.png"),
+        "galleries": galleries,
+        "losses": _gallery(arrays["loss_images"], a["top_losses"], "top losses", folder / "top_losses.png")
+        if a["top_losses"] else None,
+    }
+
+
+def write_run_report(run: Path) -> Path:
+    """report/report.html for a run whose report/analysis.* exist (see evaluation.analysis)."""
+    run = Path(run)
+    folder = run / rundir.REPORT_DIR
+    summary, metrics = training_record(run)
+    a = rundir.read_json(folder / rundir.ANALYSIS_JSON)
+    config = (run / rundir.CONFIG).read_text()
+    cal, tta = a["calibration"], a["tta"]
+    drawn = _run_figures(folder, metrics, a, np.load(folder / rundir.ANALYSIS_NPZ))
+    curves, confusion, reliability = drawn["curves"], drawn["confusion"], drawn["reliability"]
+    galleries, losses = drawn["galleries"], drawn["losses"]
 
     split = a["split"]
     # older analyses said only whether the report fitted the temperature itself
@@ -136,7 +146,7 @@ def write_run_report(run: Path) -> Path:
         "<h2>Reliability</h2>", _img(reliability, "reliability diagrams"),
         f"<h2>Test-time augmentation ({html.escape(tta['mode'])})</h2>",
         _compare_table("no TTA", "TTA", tta["without"], tta["with"]),
-        *_rejection_section(run, folder, summary.get("val_split", True)),
+        *_rejection_section(run, folder, a, summary.get("val_split", True)),
         "<h2>Grad-CAM</h2>", "".join(_img(g, g.stem) for g in galleries) or "<p>no images</p>",
         "<p class=note>The most confident right and wrong predictions; the heat-map explains the predicted "
         "class.</p>",
@@ -148,22 +158,16 @@ def write_run_report(run: Path) -> Path:
     return out
 
 
-def _rejection_section(run: Path, folder: Path, has_val: bool = True) -> list[str]:
+def _rejection_section(run: Path, folder: Path, analysis: dict, has_val: bool = True) -> list[str]:
     """Saying "unknown": the validation risk-coverage curve (stored by imgcls calibrate) with the --reject
-    auto threshold, and the OOD table of the last `imgcls eval --ood` (in eval-test.json)."""
-    from imgcls.evaluation.rejection import choose_threshold, read_risk_coverage  # no torch work: reads JSON
-
-    curve = read_risk_coverage(run)
+    auto threshold, as the analysis found them, and the OOD table of the last `imgcls eval --ood`."""
+    curve, rule = analysis.get("risk_coverage"), analysis.get("reject_rule")
     if curve is None and not has_val:
         return ["<h2>Rejection</h2>", "<p class=note>No --reject auto threshold: the run has no validation split "
                 "to choose one on (trained with --val-fraction 0); pass a threshold such as --reject 0.8.</p>"]
     if curve is None:
         return ["<h2>Rejection</h2>", "<p class=note>Run imgcls calibrate to get the risk-coverage curve and the "
                 "--reject auto threshold.</p>"]
-    try:
-        rule = choose_threshold(curve)
-    except UserError:  # the default target is out of reach on val
-        rule = None
     plot = figures.risk_coverage_plot(curve, rule["threshold"] if rule else None, folder / "risk_coverage.png")
     body = ["<h2>Rejection</h2>", _img(plot, "risk-coverage")]
     evals = run / "eval-test.json"

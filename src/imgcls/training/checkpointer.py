@@ -69,6 +69,12 @@ class EpochMeter:
         torch.maximum(self.live[3], finite, out=self.live[3])
         self.optimizer_steps += 1
 
+    def add_time(self, data: float, compute: float) -> None:
+        """A step's seconds: waiting for its batch, and the rest of it."""
+        self.data_seconds += data
+        self.compute_seconds += compute
+        self.seconds += data + compute
+
     def read(self) -> EpochMeter:
         """Copy the device sums into the Python fields: the one device-to-host transfer (a sync on a
         GPU). A NaN or infinite loss sum means a step's loss was: it is kept in `nonfinite_loss`."""

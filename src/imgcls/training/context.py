@@ -12,26 +12,48 @@ from dataclasses import dataclass
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from imgcls.config import MONITORS, NORMALIZATIONS, TrainConfig, require_no_validation, resolve, resolved_strategy
-from imgcls.data import Dataset, load_dataset
+from imgcls.config import (
+    KERNEL_FIELDS,
+    MONITORS,
+    NORMALIZATIONS,
+    Facts,
+    TrainConfig,
+    require_no_validation,
+    resolve,
+    resolved_strategy,
+    unresolved,
+)
+from imgcls.data import Dataset, load_dataset, normalize
 from imgcls.data.datasets import normalization_named
-from imgcls.data.presets import DEFAULT_ERASING, normalize
 from imgcls.errors import UserError
-from imgcls.kernels import KernelChoice
+from imgcls.inference.engine import Engine
+from imgcls.kernels import cache
+from imgcls.kernels.apply import configure
+from imgcls.kernels.choice import NONE, KernelChoice
+from imgcls.kernels.measure import choose_kernels
 from imgcls.models import create_model, model_spec
+from imgcls.models.contract import whitening
 from imgcls.models.init import dirac_init
 from imgcls.models.weights import LoadReport, load_pretrained
-from imgcls.runtime import resolve_device, resolve_precision, seed_everything
+from imgcls.runtime import check_precision, resolve_device, seed_everything
 from imgcls.training import distributed
 from imgcls.training.distributed import World
+from imgcls.training.feeders import prefetch_default
 from imgcls.training.imbalance import Loss, class_weights, make_loss
 from imgcls.training.lookahead import Lookahead
 from imgcls.training.transfer import LayerGroup, optimizer_param_groups, plan_groups
+from imgcls.training.validation import engine_for
+
+# The KernelChoice field each plan field takes its value from.
+KERNEL_SOURCES = {"precision": "precision_train", "eval_precision": "precision_eval",
+                  "attention": "attention_train", "eval_attention": "attention_eval",
+                  "depthwise_precision": "depthwise_train", "eval_depthwise_precision": "depthwise_eval",
+                  "memory_format": "memory_format", "compile": "compile", "eval_batch_size": "eval_batch_size"}
 
 
 @dataclass
 class TrainingContext:
-    cfg: TrainConfig  # resolved: no 'auto' left that training decides
+    cfg: TrainConfig  # the run plan: every value resolved (config.resolve)
     world: World
     device: torch.device
     precision: str
@@ -48,7 +70,9 @@ class TrainingContext:
     class_weights: torch.Tensor | None
     plateau: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # --schedule plateau, stepped once per epoch
     lookahead: Lookahead | None = None  # --lookahead
-    kernels: KernelChoice | None = None  # imgcls.kernels: attention, depthwise, layout, compile, eval batch (by fit)
+    kernels: KernelChoice | None = None  # the measured (or given) kernels the plan took its values from
+    validator: Engine | None = None  # scores the evaluated weights for validation (training/validation.py)
+    plan: dict | None = None  # plan.json: the machine, which values were measured, their timings
 
     @property
     def evaluated(self) -> torch.nn.Module:
@@ -71,9 +95,10 @@ class TrainingContext:
 
 def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool) -> TrainingContext:
     """The context of a new run (`fresh`: pretrained weights and whitening applied) or of a resumed one
-    (its weights come from last.pt afterwards)."""
+    (its weights come from last.pt afterwards). Resolves the run plan: `ctx.cfg` holds every value."""
     device = resolve_device(device_name)
-    precision = resolve_precision(cfg.precision, device)
+    check_precision(cfg.precision, device)
+    check_precision(cfg.eval_precision, device)
     _check_parallel(cfg, world, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
     normalization, crop_pct = _preprocessing(cfg, spec)
@@ -84,9 +109,18 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     if cfg.crop_fill == "reflect" and (cfg.crop_padding or 0) >= dataset.img_size:
         raise UserError(f"--crop-padding {cfg.crop_padding} with --crop-fill reflect needs a border narrower than the "
                         f"{dataset.img_size}px image it mirrors; give at most {dataset.img_size - 1}")
-    cfg = resolve(cfg, img_size=dataset.img_size, normalization=dataset.normalization,
-                  default_erasing=DEFAULT_ERASING.get(cfg.aug, 0.0))
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
+    kernels = choose_run_kernels(cfg, model, dataset, world, device)
+    if kernels.precision_train == NONE:  # cached features: a linear head trains, in fp32 unless told otherwise
+        kernels.precision_train = "fp32" if cfg.precision == "auto" else cfg.precision
+    precision = kernels.precision_train
+    cfg = resolve(cfg, Facts(device.type, precision, kernels.precision_eval, dataset.img_size, dataset.normalization,
+                             "stream" if dataset.train.stream is not None else "memory",
+                             prefetch_default(device.type) if cfg.prefetch == "auto" else cfg.prefetch,
+                             {f: getattr(kernels, KERNEL_SOURCES[f]) for f in KERNEL_FIELDS}))
+    if unresolved(cfg):  # a field added to the schema with an "auto" that resolve() does not decide
+        raise RuntimeError(f"the run plan left {', '.join(unresolved(cfg))} undecided")
+    configure(model, cfg.attention, cfg.depthwise_precision, cfg.memory_format)
     groups = plan_groups(model, cfg)
     steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
     per_epoch = optimizer_steps(steps_per_epoch, cfg.accum_steps)
@@ -100,8 +134,36 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
     weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
     lookahead = Lookahead(model, cfg.epochs * per_epoch) if cfg.lookahead else None
-    return TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
-                           steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau, lookahead)
+    ctx = TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
+                          steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau, lookahead, kernels)
+    ctx.validator = engine_for(ctx.evaluated, cfg, dataset, device)
+    ctx.plan = plan_record(kernels, device)
+    return ctx
+
+
+def choose_run_kernels(cfg: TrainConfig, model, dataset: Dataset, world: World, device: torch.device) -> KernelChoice:
+    """The kernels for the run (imgcls.kernels: measured for each `auto`, cached per machine; a resolved
+    config's values are taken as given, so a resumed run keeps its plan). Under torchrun rank 0 measures
+    and every rank takes its choice."""
+    choice = None
+    if world.main:
+        evaluated = max(len(s) for s in (dataset.val, dataset.test, dataset.train) if s is not None)
+        choice = choose_kernels(
+            model, (cfg.batch_size // world.size, 3, dataset.img_size, dataset.img_size), device, cfg.precision,
+            precision_eval=cfg.eval_precision, attention=cfg.attention, attention_eval=cfg.eval_attention,
+            depthwise=cfg.depthwise_precision,
+            depthwise_eval=cfg.eval_depthwise_precision, memory_format=cfg.memory_format, compile=cfg.compile,
+            eval_batch_size=cfg.eval_batch_size, data_size=evaluated, name=cfg.model,
+            train=not cfg.cache_features)  # on cached features only the head trains: no attention, no compile
+    return distributed.from_main(world, choice)
+
+
+def plan_record(kernels: KernelChoice, device: torch.device) -> dict:
+    """plan.json: the machine the plan was made on, which of its values were measured (or read from that
+    machine's cache), and the timings measured now."""
+    measured = [f for f, k in KERNEL_SOURCES.items() if kernels.source.get(k) in ("measured", "cache")]
+    return {"machine": cache.machine(device), "measured": measured, "sources": dict(kernels.source),
+            "timings": {f: kernels.timings[k] for f, k in KERNEL_SOURCES.items() if k in kernels.timings}}
 
 
 def optimizer_steps(micro_batches: int, accum_steps: int) -> int:
@@ -124,25 +186,25 @@ def _build_model(cfg: TrainConfig, spec, dataset: Dataset, world: World, device:
                         "drop --init")
     if cfg.whiten and fresh:
         _whiten(model, dataset)
-    _check_forward(model, cfg)
+    _check_forward(model, cfg.model, dataset.img_size)
     if world.rank > 0:  # the same initial weights, but each rank its own dropout and drop-path masks
         torch.manual_seed(cfg.seed + 1_000_003 * world.rank)
     if cfg.sync_bn and world.distributed:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return model.to(device, memory_format=torch.channels_last), loaded
+    return model.to(device), loaded  # laid out by the kernel choice (build_context)
 
 
-def _check_forward(model: torch.nn.Module, cfg: TrainConfig) -> None:
+def _check_forward(model: torch.nn.Module, name: str, img_size: int) -> None:
     """One image through the model in eval mode (no random numbers drawn), so a model that cannot take
     this input size fails now, in one line, not after the run folder exists."""
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, cfg.img_size, cfg.img_size))
+            model(torch.zeros(1, 3, img_size, img_size))
     except (RuntimeError, ValueError, AssertionError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UserError(f"{cfg.model} cannot take {cfg.img_size}x{cfg.img_size} inputs ({first}); "
+        raise UserError(f"{name} cannot take {img_size}x{img_size} inputs ({first}); "
                         f"choose another --img-size, e.g. the model's native size (imgcls models)") from None
     finally:
         model.train(was_training)
@@ -229,11 +291,12 @@ def _check_parallel(cfg: TrainConfig, world: World, device: torch.device) -> Non
 
 
 def _whiten(model, dataset: Dataset) -> None:
-    if not hasattr(model, "init_whitening"):
+    stem = whitening(model)
+    if stem is None:
         raise UserError(f"--whiten initialises a fastnet_* stem; {model.__class__.__name__} has none, drop --whiten")
     if dataset.train.images is None:
         raise UserError("--whiten needs the training images in memory; use --data-mode memory")
-    model.init_whitening(normalize(dataset.train.images[:5000], dataset.mean, dataset.std))
+    stem.init(normalize(dataset.train.images[:5000], dataset.mean, dataset.std))
 
 
 def _preprocessing(cfg: TrainConfig, spec) -> tuple[str, float]:

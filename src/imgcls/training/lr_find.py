@@ -10,7 +10,7 @@ Nothing is saved: no run folder, and the user's weights are only read.
 Two suggestions, both read off the smoothed loss against log(lr):
   steepest  the rate where the loss falls fastest;
   valley    fastai's rule: the longest descending stretch of the curve (longest decreasing
-            subsequence) and the point halfway along it, as fastai computes it.
+            subsequence) and the point about halfway along it (see `_valley`).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ import torch
 
 from imgcls.config import TrainConfig
 from imgcls.errors import UserError
+from imgcls.kernels.choice import layout_of
 from imgcls.training.checkpointer import TrainState
 from imgcls.training.context import TrainingContext, build_context, optimizer_steps
 from imgcls.training.distributed import World
-from imgcls.training.loop import Stepper
+from imgcls.training.loop import micro_step
 from imgcls.training.train import prepare_inputs
 from imgcls.training.transfer import apply_schedule, train_mode
 
@@ -104,22 +105,35 @@ def suggestions(lrs: list[float], smoothed: list[float]) -> tuple[float | None, 
 
 
 def _valley(lrs: list[float], losses: list[float]) -> float | None:
-    """fastai's valley: the longest decreasing subsequence of the loss; of the index range it spans,
-    the point at int(span/3) + int(span/6), i.e. about halfway down."""
-    n = len(losses)
-    length = [1] * n
-    end = 0
-    for i in range(1, n):
-        for j in range(i):
-            if losses[i] < losses[j] and length[i] < length[j] + 1:
-                length[i] = length[j] + 1
-        if length[i] > length[end]:
-            end = i
-    if length[end] < 3:  # the loss never really fell
+    """The valley suggestion of fastai's lr_find (fastai.callback.schedule.valley): find the longest
+    strictly decreasing subsequence of the loss, take the index range [end - length + 1, end] such a run
+    would cover without gaps, and suggest the rate a third plus a sixth of the way along it (int(d/3) +
+    int(d/6) steps into a range d steps long), about halfway down. fastai starts the range one point
+    earlier, at end - length; imgcls has always used the first point of the gap-free run. None when the
+    longest run has fewer than 3 points.
+
+    The length of the longest decreasing run ending at each point comes from patience sorting, in
+    O(n log n): -tails[k] is the largest loss that ends a run of k + 1 points so far (those losses fall
+    as k grows), so bisection finds how long a run each new loss can extend. Of several runs of the greatest
+    length, the one that ends first is taken. A NaN compares with nothing, so it forms only a run of one.
+    """
+    from bisect import bisect_left
+
+    tails: list[float] = []  # negated, so that bisect sees an increasing list
+    best_length, end = 0, 0
+    for i, loss in enumerate(losses):
+        if math.isnan(loss):
+            length = 1
+        else:
+            slot = bisect_left(tails, -loss)  # the runs ending above `loss` that it can extend
+            tails[slot : slot + 1] = [-loss]
+            length = slot + 1
+        if length > best_length:
+            best_length, end = length, i
+    if best_length < 3:  # the loss never really fell
         return None
-    start = end - length[end] + 1
-    span = (end - start) / 3
-    return lrs[start + int(span) + int(span / 2)]
+    span = best_length - 1
+    return lrs[end - span + span // 3 + span // 6]
 
 
 def run_lr_find(cfg: TrainConfig, device_name: str, start_lr: float, end_lr: float, steps: int | None,
@@ -154,7 +168,6 @@ def _train_step(ctx: TrainingContext, steps: int) -> Callable[[], float]:
     cfg = ctx.cfg
     apply_schedule(ctx.model, ctx.groups, 0)  # what trains in the first epoch: the head alone when frozen
     inputs = prepare_inputs(ctx, TrainState())
-    stepper = Stepper(ctx, inputs.trainee)
     order = torch.randperm(len(inputs.train), generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(inputs.train.batches(order[: steps * cfg.accum_steps * cfg.batch_size], cfg.batch_size,
                                         seed=cfg.seed))
@@ -169,8 +182,8 @@ def _train_step(ctx: TrainingContext, steps: int) -> Callable[[], float]:
             images, labels = next(batches)
             x, targets = inputs.transform(images.to(ctx.device), labels.to(ctx.device), aug_gen)
             if x.dim() == 4:  # images; cached features are B x D
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss, _, norm = stepper.micro_step(x, targets, micro)
+                x = x.contiguous(memory_format=layout_of(cfg.memory_format))
+            loss, _, norm = micro_step(ctx, inputs.trainee, x, targets, micro)
             micro += 1
             losses.append(loss.item())
             if norm is not None:  # the window's last micro-batch: the optimizer stepped

@@ -14,7 +14,6 @@ import imgcls
 from imgcls import rundir
 from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.metrics import balanced_accuracy, confusion_matrix, per_class_report
-from imgcls.evaluation.predict import predict_logits
 from imgcls.evaluation.significance import write_test_predictions
 from imgcls.models import count_parameters
 from imgcls.models.checkpoint import load_checkpoint
@@ -77,11 +76,10 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
     cfg, dataset, model = ctx.cfg, ctx.dataset, ctx.evaluated
     metrics = rundir.read_metrics(run)
 
-    def predict(split):
+    def predict(split):  # the validation engine: it sees the evaluated weights, best.pt's once loaded
         start = time.perf_counter()
-        logits, labels = predict_logits(model, split, dataset.mean, dataset.std, ctx.device, ctx.precision,
-                                        cfg.eval_batch_size)
-        return logits, labels, len(labels) / (time.perf_counter() - start)
+        scores, labels = ctx.validator.score_split(split, where="the test split")
+        return scores.logits, labels, len(labels) / (time.perf_counter() - start)
 
     scores = _test_scores(ctx, run, state, predict)
     train_seconds = state.train_seconds + cache_seconds  # the feature pass is part of what training cost

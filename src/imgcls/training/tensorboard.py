@@ -31,12 +31,6 @@ def check_installed() -> None:
     _summary_writer()
 
 
-def compare_logdir(out: str | Path, variant: str, seed: int) -> Path:
-    """Where a comparison's run writes its events, so `tensorboard --logdir OUT/tb` overlays every
-    (variant, seed) as one named run."""
-    return Path(out) / TB_DIR / f"{variant}-seed-{seed}"
-
-
 def _hparam_value(value):
     """TensorBoard takes numbers, strings and booleans; lists and None become text."""
     if isinstance(value, bool | int | float | str):
@@ -50,15 +44,15 @@ def _numbers(record: dict) -> dict[str, float]:
 
 
 class TensorBoardLog:
-    """One run's event files: in `run_dir/tb/`, or in `logdir` when given (see `compare_logdir`).
+    """One run's event files, in `run_dir/tb/` (a comparison's runs each in theirs: `tensorboard --logdir OUT`
+    finds them all).
 
     `hparams` is the run's config (`cfg.to_dict()`); `purge_step` (a resumed run: the optimizer steps
     its checkpoint holds) hides what the interrupted process logged after that step."""
 
-    def __init__(self, run_dir: str | Path, hparams: dict, *, logdir: str | Path | None = None,
-                 purge_step: int | None = None):
+    def __init__(self, run_dir: str | Path, hparams: dict, *, purge_step: int | None = None):
         writer_class = _summary_writer()
-        self.logdir = Path(logdir) if logdir is not None else Path(run_dir) / TB_DIR
+        self.logdir = Path(run_dir) / TB_DIR
         self.hparams = {k: _hparam_value(v) for k, v in hparams.items()}
         self.last_step = purge_step or 0
         self.writer = writer_class(log_dir=str(self.logdir), purge_step=purge_step)

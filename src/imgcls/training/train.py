@@ -13,7 +13,6 @@ use; one killed outright (kill -9) before then is continued from scratch by --re
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from pathlib import Path
@@ -23,27 +22,27 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from imgcls import rundir
-from imgcls.config import TrainConfig, given_eval_batch_size, load_config, validate
-from imgcls.data import per_image_transform
+from imgcls.config import TrainConfig, load_config, validate
+from imgcls.data import Preprocessing, per_image_transform
 from imgcls.data.audit import quick_audit
-from imgcls.data.presets import TrainTransform
+from imgcls.data.presets import PixelRecipe, TrainTransform
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import reliability_bins
 from imgcls.evaluation.metrics import confusion_matrix
 from imgcls.evaluation.significance import read_test_predictions
-from imgcls.kernels import attach, choose_kernels, switchable_depthwise
 from imgcls.models import count_parameters
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
-from imgcls.training.context import TrainingContext, build_context, warmup_cosine
+from imgcls.training.context import TrainingContext, build_context
 from imgcls.training.distributed import World
-from imgcls.training.loop import Diverged, Inputs, Interrupted, Stepper, StopOnSignal, run_epochs, train_one_epoch
+from imgcls.training.loop import Inputs, run_epochs
 from imgcls.training.progress import Progress
+from imgcls.training.stops import Diverged, Interrupted, StopOnSignal
 from imgcls.training.summary import summarize
 from imgcls.training.tensorboard import TensorBoardLog, check_installed
 from imgcls.training.transfer import NEVER, FeatureTargets, LayerGroup, apply_schedule, cache_features
 
-__all__ = ["Diverged", "Interrupted", "Stepper", "fit", "train_one_epoch", "warmup_cosine"]
+__all__ = ["Diverged", "Interrupted", "fit"]  # what callers of fit catch
 
 
 def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_after_steps: int | None = None, *,
@@ -79,8 +78,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         check_installed()
     distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
-    ctx = build_context(cfg, world, device_name, fresh=not has_last)
-    choose_run_kernels(ctx, resumed=resume is not None)  # before the folder: config.yaml records what was chosen
+    ctx = build_context(cfg, world, device_name, fresh=not has_last)  # resolves the plan config.yaml records
     if world.main and resume is None:
         for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -96,7 +94,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps, tb)
         if world.main:
             summary = summarize(ctx, run, state, cache_seconds)
-            summary["kernels"] = ctx.kernels.to_dict() if ctx.kernels is not None else None
+            summary["kernels"] = ctx.plan
             rundir.write_json(run / rundir.SUMMARY, summary)
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
@@ -113,34 +111,6 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             tb.close()
         if folder is not None:
             folder.release()
-
-
-def choose_run_kernels(ctx: TrainingContext, resumed: bool = False) -> None:
-    """Choose the run's kernels (imgcls.kernels: measured for each `auto`, cached per machine), apply the
-    memory format to the model (and its EMA average), attach the choice for inference, and put what was
-    chosen for training in the config, so that a resumed run trains with the same. The config has no room
-    for the inference choice: a resumed run chooses it again (from the cache on the same machine). Under
-    torchrun rank 0 measures and every rank takes its choice."""
-    cfg, world, dataset = ctx.cfg, ctx.world, ctx.dataset
-    choice = None
-    if world.main:
-        evaluated = max(len(s) for s in (dataset.val, dataset.test, dataset.train) if s is not None)
-        choice = choose_kernels(
-            ctx.model, (cfg.batch_size // world.size, 3, dataset.img_size, dataset.img_size), ctx.device,
-            ctx.precision, attention=cfg.attention, depthwise_precision=cfg.depthwise_precision,
-            memory_format=cfg.memory_format, compile=cfg.compile,
-            attention_eval="auto" if resumed else None, depthwise_eval="auto" if resumed else None,
-            eval_batch_size=given_eval_batch_size(cfg),
-            data_size=evaluated, name=cfg.model,
-            train=not cfg.cache_features)  # on cached features only the head trains: no attention, no compile
-    ctx.kernels = choice = distributed.from_main(world, choice)
-    ctx.cfg = cfg.replace(**choice.config_values(cfg.attention, cfg.depthwise_precision))
-    for model in (ctx.model, ctx.ema.module if ctx.ema is not None else None):
-        if model is not None:
-            model.to(memory_format=choice.layout)
-            if choice.float32_depthwise:  # swapped now, before any compile or DDP wrapper is made of the model
-                switchable_depthwise(model)
-            attach(model, choice)
 
 
 def _tensorboard(ctx: TrainingContext, run: Path, state: TrainState) -> TensorBoardLog:
@@ -187,6 +157,7 @@ def _create_or_reopen(ctx: TrainingContext, resume, allow_data_change: bool) -> 
             written = cfg.replace(out=str(folder.path.resolve()), quiet=False)
             rundir.atomic_write_bytes(folder.path / rundir.CONFIG,
                                       yaml.safe_dump(written.to_dict(), sort_keys=False).encode())
+            rundir.write_json(folder.path / rundir.PLAN, ctx.plan)
         if resume is None or not (folder.path / rundir.DATASET).exists():
             rundir.write_json(folder.path / rundir.DATASET, {
                 "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
@@ -221,11 +192,10 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
     if cfg.cache_features:
         start = time.perf_counter()
         apply_schedule(ctx.model, ctx.groups, 0)
-        with ctx.kernels.context(ctx.model, train=False) if ctx.kernels is not None else contextlib.nullcontext():
-            train, val = [None if split is None else cache_features(
-                ctx.model, split, dataset.mean, dataset.std, ctx.device, ctx.precision,
-                ctx.kernels.eval_batch_size if ctx.kernels is not None else cfg.eval_batch_size)
-                for split in (dataset.train, dataset.val)]
+        prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
+        train, val = [None if split is None else cache_features(ctx.model, split, prep, ctx.device, cfg.eval_precision,
+                                                                cfg.eval_batch_size)
+                      for split in (dataset.train, dataset.val)]
         cache_seconds = time.perf_counter() - start
         trainee, transform = ctx.model.get_classifier(), FeatureTargets(dataset.num_classes, cfg.label_smoothing)
     else:
@@ -234,16 +204,16 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
         if streamed and cfg.alt_flip:
             raise UserError("--alt-flip flips whole in-memory epochs; these images are streamed from disk: add "
                             "--data-mode memory or drop --alt-flip")
+        recipe = PixelRecipe.of(cfg)
         if streamed:  # pixel augmentation runs per image in the DataLoader workers
-            train.stream.transform = per_image_transform(cfg.aug, dataset.img_size, cfg.crop_padding, cfg.crop_fill)
-        transform = TrainTransform(cfg.aug, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
+            train.stream.transform = per_image_transform(recipe, dataset.img_size)
+        transform = TrainTransform(recipe, dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
                                    cfg.random_erasing, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob,
-                                   cfg.label_smoothing, pixels_done=streamed, crop_padding=cfg.crop_padding,
-                                   crop_fill=cfg.crop_fill, random_flip=not cfg.alt_flip)
+                                   cfg.label_smoothing, pixels_done=streamed, random_flip=not cfg.alt_flip)
     if world.distributed:
         apply_schedule(ctx.model, ctx.groups, state.epoch)  # DDP must see which parameters train (fixed from here)
         trainee = DistributedDataParallel(trainee)
-    if cfg.compile == "on":  # "auto" is decided by imgcls.kernels before this point
+    if cfg.compile == "on":  # the plan's value: --compile auto was timed by imgcls.kernels
         trainee = torch.compile(trainee)
     return Inputs(trainee, train, _val_share(val, world), transform, cfg.cache_features, cache_seconds)
 

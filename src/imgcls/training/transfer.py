@@ -21,8 +21,11 @@ import torch.nn as nn
 from imgcls.config import TrainConfig, resolved_strategy
 from imgcls.data import Split
 from imgcls.data.mixing import soft_targets
+from imgcls.data.preprocessing import Preprocessing
 from imgcls.errors import UserError
-from imgcls.evaluation.predict import eval_batch_size, forward_batch
+from imgcls.inference.engine import TorchBackend
+from imgcls.inference.graph import InferenceModel
+from imgcls.models.contract import whitening
 from imgcls.models.surface import layer_groups
 
 NEVER = math.inf
@@ -65,9 +68,8 @@ def plan_groups(model: nn.Module, cfg: TrainConfig) -> list[LayerGroup]:
     elif strategy == "gradual":
         if cfg.unfreeze_at is not None:
             at = cfg.unfreeze_at
-        else:
-            every = cfg.unfreeze_every or 1
-            at = [every * k for k in range(1, top + 1)]
+        else:  # the plan resolves --unfreeze-every (1 unless given) for gradual runs
+            at = [cfg.unfreeze_every * k for k in range(1, top + 1)]
         # The k-th group below the head unfreezes after at[k - 1] epochs; groups beyond the list stay frozen.
         starts = [NEVER] * top + [0]
         for k, epoch in enumerate(at[:top], start=1):
@@ -89,8 +91,9 @@ def fixed_parameters(model: nn.Module, cfg: TrainConfig) -> dict[str, float]:
     BatchNorm scales under --freeze-bn-scale; the whitening stem under --whiten-bias-epochs N (its filter
     always, its bias from epoch N)."""
     fixed = dict.fromkeys(batchnorm_parameters(model, "weight"), 0) if cfg.freeze_bn_scale else {}
-    if cfg.whiten_bias_epochs is not None:
-        conv = model.whitening_conv
+    stem = whitening(model)
+    if cfg.whiten_bias_epochs is not None and stem is not None:
+        conv = stem.conv
         fixed[f"{conv}.weight"] = 0
         if getattr(model.get_submodule(conv), "bias", None) is not None:
             fixed[f"{conv}.bias"] = cfg.whiten_bias_epochs
@@ -158,21 +161,28 @@ def _eval_frozen(module: nn.Module) -> None:
             _eval_frozen(child)
 
 
-@torch.inference_mode()
-def cache_features(model: nn.Module, split: Split, mean, std, device, precision: str, batch_size: int) -> Split:
-    """The frozen backbone's pooled features (the head's input) for every image of `split`, unaugmented."""
+class PooledFeatures(nn.Module):
+    """A model's pooled features, the head's input: forward_head(forward_features(x), pre_logits=True)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+
+def cache_features(model: nn.Module, split: Split, prep: Preprocessing, device, precision: str,
+                   batch_size: int) -> Split:
+    """The frozen backbone's pooled features for every image of `split`, unaugmented, through the inference
+    path the engine uses (the export's graph and backend) with the model in eval mode."""
     model.eval()
-
-    def pooled_features(x):
-        return model.forward_head(model.forward_features(x), pre_logits=True)
-
+    backend = TorchBackend(InferenceModel(PooledFeatures(model), prep), device, precision)
     chunks, labels = [], []
-    for images, y in split.batches(torch.arange(len(split)), eval_batch_size(batch_size, split.img_size)):
-        if len(images) == 0:
-            continue
-        features = forward_batch(pooled_features, images, mean, std, device, precision)
-        chunks.append(features.float().cpu())
-        labels.append(y)
+    for images, y in split.batches(torch.arange(len(split)), batch_size):
+        if len(images):
+            chunks.append(backend(images.permute(0, 2, 3, 1)))
+            labels.append(y)
     return Split(torch.cat(labels), images=torch.cat(chunks))
 
 

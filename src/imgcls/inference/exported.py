@@ -1,0 +1,141 @@
+"""Engines from what `imgcls export` wrote (an ONNX file; model.safetensors + model.json), and
+`open_engine`, the one way a command turns a source the user names into an engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls import rundir
+from imgcls.errors import UserError
+from imgcls.inference.engine import Engine, TorchBackend
+from imgcls.inference.graph import InferenceModel
+from imgcls.inference.metadata import ExportSpec, parse_spec, read_onnx_spec
+from imgcls.inference.run import load_run, run_engine
+from imgcls.models import create_model
+from imgcls.models.checkpoint import first_line, load_state_strict, nonfinite_tensors
+
+WEIGHTS, SPEC = "model.safetensors", "model.json"
+EXPORT_BATCH = 64  # images per call for exported files, which carry no measured batch size
+
+
+def _spec_path(path: str | Path) -> Path:
+    path = Path(path)
+    spec = path / SPEC if path.is_dir() else path.with_name(SPEC)
+    if not spec.is_file() or not spec.with_name(WEIGHTS).is_file():
+        raise UserError(f"{path} is not an imgcls export (needs {WEIGHTS} and {SPEC}); "
+                        "pass a folder written by imgcls export --format safetensors")
+    return spec
+
+
+def read_export_spec(path: str | Path) -> ExportSpec:
+    """The checked model.json of an export folder (or of the folder holding a model.safetensors)."""
+    spec_path = _spec_path(path)
+    try:
+        document = json.loads(spec_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{spec_path} is not valid JSON ({e}); export the run again") from None
+    return parse_spec(document, str(spec_path))
+
+
+def load_model(path: str | Path):
+    """(model, preprocessing) from an export folder or its model.safetensors, timm style:
+    `model(preprocessing("cat.jpg")[None])` gives logits. The model is in eval mode on the CPU;
+    `model.imgcls` holds the classes, calibration, rejection rule and TTA recipe."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    spec = read_export_spec(path)
+    weights = _spec_path(path).with_name(WEIGHTS)
+    try:
+        state = load_file(weights)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights} is damaged or not a safetensors file ({first_line(e)}); export the run again") \
+            from None
+    model = create_model(spec.model, len(spec.classes), head=spec.head)
+    load_state_strict(model, state, str(weights), f"it must hold {spec.model} with {len(spec.classes)} classes, as "
+                                                  f"{SPEC} says: export the run again")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise UserError(f"{weights} holds non-finite weights (e.g. {bad[0]}); export the run again")
+    model.imgcls = {"classes": spec.classes, "scaling": spec.scaling, "reject_rule": spec.reject_rule,
+                    "risk_coverage": spec.risk_coverage, "recipe": spec.recipe}
+    return model.eval(), spec.preprocessing
+
+
+def _engine_from_spec(spec: ExportSpec, backend, source: str, module=None, batch_size: int | None = None) -> Engine:
+    return Engine(backend, spec.classes, spec.preprocessing, batch_size or EXPORT_BATCH, spec.recipe, spec.scaling,
+                  spec.risk_coverage, "fp32", None, source, spec.identity, module)
+
+
+def safetensors_engine(path: str | Path, batch_size: int | None = None) -> Engine:
+    """An exported safetensors folder as an engine (fp32, CPU)."""
+    model, prep = load_model(path)
+    return _engine_from_spec(read_export_spec(path), TorchBackend(InferenceModel(model, prep), torch.device("cpu"),
+                                                                  "fp32"), str(path), model, batch_size)
+
+
+class OnnxBackend:
+    """An ONNX file written by `imgcls export`, run by onnxruntime (whose sessions are safe to share)."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(images.numpy())
+        return torch.from_numpy(self.session.run(["logits"], {"images": batch})[0]).float()
+
+
+def _check_graph(session, spec: ExportSpec, where: str) -> None:
+    """The graph's input and outputs against what the metadata says they are."""
+    inputs, outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
+    size, k = spec.preprocessing.img_size, len(spec.classes)
+    if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+        raise UserError(f"{where}: the graph's input is not one uint8 tensor named 'images'; export the run again")
+    shape = inputs[0].shape
+    if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (size, size, 3),
+                                                                                   strict=True)):
+        raise UserError(f"{where}: the graph takes images of shape {shape}, but its metadata says {size}x{size}x3; "
+                        "export the run again")
+    if "logits" not in outputs or "probabilities" not in outputs:
+        raise UserError(f"{where}: the graph lacks a 'logits' or 'probabilities' output; export the run again")
+    width = outputs["logits"].shape[-1]
+    if isinstance(width, int) and width != k:
+        raise UserError(f"{where}: the graph has {width} outputs but its metadata names {k} classes; export the run "
+                        "again (a label would otherwise be shifted onto another class)")
+
+
+def onnx_engine(path: str | Path, threads: int | None = None, batch_size: int | None = None) -> Engine:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("onnxruntime is not installed; pip install 'imgcls[export]'") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for unreadable files
+        raise UserError(f"cannot load {path} as ONNX ({first_line(e, 100)}); pass a .onnx file written by "
+                        "imgcls export") from e
+    spec = read_onnx_spec(session.get_modelmeta().custom_metadata_map, str(path))
+    _check_graph(session, spec, str(path))
+    return _engine_from_spec(spec, OnnxBackend(session), str(path), None, batch_size)
+
+
+def open_engine(source: str | Path, checkpoint: str = "best", batch_size: int | None = None,
+                device: torch.device | None = None) -> Engine:
+    """A run folder, an exported .onnx file or an exported safetensors folder, ready to score."""
+    path = Path(source)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise UserError(f"{path} does not exist; pass a .onnx file written by imgcls export")
+        return onnx_engine(path, batch_size=batch_size)
+    if rundir.is_run(path):
+        return run_engine(load_run(path, checkpoint, device), batch_size=batch_size)
+    if path.suffix == ".safetensors" or (path / SPEC).is_file():
+        return safetensors_engine(path, batch_size)
+    raise UserError(f"{path} is not a run folder, a .onnx file or an export folder; pass one of those")

@@ -1,0 +1,136 @@
+"""Image files through an engine: the paths a user names, decoded in DataLoader workers with the
+engine's preprocessing, scored a batch at a time. Memory stays flat however many files there are, and a
+file that cannot be read becomes a row with an error, never a crash."""
+
+from __future__ import annotations
+
+import glob
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.data.decode import FORMAT_NAMES, DecodeError
+from imgcls.data.preprocessing import Preprocessing
+from imgcls.errors import UserError
+from imgcls.inference.engine import Engine, Scores
+from imgcls.inference.reject import energy
+
+
+def collect_paths(inputs: Iterable[str], list_file: str | None = None) -> list[Path]:
+    """Files as given, every file under folders (recursively, hidden ones skipped) and glob matches, in the
+    given order, folders sorted; then the lines of `list_file` as they are. A name given on the command line
+    that matches nothing is refused (a typo); a listed file that is missing becomes an error row."""
+    paths: list[Path] = []
+    for name in inputs:
+        found = [Path(p) for p in sorted(glob.glob(name, recursive=True))] if glob.has_magic(name) else [Path(name)]
+        if not found or not found[0].exists():
+            raise UserError(f"{name} matches no file or folder; check the path or quote the glob")
+        for p in found:
+            if p.is_dir():
+                paths += sorted(f for f in p.rglob("*") if f.is_file()
+                                and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            else:
+                paths.append(p)
+    if list_file:
+        listed = Path(list_file)
+        if not listed.is_file():
+            raise UserError(f"--list {listed} does not exist; pass a text file with one image path per line")
+        try:
+            text = listed.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"--list {listed} is not a UTF-8 text file; pass one image path per line") from None
+        paths += [Path(line.strip()) for line in text.splitlines() if line.strip()]
+    if not paths:
+        raise UserError("no files to predict; pass image files, folders, globs or --list FILE")
+    return paths
+
+
+def load_images(paths: list[str | Path], prep: Preprocessing) -> torch.Tensor:
+    """Files -> uint8 N x H x W x 3 with `prep`'s decoding, resize and crop; an unreadable one is refused
+    (for a handful of named files, as Grad-CAM explains; folders go through `score_files`)."""
+    if not paths:
+        raise UserError("no images given; pass one or more image files")
+    arrays = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise UserError(f"image {p} does not exist; check the path")
+        try:
+            arrays.append(prep.load(p))
+        except DecodeError as e:
+            raise UserError(f"cannot read image {p}: {e}; pass a readable {FORMAT_NAMES} file") from e
+    return torch.from_numpy(np.stack(arrays))
+
+
+class _Files(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], prep: Preprocessing):
+        self.paths, self.prep = paths, prep
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        if not path.is_file():
+            return i, None, f"FileNotFoundError: {path} does not exist"
+        try:
+            return i, torch.from_numpy(np.array(self.prep.load(path))), None  # a writable copy
+        except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, never the run's
+            return i, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+
+
+def _collate(items):
+    images = [img for _, img, _ in items if img is not None]
+    return [i for i, _, _ in items], torch.stack(images) if images else None, [err for _, _, err in items]
+
+
+def score_files(engine: Engine, paths: list[Path], tta: str | int = "none", workers: int = 2,
+                seed: int = 0) -> Iterator[tuple[list[int], Scores | None, list[str | None]]]:
+    """Per batch of files: (their indices, the scores of the readable ones in order, an error or None each)."""
+    batch = engine.batch_size
+    workers = min(workers, max(0, (len(paths) - 1) // batch))  # no worker processes for a handful
+    loader = torch.utils.data.DataLoader(_Files(paths, engine.preprocessing), batch_size=batch,
+                                         num_workers=workers, collate_fn=_collate)
+    gen = torch.Generator().manual_seed(seed)
+    for indices, images, errors in loader:
+        yield indices, engine.score(images, tta, gen) if images is not None else None, errors
+
+
+def row(path: Path, classes: list[str], probs: torch.Tensor | None, logits: torch.Tensor | None, topk: int,
+        threshold: float | None, error: str | None = None) -> dict:
+    """One prediction: the top-k classes with calibrated probabilities, the decision (a class, or `unknown`
+    when the top-1 probability is under `threshold`), the max-softmax and energy scores; or the error."""
+    if probs is None:
+        return {"path": str(path), "label": None, "confidence": None, "rejected": None, "energy": None, "top": [],
+                "error": error}
+    order = torch.argsort(probs, descending=True, stable=True)[:topk].tolist()
+    confidence = float(probs[order[0]])
+    rejected = threshold is not None and confidence < threshold
+    return {"path": str(path), "label": "unknown" if rejected else classes[order[0]], "confidence": confidence,
+            "rejected": rejected, "energy": float(energy(logits[None])[0]),
+            "top": [{"class": classes[i], "probability": float(probs[i])} for i in order], "error": None}
+
+
+def predict_rows(engine: Engine, paths: list[Path], topk: int = 3, tta: str | int = "none",
+                 threshold: float | None = None, workers: int = 2) -> Iterator[dict]:
+    """One row per path, in order (see `row`)."""
+    k = min(topk, len(engine.classes))
+    for indices, scores, errors in score_files(engine, paths, tta, workers):
+        readable = iter(range(len(scores.probs))) if scores is not None else iter(())
+        for i, error in zip(indices, errors, strict=True):
+            j = next(readable) if error is None else None
+            yield row(paths[i], engine.classes, scores.probs[j] if j is not None else None,
+                      scores.logits[j] if j is not None else None, k, threshold, error)
+
+
+def score_all(engine: Engine, paths: list[Path], workers: int = 2) -> tuple[Scores | None, int]:
+    """(scores of every readable file, or None when none was, the number that were not)."""
+    parts, unreadable = [], 0
+    for _, scores, errors in score_files(engine, paths, workers=workers):
+        unreadable += sum(e is not None for e in errors)
+        if scores is not None:
+            parts.append(scores)
+    if not parts:
+        return None, unreadable
+    return Scores(torch.cat([s.logits for s in parts]), torch.cat([s.probs for s in parts])), unreadable

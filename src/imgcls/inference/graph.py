@@ -1,0 +1,34 @@
+"""The model as one graph over what a user has: uint8 RGB images, N x H x W x 3, in; logits and
+calibrated probabilities out. `imgcls export` writes this module to ONNX, and the engine's PyTorch
+backend runs its `logits`, so a run and its exported file compute the same thing."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from imgcls.data.preprocessing import Preprocessing, normalize
+from imgcls.inference.scaling import Scaling
+
+
+class InferenceModel(nn.Module):
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, scaling: Scaling | None = None,
+                 memory_format: torch.memory_format = torch.channels_last):
+        super().__init__()
+        self.model, self.memory_format = model, memory_format
+        self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32))
+        scale, bias = (scaling.scale, scaling.bias) if scaling is not None else ([1.0], [0.0])
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32))
+        self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 logits, uncalibrated. The NCHW view of NHWC images already has channels-last strides."""
+        x = normalize(images.permute(0, 3, 1, 2), self.mean, self.std)
+        if self.memory_format != torch.channels_last:
+            x = x.contiguous(memory_format=self.memory_format)
+        return self.model(x).float()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.logits(images)
+        return logits, (logits * self.scale + self.bias).softmax(dim=1)

@@ -1,0 +1,173 @@
+"""What an export says about itself: one schema for model.json and for the ONNX file's metadata, written
+and read only here, and checked on every read before an image is touched.
+
+Both files carry the same JSON document (model.json is that document; the ONNX file holds it under
+`imgcls.export`, beside flat convenience keys for readers without imgcls). An export is input like any
+other: every field is checked against the bounds the flags have, and against the graph or the weights it
+describes, with one line that names the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from imgcls.config import AUGMENTATIONS, FIELDS, MAX_IMG_SIZE
+from imgcls.data.preprocessing import INPUT_LAYOUT, RESIZE_RULE, Preprocessing
+from imgcls.data.presets import PixelRecipe
+from imgcls.errors import UserError
+from imgcls.inference.scaling import Scaling, parse_scaling
+
+FORMAT = "imgcls-export-2"
+OLDER_FORMATS = ("imgcls-export-1",)  # model.json without recipe or weights digest; read with defaults
+ONNX_KEY = "imgcls.export"
+MIN_IMG_SIZE = FIELDS["img_size"].metadata["low"]
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    model: str
+    head: str
+    classes: list[str]
+    preprocessing: Preprocessing
+    recipe: PixelRecipe
+    scaling: Scaling | None
+    fingerprint: dict  # the training data's, as dataset.json holds it
+    weights: str  # sha256 of the checkpoint exported
+    reject_rule: dict | None = None  # --reject auto's threshold at the default target, when it was reachable
+    risk_coverage: dict | None = None
+    versions: dict | None = None  # of imgcls, torch and timm that wrote it
+
+    @property
+    def identity(self) -> dict:
+        return {"model": self.model, "data": self.fingerprint.get("content_sha256"), "weights": self.weights[:16]}
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "model": self.model, "head": self.head, "classes": self.classes,
+                "preprocessing": self.preprocessing.as_dict(), "recipe": self.recipe.as_dict(),
+                "scaling": self.scaling.as_dict() if self.scaling is not None else None,
+                "fingerprint": self.fingerprint, "weights": self.weights, "reject_rule": self.reject_rule,
+                "risk_coverage": self.risk_coverage, "versions": self.versions}
+
+    def onnx_properties(self) -> dict[str, str]:
+        """metadata_props (strings only): the document, and flat keys for readers without imgcls."""
+        prep = self.preprocessing
+        return {ONNX_KEY: json.dumps(self.to_dict()), "imgcls.classes": json.dumps(self.classes),
+                "imgcls.img_size": str(prep.img_size), "imgcls.crop_pct": str(prep.crop_pct),
+                "imgcls.resize": RESIZE_RULE, "imgcls.input": INPUT_LAYOUT,
+                "imgcls.mean": json.dumps(list(prep.mean)), "imgcls.std": json.dumps(list(prep.std)),
+                "imgcls.model": self.model}
+
+
+class _Reader:
+    """Field checks that name the file and the field in their one line."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, field: str, problem: str):
+        raise UserError(f"{self.where}: {field} {problem}; the export is damaged or edited: export the run again")
+
+    def number(self, field: str, v, low: float | None = None, high: float | None = None, open_low=False) -> float:
+        if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
+            self.fail(field, f"is {v!r}, not a finite number")
+        if (low is not None and (v <= low if open_low else v < low)) or (high is not None and v > high):
+            self.fail(field, f"is {v!r}, outside {'(' if open_low else '['}{low}, {high}]")
+        return float(v)
+
+    def text(self, field: str, v, choices=None) -> str:
+        if not isinstance(v, str) or not v or (choices is not None and v not in choices):
+            self.fail(field, f"is {v!r}, not " + (f"one of {', '.join(choices)}" if choices else "a name"))
+        return v
+
+    def mapping(self, field: str, v) -> dict:
+        if not isinstance(v, dict):
+            self.fail(field, f"is {type(v).__name__}, not a mapping")
+        return v
+
+
+def _preprocessing(r: _Reader, d) -> Preprocessing:
+    d = r.mapping("preprocessing", d)
+    size = d.get("img_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
+        r.fail("preprocessing.img_size", f"is {size!r}, not a whole number of pixels from {MIN_IMG_SIZE} to "
+                                         f"{MAX_IMG_SIZE}")
+    stats = {}
+    for key in ("mean", "std"):
+        v = d.get(key)
+        if not isinstance(v, list) or len(v) != 3:
+            r.fail(f"preprocessing.{key}", f"is {v!r}, not three numbers (R, G, B)")
+        stats[key] = tuple(r.number(f"preprocessing.{key}", x, 0.0 if key == "std" else None, None, key == "std")
+                           for x in v)
+    crop = r.number("preprocessing.crop_pct", d.get("crop_pct", 1.0), 0.0, 1.0, open_low=True)
+    if d.get("resize", RESIZE_RULE) != RESIZE_RULE or d.get("input", INPUT_LAYOUT) != INPUT_LAYOUT:
+        r.fail("preprocessing.resize/input", "names a resize rule or input layout this imgcls does not know")
+    return Preprocessing(size, stats["mean"], stats["std"], crop)
+
+
+def _recipe(r: _Reader, d, aug: str | None) -> PixelRecipe:
+    if d is None:  # an older export kept the recipe's name alone
+        return PixelRecipe(r.text("aug", aug or "basic", AUGMENTATIONS))
+    d = r.mapping("recipe", d)
+    padding = d.get("crop_padding")
+    if padding is not None and (not isinstance(padding, int) or isinstance(padding, bool) or not 0 <= padding <= 512):
+        r.fail("recipe.crop_padding", f"is {padding!r}, not a number of pixels from 0 to 512 or null")
+    return PixelRecipe(r.text("recipe.aug", d.get("aug"), AUGMENTATIONS), padding,
+                       r.text("recipe.crop_fill", d.get("crop_fill", "zeros"), ("zeros", "reflect")))
+
+
+def _curve(r: _Reader, d) -> dict | None:
+    if d is None:
+        return None
+    d = r.mapping("risk_coverage", d)
+    lists = [d.get(k) for k in ("threshold", "coverage", "accuracy")]
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1 or not lists[0]:
+        r.fail("risk_coverage", "needs equally long, non-empty threshold, coverage and accuracy lists")
+    for name, values in zip(("threshold", "coverage", "accuracy"), lists, strict=True):
+        for v in values:
+            r.number(f"risk_coverage.{name}", v, 0.0, 1.0)
+    return d
+
+
+def _classes(r: _Reader, v) -> list[str]:
+    if not isinstance(v, list) or len(v) < 2 or not all(isinstance(c, str) and c for c in v):
+        r.fail("classes", f"is {v!r:.80}, not a list of two or more class names")
+    if len(set(v)) != len(v):
+        r.fail("classes", f"lists {next(c for c in v if v.count(c) > 1)!r} twice")
+    return list(v)
+
+
+def parse_spec(d, where: str) -> ExportSpec:
+    """The checked ExportSpec of a model.json document or of an ONNX file's `imgcls.export` property."""
+    r = _Reader(where)
+    d = r.mapping("the document", d)
+    if d.get("format") not in (FORMAT, *OLDER_FORMATS):
+        r.fail("format", f"is {d.get('format')!r}, not {FORMAT}")
+    classes = _classes(r, d.get("classes"))
+    scaling = d.get("scaling")
+    if scaling is not None:
+        scaling = parse_scaling(scaling, len(classes), f"{where} (field scaling)", "export the run again")
+    rule = d.get("reject_rule")
+    if rule is not None:
+        r.number("reject_rule.threshold", r.mapping("reject_rule", rule).get("threshold"), 0.0, 1.0)
+    fingerprint = r.mapping("fingerprint", d.get("fingerprint", {}))
+    weights = d.get("weights", "")
+    if not isinstance(weights, str):
+        r.fail("weights", f"is {weights!r}, not a digest")
+    return ExportSpec(r.text("model", d.get("model")), r.text("head", d.get("head", "linear"), ("linear", "mlp")),
+                      classes, _preprocessing(r, d.get("preprocessing")), _recipe(r, d.get("recipe"), d.get("aug")),
+                      scaling, fingerprint, weights, rule, _curve(r, d.get("risk_coverage")),
+                      d.get("versions") if isinstance(d.get("versions"), dict) else None)
+
+
+def read_onnx_spec(properties: dict[str, str], where: str) -> ExportSpec:
+    """The spec from an ONNX file's metadata_props."""
+    text = properties.get(ONNX_KEY)
+    if text is None:
+        raise UserError(f"{where} has no imgcls metadata ({ONNX_KEY}); pass a .onnx file written by imgcls export")
+    try:
+        document = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{where}: the {ONNX_KEY} metadata is not JSON ({e}); export the run again") from None
+    return parse_spec(document, where)

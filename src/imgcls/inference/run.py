@@ -1,0 +1,199 @@
+"""A trained run loaded back from its folder, its data, and the engine that scores with it."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imgcls import rundir
+from imgcls.config import MAX_IMG_SIZE, TrainConfig, load_config
+from imgcls.data import Split, load_dataset
+from imgcls.data.preprocessing import Preprocessing
+from imgcls.data.presets import PixelRecipe
+from imgcls.errors import UserError
+from imgcls.inference.engine import Engine, TorchBackend
+from imgcls.inference.graph import InferenceModel
+from imgcls.inference.scaling import Scaling, read_scaling
+from imgcls.kernels import cache
+from imgcls.kernels.apply import configure
+from imgcls.kernels.choice import NONE, KernelChoice, layout_of
+from imgcls.kernels.measure import choose_kernels
+from imgcls.models import create_model
+from imgcls.models.checkpoint import load_checkpoint, restore_weights
+from imgcls.runtime import check_precision
+
+DATASET_KEYS = ("classes", "img_size", "mean", "std", "fingerprint")  # what evaluation reads from dataset.json
+EVAL_KERNELS = {"eval_precision": "precision_eval", "eval_attention": "attention_eval",  # config -> KernelChoice
+                "eval_depthwise_precision": "depthwise_eval", "memory_format": "memory_format",
+                "eval_batch_size": "eval_batch_size"}
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    config: TrainConfig
+    dataset: dict  # dataset.json: classes, img_size, mean, std, crop_pct, fingerprint
+    model: torch.nn.Module
+    checkpoint: Path
+    digest: str  # sha256 of the checkpoint file: what derived files record they were computed from
+    scaling: Scaling | None = None  # from calibration.json, once `imgcls calibrate` has run
+    allow_data_change: bool = False  # score the run's data even if it differs from what it was trained on
+
+    @property
+    def classes(self) -> list[str]:
+        return self.dataset["classes"]
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        d = self.dataset
+        return Preprocessing(d["img_size"], tuple(d["mean"]), tuple(d["std"]), d.get("crop_pct", 1.0))
+
+    @property
+    def recipe(self) -> PixelRecipe:
+        return PixelRecipe.of(self.config)
+
+    @property
+    def risk_coverage(self) -> dict | None:
+        """The validation curve `imgcls calibrate` stored, for --reject auto."""
+        path = self.path / rundir.CALIBRATION
+        return rundir.read_json(path).get("risk_coverage") if path.is_file() else None
+
+    @property
+    def identity(self) -> dict:
+        return {"model": self.config.model, "data": self.dataset["fingerprint"].get("content_sha256"),
+                "weights": self.digest[:16]}
+
+    def has_split(self, name: str) -> bool:
+        return name in self.dataset["fingerprint"]["sizes"]
+
+    def split(self, name: str, data: str | None = None, data_dir: str | None = None) -> Split:
+        """A split of the run's own data (or of other data with the same classes), preprocessed as in training."""
+        cfg = self.config
+        dataset = load_dataset(data or cfg.data, data_dir if data else (data_dir or cfg.data_dir),
+                               self.dataset["img_size"], cfg.val_fraction, cfg.split_seed, cfg.data_mode,
+                               cfg.workers, crop_pct=self.dataset.get("crop_pct", 1.0))
+        if dataset.classes != self.classes:
+            raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
+                            f"{self.classes}; evaluate on data with the same classes")
+        if data is None:  # the run's own data must still be what it was trained on
+            rundir.check_same_data(self.path, self.dataset["fingerprint"], dataset.fingerprint, self.allow_data_change)
+        return dataset.split(name)
+
+    def require_split(self, name: str, what: str) -> None:
+        """Refuse `what`, which needs the run's `name` split, when the run has none."""
+        if not self.has_split(name):
+            raise UserError(f"{what} needs a {'validation' if name == 'val' else name} split, and {self.path} has none "
+                            "(trained with --val-fraction 0); train a run with --val-fraction 0.1 for it")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _dataset_problem(info: dict) -> str | None:
+    """What is wrong with a dataset.json's values, if anything: a damaged file must not reach the
+    model as a negative image size or a two-value mean (or, in predict, as one error row per image)."""
+    classes, size, crop = info["classes"], info["img_size"], info.get("crop_pct", 1.0)
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        return f"classes is {classes!r}, not a list of two or more class names"
+    if len(set(classes)) != len(classes):
+        return f"classes lists {sorted({c for c in classes if classes.count(c) > 1})[0]!r} twice"
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_IMG_SIZE:
+        return f"img_size is {size!r}, not a whole number of pixels from 8 to {MAX_IMG_SIZE}"
+    for key in ("mean", "std"):
+        v = info[key]
+        if not isinstance(v, list) or len(v) != 3 or not all(map(_is_number, v)) or (key == "std" and min(v) <= 0):
+            return f"{key} is {v!r}, not three {'positive ' if key == 'std' else ''}numbers (R, G, B)"
+    if not _is_number(crop) or not 0 < crop <= 1:
+        return f"crop_pct is {crop!r}, not a number in (0, 1]"
+    fingerprint = info["fingerprint"]
+    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("sizes"), dict):
+        return "fingerprint is not a mapping that holds the split sizes ('sizes')"
+    return None
+
+
+def check_dataset_info(info, path: Path) -> None:
+    """Refuse a run's dataset.json that lacks a key evaluation reads or holds a value it cannot use."""
+    absent = [k for k in DATASET_KEYS if not isinstance(info, dict) or k not in info]
+    if absent:
+        raise UserError(f"{path} lacks {', '.join(absent)}; the file is damaged: restore it or train again")
+    problem = _dataset_problem(info)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; restore it from a backup or train the run again")
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None,
+             allow_data_change: bool = False) -> TrainedRun:
+    """A run's config and model with weights from `checkpoint` ("best", "last" or a file path), on `device`.
+    Its own data, when loaded through `TrainedRun.split`, must match the recorded fingerprint unless
+    `allow_data_change`. Nothing is measured here (loading a run to export it times nothing)."""
+    path = rundir.require_run(path)
+    cfg = load_config(path / rundir.CONFIG)
+    info_path = path / rundir.DATASET
+    if not info_path.is_file():
+        raise UserError(f"{path} has no {rundir.DATASET}; the run never started training, train it again")
+    info = rundir.read_json(info_path)
+    check_dataset_info(info, info_path)
+    ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
+    ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
+    model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
+    restore_weights(model, ckpt, ckpt_path)
+    model = model.to(device or torch.device("cpu")).eval()
+    calibration = path / rundir.CALIBRATION
+    scaling = read_scaling(calibration, len(info["classes"])) if calibration.is_file() else None
+    return TrainedRun(path, cfg, info, model, ckpt_path, file_digest(ckpt_path), scaling, allow_data_change)
+
+
+def _eval_requests(trained: TrainedRun, device: torch.device) -> dict:
+    """The plan's inference kernels, as choose_kernels takes them: the recorded values, except "auto" for
+    those the plan measured on another machine (plan.json) and those an older run never recorded."""
+    cfg = trained.config
+    plan = rundir.read_plan(trained.path)
+    elsewhere = plan is not None and plan.get("machine") != cache.machine(device)
+    requests = {}
+    for option in EVAL_KERNELS:
+        value = getattr(cfg, option)
+        measured = plan is not None and option in plan.get("measured", [])
+        requests[option] = "auto" if value in ("auto", None) or (elsewhere and measured) else value
+    return requests
+
+
+def run_engine(trained: TrainedRun, precision: str | None = None, batch_size: int | None = None) -> Engine:
+    """The engine of a loaded run, with its calibration and risk-coverage curve, at the plan's inference
+    precision (`precision` forces one: export parity compares against fp32) and with its inference kernels
+    (measured here, and cached, where the plan left them to this machine). Configures `trained.model`."""
+    cfg, model = trained.config, trained.model
+    device = next(model.parameters()).device
+    req = _eval_requests(trained, device)
+    if precision is not None:
+        req["eval_precision"] = check_precision(precision, device)
+    if req["eval_precision"] == "fp32":  # without autocast a depthwise convolution is float32 already
+        req["eval_depthwise_precision"] = NONE
+    given = {EVAL_KERNELS[k]: v for k, v in req.items() if v not in ("auto", None)}
+    kernels = KernelChoice(precision_train=NONE, **given)
+    if any(v in ("auto", None) for v in req.values()):
+        kernels = choose_kernels(model, (cfg.batch_size, 3, trained.dataset["img_size"], trained.dataset["img_size"]),
+                                 device, precision_eval=req["eval_precision"], attention_eval=req["eval_attention"],
+                                 depthwise_eval=req["eval_depthwise_precision"], memory_format=req["memory_format"],
+                                 eval_batch_size=None if req["eval_batch_size"] == "auto" else req["eval_batch_size"],
+                                 name=cfg.model, train=False)
+    # outside any inference_mode a caller is in: re-laid-out weights must stay normal tensors (Grad-CAM)
+    with torch.inference_mode(False):
+        configure(model, kernels.attention_eval, kernels.depthwise_eval, kernels.memory_format)
+    precision = kernels.precision_eval
+    graph = InferenceModel(model, trained.preprocessing, memory_format=layout_of(kernels.memory_format))
+    return Engine(TorchBackend(graph, device, precision), trained.classes, trained.preprocessing,
+                  batch_size or kernels.eval_batch_size, trained.recipe, trained.scaling, trained.risk_coverage,
+                  precision, kernels, str(trained.path), trained.identity, model, device)

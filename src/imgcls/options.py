@@ -1,0 +1,70 @@
+"""The options of every command but train, and the constants they default to, each declared once.
+
+train's flags (and lr-find's, and augment-preview's subset) are the TrainConfig schema (config.py). The
+other commands share flags such as --checkpoint and --device: they are declared here, once, and each
+command's parser lists which it takes (cli.py). Like config.py this imports no torch, so `imgcls --help`
+answers at once; the library modules import their defaults from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+ONNX_OPSET = 18  # torch's dynamo exporter writes opset 18 and up
+ONNX_OPSET_MIN = 18
+EXPORT_FORMATS = ("onnx", "safetensors", "all")
+NEAR_DUPLICATE_BITS = 4  # audit: dHash bits of 64 that may differ for a near-duplicate pair
+DEVICES = ("auto", "cpu", "cuda")
+CAM_METHODS = ("gradcam", "gradcam++")
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    help: str
+    kwargs: dict = field(default_factory=dict)  # argparse's: default, choices, type, action, metavar, ...
+
+
+OPTIONS = {o.flag: o for o in (
+    Option("--checkpoint", "best (chosen on val), last, or a checkpoint file (best)", {"default": "best"}),
+    Option("--device", "auto, cpu or cuda (auto)", {"default": "auto", "choices": DEVICES}),
+    Option("--allow-data-change", "use the run's data even though it changed since training (by default refused)",
+           {"action": "store_true"}),
+    Option("--tta", "test-time augmentation: flip (2 views), flip-crop (flip and two shifted crops, 6 views) or N "
+                    "random views of the training recipe; probabilities are averaged (none)",
+           {"default": "none", "metavar": "MODE"}),
+    Option("--quiet", "no progress bar", {"action": "store_true"}),
+    Option("--data-dir", "as in train, for --data cifar10"),
+    Option("--topk", "classes to show per image (3)", {"type": int, "default": 3}),
+    Option("--json", "print JSON instead of text", {"action": "store_true"}),
+    Option("--list", "a text file of image paths, one per line (a missing one is an error row)",
+           {"metavar": "FILE"}),
+    Option("--reject", "label 'unknown' when the top-1 probability is under P, or under the threshold chosen on "
+                       "val (auto; needs imgcls calibrate); off accepts everything", {"metavar": "auto|P|off"}),
+    Option("--target-accuracy", "--reject auto: accuracy of accepted images on val (0.95)", {"type": float}),
+    Option("--coverage", "--reject auto: share of val images to accept instead", {"type": float}),
+    Option("--batch-size", "images per forward pass (default: the run's measured inference batch, 64 for exports)",
+           {"type": int}),
+    Option("--workers", "DataLoader workers decoding images (2)", {"type": int, "default": 2}),
+    Option("--format", f"export format: {', '.join(EXPORT_FORMATS)} (all)", {"default": "all",
+                                                                            "choices": EXPORT_FORMATS}),
+    Option("--opset", f"ONNX opset ({ONNX_OPSET})", {"type": int, "default": ONNX_OPSET}),
+    Option("--quantize", "also write model.int8.onnx: onnxruntime's static int8 quantization, its ranges from "
+                         "validation images; refused unless it agrees with fp32 on 99% of validation and loses at "
+                         "most 1 point of accuracy", {"choices": ("int8",)}),
+    Option("--class", "class to explain (default: the predicted)", {"dest": "class_name", "metavar": "NAME"}),
+    Option("--method", f"CAM method: {', '.join(CAM_METHODS)} (gradcam)", {"default": "gradcam",
+                                                                         "choices": CAM_METHODS}),
+    Option("--max-distance", f"near-duplicates: dHash bits of 64 that may differ ({NEAR_DUPLICATE_BITS})",
+           {"type": int, "default": NEAR_DUPLICATE_BITS}),
+    Option("--html", "also write an HTML page with thumbnails beside --out", {"action": "store_true"}),
+)}
+
+
+def add_options(parser, *flags: str, **overrides: dict) -> None:
+    """Add the declared options `flags` to an argparse parser. `overrides` (by dest name) change a
+    declaration's help or default where one command means something narrower, e.g. report's --tta."""
+    for name in flags:
+        option = OPTIONS[name]
+        kwargs = {"help": option.help, **option.kwargs, **overrides.get(name.lstrip("-").replace("-", "_"), {})}
+        parser.add_argument(option.flag, **kwargs)
