@@ -6,7 +6,7 @@
 Plain: the uint8 test images in memory, normalised per batch, fp32, NCHW, `model(x)` under
 torch.inference_mode(), at each batch size of imgcls.kernels.measure.EVAL_BATCHES; the plain loop is
 credited with its best one. imgcls: the inference engine's `score_split` as `imgcls eval` runs it
-(--precision auto, and the kernels imgcls.kernels chooses for inference on this machine: attention
+(--precision auto, and the kernels imgcls.kernels chooses for inference on this machine: precision, attention
 kernel, depthwise precision, memory format, batch size; the choice is made, or read from the cache,
 once before timing, and the engine's model is configured with it). The variants are
 interleaved in each round, after a warm-up batch of each; the figures are the medians over the rounds.
@@ -28,7 +28,6 @@ from imgcls.inference.graph import InferenceModel
 from imgcls.kernels.apply import configure
 from imgcls.kernels.measure import EVAL_BATCHES, choose_kernels
 from imgcls.models import create_model
-from imgcls.runtime import resolve_precision
 
 DEVICE = torch.device("cpu")
 
@@ -45,13 +44,14 @@ def plain_loop(model, split, mean, std, batch: int):
     return run
 
 
-def measure(name: str, data, split, precision: str, rounds: int):
+def measure(name: str, data, split, rounds: int):
     """(plain img/s per batch size, imgcls img/s, the kernel choice, seconds the choice took)."""
     torch.manual_seed(0)
     model = create_model(name, data.num_classes).eval()
     start = time.perf_counter()
-    choice = choose_kernels(model, (128, 3, split.img_size, split.img_size), DEVICE, precision, train=False,
+    choice = choose_kernels(model, (128, 3, split.img_size, split.img_size), DEVICE, "auto", train=False,
                             data_size=len(split), name=name)
+    precision = choice.precision_eval
     choose_seconds = time.perf_counter() - start
     ours_model = create_model(name, data.num_classes).eval()
     ours_model.load_state_dict(model.state_dict())
@@ -86,15 +86,14 @@ def main() -> None:
 
     data = bench_data(args.data_dir)
     split = data.test.subset(torch.arange(min(args.images, len(data.test))))
-    precision = resolve_precision("auto", DEVICE)
     print(f"{torch.get_num_threads()} threads, {len(split)} test images, {args.rounds} interleaved rounds (medians); "
-          f"plain: fp32 NCHW inference_mode at its best batch; imgcls: precision auto = {precision}, kernels chosen")
+          "plain: fp32 NCHW inference_mode at its best batch; imgcls: precision and kernels chosen by measurement")
     print(f"{'model':<16} {'plain img/s':>11} {'(batch)':>7} {'imgcls img/s':>12} {'speed-up':>8}  imgcls kernels")
     for name in args.models:
-        plain, ours, choice, seconds = measure(name, data, split, precision, args.rounds)
+        plain, ours, choice, seconds = measure(name, data, split, args.rounds)
         best = max(plain, key=plain.get)
-        kernels = (f"batch {choice.eval_batch_size}, {choice.memory_format}, attention {choice.attention_eval}, "
-                   f"depthwise {choice.depthwise_eval} "
+        kernels = (f"{choice.precision_eval}, batch {choice.eval_batch_size}, {choice.memory_format}, "
+                   f"attention {choice.attention_eval}, depthwise {choice.depthwise_eval} "
                    f"({'/'.join(sorted(set(choice.source.values()) - {'none'}))}, {seconds:.1f} s)")
         print(f"{name:<16} {plain[best]:>11.0f} {best.split()[1]:>7} {ours:>12.0f} {ours / plain[best]:>7.2f}x  "
               f"{kernels}", flush=True)

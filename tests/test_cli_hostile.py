@@ -220,3 +220,16 @@ def test_preview_writes_exactly_the_named_file(tmp_path, capsys):
     assert main(["augment-preview", "--n", "2", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}" and out.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png"]
+
+
+def test_a_command_that_replaces_a_file_says_so(run, tiny_folder, tmp_path, capsys):
+    """audit, augment-preview and cam overwrote an existing --out without a word (predict and eval said it)."""
+    image = tiny_folder / "test" / "bird" / "000.jpg"
+    commands = {"augment-preview": ["augment-preview", "--n", "2", "--out", str(tmp_path / "grid.png")],
+                "audit": ["audit", str(tiny_folder), "--quiet", "--out", str(tmp_path / "audit.json")],
+                "cam": ["cam", str(run), str(image), "--out", str(tmp_path / "cams")]}
+    for name, argv in commands.items():
+        assert main(argv) == 0
+        assert "replaced" not in capsys.readouterr().out, name
+        assert main(argv) == 0
+        assert "(replaced the existing " in capsys.readouterr().out.splitlines()[-1], name

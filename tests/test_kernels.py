@@ -155,11 +155,21 @@ def test_the_eval_batch_size_is_the_best_of_a_falling_curve_capped_by_the_data(v
 
 def test_a_flat_stretch_does_not_end_the_search_but_the_budget_does(vit, cache_dir):
     """A flat curve is searched on (a lower stretch may follow, as convnext_cifar's does) until the next size
-    would not fit the time budget: at 2 ms an image, 32 + 64 + 128 + 256 images, three calls each, fit 3 s."""
-    assert measure.BATCH_BUDGET_MS == 3000.0
-    flat = choose(vit, lambda kind, candidate, fn: 2.0 * fn.case["batch"] if fn.case["kind"] == "infer" else 1.0)
-    assert sorted(map(int, flat.timings["eval_batch_size"])) == [32, 64, 128, 256]
-    assert flat.eval_batch_size == 32  # all as fast: the smallest
+    would not fit the time budget: what is left of TOTAL_BUDGET_MS, and never less than BATCH_BUDGET_MS."""
+    assert (measure.TOTAL_BUDGET_MS, measure.BATCH_BUDGET_MS, measure.REPEATS) == (9000.0, 1500.0, 2)
+
+    def flat(per_image_ms, step_ms=1.0):
+        return lambda kind, candidate, fn: per_image_ms * fn.case["batch"] if fn.case["kind"] == "infer" else step_ms
+
+    # 10 ms an image, three calls at 32 (one warm-up) and two after: 960 + 1280 + 2560 ms fit 9 s, 256 would not
+    cheap_steps = choose(vit, flat(10.0))
+    assert sorted(map(int, cheap_steps.timings["eval_batch_size"])) == [32, 64, 128]
+    assert cheap_steps.eval_batch_size == 32  # all as fast: the smallest
+    # training steps that used up the total leave BATCH_BUDGET_MS: at 2 ms an image 192 + 256 + 512 ms fit it
+    dear_steps = choose(vit, flat(2.0, step_ms=2000.0), name="dear steps")
+    assert sorted(map(int, dear_steps.timings["eval_batch_size"])) == [32, 64, 128]
+    assert sorted(map(int, choose(vit, flat(2.0), name="cheap").timings["eval_batch_size"])) == list(
+        measure.EVAL_BATCHES)  # and with the total left, every size up to 512
 
 
 @pytest.mark.parametrize("winner", ["on", "off"])
@@ -212,7 +222,7 @@ def test_flags_are_taken_as_given_and_not_timed(vit, cache_dir):
 def test_inference_alone_times_no_training_step(vit, cache_dir):
     # load_run and --cache-features: nothing trains through the model, so no training attention or compile
     timer = FakeTimer({"attention_eval": "manual", "memory_format": "contiguous"})
-    choice = choose(vit, timer, compile="auto", train=False)
+    choice = choose(vit, timer, precision="auto", compile="auto", train=False)
     assert (choice.attention_train, choice.attention_eval, choice.memory_format, choice.compile) == (
         "none", "manual", "contiguous", "off")
     assert timer.kinds() == {"gemm", "precision_eval", "attention_eval", "memory_format", "eval_batch_size"}

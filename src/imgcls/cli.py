@@ -44,7 +44,7 @@ def _add_train_flags(p: argparse.ArgumentParser, names=None) -> None:
     for name, f in FIELDS.items():
         if names is not None and name not in names:
             continue
-        meta, help_text = f.metadata, f.metadata["help"] + _default_note(name)
+        meta, help_text = f.metadata, (f.metadata["help"] + _default_note(name)).replace("%", "%%")
         if TYPES[name] is bool:
             p.add_argument(flag(name), action="store_const", const=True, default=None, help=help_text)
         elif meta["const"] is not None:  # e.g. "--mixup" alone switches it on at the usual alpha
@@ -88,6 +88,8 @@ def _eval_parsers(sub, common) -> None:
     ev.add_argument("--split", default="test", choices=["train", "val", "test"], help="split (test)")
     ev.add_argument("--ood", metavar="DIR", help="a folder of images from classes the run never saw: AUROC and "
                     "FPR@95TPR of max-softmax and energy scores, and what --reject auto lets through")
+    ev.add_argument("--out", metavar="JSON", help="where the results go (default: RUN/eval-SPLIT.json for the run's "
+                    "own data, eval-DATA-SPLIT.json here for --data: a run's folder only holds its own data's)")
     add_options(ev, "--data-dir", "--checkpoint", "--device", "--allow-data-change", "--tta",
                 tta={"help": OPTIONS["--tta"].help + "; compared against none"})
 
@@ -121,7 +123,7 @@ def _use_parsers(sub, common) -> None:
     pr.add_argument("run", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
     pr.add_argument("images", nargs="*", help="image files, folders (recursive) and globs, mixed")
     pr.add_argument("--out", help="write rows to a .csv, .jsonl or .parquet file (with a progress bar)")
-    add_options(pr, "--topk", "--json", "--checkpoint", "--list", "--tta", "--reject", "--target-accuracy",
+    add_options(pr, "--topk", "--json", "--checkpoint", "--device", "--list", "--tta", "--reject", "--target-accuracy",
                 "--coverage", "--batch-size", "--workers", "--quiet")
 
     exp = sub.add_parser("export", parents=[common], help="export a run to ONNX and safetensors, with a parity "
@@ -197,32 +199,51 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _existing(paths) -> set[Path]:
+    """The files among `paths` that exist now: taken before a command writes, for its summary line."""
+    return {Path(p).resolve() for p in paths if Path(p).is_file()}
+
+
+def _wrote(paths, existed: set[Path]) -> str:
+    """The summary line of what a command wrote, saying which files it replaced: nothing is overwritten unsaid."""
+    paths = [Path(p) for p in paths]
+    replaced = [p for p in paths if p.resolve() in existed]
+    said = f"wrote {', '.join(map(str, paths))}"
+    return said + (f" (replaced the existing {', '.join(p.name for p in replaced)})" if replaced else "")
+
+
 def cmd_lr_find(args) -> int:
     from imgcls.config import build_config
     from imgcls.training.lr_find import describe, run_lr_find
 
     flags = {name: getattr(args, name) for name in FIELDS if name != "out"}  # --out is the plot here
     cfg = build_config(args.recipe, **flags)
+    existed = _existing([args.out])
     result, plot = run_lr_find(cfg, cfg.device, args.start_lr, args.end_lr, args.steps, args.out)
     for line in describe(result, args.start_lr, args.end_lr, group_lrs=cfg.group_lrs is not None):
         print(line)
-    print(f"wrote {plot}")
+    print(_wrote([plot], existed))
     return 0
 
 
 def cmd_eval(args) -> int:
-    from imgcls.evaluation.evaluate import evaluate_run
+    from imgcls.evaluation import evaluate
     from imgcls.reporting.console import print_eval
 
-    result, out = evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device,
-                               args.tta, args.allow_data_change)
+    if args.ood:  # a wrong --ood folder is said before the evaluation, not after it
+        from imgcls.inference.files import collect_paths
+
+        collect_paths([args.ood], what="score as out-of-distribution")
+    replaced = evaluate.eval_out(args.run, args.split, args.data, args.out).exists()
+    result, out = evaluate.evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device,
+                                        args.tta, args.allow_data_change, args.out)
     print_eval(result, args.split, args.run)
     if args.ood:
         from imgcls.evaluation.rejection import evaluate_ood
         from imgcls.reporting.console import format_ood
 
         print(format_ood(evaluate_ood(args.run, args.ood, args.split, args.checkpoint, args.device, out)))
-    print(f"wrote {out}")
+    print(f"wrote {out}" + (" (replaced the earlier results)" if replaced else ""))
     return 0
 
 
@@ -231,9 +252,10 @@ def cmd_calibrate(args) -> int:
     from imgcls.reporting.console import print_calibration
     from imgcls.rundir import CALIBRATION
 
+    existed = _existing([Path(args.run) / CALIBRATION])
     print_calibration(calibrate_run(args.run, args.method, args.checkpoint, args.device, args.allow_data_change),
                       args.run)
-    print(f"wrote {Path(args.run) / CALIBRATION}")
+    print(_wrote([Path(args.run) / CALIBRATION], existed))
     return 0
 
 
@@ -243,13 +265,14 @@ def cmd_predict(args) -> int:
     from imgcls.inference.files import collect_paths, predict_rows
     from imgcls.reporting.console import track
     from imgcls.reporting.predictions import check_out, format_row, write_rows
+    from imgcls.runtime import resolve_device
 
     if args.topk < 1 or args.workers < 0 or (args.batch_size is not None and args.batch_size < 1):
         raise UserError("--topk and --batch-size must be at least 1 and --workers at least 0; "
                         "pass e.g. --topk 3 --batch-size 64 --workers 2")
     out = check_out(args.out) if args.out else None
     tta = parse_tta_flag(args.tta)
-    engine = open_engine(args.run, args.checkpoint, args.batch_size)
+    engine = open_engine(args.run, args.checkpoint, args.batch_size, resolve_device(args.device))
     threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
     paths = collect_paths(args.images, args.list)
     rows = predict_rows(engine, paths, args.topk, tta, threshold, args.workers)
@@ -291,8 +314,9 @@ def cmd_cam(args) -> int:
     captions = [f"{args.method} for '{names[c]}' (p = {probs[i, c]:.2f}); predicted '{names[probs[i].argmax()]}'"
                 for i, c in enumerate(classes.tolist())]
     stems = [Path(p).stem for p in args.images]
+    existed = _existing(Path(args.out).iterdir() if Path(args.out).is_dir() else [])
     for path in save_cam_overlays(images, cams, captions, stems, Path(args.out)):
-        print(f"wrote {path}")
+        print(_wrote([path], existed))
     return 0
 
 
@@ -374,7 +398,8 @@ def cmd_augment_preview(args) -> int:
     transform = TrainTransform(PixelRecipe.of(cfg), dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
                                erasing, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing)
     rows, captions, titles = preview_rows(dataset, transform, args.n, seed=cfg.seed)
-    print(f"wrote {image_grid(rows, captions, titles, Path(args.out))}")
+    existed = _existing([args.out])
+    print(_wrote([image_grid(rows, captions, titles, Path(args.out))], existed))
     return 0
 
 
@@ -398,10 +423,11 @@ def cmd_audit(args) -> int:
     check_out(Path(args.out), ".json")  # before the work, not after it
     result = audit(args.data, args.data_dir, args.img_size, args.max_distance, progress=not args.quiet)
     print_audit(result)
+    existed = _existing([args.out, Path(args.out).with_suffix(".html")])
     written = [write_audit_json(result, Path(args.out))]
     if args.html:
         written.append(write_audit_html(result, Path(args.out).with_suffix(".html")))
-    print(f"wrote {', '.join(map(str, written))}")
+    print(_wrote(written, existed))
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls.errors import UserError
+from imgcls.options import DEVICES
 
 # Defined here (not in data/) so that building the CLI needs no torch.
 AUGMENTATIONS = ("none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment")
@@ -26,7 +27,13 @@ NORMALIZATIONS = {  # name -> (mean, std) of RGB in [0, 1]
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
 }
 STRATEGIES = ("auto", "scratch", "feature-extract", "finetune", "gradual")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUN_PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", *RUN_PRECISIONS)
+# The kernel choices (imgcls.kernels): sdpa is scaled_dot_product_attention with torch's own backend choice,
+# manual the attention written out; depthwise convolutions at the autocast precision or in float32.
+ATTENTION_KERNELS = ("sdpa", "manual")
+DEPTHWISE_PRECISIONS = ("autocast", "float32")
+MEMORY_FORMATS = ("channels_last", "contiguous")
 # The recipes that start with a random crop (and so have a --crop-padding), and the erasing each applies
 # unless --random-erasing says otherwise.
 CROP_RECIPES = ("basic", "randaugment", "trivialaugment", "autoaugment")
@@ -192,11 +199,11 @@ class TrainConfig:
     seed: int = opt(0, "seed for initialisation, order and augmentation", low=0, high=MAX_SEED)
     out: str | None = opt(None, "run folder (default runs/<data>-<model>, numbered if taken); an existing run is "
                                 "never overwritten")
-    device: str = opt("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    device: str = opt("auto", "auto, cpu or cuda", choices=DEVICES)
     precision: str = opt("auto", "training precision: auto (the precisions this device runs timed on the model's "
                                  "training step; a lower one only when at least 10% faster than fp32), fp32, bf16 "
                                  "or fp16 (CUDA, with loss scaling)", choices=PRECISIONS)
-    eval_precision: str = opt("auto", "precision of inference (validation, eval, predict, serve): auto (timed on the "
+    eval_precision: str = opt("auto", "precision of inference (validation, eval, predict): auto (timed on the "
                                       "model's inference when --precision is auto too; else --precision's), fp32, "
                                       "bf16 or fp16; exports are always fp32", choices=PRECISIONS)
     compile: str = opt("off", "torch.compile the training forward pass: off, on (the flag alone), or auto (time "
@@ -205,26 +212,27 @@ class TrainConfig:
     attention: str = opt("auto", "training attention kernel for ViTs and timm models: auto (timed on this machine), "
                                  "sdpa (scaled_dot_product_attention, torch's own backend choice) or manual (matmul, "
                                  "softmax, matmul written out); a run's config records none for models without "
-                                 "attention", choices=("auto", "sdpa", "manual", "none"))
+                                 "attention", choices=("auto", *ATTENTION_KERNELS, "none"))
     eval_attention: str = opt("auto", "inference attention kernel, as --attention (auto: timed for inference)",
-                              choices=("auto", "sdpa", "manual", "none"))
+                              choices=("auto", *ATTENTION_KERNELS, "none"))
     depthwise_precision: str = opt("auto", "training precision of depthwise convolutions (those that are plain "
                                            "nn.Conv2d: ConvNeXt's, EfficientNet's stride-1 ones) under bf16 or fp16: "
                                            "auto (timed), autocast (the run's precision) or float32; none where "
                                            "there is nothing to choose",
-                                   choices=("auto", "autocast", "float32", "none"))
+                                   choices=("auto", *DEPTHWISE_PRECISIONS, "none"))
     eval_depthwise_precision: str = opt("auto", "inference precision of depthwise convolutions, as "
                                                 "--depthwise-precision (auto: timed for inference)",
-                                        choices=("auto", "autocast", "float32", "none"))
+                                        choices=("auto", *DEPTHWISE_PRECISIONS, "none"))
     memory_format: str = opt("auto", "tensor layout for images: auto (timed), channels_last or contiguous",
-                             choices=("auto", "channels_last", "contiguous"))
+                             choices=("auto", *MEMORY_FORMATS))
     prefetch: str = opt("auto", "prepare the next batch while the current one computes: auto (on for CUDA, off on "
                                 "the CPU, where a thread measured no faster), on or off", choices=("auto", "on", "off"))
     sync_bn: bool = opt(False, "under torchrun on GPUs: BatchNorm statistics over the global batch (torch's "
                                "SyncBatchNorm)")
-    eval_batch_size: int | None = opt(None, "images per inference pass (validation, eval, predict, serve; TTA views "
-                                            "count): default, the fastest of 64, 128, 256 and 512 timed on this "
-                                            "machine, at most 2M pixels a batch", low=1, high=65_536)
+    eval_batch_size: int | None = opt(None, "images per inference pass (validation, eval, predict; TTA views "
+                                            "count): default, the fastest batch size timed on this machine "
+                                            "(imgcls.kernels.measure: 32 to 512, at most 2M pixels a batch)",
+                                      low=1, high=65_536)
     quiet: bool = opt(False, "no progress bar or per-epoch lines, only the final summary")
 
     def to_dict(self) -> dict[str, Any]:
@@ -313,6 +321,20 @@ def coerce(name: str, value: Any) -> Any:
     return str(value)
 
 
+FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.401298464324817e-45  # largest, smallest positive (subnormal)
+
+
+def _check_float32(name: str, v: float) -> None:
+    """A float option is used in float32 (the optimizer's rates, the loss's factors): refused when it would
+    become infinite there, or 0 when it is not 0."""
+    if abs(v) > FLOAT32_MAX:
+        raise UserError(f"{flag(name)} {v:g} is beyond float32's range (about 3.4e38), the precision it is used in; "
+                        "give a smaller value")
+    if v != 0 and abs(v) < FLOAT32_TINY / 2:
+        raise UserError(f"{flag(name)} {v:g} is 0 in float32, the precision it is used in; give 0 or a value above "
+                        "1e-45")
+
+
 def _check_bounds(name: str, value: Any) -> None:
     meta = FIELDS[name].metadata
     if meta["choices"] and value not in meta["choices"]:
@@ -321,6 +343,8 @@ def _check_bounds(name: str, value: Any) -> None:
     for v in values:
         if not isinstance(v, int | float) or isinstance(v, bool):
             continue
+        if isinstance(v, float):
+            _check_float32(name, v)
         low, high = meta["low"], meta["high"]
         too_low = low is not None and (v <= low if meta["open_low"] else v < low)
         too_high = high is not None and (v >= high if meta["open_high"] else v > high)
@@ -449,6 +473,8 @@ def parse_class_weights(value: str) -> str | float | list[float] | Path:
     weights = _number_list("class_weights", value, float)
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise UserError(f"--class-weights must be non-negative with one above 0 (got {value})")
+    for w in weights:
+        _check_float32("class_weights", w)
     return weights
 
 

@@ -16,6 +16,8 @@ EXPORT_FORMATS = ("onnx", "safetensors", "all")
 NEAR_DUPLICATE_BITS = 4  # audit: dHash bits of 64 that may differ for a near-duplicate pair
 DEVICES = ("auto", "cpu", "cuda")
 CAM_METHODS = ("gradcam", "gradcam++")
+DEFAULT_TARGET_ACCURACY = 0.95  # --reject auto: the accuracy accepted images keep on validation
+EXPORT_BATCH = 64  # images per call for exported files, which carry no measured batch size
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Option:
 
 OPTIONS = {o.flag: o for o in (
     Option("--checkpoint", "best (chosen on val), last, or a checkpoint file (best)", {"default": "best"}),
-    Option("--device", "auto, cpu or cuda (auto)", {"default": "auto", "choices": DEVICES}),
+    Option("--device", "auto, cpu or cuda (auto: a GPU when one is visible)", {"default": "auto", "choices": DEVICES}),
     Option("--allow-data-change", "use the run's data even though it changed since training (by default refused)",
            {"action": "store_true"}),
     Option("--tta", "test-time augmentation: flip (2 views), flip-crop (flip and two shifted crops, 6 views) or N "
@@ -41,10 +43,11 @@ OPTIONS = {o.flag: o for o in (
            {"metavar": "FILE"}),
     Option("--reject", "label 'unknown' when the top-1 probability is under P, or under the threshold chosen on "
                        "val (auto; needs imgcls calibrate); off accepts everything", {"metavar": "auto|P|off"}),
-    Option("--target-accuracy", "--reject auto: accuracy of accepted images on val (0.95)", {"type": float}),
+    Option("--target-accuracy", f"--reject auto: accuracy of accepted images on val ({DEFAULT_TARGET_ACCURACY})",
+           {"type": float}),
     Option("--coverage", "--reject auto: share of val images to accept instead", {"type": float}),
-    Option("--batch-size", "images per forward pass (default: the run's measured inference batch, 64 for exports)",
-           {"type": int}),
+    Option("--batch-size", f"images per forward pass (default: the run's measured inference batch, {EXPORT_BATCH} "
+                           "for exports)", {"type": int}),
     Option("--workers", "DataLoader workers decoding images (2)", {"type": int, "default": 2}),
     Option("--format", f"export format: {', '.join(EXPORT_FORMATS)} (all)", {"default": "all",
                                                                             "choices": EXPORT_FORMATS}),
@@ -67,4 +70,5 @@ def add_options(parser, *flags: str, **overrides: dict) -> None:
     for name in flags:
         option = OPTIONS[name]
         kwargs = {"help": option.help, **option.kwargs, **overrides.get(name.lstrip("-").replace("-", "_"), {})}
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse formats help texts with %
         parser.add_argument(option.flag, **kwargs)

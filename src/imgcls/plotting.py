@@ -8,10 +8,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # no display: every figure goes to a file or an event log
+matplotlib.rcParams["text.parse_math"] = False  # class names are text: a folder named "$x$" is not math
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
 
 from imgcls.errors import UserError  # noqa: E402
+from imgcls.rundir import atomic_path  # noqa: E402
 
 __all__ = ["draw_matrix", "make_folder", "plt", "save_figure"]
 
@@ -29,11 +31,13 @@ def make_folder(folder: Path) -> Path:
 
 
 def save_figure(fig, out: Path) -> Path:
-    """Write `fig` to `out` (its folder made if needed) and close it; a one-line error if that fails."""
+    """Write `fig` to `out` (its folder made if needed), whole or not at all (rundir.atomic_path), and close
+    it; a one-line error if that fails. The format is `out`'s suffix."""
     out = Path(out)
     try:
         make_folder(out.parent)
-        fig.savefig(out, dpi=110)
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format=out.suffix.lstrip(".") or "png")
     except OSError as e:
         raise UserError(f"cannot write {out} ({e.strerror}); choose another --out") from None
     finally:

@@ -37,7 +37,7 @@ TMP_MARK = ".tmp-"
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path, kept: str | None = None):
+def atomic_path(path: Path):
     """A temporary path beside `path` to write to; renamed over `path` (after an fsync) when the block
     ends normally, removed otherwise. Readers see the old file or the new one, never a part of one, and
     of two writers at once the last to finish wins whole. A full disk is reported in one line."""
@@ -49,7 +49,7 @@ def atomic_path(path: Path, kept: str | None = None):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        _raise_if_disk_full(e, path, kept or f"the previous {path.name}, if any, is intact")
+        _raise_if_disk_full(e, path, f"the previous {path.name}, if any, is intact")
         raise
     finally:
         tmp.unlink(missing_ok=True)
@@ -243,6 +243,13 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it ("process 123 on host")."""
+        try:
+            return self.path.read_text(errors="replace").strip() or "another process"
+        except OSError:
+            return "another process"
 
     def held_elsewhere(self) -> bool:
         if self._fd is not None or not self.path.exists():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shlex
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ from imgcls.data import folder
 from imgcls.data.datasets import Dataset, load_dataset
 from imgcls.data.decode import FORMATS, DecodeError, open_rgb
 from imgcls.errors import UserError
+from imgcls.options import NEAR_DUPLICATE_BITS
 
-THUMB = 32  # every image is hashed (and shown in the HTML page) from a 32 x 32 copy
+THUMB = 32  # every image is shown in the HTML page as a 32 x 32 copy (and CIFAR hashed from its own 32 x 32)
 # Bits two hashes may differ in and still count as near-duplicates. Measured on CIFAR-10 (see the README):
 # a JPEG re-encode at quality 70 or a 32 -> 40 px resize moves 0-3 bits; two distinct images of one class
 # are within 4 bits about once in 10^6 pairs, and within 8 bits about once in 10^4.
-NEAR_DISTANCE = 4
+NEAR_DISTANCE = NEAR_DUPLICATE_BITS
 MAX_PAIRS = 5000  # pairs listed per kind in the JSON; the counts are always complete
 ASPECT_LIMIT = 3.0  # training centre-crops the shorter side, so beyond 3:1 it sees under a third of the image
 WEIGHTS_RATIO, SAMPLER_RATIO = 3.0, 10.0  # imbalance beyond which the suggestion adds class weights, a sampler
@@ -54,26 +56,13 @@ class Audit:
         return self.thumbs[self.offsets[item["split"]] + item["index"]].permute(1, 2, 0).numpy()
 
 
-def difference_hash(images: torch.Tensor, batch: int = 4096) -> np.ndarray:
-    """64-bit dHash of each uint8 N x 3 x H x W image, as uint64: gray, area-resized to 8 rows x 9
-    columns, a bit set where a pixel is darker than its right neighbour."""
-    out = []
-    rgb = torch.tensor([0.299, 0.587, 0.114])
-    rows, cols = _area_matrix(images.shape[-2], 8), _area_matrix(images.shape[-1], 9)
-    for chunk in images.split(batch):
-        gray = torch.einsum("nchw,c->nhw", chunk.float(), rgb)
-        small = rows @ gray @ cols.T  # N x 8 x 9: an area resize as two matrix products
-        bits = (small[:, :, 1:] > small[:, :, :-1]).reshape(len(chunk), 64).numpy()
-        out.append(np.packbits(bits, axis=1).view(">u8").ravel().astype(np.uint64))
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.uint64)
-
-
-def _area_matrix(n_in: int, n_out: int) -> torch.Tensor:
-    """n_out x n_in weights that average each output cell's share of the input (area resampling)."""
-    edges = torch.arange(n_out + 1, dtype=torch.float64) * n_in / n_out
-    pixel = torch.arange(n_in, dtype=torch.float64)
-    overlap = (torch.minimum(edges[1:, None], pixel + 1) - torch.maximum(edges[:-1, None], pixel)).clamp(min=0)
-    return (overlap / overlap.sum(1, keepdim=True)).float()
+def difference_hash(image: Image.Image) -> np.uint64:
+    """64-bit dHash of a decoded image: gray, Lanczos-resized to 8 rows x 9 columns, a bit set where a pixel is
+    darker than its right neighbour (row-major, the first bit highest). Lanczos from the decoded pixels, not an
+    area average of the 32 x 32 thumbnail: on planted copies of real photos the thumbnail's hash missed 3 of 40
+    JPEG re-encodes at 4 bits and paired distinct photos at 8 (bench/near_duplicates.py, docs/results.md)."""
+    gray = np.asarray(image.convert("L").resize((9, 8), Image.Resampling.LANCZOS), dtype=np.int16)
+    return np.packbits(gray[:, 1:] > gray[:, :-1]).view(">u8").astype(np.uint64)[0]
 
 
 def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -138,6 +127,7 @@ def _inspect(path: Path) -> dict:
         info["error"] = str(e)
         return info
     info["thumb"] = np.asarray(rgb.resize((THUMB, THUMB), Image.Resampling.BOX), dtype=np.uint8)
+    info["dhash"] = difference_hash(rgb)
     return info
 
 
@@ -167,12 +157,13 @@ def _progress(total: int, label: str, enabled: bool):
 
 @dataclass
 class _Images:
-    """Every image of every split, flat: where it is, its label, exact hash, 32 x 32 copy and header facts."""
+    """Every image of every split, flat: where it is, its label, exact hash, dHash, 32 x 32 copy and header facts."""
     classes: list[str]
     split: list[str]
     index: list[int]
     labels: np.ndarray
     hashes: list[str]
+    dhashes: np.ndarray  # uint64, 0 for an unreadable file
     thumbs: torch.Tensor
     readable: np.ndarray
     files: list[str] | None = None
@@ -193,7 +184,9 @@ def _builtin_images(data: str, data_dir: str | None) -> _Images:
     names = [n for n, s in splits for _ in range(len(s))]
     index = [i for _, s in splits for i in range(len(s))]
     labels = torch.cat([s.labels for _, s in splits]).numpy()
-    return _Images(ds.classes, names, index, labels, _pixel_hashes(thumbs), thumbs, np.ones(len(labels), bool))
+    dhashes = np.array([difference_hash(Image.fromarray(t.permute(1, 2, 0).numpy())) for t in thumbs], np.uint64)
+    return _Images(ds.classes, names, index, labels, _pixel_hashes(thumbs), dhashes, thumbs,
+                   np.ones(len(labels), bool))
 
 
 def _folder_images(root: Path, threads: int, progress: bool) -> _Images:
@@ -212,9 +205,10 @@ def _folder_images(root: Path, threads: int, progress: bool) -> _Images:
     blank = np.zeros((THUMB, THUMB, 3), dtype=np.uint8)
     thumbs = np.stack([info.get("thumb", blank) for info in infos]) if infos else np.zeros((0, THUMB, THUMB, 3))
     readable = np.array(["thumb" in info for info in infos], dtype=bool)
+    dhashes = np.array([info.pop("dhash", 0) for info in infos], dtype=np.uint64)
     for info in infos:
         info.pop("thumb", None)
-    return _Images(classes, names, index, labels, [info.get("hash", "") for info in infos],
+    return _Images(classes, names, index, labels, [info.get("hash", "") for info in infos], dhashes,
                    torch.from_numpy(thumbs.transpose(0, 3, 1, 2).copy()), readable, [str(f) for f in files], infos)
 
 
@@ -231,7 +225,7 @@ def _duplicates(images: _Images, max_distance: int) -> tuple[list[dict], list[di
             groups.setdefault(h, []).append(i)
     exact = [_pair(images, g[0], j) for g in groups.values() for j in g[1:]]
     readable = np.flatnonzero(images.readable)
-    pairs, distance = near_pairs(difference_hash(images.thumbs[readable]), max_distance)
+    pairs, distance = near_pairs(images.dhashes[readable], max_distance)
     near = []
     for (i, j), d in zip(readable[pairs].tolist(), distance.tolist(), strict=True):
         if images.hashes[i] != images.hashes[j]:  # identical ones are listed as exact
@@ -281,7 +275,8 @@ def _file_issues(images: _Images, min_side: int) -> dict:
 def suggest_command(data: str, data_dir: str | None, ratio: float) -> str:
     """The train command this audit points to: class weights beyond 3:1, a balanced sampler beyond 10:1
     (not both: they would correct the imbalance twice), and a checkpoint chosen by balanced accuracy."""
-    parts = ["imgcls train", f"--data {data}"] + ([f"--data-dir {data_dir}"] if data_dir else [])
+    parts = ["imgcls train", f"--data {shlex.quote(data)}"] + ([f"--data-dir {shlex.quote(data_dir)}"] if data_dir
+                                                                else [])
     if ratio > SAMPLER_RATIO:
         parts.append("--sampler balanced")
     elif ratio > WEIGHTS_RATIO:

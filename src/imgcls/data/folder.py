@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 from imgcls.data.decode import FORMAT_NAMES, DecodeError, open_rgb
 from imgcls.errors import UserError
 
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMG_EXTS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -78,9 +78,14 @@ def load_image(path: Path, size: int, crop_pct: float = 1.0) -> np.ndarray:
     size x size (timm's eval transform; crop_pct 1 keeps the whole shorter side): H x W x 3 uint8.
     Raises DecodeError for a file that is not a usable image."""
     img = open_rgb(path, min_size=math.ceil(size / crop_pct))  # JPEG: decode at a reduced scale when enough
+    return fit(img, size, crop_pct)
+
+
+def fit(img: Image.Image, size: int, crop_pct: float = 1.0) -> np.ndarray:
+    """The resize rule every image goes through (files and the built-in datasets alike): the shorter side to
+    size / crop_pct, bicubic, and the centre size x size: H x W x 3 uint8."""
     bleed = (1.0 - crop_pct) / 2  # the margin cut from every edge before the square is fitted
-    img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, bleed=bleed)
-    return np.asarray(img, dtype=np.uint8)
+    return np.asarray(ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC, bleed=bleed), dtype=np.uint8)
 
 
 def _try_load(path: Path, size: int, crop_pct: float = 1.0) -> np.ndarray | str:

@@ -1,5 +1,5 @@
-"""How an image becomes a model's input: the one definition training, evaluation, prediction, the
-exported files and the server share.
+"""How an image becomes a model's input: the one definition training, evaluation, prediction and the
+exported files share.
 
 A file is decoded (data/decode.py), its shorter side resized to img_size / crop_pct (bicubic) and the
 centre img_size x img_size cut out: uint8 RGB pixels. Those pixels are the contract of every inference

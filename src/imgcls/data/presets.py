@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torchvision.transforms.v2 as T
 
-from imgcls.config import AUGMENTATIONS, default_crop_padding
+from imgcls.config import AUGMENTATIONS, CROP_RECIPES, default_crop_padding
 from imgcls.data import augment as A
 from imgcls.data.mixing import Mixer
 from imgcls.data.preprocessing import normalize
@@ -75,6 +75,8 @@ class BatchAugment:
             images = self.flip(A.random_resized_crop(images, gen, scale=(0.8, 1.0)), gen)
             images = A.color_jitter(images, gen, 0.2, 0.2, 0.2, 0.1)
             return A.rotate(images, A.uniform(len(images), -15.0, 15.0, gen))
+        if self.name not in CROP_RECIPES:  # the recipes with a random crop, declared once (config.py)
+            raise ValueError(f"{self.name} is neither none, standard nor a crop recipe of {CROP_RECIPES}")
         images = self.flip(A.random_crop(images, self.pad, gen, self.fill), gen)
         return self.auto(images, gen) if self.auto is not None else images
 

@@ -28,7 +28,7 @@ from imgcls.evaluation.cam import explain
 from imgcls.evaluation.evaluate import parse_tta_flag
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.inference.engine import Engine
-from imgcls.inference.reject import choose_threshold
+from imgcls.inference.reject import default_rule
 from imgcls.inference.run import TrainedRun, load_run, run_engine
 from imgcls.inference.scaling import Scaling
 from imgcls.runtime import resolve_device
@@ -61,7 +61,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
         tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_scores.probs, tta_labels)},
-        risk_coverage=trained.risk_coverage, reject_rule=_reject_rule(trained.risk_coverage),
+        risk_coverage=trained.risk_coverage, reject_rule=default_rule(trained.risk_coverage),
     )
 
     loss_pixels, cam_pixels, cams = _galleries(engine, split, seen, after, labels, gallery, result)
@@ -72,15 +72,6 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
         np.savez_compressed(f, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
                             cams=cams.float().cpu().numpy())
     return out
-
-
-def _reject_rule(curve: dict | None) -> dict | None:
-    """--reject auto's threshold at the default target on the validation curve; None without a curve or
-    when the target is out of reach there."""
-    try:
-        return choose_threshold(curve) if curve else None
-    except UserError:
-        return None
 
 
 def _report_scaling(trained: TrainedRun, engine: Engine) -> tuple[Scaling, str]:

@@ -19,9 +19,12 @@ import torch.nn.functional as F
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine
 from imgcls.inference.files import load_images
+from imgcls.kernels.apply import inference_copy
+from imgcls.kernels.choice import NONE
 from imgcls.models.contract import TokenGrid, token_grid
+from imgcls.options import CAM_METHODS
 
-METHODS = ("gradcam", "gradcam++")
+METHODS = CAM_METHODS
 
 
 def _activations_and_logits(model: nn.Module, x: torch.Tensor, grid: TokenGrid | None):
@@ -78,11 +81,13 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = N
 
 
 def explain(engine: Engine, images: torch.Tensor, classes: torch.Tensor | None = None, method: str = "gradcam"):
-    """Grad-CAM of uint8 N x H x W x 3 `images` through `engine`'s model, in float32: (cams, classes, probs)."""
+    """Grad-CAM of uint8 N x H x W x 3 `images` through `engine`'s model, in float32: (cams, classes, probs).
+    The hook Grad-CAM needs goes on a private module tree over the model's weights, never on the engine's
+    own, which other threads may be scoring with."""
     if engine.module is None:
         raise UserError(f"Grad-CAM needs the model's gradients; {engine.source} is an ONNX file: pass the run "
                         "folder or its safetensors export")
-    return grad_cam(engine.module, engine.model_input(images).float(), classes, method)
+    return grad_cam(inference_copy(engine.module, NONE, NONE), engine.model_input(images).float(), classes, method)
 
 
 def explain_files(engine: Engine, paths: list[str], class_name: str | None = None, method: str = "gradcam"):

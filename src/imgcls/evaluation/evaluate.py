@@ -30,13 +30,29 @@ def parse_tta_flag(mode: str) -> str | int:
     return parsed
 
 
+def eval_out(run: str | Path, split: str, data: str | None, out: str | Path | None) -> Path:
+    """Where eval writes: `out` when given; else the run's eval-<split>.json for its own data, and
+    eval-<data>-<split>.json here for other data (a run's folder only holds results of its own data)."""
+    if out is not None:
+        out = Path(out)
+        if out.suffix != ".json" or out.is_dir():
+            raise UserError(f"--out {out} must name a .json file; e.g. --out eval-other.json")
+        inside = out.parent.resolve() == Path(run).resolve()
+        if inside and (data is not None or out.name != f"eval-{split}.json"):
+            raise UserError(f"--out {out} is inside the run, which holds only its own data's eval-{split}.json; "
+                            "write the results elsewhere")
+        return out
+    return Path(run) / f"eval-{split}.json" if data is None else Path(f"eval-{Path(str(data)).name}-{split}.json")
+
+
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
                  checkpoint: str = "best", device: str = "auto", tta: str = "none",
-                 allow_data_change: bool = False) -> tuple[dict, Path]:
+                 allow_data_change: bool = False, out: str | Path | None = None) -> tuple[dict, Path]:
     """Metrics of a trained run on one split, with test-time augmentation compared against none when
-    `tta` is given; the run's calibration applies once `calibrate` has stored one. Written to
-    eval-<split>.json in the run."""
+    `tta` is given; the run's calibration applies once `calibrate` has stored one. Written to `eval_out`'s
+    file with what it was computed from (checkpoint digest, data, split, TTA, scaling, precision)."""
     tta_mode = parse_tta_flag(tta)
+    target = eval_out(run, split, data, out)
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
     engine = run_engine(trained)
     images = trained.split(split, data, data_dir)
@@ -52,9 +68,9 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, 
     result.update(split=split, data=data or trained.config.data, checkpoint=str(trained.checkpoint),
                   weights=trained.digest, scaling=trained.scaling.as_dict() if trained.scaling else None,
                   precision=engine.precision)
-    out = trained.path / f"eval-{split}.json"
-    rundir.write_json(out, result)
-    return result, out
+    result["fingerprint"] = trained.dataset["fingerprint"] if data is None else None
+    rundir.write_json(target, result)
+    return result, target
 
 
 def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str = "best",
@@ -62,11 +78,11 @@ def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str 
     """Fit a temperature (or vector scaling) on the validation split, never on test; store it in
     the run for eval and predict, with the validation risk-coverage curve `--reject auto` reads; report
     the metrics on validation and test before and after."""
-    trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
+    trained = load_run(run, checkpoint, resolve_device(device), allow_data_change, calibrated=False)
     trained.require_split("val", "calibrate (it fits on the validation split, never on test)")
-    trained.scaling = None  # fit on the raw logits
-    engine = run_engine(trained)
-    report = {"method": method, "fitted_on": "val", "checkpoint": str(trained.checkpoint), "splits": {}}
+    engine = run_engine(trained)  # uncalibrated: it fits on the raw logits
+    report = {"method": method, "fitted_on": "val", "checkpoint": str(trained.checkpoint), "weights": trained.digest,
+              "splits": {}}
     scaling = None
     for name in ["val"] + (["test"] if trained.has_split("test") else []):
         scores, labels = engine.score_split(trained.split(name), where=f"the {name} split")

@@ -13,7 +13,7 @@ import torch
 from imgcls import rundir
 from imgcls.errors import UserError
 from imgcls.inference.files import collect_paths, score_all
-from imgcls.inference.reject import choose_threshold, energy
+from imgcls.inference.reject import default_rule, energy
 from imgcls.inference.run import load_run, run_engine
 from imgcls.runtime import resolve_device
 
@@ -79,7 +79,7 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
     """Score a folder of images from classes the run never saw against `split`: AUROC and FPR at 95%
     TPR for max-softmax probability and energy, and what `--reject auto` (target 0.95 on val) lets
     through of each. Added as "ood" to `eval_json` when given."""
-    paths = collect_paths([str(ood)])  # before minutes of inference: a wrong folder is one line at once
+    paths = collect_paths([str(ood)], what="score as out-of-distribution")  # one line, before any inference
     trained = load_run(run, checkpoint, resolve_device(device))
     engine = run_engine(trained)
     inside, labels = engine.score_split(trained.split(split), where=f"the {split} split")
@@ -89,10 +89,7 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
     result = {"folder": str(ood), "split": split, "n_in": len(labels), "n_ood": len(outside.probs),
               "unreadable": unreadable, **ood_table(inside.logits, inside.probs, outside.logits, outside.probs),
               "reject_auto": None}
-    try:
-        rule = choose_threshold(engine.risk_coverage) if engine.risk_coverage else None
-    except UserError:  # the target is out of reach on val
-        rule = None
+    rule = default_rule(engine.risk_coverage)
     if rule is not None:
         accepted = inside.probs.max(1).values >= rule["threshold"]
         hits = (inside.probs.argmax(1) == labels)[accepted].double()

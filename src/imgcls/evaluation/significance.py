@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import io
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from imgcls import rundir
 from imgcls.errors import UserError
+from imgcls.inference.run import load_run, run_engine
 
 TEST_PREDICTIONS = rundir.TEST_PREDICTIONS  # written by training at the end of fit
 BOOTSTRAP_RESAMPLES = 2000
@@ -47,7 +49,7 @@ def read_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | No
     try:
         with np.load(path, allow_pickle=False) as f:
             labels, probs = f["labels"].astype(np.int64), f["probs"].astype(np.float32)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated, not an npz
         raise UserError(f"cannot read {path} ({type(e).__name__}); delete it and rerun to compute it again") from None
     if probs.ndim != 2 or labels.shape != (len(probs),):
         raise UserError(f"{path} holds {labels.shape} labels for {probs.shape} probabilities; delete it and rerun")
@@ -60,14 +62,11 @@ def run_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | Non
     found = read_test_predictions(run)
     if found is not None:
         return found
-    from imgcls.evaluation.evaluate import run_probs, run_split
-    from imgcls.evaluation.predict import load_run
-
-    trained = load_run(run, "best")
-    if "test" not in trained.dataset["fingerprint"]["sizes"]:
+    trained = load_run(run, "best", calibrated=False)  # as training scored them: uncalibrated
+    if not trained.has_split("test"):
         return None
-    probs, labels = run_probs(trained, run_split(trained, "test"), scaled=False)
-    write_test_predictions(run, labels.numpy(), probs.numpy())
+    scores, labels = run_engine(trained).score_split(trained.split("test"), where="the test split")
+    write_test_predictions(run, labels.numpy(), scores.probs.numpy())
     return read_test_predictions(run)
 
 

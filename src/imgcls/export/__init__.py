@@ -26,7 +26,7 @@ from imgcls.export.safetensors_export import export_safetensors
 from imgcls.inference.exported import onnx_engine, safetensors_engine
 from imgcls.inference.graph import InferenceModel
 from imgcls.inference.metadata import ExportSpec
-from imgcls.inference.reject import choose_threshold
+from imgcls.inference.reject import default_rule
 from imgcls.inference.run import TrainedRun, load_run, run_engine
 from imgcls.options import EXPORT_FORMATS, ONNX_OPSET, ONNX_OPSET_MIN
 from imgcls.training.summary import versions
@@ -71,10 +71,7 @@ def export_spec(trained: TrainedRun) -> ExportSpec:
     """What the export says about itself: the run's classes, preprocessing, TTA recipe, calibration, the
     --reject auto threshold at the default target (when reachable on val) and curve, and provenance."""
     curve = trained.risk_coverage
-    try:
-        rule = choose_threshold(curve) if curve else None
-    except UserError:  # the default target is out of reach on val: export without a threshold
-        rule = None
+    rule = default_rule(curve)  # None when the default target is out of reach on val: no threshold exported
     return ExportSpec(trained.config.model, trained.config.head, trained.classes, trained.preprocessing,
                       trained.recipe, trained.scaling, trained.dataset["fingerprint"], trained.digest, rule, curve,
                       versions())
@@ -127,6 +124,9 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
         if out.exists():
             out.rmdir()  # empty, checked above
         stage.rename(out)
+    except OSError as e:  # a full disk, mostly: say where, and that nothing was left behind
+        raise UserError(f"cannot write the export into {out.parent} ({e.strerror}); nothing was written: free some "
+                        "space or choose another --out") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return {"out": out, "files": sorted(p.name for p in out.iterdir()), "parity": results,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+FEW_IMAGES = 100  # parity on fewer images than this gets a caveat
+
 RECIPE_KEYS = ("model", "head", "pretrained", "strategy", "epochs", "batch_size", "optimizer", "lr", "weight_decay",
                "warmup_epochs", "ema", "aug", "random_erasing", "mixup", "cutmix", "label_smoothing", "precision",
                "seed")
@@ -76,7 +78,11 @@ def _parity_section(parity: dict, split: str = "val") -> list[str]:
                      f"{lat['pytorch']['batch64']:.2f}", f"{lat[r['format']]['batch64']:.2f}"])
     header = ["format", f"{split} images", "top-1 agreement", "max abs prob diff", "pytorch ms/img b1",
               "export ms/img b1", "pytorch ms/img b64", "export ms/img b64"]
-    return ["## Export parity (fp32, against the run in PyTorch)", "", *_table(header, rows)] + _int8_section(parity)
+    few = [r["images"] for r in parity.values() if r.get("images", FEW_IMAGES) < FEW_IMAGES]
+    caveat = ([f"Only {few[0]} {split} images: one disagreement moves the agreement by {1 / few[0]:.1%}, so the "
+               "proof is weak."] if few else [])
+    return ["## Export parity (fp32, against the run in PyTorch)", "", *_table(header, rows), *caveat] + \
+        _int8_section(parity)
 
 
 def _int8_section(parity: dict) -> list[str]:
@@ -127,7 +133,10 @@ def model_card(trained, spec, ev: dict | None, calibration: dict | None, parity:
              f"labels sha256 {fp['labels_sha256']}", "", "## Training recipe", ""]
     lines += _table(["setting", "value"], [[k, getattr(cfg, k)] for k in RECIPE_KEYS])
     has_val = "val" in fp["sizes"]  # none with --val-fraction 0
-    if summary and has_val:
+    if summary is None:
+        lines += ["", "**Training did not finish** (no summary.json: it diverged, was stopped, or is still to be "
+                      "resumed); the figures below are of its last saved checkpoint."]
+    elif summary and has_val:
         lines += ["", f"best epoch {summary['best_epoch']} of {summary['epochs']}, val accuracy "
                       f"{pct(summary['best_val_acc'])}, training time {summary['train_time_s']:.1f} s"]
     elif summary:

@@ -1,7 +1,7 @@
 """The inference engine: the one path from uint8 images to calibrated probabilities.
 
 Every command that scores images goes through an `Engine`: validation during training, eval,
-calibrate, report, TTA, predict, export parity, OOD and Grad-CAM, and the server. It holds the
+calibrate, report, TTA, predict, export parity, OOD and Grad-CAM. It holds the
 backend (the run's model in PyTorch, or an exported ONNX file), the preprocessing, the calibration,
 the validation risk-coverage curve the reject rule reads, the TTA recipe, and the batch policy. Its
 input is the export's contract: uint8 RGB, N x H x W x 3.

@@ -17,9 +17,9 @@ from imgcls.inference.metadata import ExportSpec, parse_spec, read_onnx_spec
 from imgcls.inference.run import load_run, run_engine
 from imgcls.models import create_model
 from imgcls.models.checkpoint import first_line, load_state_strict, nonfinite_tensors
+from imgcls.options import EXPORT_BATCH
 
 WEIGHTS, SPEC = "model.safetensors", "model.json"
-EXPORT_BATCH = 64  # images per call for exported files, which carry no measured batch size
 
 
 def _spec_path(path: str | Path) -> Path:
@@ -45,6 +45,11 @@ def load_model(path: str | Path):
     """(model, preprocessing) from an export folder or its model.safetensors, timm style:
     `model(preprocessing("cat.jpg")[None])` gives logits. The model is in eval mode on the CPU;
     `model.imgcls` holds the classes, calibration, rejection rule and TTA recipe."""
+    model, spec = _load_export(path)
+    return model, spec.preprocessing
+
+
+def _load_export(path: str | Path) -> tuple[torch.nn.Module, ExportSpec]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -63,7 +68,7 @@ def load_model(path: str | Path):
         raise UserError(f"{weights} holds non-finite weights (e.g. {bad[0]}); export the run again")
     model.imgcls = {"classes": spec.classes, "scaling": spec.scaling, "reject_rule": spec.reject_rule,
                     "risk_coverage": spec.risk_coverage, "recipe": spec.recipe}
-    return model.eval(), spec.preprocessing
+    return model.eval(), spec
 
 
 def _engine_from_spec(spec: ExportSpec, backend, source: str, module=None, batch_size: int | None = None) -> Engine:
@@ -73,9 +78,9 @@ def _engine_from_spec(spec: ExportSpec, backend, source: str, module=None, batch
 
 def safetensors_engine(path: str | Path, batch_size: int | None = None) -> Engine:
     """An exported safetensors folder as an engine (fp32, CPU)."""
-    model, prep = load_model(path)
-    return _engine_from_spec(read_export_spec(path), TorchBackend(InferenceModel(model, prep), torch.device("cpu"),
-                                                                  "fp32"), str(path), model, batch_size)
+    model, spec = _load_export(path)
+    return _engine_from_spec(spec, TorchBackend(InferenceModel(model, spec.preprocessing), torch.device("cpu"),
+                                                "fp32"), str(path), model, batch_size)
 
 
 class OnnxBackend:

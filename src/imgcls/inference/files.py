@@ -13,12 +13,13 @@ import torch
 
 from imgcls.data.decode import FORMAT_NAMES, DecodeError
 from imgcls.data.preprocessing import Preprocessing
+from imgcls.data.presets import tta_view_count
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine, Scores
 from imgcls.inference.reject import energy
 
 
-def collect_paths(inputs: Iterable[str], list_file: str | None = None) -> list[Path]:
+def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str = "predict") -> list[Path]:
     """Files as given, every file under folders (recursively, hidden ones skipped) and glob matches, in the
     given order, folders sorted; then the lines of `list_file` as they are. A name given on the command line
     that matches nothing is refused (a typo); a listed file that is missing becomes an error row."""
@@ -43,7 +44,8 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None) -> list[P
             raise UserError(f"--list {listed} is not a UTF-8 text file; pass one image path per line") from None
         paths += [Path(line.strip()) for line in text.splitlines() if line.strip()]
     if not paths:
-        raise UserError("no files to predict; pass image files, folders, globs or --list FILE")
+        raise UserError(f"no files to {what}; pass image files, folders, globs or --list FILE" if what == "predict"
+                        else f"no files to {what} in {', '.join(map(str, inputs))}; pass a folder of images")
     return paths
 
 
@@ -87,8 +89,10 @@ def _collate(items):
 
 def score_files(engine: Engine, paths: list[Path], tta: str | int = "none", workers: int = 2,
                 seed: int = 0) -> Iterator[tuple[list[int], Scores | None, list[str | None]]]:
-    """Per batch of files: (their indices, the scores of the readable ones in order, an error or None each)."""
-    batch = engine.batch_size
+    """Per batch of files: (their indices, the scores of the readable ones in order, an error or None each).
+    A batch is what the engine scores in one call (its views counted), as in `Engine.score_split`: so `--tta N`
+    draws the same random views for an image here as `imgcls eval` does over a split of the same files."""
+    batch = max(1, engine.batch_size // tta_view_count(tta))
     workers = min(workers, max(0, (len(paths) - 1) // batch))  # no worker processes for a handful
     loader = torch.utils.data.DataLoader(_Files(paths, engine.preprocessing), batch_size=batch,
                                          num_workers=workers, collate_fn=_collate)

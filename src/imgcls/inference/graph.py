@@ -23,10 +23,9 @@ class InferenceModel(nn.Module):
         self.register_buffer("bias", torch.tensor(bias, dtype=torch.float32))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """float32 logits, uncalibrated. The NCHW view of NHWC images already has channels-last strides."""
-        x = normalize(images.permute(0, 3, 1, 2), self.mean, self.std)
-        if self.memory_format != torch.channels_last:
-            x = x.contiguous(memory_format=self.memory_format)
+        """float32 logits, uncalibrated, the model's input laid out as its weights are (a no-op when the
+        NCHW view of contiguous NHWC images is channels-last already)."""
+        x = normalize(images.permute(0, 3, 1, 2), self.mean, self.std).contiguous(memory_format=self.memory_format)
         return self.model(x).float()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

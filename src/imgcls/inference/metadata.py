@@ -17,6 +17,7 @@ from imgcls.config import AUGMENTATIONS, FIELDS, MAX_IMG_SIZE
 from imgcls.data.preprocessing import INPUT_LAYOUT, RESIZE_RULE, Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
+from imgcls.inference.reject import curve_problem
 from imgcls.inference.scaling import Scaling, parse_scaling
 
 FORMAT = "imgcls-export-2"
@@ -60,14 +61,17 @@ class ExportSpec:
                 "imgcls.model": self.model}
 
 
-class _Reader:
-    """Field checks that name the file and the field in their one line."""
+EXPORT_FIX = "the export is damaged or edited: export the run again"
 
-    def __init__(self, where: str):
-        self.where = where
+
+class _Reader:
+    """Field checks that name the file and the field in their one line, with the file's own remedy."""
+
+    def __init__(self, where: str, fix: str = EXPORT_FIX):
+        self.where, self.fix = where, fix
 
     def fail(self, field: str, problem: str):
-        raise UserError(f"{self.where}: {field} {problem}; the export is damaged or edited: export the run again")
+        raise UserError(f"{self.where}: {field} {problem}; {self.fix}")
 
     def number(self, field: str, v, low: float | None = None, high: float | None = None, open_low=False) -> float:
         if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v):
@@ -87,23 +91,34 @@ class _Reader:
         return v
 
 
-def _preprocessing(r: _Reader, d) -> Preprocessing:
-    d = r.mapping("preprocessing", d)
+def _preprocessing(r: _Reader, d, prefix: str = "preprocessing.") -> Preprocessing:
+    d = r.mapping(prefix.rstrip(".") or "the document", d)
     size = d.get("img_size")
     if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
-        r.fail("preprocessing.img_size", f"is {size!r}, not a whole number of pixels from {MIN_IMG_SIZE} to "
-                                         f"{MAX_IMG_SIZE}")
+        r.fail(f"{prefix}img_size", f"is {size!r}, not a whole number of pixels from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}")
     stats = {}
     for key in ("mean", "std"):
         v = d.get(key)
-        if not isinstance(v, list) or len(v) != 3:
-            r.fail(f"preprocessing.{key}", f"is {v!r}, not three numbers (R, G, B)")
-        stats[key] = tuple(r.number(f"preprocessing.{key}", x, 0.0 if key == "std" else None, None, key == "std")
-                           for x in v)
-    crop = r.number("preprocessing.crop_pct", d.get("crop_pct", 1.0), 0.0, 1.0, open_low=True)
+        if not (isinstance(v, list) and len(v) == 3 and all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and (key == "mean" or x > 0)
+                for x in v)):
+            r.fail(f"{prefix}{key}", f"is {v!r}, not three {'positive ' if key == 'std' else ''}numbers (R, G, B)")
+        stats[key] = tuple(float(x) for x in v)
+    crop = r.number(f"{prefix}crop_pct", d.get("crop_pct", 1.0), 0.0, 1.0, open_low=True)
     if d.get("resize", RESIZE_RULE) != RESIZE_RULE or d.get("input", INPUT_LAYOUT) != INPUT_LAYOUT:
-        r.fail("preprocessing.resize/input", "names a resize rule or input layout this imgcls does not know")
+        r.fail(f"{prefix}resize/input", "names a resize rule or input layout this imgcls does not know")
     return Preprocessing(size, stats["mean"], stats["std"], crop)
+
+
+def read_run_data(info, where: str, fix: str) -> Preprocessing:
+    """A run's dataset.json (classes, img_size, mean, std, crop_pct, fingerprint) checked with the export's own
+    field checks; its preprocessing."""
+    r = _Reader(where, fix)
+    info = r.mapping("the document", info)
+    _classes(r, info.get("classes"))
+    if not isinstance(info.get("fingerprint"), dict) or not isinstance(info["fingerprint"].get("sizes"), dict):
+        r.fail("fingerprint", "is not a mapping that holds the split sizes ('sizes')")
+    return _preprocessing(r, info, prefix="")
 
 
 def _recipe(r: _Reader, d, aug: str | None) -> PixelRecipe:
@@ -111,22 +126,17 @@ def _recipe(r: _Reader, d, aug: str | None) -> PixelRecipe:
         return PixelRecipe(r.text("aug", aug or "basic", AUGMENTATIONS))
     d = r.mapping("recipe", d)
     padding = d.get("crop_padding")
-    if padding is not None and (not isinstance(padding, int) or isinstance(padding, bool) or not 0 <= padding <= 512):
-        r.fail("recipe.crop_padding", f"is {padding!r}, not a number of pixels from 0 to 512 or null")
+    if padding is not None and (not isinstance(padding, int) or isinstance(padding, bool)
+                                or not 0 <= padding <= MAX_IMG_SIZE):
+        r.fail("recipe.crop_padding", f"is {padding!r}, not a number of pixels from 0 to {MAX_IMG_SIZE} or null")
     return PixelRecipe(r.text("recipe.aug", d.get("aug"), AUGMENTATIONS), padding,
                        r.text("recipe.crop_fill", d.get("crop_fill", "zeros"), ("zeros", "reflect")))
 
 
 def _curve(r: _Reader, d) -> dict | None:
-    if d is None:
-        return None
-    d = r.mapping("risk_coverage", d)
-    lists = [d.get(k) for k in ("threshold", "coverage", "accuracy")]
-    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1 or not lists[0]:
-        r.fail("risk_coverage", "needs equally long, non-empty threshold, coverage and accuracy lists")
-    for name, values in zip(("threshold", "coverage", "accuracy"), lists, strict=True):
-        for v in values:
-            r.number(f"risk_coverage.{name}", v, 0.0, 1.0)
+    problem = None if d is None else curve_problem(d)
+    if problem:
+        r.fail("risk_coverage", problem)
     return d
 
 

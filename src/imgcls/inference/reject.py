@@ -11,8 +11,33 @@ from __future__ import annotations
 import torch
 
 from imgcls.errors import UserError
+from imgcls.options import DEFAULT_TARGET_ACCURACY
 
-DEFAULT_TARGET_ACCURACY = 0.95
+
+def curve_problem(curve) -> str | None:
+    """What is wrong with a stored risk-coverage curve, or None: equally long threshold, coverage and accuracy
+    lists of numbers in [0, 1], thresholds falling and coverage rising to 1 (every image accepted last)."""
+    if not isinstance(curve, dict):
+        return "is not a mapping"
+    lists = [curve.get(k) for k in ("threshold", "coverage", "accuracy")]
+    if not all(isinstance(v, list) and v for v in lists) or len({len(v) for v in lists}) != 1:
+        return "needs equally long, non-empty threshold, coverage and accuracy lists"
+    for name, values in zip(("threshold", "coverage", "accuracy"), lists, strict=True):
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in values):
+            return f"has a {name} that is not a number in [0, 1]"
+    thresholds, coverage = lists[0], lists[1]
+    if any(a < b for a, b in zip(thresholds, thresholds[1:], strict=False)) or \
+            any(a > b for a, b in zip(coverage, coverage[1:], strict=False)) or abs(coverage[-1] - 1) > 1e-9:
+        return "is not ordered (thresholds falling, coverage rising to 1)"
+    return None
+
+
+def default_rule(curve: dict | None) -> dict | None:
+    """--reject auto at the default target on `curve`; None without a curve or when the target is out of reach."""
+    try:
+        return choose_threshold(curve) if curve else None
+    except UserError:
+        return None
 
 
 def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage: float | None = None) -> dict:
@@ -24,7 +49,7 @@ def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage
     if coverage is not None:
         if not 0 < coverage <= 1:
             raise UserError(f"--coverage {coverage} is not a share; pass a number in (0, 1], e.g. 0.8")
-        i = next(i for i, c in enumerate(coverages) if c >= coverage - 1e-12)
+        i = next((i for i, c in enumerate(coverages) if c >= coverage - 1e-12), len(coverages) - 1)
     else:
         target = DEFAULT_TARGET_ACCURACY if target_accuracy is None else target_accuracy
         if not 0 < target <= 1:

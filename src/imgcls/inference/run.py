@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from imgcls import rundir
-from imgcls.config import MAX_IMG_SIZE, TrainConfig, load_config
+from imgcls.config import TrainConfig, load_config
 from imgcls.data import Split, load_dataset
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine, TorchBackend
 from imgcls.inference.graph import InferenceModel
+from imgcls.inference.metadata import read_run_data
+from imgcls.inference.reject import curve_problem
 from imgcls.inference.scaling import Scaling, read_scaling
 from imgcls.kernels import cache
 from imgcls.kernels.apply import configure
@@ -58,9 +59,16 @@ class TrainedRun:
 
     @property
     def risk_coverage(self) -> dict | None:
-        """The validation curve `imgcls calibrate` stored, for --reject auto."""
+        """The validation curve `imgcls calibrate` stored, for --reject auto; a damaged one is refused."""
         path = self.path / rundir.CALIBRATION
-        return rundir.read_json(path).get("risk_coverage") if path.is_file() else None
+        if not path.is_file():
+            return None
+        stored = rundir.read_json(path)
+        curve = stored.get("risk_coverage") if isinstance(stored, dict) else None
+        problem = None if curve is None else curve_problem(curve)
+        if problem:
+            raise UserError(f"{path}: its risk_coverage curve {problem}; run imgcls calibrate {self.path} again")
+        return curve
 
     @property
     def identity(self) -> dict:
@@ -90,40 +98,14 @@ class TrainedRun:
                             "(trained with --val-fraction 0); train a run with --val-fraction 0.1 for it")
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _dataset_problem(info: dict) -> str | None:
-    """What is wrong with a dataset.json's values, if anything: a damaged file must not reach the
-    model as a negative image size or a two-value mean (or, in predict, as one error row per image)."""
-    classes, size, crop = info["classes"], info["img_size"], info.get("crop_pct", 1.0)
-    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
-        return f"classes is {classes!r}, not a list of two or more class names"
-    if len(set(classes)) != len(classes):
-        return f"classes lists {sorted({c for c in classes if classes.count(c) > 1})[0]!r} twice"
-    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= MAX_IMG_SIZE:
-        return f"img_size is {size!r}, not a whole number of pixels from 8 to {MAX_IMG_SIZE}"
-    for key in ("mean", "std"):
-        v = info[key]
-        if not isinstance(v, list) or len(v) != 3 or not all(map(_is_number, v)) or (key == "std" and min(v) <= 0):
-            return f"{key} is {v!r}, not three {'positive ' if key == 'std' else ''}numbers (R, G, B)"
-    if not _is_number(crop) or not 0 < crop <= 1:
-        return f"crop_pct is {crop!r}, not a number in (0, 1]"
-    fingerprint = info["fingerprint"]
-    if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("sizes"), dict):
-        return "fingerprint is not a mapping that holds the split sizes ('sizes')"
-    return None
-
-
 def check_dataset_info(info, path: Path) -> None:
-    """Refuse a run's dataset.json that lacks a key evaluation reads or holds a value it cannot use."""
+    """Refuse a run's dataset.json that lacks a key evaluation reads or holds a value it cannot use: a damaged
+    file must not reach the model as a negative image size or a two-value mean (or, in predict, as one error
+    row per image). The fields are checked as an export's are (inference/metadata.py)."""
     absent = [k for k in DATASET_KEYS if not isinstance(info, dict) or k not in info]
     if absent:
         raise UserError(f"{path} lacks {', '.join(absent)}; the file is damaged: restore it or train again")
-    problem = _dataset_problem(info)
-    if problem:
-        raise UserError(f"{path} is damaged: {problem}; restore it from a backup or train the run again")
+    read_run_data(info, f"{path} is damaged", "restore it from a backup or train the run again")
 
 
 def file_digest(path: Path) -> str:
@@ -135,11 +117,17 @@ def file_digest(path: Path) -> str:
 
 
 def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None,
-             allow_data_change: bool = False) -> TrainedRun:
-    """A run's config and model with weights from `checkpoint` ("best", "last" or a file path), on `device`.
-    Its own data, when loaded through `TrainedRun.split`, must match the recorded fingerprint unless
-    `allow_data_change`. Nothing is measured here (loading a run to export it times nothing)."""
+             allow_data_change: bool = False, calibrated: bool = True) -> TrainedRun:
+    """A run's config and model with weights from `checkpoint` ("best", "last" or a file path), on `device`,
+    and its calibration (unless `calibrated` is False: calibrate fits a new one), which must have been
+    fitted on this very checkpoint. Its own data, when loaded through `TrainedRun.split`, must match the
+    recorded fingerprint unless `allow_data_change`. A run being trained is refused: its files are changing.
+    Nothing is measured here (loading a run to export it times nothing)."""
     path = rundir.require_run(path)
+    lock = rundir.RunLock(path)
+    if lock.held_elsewhere():
+        raise UserError(f"{path} is being trained ({lock.holder()}); wait for it to finish, or stop it and "
+                        f"resume it later, then use it")
     cfg = load_config(path / rundir.CONFIG)
     info_path = path / rundir.DATASET
     if not info_path.is_file():
@@ -147,13 +135,34 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     info = rundir.read_json(info_path)
     check_dataset_info(info, info_path)
     ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
+    if checkpoint in ("best", "last") and not ckpt_path.is_file() and not (path / rundir.LAST).is_file():
+        raise UserError(f"{path} has not finished an epoch (no checkpoint yet): continue it with imgcls train "
+                        f"--resume {path}, or train it again")
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
+    if ckpt.get("classes", info["classes"]) != info["classes"]:  # checkpoints of older runs carry no names
+        raise UserError(f"checkpoint {ckpt_path} was trained on the classes {', '.join(map(str, ckpt['classes']))}, "
+                        f"not this run's {', '.join(info['classes'])}; pass a checkpoint of this run")
     model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
     restore_weights(model, ckpt, ckpt_path)
     model = model.to(device or torch.device("cpu")).eval()
+    digest = file_digest(ckpt_path)
+    scaling = _calibration(path, ckpt_path, digest, len(info["classes"])) if calibrated else None
+    return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, allow_data_change)
+
+
+def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> Scaling | None:
+    """The run's calibration, refused unless it was fitted on `checkpoint` (calibration.json records the digest
+    of the checkpoint it was fitted on): a temperature of another epoch's weights is not this model's."""
     calibration = path / rundir.CALIBRATION
-    scaling = read_scaling(calibration, len(info["classes"])) if calibration.is_file() else None
-    return TrainedRun(path, cfg, info, model, ckpt_path, file_digest(ckpt_path), scaling, allow_data_change)
+    if not calibration.is_file():
+        return None
+    scaling = read_scaling(calibration, num_classes)
+    if rundir.read_json(calibration).get("weights") != digest:
+        raise UserError(f"{calibration} was fitted on another checkpoint than {checkpoint.name} (or by an older "
+                        f"imgcls): calibrate this one with imgcls calibrate {path} --checkpoint "
+                        f"{checkpoint.stem if checkpoint.parent == path else checkpoint}, or delete it to use the run "
+                        "uncalibrated")
+    return scaling
 
 
 def _eval_requests(trained: TrainedRun, device: torch.device) -> dict:
@@ -179,6 +188,10 @@ def run_engine(trained: TrainedRun, precision: str | None = None, batch_size: in
     req = _eval_requests(trained, device)
     if precision is not None:
         req["eval_precision"] = check_precision(precision, device)
+    elif req["eval_precision"] == "fp16" and device.type == "cpu":  # planned on a GPU: this CPU has none
+        req["eval_precision"] = "auto"
+    if batch_size is not None:  # given: nothing to measure for it
+        req["eval_batch_size"] = batch_size
     if req["eval_precision"] == "fp32":  # without autocast a depthwise convolution is float32 already
         req["eval_depthwise_precision"] = NONE
     given = {EVAL_KERNELS[k]: v for k, v in req.items() if v not in ("auto", None)}

@@ -54,10 +54,11 @@ def machine_busy() -> bool:
         return False
 
 
-def valid(field_name: str, value) -> bool:
-    """Whether `value` is a choice `field_name` can take (the bounds of the flag, for the batch size)."""
+def valid(field_name: str, value, device_type: str = "cpu") -> bool:
+    """Whether `value` is a choice `field_name` can take on `device_type` (the bounds of the flag, for the
+    batch size; no fp16 on a CPU)."""
     if field_name.startswith("precision"):
-        return value in PRECISIONS
+        return value in PRECISIONS and not (value == "fp16" and device_type == "cpu")
     if field_name.startswith("attention"):
         return value in ATTENTION_KERNELS
     if field_name.startswith("depthwise"):

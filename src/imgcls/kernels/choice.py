@@ -6,15 +6,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-# sdpa: torch's scaled_dot_product_attention with its own backend dispatch; manual: the attention written
-# out (matmul, softmax, matmul), timm's `fused_attn = False`. A pinned SDPA backend is not a candidate: torch
-# selects backends with process-wide switches (torch.nn.attention.sdpa_kernel), which two threads would race on.
-ATTENTION_KERNELS = ("sdpa", "manual")
-# autocast: depthwise convolutions at the run's precision; float32: in float32 under bf16/fp16 autocast (faster
-# for oneDNN's depthwise kernels on some CPUs; figures in docs/results.md, from bench/layer_kernels.py).
-DEPTHWISE_PRECISIONS = ("autocast", "float32")
-MEMORY_FORMATS = ("channels_last", "contiguous")
-PRECISIONS = ("fp32", "bf16", "fp16")
+# The candidates, declared with the options (config.py). Attention: sdpa (torch's own backend dispatch) or
+# manual (timm's `fused_attn = False`); a pinned SDPA backend is not a candidate: torch selects backends with
+# process-wide switches (torch.nn.attention.sdpa_kernel), which two threads would race on. Depthwise: float32
+# under bf16/fp16 autocast is faster for oneDNN's depthwise kernels on some CPUs (docs/results.md).
+from imgcls.config import ATTENTION_KERNELS, DEPTHWISE_PRECISIONS, MEMORY_FORMATS  # noqa: E402, F401
+from imgcls.config import RUN_PRECISIONS as PRECISIONS  # noqa: E402, F401
+
 NONE = "none"  # the plan's value where there is nothing to choose (no attention, no depthwise, no autocast)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -34,10 +35,12 @@ THOROUGH_REPEATS = 5  # `thorough`: every candidate this many rounds, none elimi
 CLEARLY_BEHIND = 1.5  # after a round, a candidate above this multiple of the best median is timed no more
 WARMUP_BEHIND = 3.0  # a warm-up (first-call setup included) this many times the fastest one's: no timed rounds
 # The inference batch sizes are tried smallest first, each while its predicted cost (the last size's time per
-# image, times its images, times its calls) fits what is left of BATCH_BUDGET_MS; a size BATCH_WORSE than
-# the best so far ends the search (the curve rises from there). A flat stretch does not end it: convnext_cifar's
-# per-image time is flat from 32 to 64 images and 1.9x lower at 256 (docs/results.md).
-BATCH_BUDGET_MS = 3000.0
+# image, times its images, times its calls) fits what is left of TOTAL_BUDGET_MS after the other questions,
+# and at least BATCH_BUDGET_MS; a size BATCH_WORSE than the best so far ends the search (the curve rises from
+# there). A flat stretch does not end it: convnext_cifar's per-image time can be flat from 32 to 64 images and
+# much lower at 256 (docs/results.md). A size after the first needs no warm-up: the model ran at the first, and
+# a larger batch's first call measured no slower than its next ones (docs/results.md).
+TOTAL_BUDGET_MS, BATCH_BUDGET_MS = 9000.0, 1500.0
 BATCH_WORSE = 1.10
 # A precision whose matrix product (GEMM_PROBE_SIZE squared, on this device) is more than this multiple of
 # fp32's time cannot win a model's step by PRECISION_MARGIN, and is not timed on the model: where bf16 is
@@ -57,9 +60,6 @@ LAYOUT_TIMING_PIXELS = 128 * 32 * 32
 
 # timer(kind, candidate, fn) -> milliseconds of one call of fn (`time_ms`); kind: a KernelChoice field name
 Timer = Callable[[str, str, Callable[[], object]], float]
-PRECISION_FIELDS = ("precision_train", "precision_eval")
-FIELDS = ("attention_train", "attention_eval", "depthwise_train", "depthwise_eval", "memory_format", "compile",
-          "eval_batch_size")
 
 
 def time_ms(kind: str, candidate: str, fn: Callable[[], object]) -> float:
@@ -131,6 +131,8 @@ class _Bench:
         self.fns: dict[tuple, Callable] = {}
         self.memo: dict[tuple, list[float]] = {}
         self.failed: set[tuple] = set()
+        self.spent_ms = 0.0  # what the timer has reported so far, warm-ups included
+        self.warm: set[tuple] = set()  # inference cases (but for their batch) that ran once already
         # what "not chosen yet" times with: the model as built (the copies are reconfigured by each call)
         self.attention = "sdpa" if uses_attention(model) else NONE
         self.depthwise = "autocast" if has_depthwise(model) else NONE
@@ -182,8 +184,13 @@ class _Bench:
                      "layout": layout, "compiled": compiled, "batch": len(x)}
         return step
 
+    def time(self, kind: str, name: str, case: tuple) -> float:
+        ms = float(self.timer(kind, name, self.fns[case]))
+        self.spent_ms += ms
+        return ms
+
     def fastest(self, kind: str, candidates: dict[str, tuple], per: dict[str, int] | None = None,
-                eliminate: bool = True) -> dict[str, float | None]:
+                eliminate: bool = True, warm_up: bool = True) -> dict[str, float | None]:
         """Median milliseconds (per `per[name]` units) of each candidate, None for one that cannot run. Each
         is warmed up once, then timed in rounds that call every live candidate in turn (so a burst of load
         elsewhere hits all alike); with `eliminate`, one CLEARLY_BEHIND after a round is dropped (its median
@@ -199,8 +206,8 @@ class _Bench:
             try:
                 if case not in self.fns:
                     self.fns[case] = self._function(case)
-                    # warm-up: allocations, kernel selection, compilation
-                    warmups[name] = float(self.timer(kind, name, self.fns[case])) / unit[name]
+                    if warm_up:  # warm-up: allocations, kernel selection, compilation
+                        warmups[name] = self.time(kind, name, case) / unit[name]
                 self.memo.setdefault(case, [])
                 live.append(name)
             except Exception:  # noqa: BLE001 - a kernel this device or these inputs cannot run
@@ -214,7 +221,7 @@ class _Bench:
             for name in list(live):
                 case = candidates[name]
                 try:
-                    self.memo[case].append(float(self.timer(kind, name, self.fns[case])))
+                    self.memo[case].append(self.time(kind, name, case))
                 except Exception:  # noqa: BLE001
                     self.failed.add(case)
                     live.remove(name)
@@ -261,7 +268,7 @@ def choose_kernels(model: torch.nn.Module, shape: tuple[int, ...], device: torch
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         bench = _Bench(model, shape, device, timer or time_ms, thorough)
         settle = _Settler(choice, entry, bench, batches, train, measured)
-        follows = train and precision != "auto" and precision_eval in (None, "auto")
+        follows = precision not in ("auto", NONE) and precision_eval in (None, "auto")
         settle({"precision_train": precision if train else NONE})
         settle({"precision_eval": precision if follows else precision_eval or "auto"})
         settle(_requests(choice, model, attention, attention_eval, depthwise, depthwise_eval, memory_format, compile,
@@ -306,7 +313,7 @@ class _Settler:
                 self.choice.source[f] = NONE if value == NONE else "given"
                 continue
             hit = self.entry.get(f)
-            if isinstance(hit, dict) and cache.valid(f, hit.get("value")):
+            if isinstance(hit, dict) and cache.valid(f, hit.get("value"), self.bench.device.type):
                 setattr(self.choice, f, hit["value"])
                 self.choice.source[f], self.choice.timings[f] = "cache", hit.get("timings", {})
             else:
@@ -322,13 +329,20 @@ def _train_case(c: KernelChoice, bench: _Bench, **change) -> tuple:
     batch = max(TRAIN_TIMING_BATCH, LAYOUT_TIMING_PIXELS // pixels) if bench.thorough else TRAIN_TIMING_BATCH
     now = {"precision": c.precision_train, "attention": c.attention_train, "depthwise": c.depthwise_train,
            "layout": c.memory_format, "compiled": False, **change}
-    return ("train", now["precision"], now["attention"], now["depthwise"], now["layout"], now["compiled"], batch)
+    return ("train", now["precision"], *_as_built(bench, now), now["layout"], now["compiled"], batch)
 
 
 def _infer_case(c: KernelChoice, bench: _Bench, batch: int, **change) -> tuple:
     now = {"precision": c.precision_eval, "attention": c.attention_eval, "depthwise": c.depthwise_eval,
            "layout": c.memory_format, **change}
-    return ("infer", now["precision"], now["attention"], now["depthwise"], now["layout"], batch)
+    return ("infer", now["precision"], *_as_built(bench, now), now["layout"], batch)
+
+
+def _as_built(bench: _Bench, case: dict) -> tuple[str, str]:
+    """The attention kernel and depthwise precision a case computes with, "none" (not chosen yet) read as the
+    model as built: so the same computation is one case, timed once whichever question asks for it."""
+    return (bench.attention if case["attention"] == NONE else case["attention"],
+            bench.depthwise if case["depthwise"] == NONE else case["depthwise"])
 
 
 def gemm_probe(device: torch.device, candidates: tuple[str, ...], timer: Timer) -> dict[str, float | None]:
@@ -336,7 +350,8 @@ def gemm_probe(device: torch.device, candidates: tuple[str, ...], timer: Timer) 
     of REPEATS after a warm-up), cached per machine: the device's speed at each precision, whatever the model."""
     key, path = json.dumps(["gemm", cache.machine(device), device.type, GEMM_PROBE_SIZE]), cache.cache_path()
     hit = cache.read(path).get(key)
-    if isinstance(hit, dict) and set(hit) == set(candidates) and all(isinstance(v, float) for v in hit.values()):
+    if isinstance(hit, dict) and set(hit) == set(candidates) and all(
+            isinstance(v, float) and math.isfinite(v) and v > 0 for v in hit.values()):
         return hit
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     timings = {}
@@ -373,18 +388,20 @@ def _contenders(device: torch.device, bench: _Bench) -> tuple[tuple[str, ...], d
 
 
 def _batch_search(bench: _Bench, c: KernelChoice, batches: list[int]) -> dict[str, float | None]:
-    """Per-image milliseconds of the inference batch sizes, smallest first, within BATCH_BUDGET_MS (the first
-    size is always timed; every size under `thorough`)."""
+    """Per-image milliseconds of the inference batch sizes, smallest first, within the budget (the first size
+    is always timed; every size, each warmed up, under `thorough`)."""
+    budget = max(BATCH_BUDGET_MS, TOTAL_BUDGET_MS - bench.spent_ms)
     timings: dict[str, float | None] = {}
-    spent, last = 0.0, None
-    for b in batches:
-        if not bench.thorough and last is not None and spent + last * b * (1 + bench.repeats) > BATCH_BUDGET_MS:
+    start, last = bench.spent_ms, None
+    for i, b in enumerate(batches):
+        if not bench.thorough and last is not None and bench.spent_ms - start + last * b * bench.repeats > budget:
             break
-        timings.update(bench.fastest("eval_batch_size", {str(b): _infer_case(c, bench, b)}, {str(b): b}))
+        timings.update(bench.fastest("eval_batch_size", {str(b): _infer_case(c, bench, b)}, {str(b): b},
+                                     warm_up=bench.thorough or i == 0))
         t = timings[str(b)]
         if t is None:
             continue
-        spent, last = spent + t * b * (1 + bench.repeats), t
+        last = t
         if not bench.thorough and t > BATCH_WORSE * min(v for v in timings.values() if v is not None):
             break
     return timings

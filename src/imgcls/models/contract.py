@@ -10,7 +10,7 @@ follow through models/surface.py). The capabilities some models have are answere
   whitening          a stem that can be initialised to whiten the data (fastnet_*, airbench94)
   no_weight_decay    parameter name patterns the optimizer leaves undecayed
 `problems(model)` lists what a model lacks; tests/test_contract.py runs it over every registered model
-and a timm model.
+and two timm models.
 """
 
 from __future__ import annotations

@@ -5,8 +5,11 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from imgcls.export.model_card import FEW_IMAGES
+from imgcls.options import DEFAULT_TARGET_ACCURACY
+
 console = Console()
-FEW_PARITY_IMAGES = 100  # below this, one image moves the agreement by a percent or more
+FEW_PARITY_IMAGES = FEW_IMAGES  # below this, one image moves the agreement by a percent or more
 
 
 def _pct(x) -> str:
@@ -148,7 +151,8 @@ def format_ood(result: dict) -> str:
         lines.append(f"{name:<8} {result[name]['auroc']:>7.4f} {result[name]['fpr_at_95tpr']:>10.4f}")
     rule = result["reject_auto"]
     if rule is None:
-        lines.append("--reject auto: no threshold (run imgcls calibrate first, or the 0.95 target is out of reach)")
+        lines.append(f"--reject auto: no threshold (run imgcls calibrate first, or the {DEFAULT_TARGET_ACCURACY} "
+                     "target is out of reach)")
     else:
         lines.append(f"--reject auto (threshold {rule['threshold']:.4f}): accepts {rule['ood_accepted']:.1%} of OOD, "
                      f"{rule['in_coverage']:.1%} of {result['split']}")

@@ -57,10 +57,7 @@ def comparison_charts(records: list[dict], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = Path(out) / name
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(save_figure(fig, Path(out) / name))
     return paths
 
 

@@ -137,6 +137,7 @@ class Checkpointer:
             save_checkpoint({
                 "model_name": ctx.cfg.model,
                 "num_classes": ctx.dataset.num_classes,
+                "classes": ctx.dataset.classes,
                 "model": ctx.evaluated.state_dict(),
                 "train_weights": ctx.model.state_dict() if ctx.ema is not None else None,
                 "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
@@ -160,7 +161,7 @@ class Checkpointer:
         ctx = self.ctx
         if ctx.world.main:
             save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
-                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
+                             "classes": ctx.dataset.classes, "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
                              "val_acc": scores.get("val_acc"),  # None: no validation split, the newest epoch
                              "monitor": ctx.cfg.monitor if scores else None, "score": state.best_score}, self.best)
 

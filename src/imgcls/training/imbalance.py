@@ -45,14 +45,37 @@ def class_weights(spec: str, labels: torch.Tensor, classes: list[str]) -> torch.
     if len(weights) != len(classes):
         raise UserError(f"--class-weights gives {len(weights)} weights for {len(classes)} classes "
                         f"({', '.join(classes)}); give one per class")
-    return torch.tensor(weights, dtype=torch.float32)
+    return usable_weights(torch.tensor(weights, dtype=torch.float64).float(), spec)
+
+
+def usable_weights(weights: torch.Tensor, spec: str) -> torch.Tensor:
+    """The weights as the loss uses them (float32): refused when a weight became infinite or every one 0 in
+    the conversion (1e39 overflows, 1e-50 underflows): the loss would be infinite, or 0 with nothing learned."""
+    if not bool(torch.isfinite(weights).all()):
+        raise UserError(f"--class-weights {spec}: a weight is beyond float32's range (about 3.4e38), the precision "
+                        "the loss computes in; scale the weights down (only their ratios matter)")
+    if not bool((weights > 0).any()):
+        raise UserError(f"--class-weights {spec}: every weight is 0 in float32, the precision the loss computes in "
+                        "(below about 1e-45 is 0), so the loss would be 0 and nothing learned; scale them up (only "
+                        "their ratios matter)")
+    return weights
+
+
+def _unique_keys(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"{repeated!r} is given twice")
+    return dict(pairs)
 
 
 def _read_weights_file(path: Path, classes: list[str]) -> list[float]:
     try:
-        mapping = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read class weights from {path} ({e}); pass a JSON object of class: weight") from None
+        mapping = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
+    except (OSError, ValueError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        raise UserError(f"cannot read class weights from {path} ({why}); pass a JSON object of class: weight") \
+            from None
     if not isinstance(mapping, dict) or set(mapping) != set(classes):
         have = sorted(mapping) if isinstance(mapping, dict) else type(mapping).__name__
         raise UserError(f"{path} must map every class ({', '.join(classes)}) to a weight, and nothing else "

@@ -164,7 +164,7 @@ def run_lr_find(cfg: TrainConfig, device_name: str, start_lr: float, end_lr: flo
 
 def _train_step(ctx: TrainingContext, steps: int) -> Callable[[], float]:
     """One optimizer step as `train` takes it (the same loss, accumulation, clipping and augmentation,
-    via the loop's Stepper), over the first `steps` windows of a seeded shuffle; returns its mean loss."""
+    via the loop's micro_step), over the first `steps` windows of a seeded shuffle; returns its mean loss."""
     cfg = ctx.cfg
     apply_schedule(ctx.model, ctx.groups, 0)  # what trains in the first epoch: the head alone when frozen
     inputs = prepare_inputs(ctx, TrainState())

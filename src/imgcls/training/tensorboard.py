@@ -68,9 +68,8 @@ class TensorBoardLog:
         images_per_s, data_time, grad-norm mean/max when logged) as `epoch/<key>`, at `global_step`,
         the optimizer steps done when the epoch ended (default: the last step logged)."""
         step = self.last_step if global_step is None else global_step
-        for key, value in _numbers(record).items():
+        for key, value in _numbers({**record, "epoch": epoch}).items():  # the record holds the epoch already
             self.writer.add_scalar(f"epoch/{key}", value, step)
-        self.writer.add_scalar("epoch/epoch", epoch, step)
         self.last_step = step
         self.writer.flush()  # an epoch's figures show up in a running TensorBoard at once
 

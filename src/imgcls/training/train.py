@@ -30,6 +30,7 @@ from imgcls.errors import UserError
 from imgcls.evaluation.calibration import reliability_bins
 from imgcls.evaluation.metrics import confusion_matrix
 from imgcls.evaluation.significance import read_test_predictions
+from imgcls.kernels.apply import inference_copy
 from imgcls.models import count_parameters
 from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
@@ -94,7 +95,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps, tb)
         if world.main:
             summary = summarize(ctx, run, state, cache_seconds)
-            summary["kernels"] = ctx.plan
+            summary["kernels"] = rundir.read_plan(run)  # how the plan was made, also for a resumed run
             rundir.write_json(run / rundir.SUMMARY, summary)
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
@@ -193,7 +194,8 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
         start = time.perf_counter()
         apply_schedule(ctx.model, ctx.groups, 0)
         prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
-        train, val = [None if split is None else cache_features(ctx.model, split, prep, ctx.device, cfg.eval_precision,
+        backbone = inference_copy(ctx.model, cfg.eval_attention, cfg.eval_depthwise_precision)  # the frozen weights
+        train, val = [None if split is None else cache_features(backbone, split, prep, ctx.device, cfg.eval_precision,
                                                                 cfg.eval_batch_size)
                       for split in (dataset.train, dataset.val)]
         cache_seconds = time.perf_counter() - start

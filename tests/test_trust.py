@@ -1,0 +1,305 @@
+"""Nothing silent, nothing half-written: the four failure classes of a hostile pass, each with a test over
+the whole class (every metadata field, every write path, every numeric option)."""
+
+import ast
+import copy
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+import imgcls
+from imgcls import rundir
+from imgcls.cli import build_parser, main
+from imgcls.config import FIELDS, TYPES, build_config
+from imgcls.errors import UserError
+from imgcls.inference.exported import onnx_engine, read_export_spec
+from imgcls.inference.metadata import ONNX_KEY, parse_spec
+from imgcls.inference.reject import choose_threshold, curve_problem
+from imgcls.inference.run import load_run
+from imgcls.training.imbalance import class_weights
+from imgcls.training.train import fit
+from tests.conftest import tiny_config
+
+PACKAGE = Path(imgcls.__file__).parent
+
+
+@pytest.fixture(scope="module")
+def run(tiny_folder, tmp_path_factory):
+    return fit(tiny_config(tiny_folder, tmp_path_factory.mktemp("trust") / "run", epochs=1))
+
+
+@pytest.fixture(scope="module")
+def export(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust-export") / "export"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    return out
+
+
+# ---------------------------------------------------------------- 1. an export is input, validated
+
+
+def _one_line(fn) -> str:
+    with pytest.raises(UserError) as e:
+        fn()
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def _damage(document: dict, path: tuple, value):
+    damaged = copy.deepcopy(document)
+    target = damaged
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return damaged
+
+
+# (path into the document, a damaged value, the field the one line must name)
+DAMAGES = [
+    (("format",), "imgcls-export-0", "format"), (("model",), "", "model"), (("head",), "huge", "head"),
+    (("classes",), ["cat"], "classes"), (("classes",), ["a", "a", "b"], "classes"), (("classes",), "ab", "classes"),
+    (("preprocessing", "img_size"), 60000, "img_size"), (("preprocessing", "img_size"), 16000, "img_size"),
+    (("preprocessing", "img_size"), "32", "img_size"), (("preprocessing", "img_size"), True, "img_size"),
+    (("preprocessing", "crop_pct"), 0, "crop_pct"), (("preprocessing", "crop_pct"), 1.5, "crop_pct"),
+    (("preprocessing", "crop_pct"), float("nan"), "crop_pct"), (("preprocessing", "mean"), [0.5], "mean"),
+    (("preprocessing", "mean"), [0.5, 0.5, float("inf")], "mean"), (("preprocessing", "std"), [0, 1, 1], "std"),
+    (("preprocessing", "resize"), "nearest", "resize"), (("preprocessing",), "x", "preprocessing"),
+    (("recipe", "aug"), "mystery", "recipe.aug"), (("recipe", "crop_padding"), -1, "recipe.crop_padding"),
+    (("recipe", "crop_fill"), "edge", "recipe.crop_fill"), (("scaling",), {"method": "temperature"}, "scaling"),
+    (("scaling",), {"method": "temperature", "scale": [1e9], "bias": [0.0] * 3}, "scaling"),
+    (("reject_rule",), {"threshold": 7}, "reject_rule"), (("weights",), 3, "weights"),
+    (("risk_coverage",), {"threshold": [0.5], "coverage": [0.3], "accuracy": [0.9]}, "risk_coverage"),
+    (("risk_coverage",), {"threshold": ["x"], "coverage": [1.0], "accuracy": [0.9]}, "risk_coverage"),
+]
+
+
+@pytest.mark.parametrize("path, value, field", DAMAGES, ids=[f"{'.'.join(d[0])}={d[1]!r}"[:40] for d in DAMAGES])
+def test_every_export_field_is_checked_on_read(export, path, value, field):
+    document = json.loads((export / "model.json").read_text())
+    parse_spec(document, "model.json")  # the real document reads
+    message = _one_line(lambda: parse_spec(_damage(document, path, value), "model.json"))
+    assert "model.json" in message and field.split(".")[-1] in message
+
+
+def test_a_damaged_model_json_is_refused_before_any_image_is_read(export, tmp_path, tiny_folder):
+    """img_size 60000 ran predict until killed at 13 GB; crop_pct 0 gave an error row per image and exit 0."""
+    for field, value in (("img_size", 60000), ("crop_pct", 0)):
+        damaged = tmp_path / f"export-{field}"
+        damaged.mkdir()
+        (damaged / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+        document = json.loads((export / "model.json").read_text())
+        document["preprocessing"][field] = value
+        (damaged / "model.json").write_text(json.dumps(document))
+        assert main(["predict", str(damaged), str(tiny_folder / "test")]) == 2
+        with pytest.raises(UserError, match=f"model.json: preprocessing.{field} is"):
+            read_export_spec(damaged)
+
+
+def test_an_onnx_file_whose_metadata_disagrees_with_its_graph_is_refused(export, tmp_path):
+    """One class name deleted: 2 names for a 3-output graph shifted every label onto another class."""
+    model = onnx.load(str(export / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    document = json.loads(props[ONNX_KEY])
+    others = {k: v for k, v in props.items() if k != ONNX_KEY}
+    cases = {"one-class-short": {**others, ONNX_KEY: json.dumps({**document, "classes": document["classes"][:-1]})},
+             "not-json": {**others, ONNX_KEY: "{not json"}, "absent": others}
+    for name, metadata in cases.items():
+        damaged = tmp_path / f"{name}.onnx"
+        del model.metadata_props[:]
+        for key, value in metadata.items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(damaged))
+        assert str(damaged) in _one_line(lambda path=damaged: onnx_engine(path)), name
+    assert "outputs" in _one_line(lambda: onnx_engine(tmp_path / "one-class-short.onnx"))
+
+
+# ---------------------------------------------------------------- 2. derived files record their source
+
+
+def test_eval_on_other_data_never_writes_into_the_run(run, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    before = (run / "eval-val.json").exists()
+    assert main(["eval", str(run), "--data", str(tiny_folder), "--split", "val", "--device", "cpu"]) == 0
+    assert (run / "eval-val.json").exists() == before  # the run's own file is untouched
+    written = tmp_path / f"eval-{tiny_folder.name}-val.json"
+    assert written.is_file() and json.loads(written.read_text())["data"] == str(tiny_folder)
+    assert main(["eval", str(run), "--data", str(tiny_folder), "--out", str(run / "eval-x.json")]) == 2
+
+
+def test_a_calibration_fitted_on_another_checkpoint_is_refused(run, tiny_folder, tmp_path):
+    trained = load_run(run)
+    stored = {"method": "temperature", "scaling": {"method": "temperature", "scale": [0.8], "bias": [0.0] * 3},
+              "weights": "0" * 64, "splits": {}}
+    rundir.write_json(run / rundir.CALIBRATION, stored)
+    try:
+        for argv in (["eval", str(run)], ["predict", str(run), str(tiny_folder / "test")],
+                     ["export", str(run), "--out", str(tmp_path / "e")]):
+            assert main(argv) == 2, argv
+        with pytest.raises(UserError, match="fitted on another checkpoint than best.pt.*imgcls calibrate"):
+            load_run(run)
+        rundir.write_json(run / rundir.CALIBRATION, {**stored, "weights": trained.digest})  # fitted on this one
+        assert load_run(run).scaling.temperature == pytest.approx(1.25)
+        assert load_run(run, calibrated=False).scaling is None  # what calibrate reads: it fits a new one
+    finally:
+        (run / rundir.CALIBRATION).unlink()
+
+
+def test_a_run_being_trained_is_refused_and_one_killed_before_an_epoch_says_how_to_go_on(run, tmp_path, capsys):
+    lock = rundir.RunLock(run)
+    lock.acquire()
+    try:
+        for command in ("eval", "calibrate", "export", "report"):
+            assert main([command, str(run)]) == 2
+            assert f"is being trained (process {__import__('os').getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
+    early = tmp_path / "early"
+    early.mkdir()
+    for name in (rundir.CONFIG, rundir.DATASET):
+        (early / name).write_bytes((run / name).read_bytes())
+    message = _one_line(lambda: load_run(early))
+    assert "has not finished an epoch" in message and f"imgcls train --resume {early}" in message
+
+
+def test_a_stored_curve_is_checked_and_coverage_beyond_it_is_no_crash():
+    assert curve_problem({"threshold": [0.9, 0.5], "coverage": [0.5, 1.0], "accuracy": [1.0, 0.8]}) is None
+    assert curve_problem({"threshold": [0.5, 0.9], "coverage": [0.5, 1.0], "accuracy": [1.0, 0.8]})  # unordered
+    assert curve_problem([1, 2]) and curve_problem({"threshold": [0.9], "coverage": [0.6], "accuracy": [0.9]})
+    rule = choose_threshold({"threshold": [0.9], "coverage": [0.6], "accuracy": [0.9]}, coverage=0.8)
+    assert rule["coverage"] == 0.6  # the most the curve accepts
+
+
+# ---------------------------------------------------------------- 3. outputs land whole
+
+
+WRITERS = ("write_text", "write_bytes", "savefig", "savez", "savez_compressed", "save_file", "save")
+# Where a file is written without rundir.atomic_path, and why that is safe.
+DIRECT_WRITES = {
+    "imgcls.rundir": "the atomic writer itself",
+    "imgcls.export.onnx_export": "into the export's staging folder, renamed into place whole",
+    "imgcls.export.safetensors_export": "into the export's staging folder, renamed into place whole",
+    "imgcls.export.quantize": "into the export's staging folder, renamed into place whole",
+    "imgcls.export": "the model card, into the staging folder",
+    "imgcls.models.checkpoint": "torch.save into a buffer, then rundir.atomic_write_bytes",
+    "imgcls.evaluation.significance": "np.savez into a buffer, then rundir.atomic_write_bytes",
+    "imgcls.reporting.audit_report": "a PNG into a buffer for an inline image",
+    "imgcls.reporting.predictions": "rows streamed into the temporary path write_rows' atomic_path gives",
+    "imgcls.evaluation.analysis": "np.savez_compressed into the temporary path of rundir.atomic_path",
+    "imgcls.plotting": "fig.savefig into the temporary path of rundir.atomic_path",
+}
+
+
+def test_every_write_goes_through_the_atomic_writer():
+    """A new module that writes a file without rundir.atomic_path (or a staged folder) fails here."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            writes = isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in WRITERS
+            opens = isinstance(node, ast.Call) and getattr(node.func, "id", None) == "open" and any(
+                isinstance(a, ast.Constant) and isinstance(a.value, str) and set(a.value) & set("wax")
+                for a in node.args[1:2] + [k.value for k in node.keywords if k.arg == "mode"])
+            if writes or opens:
+                found.setdefault(module, []).append(node.lineno)
+    assert set(found) <= set(DIRECT_WRITES), {m: found[m] for m in set(found) - set(DIRECT_WRITES)}
+
+
+def test_two_predicts_into_one_file_leave_one_whole_result(run, tiny_folder, tmp_path):
+    out = tmp_path / "same.csv"
+    cmd = [sys.executable, "-m", "imgcls", "predict", str(run), str(tiny_folder / "test"), "--out", str(out),
+           "--quiet", "--workers", "0"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    lines = out.read_text().splitlines()
+    assert len(lines) == 31 and all(line.count(",") == lines[0].count(",") for line in lines)
+    assert not list(tmp_path.glob(".same.csv*"))  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_old_file_and_threads_never_splice(tmp_path):
+    target = tmp_path / "keep.json"
+    rundir.write_json(target, {"old": True})
+    with pytest.raises(RuntimeError), rundir.atomic_file(target) as f:
+        f.write('{"new": ')
+        raise RuntimeError("killed mid-write")
+    assert json.loads(target.read_text()) == {"old": True} and len(list(tmp_path.iterdir())) == 1
+
+    def write(k: int):
+        for _ in range(20):
+            rundir.write_json(target, {"writer": k, "rows": list(range(2000))})
+
+    threads = [threading.Thread(target=write, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert json.loads(target.read_text())["rows"] == list(range(2000))
+
+
+# ---------------------------------------------------------------- 4. numbers checked as they are used
+
+
+FLOAT_OPTIONS = [name for name, kind in TYPES.items() if kind in (float, float | None)]
+
+
+@pytest.mark.parametrize("name", FLOAT_OPTIONS)
+def test_every_float_option_is_checked_in_float32(name):
+    """1e-50 is 0 in float32 and 1e39 infinite: either would be used silently as something else."""
+    meta = FIELDS[name].metadata
+    extra = {"ema": {}, "whiten_bias_epochs": {}}.get(name, {})
+    for value in (1e-50, 1e39):
+        high = meta["high"]
+        if high is not None and value > high:
+            continue  # already out of bounds
+        low = meta["low"]
+        if low is not None and value < low:
+            continue
+        with pytest.raises(UserError, match="float32"):
+            build_config(**{name: value}, **extra, **_needs(name))
+
+
+def _needs(name: str) -> dict:
+    """What an option needs beside it to be accepted at all."""
+    return {"focal_gamma": {"loss": "focal"}, "final_lr_factor": {"schedule": "linear"},
+            "layer_decay": {"pretrained": "w.safetensors"}, "clip_grad": {}}.get(name, {})
+
+
+@pytest.mark.parametrize("spec, phrase", [("1e-50,1e-50,1e-50", "float32"), ("1e39,1,1", "float32"),
+                                          ("1e-46,1e-46,1", "float32")])
+def test_class_weights_are_checked_after_conversion(spec, phrase):
+    labels = torch.tensor([0, 1, 2, 0])
+    with pytest.raises(UserError, match=phrase):
+        class_weights(spec, labels, ["a", "b", "c"])
+    assert torch.equal(class_weights("1,2,3", labels, ["a", "b", "c"]), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_a_weights_file_with_duplicate_keys_or_deep_nesting_is_one_line(tmp_path):
+    labels = torch.tensor([0, 1])
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"a": 1, "b": 2, "a": 3}')
+    assert "given twice" in _one_line(lambda: class_weights(str(twice), labels, ["a", "b"]))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in _one_line(lambda: class_weights(str(deep), labels, ["a", "b"]))
+
+
+# ---------------------------------------------------------------- the review's findings, kept
+
+
+def test_every_command_help_renders():
+    """A bare % in a help text made train, lr-find and export --help crash in argparse."""
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command in commands:
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0, command
+    assert len(commands) >= 12
