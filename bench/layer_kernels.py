@@ -2,8 +2,9 @@
 
     python bench/layer_kernels.py [--batch-size 128] [--repeats 10] [--layout-model resnet18_cifar]
 
-Attention: one layer of vit_cifar (65 tokens, 8 heads of 32) forward and backward, through each
-scaled_dot_product_attention backend and written out (matmul, softmax, matmul), in bf16 and fp32.
+Attention: one layer of vit_cifar (65 tokens, 8 heads of 32) forward and backward, through
+scaled_dot_product_attention as torch dispatches it ("sdpa", imgcls's candidate), pinned to each CPU
+backend (math, flash), and written out (matmul, softmax, matmul: "manual"), in bf16 and fp32.
 Depthwise: convnext_cifar's 7x7 depthwise convolutions (channels-last, one per stage: 64 channels at
 16x16 down to 512 at 2x2) forward and backward, in bf16 and fp32. Milliseconds, medians of
 `--repeats` calls after two warm-up calls; the variants of one row are timed in turn.
@@ -46,6 +47,8 @@ def attention_step(kind: str, dtype: torch.dtype, batch: int, heads=8, tokens=65
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         if kind == "manual":  # as imgcls's ViT and timm's attention with fused_attn off
             out = ((q * dim**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        elif kind == "sdpa":  # torch picks the backend: what imgcls's "sdpa" candidate runs
+            out = F.scaled_dot_product_attention(q, k, v)
         else:
             with sdpa_kernel(BACKENDS[kind]):
                 out = F.scaled_dot_product_attention(q, k, v)
@@ -92,7 +95,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} threads, batch {args.batch_size}, ms per forward + backward (medians)")
     for dtype in (torch.bfloat16, torch.float32):
         row = {kind: median_ms(attention_step(kind, dtype, args.batch_size), args.repeats)
-               for kind in ("math", "flash", "manual")}
+               for kind in ("sdpa", "math", "flash", "manual")}
         print(f"attention, one vit_cifar layer, {str(dtype)[6:]}: "
               + ", ".join(f"{kind} {ms:.1f}" for kind, ms in row.items()))
     for channels, size in STAGES:

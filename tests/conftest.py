@@ -65,3 +65,21 @@ def tiny_folder(tmp_path_factory, mini) -> Path:
                 ext = "png" if n % 2 else "jpg"
                 Image.fromarray(source.images[i].permute(1, 2, 0).numpy()).save(folder / f"{n:03d}.{ext}")
     return root
+
+
+@pytest.fixture(scope="session")
+def one_epoch_run(tiny_folder, tmp_path_factory) -> Path:
+    """One epoch of TINY_RUN on the tiny folder, shared by the modules that only read it (or restore it)."""
+    from imgcls.training.train import fit
+
+    return fit(tiny_config(tiny_folder, tmp_path_factory.mktemp("one-epoch") / "run", epochs=1))
+
+
+@pytest.fixture(scope="session")
+def one_epoch_export(one_epoch_run, tmp_path_factory) -> Path:
+    """`imgcls export` of one_epoch_run (ONNX and safetensors, with its parity proof)."""
+    from imgcls.cli import main
+
+    out = tmp_path_factory.mktemp("one-epoch-export") / "export"
+    assert main(["export", str(one_epoch_run), "--out", str(out)]) == 0
+    return out

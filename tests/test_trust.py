@@ -23,22 +23,18 @@ from imgcls.inference.metadata import ONNX_KEY, parse_spec
 from imgcls.inference.reject import choose_threshold, curve_problem
 from imgcls.inference.run import load_run
 from imgcls.training.imbalance import class_weights
-from imgcls.training.train import fit
-from tests.conftest import tiny_config
 
 PACKAGE = Path(imgcls.__file__).parent
 
 
-@pytest.fixture(scope="module")
-def run(tiny_folder, tmp_path_factory):
-    return fit(tiny_config(tiny_folder, tmp_path_factory.mktemp("trust") / "run", epochs=1))
+@pytest.fixture
+def run(one_epoch_run):
+    return one_epoch_run
 
 
-@pytest.fixture(scope="module")
-def export(run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("trust-export") / "export"
-    assert main(["export", str(run), "--out", str(out)]) == 0
-    return out
+@pytest.fixture
+def export(one_epoch_export):
+    return one_epoch_export
 
 
 # ---------------------------------------------------------------- 1. an export is input, validated

@@ -36,9 +36,8 @@ from imgcls.errors import UserError
 from imgcls.options import NEAR_DUPLICATE_BITS
 
 THUMB = 32  # every image is shown in the HTML page as a 32 x 32 copy (and CIFAR hashed from its own 32 x 32)
-# Bits two hashes may differ in and still count as near-duplicates. Measured on CIFAR-10 (see the README):
-# a JPEG re-encode at quality 70 or a 32 -> 40 px resize moves 0-3 bits; two distinct images of one class
-# are within 4 bits about once in 10^6 pairs, and within 8 bits about once in 10^4.
+# Bits two hashes may differ in and still count as near-duplicates: at 4, every planted re-encoded, brightened
+# and resized copy of real photos is found, and no distinct pair up to 10 (bench/near_duplicates.py).
 NEAR_DISTANCE = NEAR_DUPLICATE_BITS
 MAX_PAIRS = 5000  # pairs listed per kind in the JSON; the counts are always complete
 ASPECT_LIMIT = 3.0  # training centre-crops the shorter side, so beyond 3:1 it sees under a third of the image

@@ -70,6 +70,20 @@ def valid(field_name: str, value, device_type: str = "cpu") -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_EVAL_BATCH
 
 
+MAX_TIMINGS = 16  # candidates timed for one question: a few kernels, or the EVAL_BATCHES, or the GEMM probe's
+
+
+def timings(hit: dict) -> dict:
+    """The timings stored beside a cached choice when they look like timings (at most MAX_TIMINGS names, each a
+    positive finite number of milliseconds or None); else none: a hand-edited cache cannot fill a run's plan."""
+    found = hit.get("timings")
+    if not isinstance(found, dict) or len(found) > MAX_TIMINGS:
+        return {}
+    ok = all(isinstance(k, str) and len(k) <= 40 and (v is None or (isinstance(v, float) and 0 < v < float("inf")))
+             for k, v in found.items())
+    return found if ok else {}
+
+
 def read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())

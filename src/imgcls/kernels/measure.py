@@ -315,7 +315,7 @@ class _Settler:
             hit = self.entry.get(f)
             if isinstance(hit, dict) and cache.valid(f, hit.get("value"), self.bench.device.type):
                 setattr(self.choice, f, hit["value"])
-                self.choice.source[f], self.choice.timings[f] = "cache", hit.get("timings", {})
+                self.choice.source[f], self.choice.timings[f] = "cache", cache.timings(hit)
             else:
                 todo.append(f)
         if todo:
