@@ -16,6 +16,7 @@ LAYERS = [
     {"evaluation"},
     {"training"},
     {"export"},
+    {"serving"},  # imgcls serve: over the engine (inference) and the export's files; nothing below imports it
     {"reporting"},
     {"cli", "__main__", "__init__"},
 ]

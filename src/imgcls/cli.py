@@ -132,6 +132,8 @@ def _use_parsers(sub, common) -> None:
     exp.add_argument("--out", help="export folder (default RUN/export)")
     add_options(exp, "--format", "--opset", "--quantize", "--checkpoint")
 
+    _serve_parser(sub, common)
+
     cam = sub.add_parser("cam", parents=[common], help="Grad-CAM heat-maps over image files",
                          description="Explain a run's (or a safetensors export's) predictions: the heat-map of the "
                                      "chosen class over each image (CNNs: last convolutional stage; ViTs: patch "
@@ -140,6 +142,28 @@ def _use_parsers(sub, common) -> None:
     cam.add_argument("images", nargs="+", help="image files")
     cam.add_argument("--out", default="cam", help="folder for the overlays (cam)")
     add_options(cam, "--class", "--method", "--checkpoint")
+
+
+def _serve_parser(sub, common) -> None:
+    srv = sub.add_parser("serve", parents=[common], help="serve a run or an export over HTTP (needs imgcls[serve])",
+                         description="POST /v1/predict answers as imgcls predict does; GET /v1/model, /v1/drift, "
+                                     "/metrics (Prometheus), /healthz, /readyz, / (a page to drop an image on), "
+                                     "/docs (OpenAPI). SIGTERM finishes the requests in flight, then exits 0.")
+    srv.add_argument("source", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
+    srv.add_argument("--max-batch", type=int, default=32, help="images scored together at most; 1 turns "
+                                                                "micro-batching off (32)")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images (5)")
+    srv.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it 503 (256)")
+    srv.add_argument("--max-bytes", type=int, default=20 << 20, help="largest request body in bytes (20 MiB)")
+    srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a body may take to arrive (30)")
+    srv.add_argument("--drain-timeout", type=int, default=30, help="seconds in-flight requests get on SIGTERM (30)")
+    srv.add_argument("--max-connections", type=int, default=512, help="open connections at most; past them 503 (512)")
+    srv.add_argument("--drift-window", type=int, default=1000, help="served images drift is measured over (1000)")
+    srv.add_argument("--drift-psi", type=float, default=0.25, help="PSI above which drift is logged (0.25)")
+    add_options(srv, "--topk", "--checkpoint", "--device", "--reject", "--target-accuracy", "--coverage",
+                "--batch-size")
 
 
 # train's options that change what augment-preview draws
@@ -292,6 +316,19 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from imgcls.serving.server import serve
+    from imgcls.serving.settings import ServeSettings
+
+    return serve(args.source, ServeSettings(
+        host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_bytes=args.max_bytes,
+        body_timeout_s=args.body_timeout, drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
+        reject=args.reject,
+        target_accuracy=args.target_accuracy, coverage=args.coverage, topk=args.topk, drift_window=args.drift_window,
+        drift_min_images=min(200, args.drift_window), drift_psi=args.drift_psi))
+
+
 def cmd_export(args) -> int:
     from imgcls.export import export_run
     from imgcls.reporting.console import format_int8, format_parity
@@ -433,7 +470,8 @@ def cmd_audit(args) -> int:
 
 COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "calibrate": cmd_calibrate,
             "predict": cmd_predict, "cam": cmd_cam, "report": cmd_report, "models": cmd_models, "compare": cmd_compare,
-            "augment-preview": cmd_augment_preview, "export": cmd_export, "audit": cmd_audit}
+            "augment-preview": cmd_augment_preview, "export": cmd_export, "audit": cmd_audit,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
