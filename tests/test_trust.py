@@ -299,3 +299,16 @@ def test_every_command_help_renders():
             main([command, "--help"])
         assert done.value.code == 0, command
     assert len(commands) >= 12
+
+
+def test_eval_on_other_data_from_inside_the_run_never_writes_into_it(run, tiny_folder, monkeypatch, capsys):
+    """A hostile pass: `cd RUN && imgcls eval . --data OTHER` wrote eval-OTHER-val.json into the run, and an
+    --out in a folder that does not exist was a bare FileNotFoundError."""
+    monkeypatch.chdir(run)
+    before = sorted(p.name for p in run.iterdir())
+    assert main(["eval", ".", "--data", str(tiny_folder), "--split", "val", "--device", "cpu"]) == 2
+    assert "inside the run" in capsys.readouterr().err
+    assert main(["eval", ".", "--data", str(tiny_folder), "--out", "sub/x.json"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", ".", "--data", str(tiny_folder), "--split", "val", "--out", "eval-val.json"]) == 2
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -32,17 +32,23 @@ def parse_tta_flag(mode: str) -> str | int:
 
 def eval_out(run: str | Path, split: str, data: str | None, out: str | Path | None) -> Path:
     """Where eval writes: `out` when given; else the run's eval-<split>.json for its own data, and
-    eval-<data>-<split>.json here for other data (a run's folder only holds results of its own data)."""
-    if out is not None:
-        out = Path(out)
-        if out.suffix != ".json" or out.is_dir():
-            raise UserError(f"--out {out} must name a .json file; e.g. --out eval-other.json")
-        inside = out.parent.resolve() == Path(run).resolve()
-        if inside and (data is not None or out.name != f"eval-{split}.json"):
-            raise UserError(f"--out {out} is inside the run, which holds only its own data's eval-{split}.json; "
-                            "write the results elsewhere")
-        return out
-    return Path(run) / f"eval-{split}.json" if data is None else Path(f"eval-{Path(str(data)).name}-{split}.json")
+    eval-<data>-<split>.json here for other data. A run's folder (or one inside it) only ever holds results
+    of its own data, however the path is spelled (`eval . --data OTHER` from inside the run included)."""
+    own = Path(run) / f"eval-{split}.json"
+    if out is None:
+        target = own if data is None else Path(f"eval-{Path(str(data)).name}-{split}.json")
+    else:
+        target = Path(out)
+        if target.suffix != ".json" or target.is_dir():
+            raise UserError(f"--out {target} must name a .json file; e.g. --out eval-other.json")
+        if not target.parent.is_dir():
+            raise UserError(f"--out {target}: the folder {target.parent} does not exist; create it or choose "
+                            "another --out")
+    run_dir = Path(run).resolve()
+    if target.resolve().parent.is_relative_to(run_dir) and (data is not None or target.resolve() != own.resolve()):
+        raise UserError(f"{target} is inside the run {run}, which holds only its own data's eval-{split}.json; "
+                        "write these results elsewhere with --out FILE.json")
+    return target
 
 
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
