@@ -18,6 +18,7 @@ from imgcls.config import build_config
 from imgcls.data import load_dataset
 from imgcls.errors import UserError
 from imgcls.training.train import Interrupted, fit
+from tests.conftest import tiny_config
 
 from .conftest import run_metrics
 
@@ -188,9 +189,8 @@ def test_a_folder_keeps_its_own_val_split(tiny_folder, tmp_path):
 
 
 def test_resumed_run_without_val_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_path):
-    def cfg(out):
-        return build_config(data=str(tiny_folder), model="fastnet_cifar_small", epochs=2, batch_size=32,
-                            img_size=32, quiet=True, precision="fp32", val_fraction=0, out=str(out))
+    def cfg(out):  # TINY_RUN gives the layout: two runs on a busy machine could time their way to two layouts
+        return tiny_config(tiny_folder, out, val_fraction=0)
 
     straight = fit(cfg(tmp_path / "straight"))
     with pytest.raises(Interrupted):

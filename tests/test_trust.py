@@ -69,6 +69,9 @@ DAMAGES = [
     (("preprocessing", "crop_pct"), 0, "crop_pct"), (("preprocessing", "crop_pct"), 1.5, "crop_pct"),
     (("preprocessing", "crop_pct"), float("nan"), "crop_pct"), (("preprocessing", "mean"), [0.5], "mean"),
     (("preprocessing", "mean"), [0.5, 0.5, float("inf")], "mean"), (("preprocessing", "std"), [0, 1, 1], "std"),
+    # a hostile pass: numbers finite in float64 that are zero or infinite in the float32 normalisation
+    (("preprocessing", "std"), [0.2, 1e-50, 0.2], "std"), (("preprocessing", "mean"), [1e39, 0.4, 0.4], "mean"),
+    (("preprocessing", "crop_pct"), 1e-300, "crop_pct"),
     (("preprocessing", "resize"), "nearest", "resize"), (("preprocessing",), "x", "preprocessing"),
     (("recipe", "aug"), "mystery", "recipe.aug"), (("recipe", "crop_padding"), -1, "recipe.crop_padding"),
     (("recipe", "crop_fill"), "edge", "recipe.crop_fill"), (("scaling",), {"method": "temperature"}, "scaling"),

@@ -20,6 +20,11 @@ from imgcls.errors import UserError
 from imgcls.inference.reject import curve_problem
 from imgcls.inference.scaling import Scaling, parse_scaling
 
+# Pixel statistics of images scaled to [0, 1] lie in these ranges (a std is at most 0.5 there); outside them the
+# float32 normalisation overflows or flushes to zero (std 1e-50, mean 1e39), so the numbers cannot be real.
+STAT_RANGES = {"mean": (0.0, 1.0), "std": (1e-3, 1.0)}
+MIN_CROP_PCT = 0.25  # the centre crop of any model's eval transform keeps far more; 1e-300 would resize to infinity
+
 FORMAT = "imgcls-export-2"
 OLDER_FORMATS = ("imgcls-export-1",)  # model.json without recipe or weights digest; read with defaults
 ONNX_KEY = "imgcls.export"
@@ -97,14 +102,14 @@ def _preprocessing(r: _Reader, d, prefix: str = "preprocessing.") -> Preprocessi
     if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
         r.fail(f"{prefix}img_size", f"is {size!r}, not a whole number of pixels from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}")
     stats = {}
-    for key in ("mean", "std"):
+    for key, (low, high) in STAT_RANGES.items():
         v = d.get(key)
         if not (isinstance(v, list) and len(v) == 3 and all(
-                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and (key == "mean" or x > 0)
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and low <= x <= high
                 for x in v)):
-            r.fail(f"{prefix}{key}", f"is {v!r}, not three {'positive ' if key == 'std' else ''}numbers (R, G, B)")
+            r.fail(f"{prefix}{key}", f"is {v!r}, not three numbers (R, G, B) from {low} to {high}")
         stats[key] = tuple(float(x) for x in v)
-    crop = r.number(f"{prefix}crop_pct", d.get("crop_pct", 1.0), 0.0, 1.0, open_low=True)
+    crop = r.number(f"{prefix}crop_pct", d.get("crop_pct", 1.0), MIN_CROP_PCT, 1.0)
     if d.get("resize", RESIZE_RULE) != RESIZE_RULE or d.get("input", INPUT_LAYOUT) != INPUT_LAYOUT:
         r.fail(f"{prefix}resize/input", "names a resize rule or input layout this imgcls does not know")
     return Preprocessing(size, stats["mean"], stats["std"], crop)
