@@ -105,7 +105,7 @@ CASES = [
     ("eval-img-size-text", lambda r, t, p: ["eval", str(_edit_dataset(r, p, img_size="32"))], "img_size is '32'"),
     ("eval-mean-one-value", lambda r, t, p: ["eval", str(_edit_dataset(r, p, mean=[0.5]))], "mean is [0.5]"),
     ("predict-std-zero", lambda r, t, p: ["predict", str(_edit_dataset(r, p, std=[0, 0, 0])), _image(t)],
-     "three positive numbers"),
+     "std is [0, 0, 0], not three numbers (R, G, B) from 0.001 to 1.0"),
     ("eval-classes-a-string", lambda r, t, p: ["eval", str(_edit_dataset(r, p, classes="airplane"))],
      "not a list of two or more class names"),
     ("cam-classes-repeated", lambda r, t, p: ["cam", str(_edit_dataset(r, p, classes=["a", "a", "b"])), _image(t),
