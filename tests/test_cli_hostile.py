@@ -233,3 +233,30 @@ def test_a_command_that_replaces_a_file_says_so(run, tiny_folder, tmp_path, caps
         assert "replaced" not in capsys.readouterr().out, name
         assert main(argv) == 0
         assert "(replaced the existing " in capsys.readouterr().out.splitlines()[-1], name
+
+
+def test_predict_takes_images_after_its_options(run, tiny_folder, capsys):
+    """`predict RUN --checkpoint last a.png` was 'unrecognized arguments' from argparse."""
+    image = str(next((tiny_folder / "test" / "bird").glob("*.png")))
+    capsys.readouterr()
+    assert main(["predict", str(run), "--checkpoint", "last", image, "--topk", "1"]) == 0
+    assert image in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # an unknown option is still argparse's error
+        main(["predict", str(run), image, "--no-such-option"])
+
+
+def test_the_predict_bar_never_shows_a_missing_rate(capsys):
+    """Before rich had a rate, the bar read 'None /s'."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from imgcls.reporting.console import _ImagesPerSecond
+
+    column = _ImagesPerSecond()
+    with Progress(column, console=Console(file=io.StringIO())) as bar:
+        task = bar.add_task("x", total=10)
+        assert str(column.render(bar.tasks[0])) == ""
+        bar.advance(task, 5)
+        assert "None" not in str(column.render(bar.tasks[0]))

@@ -181,7 +181,7 @@ def test_an_existing_out_file_is_replaced_whole_or_left_as_it_was(run, tiny_fold
     assert "replaced" not in capsys.readouterr().out
     before = out.read_bytes()
     assert main(["predict", str(run), images, "--out", str(out), "--quiet"]) == 0
-    assert "(replaced the existing file)" in capsys.readouterr().out and out.read_bytes() == before
+    assert "(replaced the existing preds.csv)" in capsys.readouterr().out and out.read_bytes() == before
 
     def broken_rows():  # the writer dies after one row: the file it replaces must not be cut
         yield {"path": "a.png", "label": "bird", "confidence": 0.9, "rejected": False, "energy": 1.0,

@@ -4,6 +4,7 @@ disagrees, and usable like any export."""
 import json
 
 import pytest
+import torch
 
 from imgcls.cli import main
 from imgcls.errors import UserError
@@ -65,3 +66,41 @@ def test_quantize_needs_an_onnx_export(run, tmp_path):
     with pytest.raises(SystemExit) as exit_:  # argparse: not a choice
         main(["export", str(run), "--quantize", "int4"])
     assert exit_.value.code == 2
+
+
+def test_layer_norms_quantize_without_a_warning_per_layer(export_spec_free_graph, caplog, tmp_path):
+    """onnxruntime warned once per LayerNorm (a ViT printed a screenful); the fallback it takes is wanted."""
+    import logging
+
+    from imgcls.inference.metadata import parse_spec
+
+    graph, spec_file = export_spec_free_graph
+    spec = parse_spec(json.loads(spec_file.read_text()), str(spec_file))
+    batches = [torch.randn(2, 16) for _ in range(3)]
+    with caplog.at_level(logging.WARNING):
+        out = quantize.quantize_int8(graph, tmp_path / "q.onnx", batches, spec)
+    assert out.is_file() and not [r for r in caplog.records if "out-of-range" in r.getMessage()]
+    assert logging.getLogger().filters == []  # the filter is gone once quantization ends
+
+
+@pytest.fixture
+def export_spec_free_graph(one_epoch_export, tmp_path):
+    """A graph of two LayerNorms (input 'images', float 2 x 16) and a real export's model.json for metadata."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits, x = [], [], "images"
+    for i in range(2):
+        w = numpy_helper.from_array(torch.randn(16, 16).numpy(), f"w{i}")
+        g = numpy_helper.from_array(torch.ones(16).numpy(), f"g{i}")
+        b = numpy_helper.from_array(torch.zeros(16).numpy(), f"b{i}")
+        inits += [w, g, b]
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("LayerNormalization", [f"m{i}", f"g{i}", f"b{i}"], [f"n{i}"], axis=-1)]
+        x = f"n{i}"
+    nodes.append(helper.make_node("Identity", [x], ["logits"]))
+    graph = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [2, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 16])], inits)
+    path = tmp_path / "ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path, one_epoch_export / "model.json"

@@ -114,6 +114,12 @@ def test_recipe_then_flags(tmp_path):
     recipe.write_text("epochz: 3\n")
     with pytest.raises(UserError, match="unknown option.*epochz"):
         build_config(recipe)
+    for bad in ("lr: -1", "lr: 1e-50", "epochs: 0"):  # a value out of bounds names the file it came from
+        recipe.write_text(bad + "\n")
+        with pytest.raises(UserError, match=f"recipe {recipe}: --"):
+            build_config(recipe)
+    with pytest.raises(UserError, match="give a value above 1e-45"):  # not "give 0": --lr must be > 0
+        build_config(lr=1e-50)
 
 
 def test_default_quickstart_reaches_a_sensible_accuracy_on_mini(tmp_path):

@@ -4,6 +4,7 @@ the whole class (every metadata field, every write path, every numeric option)."
 import ast
 import copy
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -64,6 +65,8 @@ def _damage(document: dict, path: tuple, value):
 DAMAGES = [
     (("format",), "imgcls-export-0", "format"), (("model",), "", "model"), (("head",), "huge", "head"),
     (("classes",), ["cat"], "classes"), (("classes",), ["a", "a", "b"], "classes"), (("classes",), "ab", "classes"),
+    (("classes",), ["cat\ndog 0.99", "b", "c"], "classes"), (("classes",), ["a\x00", "b", "c"], "classes"),
+    (("classes",), ["\u202etac", "b", "c"], "classes"),
     (("preprocessing", "img_size"), 60000, "img_size"), (("preprocessing", "img_size"), 16000, "img_size"),
     (("preprocessing", "img_size"), "32", "img_size"), (("preprocessing", "img_size"), True, "img_size"),
     (("preprocessing", "crop_pct"), 0, "crop_pct"), (("preprocessing", "crop_pct"), 1.5, "crop_pct"),
@@ -104,13 +107,31 @@ def test_a_damaged_model_json_is_refused_before_any_image_is_read(export, tmp_pa
             read_export_spec(damaged)
 
 
+@pytest.mark.parametrize("name", [b"cat\ndog", b"tab\there", b"\xffnot-utf8", "\u202etac".encode(), b"bell\x07"])
+def test_a_class_folder_whose_name_would_forge_output_is_refused(tmp_path, name):
+    """A newline in a label forged lines in the summary and the server's metrics; bytes that are not UTF-8 broke
+    the JSON and HTML written after training."""
+    from PIL import Image
+
+    from imgcls.data.folder import scan
+
+    for cls in (name, b"plain"):
+        folder = Path(os.fsdecode(bytes(tmp_path) + b"/" + cls))
+        folder.mkdir()
+        Image.new("RGB", (8, 8)).save(folder / "0.png")
+    message = _one_line(lambda: scan(tmp_path))
+    assert "class name" in message and "rename the folder" in message
+
+
 def test_an_onnx_file_whose_metadata_disagrees_with_its_graph_is_refused(export, tmp_path):
     """One class name deleted: 2 names for a 3-output graph shifted every label onto another class."""
     model = onnx.load(str(export / "model.onnx"))
     props = {p.key: p.value for p in model.metadata_props}
     document = json.loads(props[ONNX_KEY])
     others = {k: v for k, v in props.items() if k != ONNX_KEY}
-    cases = {"one-class-short": {**others, ONNX_KEY: json.dumps({**document, "classes": document["classes"][:-1]})},
+    short = document["classes"][:-1]
+    cases = {"one-class-short": {**others, "imgcls.classes": json.dumps(short),
+                                 ONNX_KEY: json.dumps({**document, "classes": short})},
              "not-json": {**others, ONNX_KEY: "{not json"}, "absent": others}
     for name, metadata in cases.items():
         damaged = tmp_path / f"{name}.onnx"
@@ -120,6 +141,53 @@ def test_an_onnx_file_whose_metadata_disagrees_with_its_graph_is_refused(export,
         onnx.save(model, str(damaged))
         assert str(damaged) in _one_line(lambda path=damaged: onnx_engine(path)), name
     assert "outputs" in _one_line(lambda: onnx_engine(tmp_path / "one-class-short.onnx"))
+
+
+def test_weights_of_another_export_beside_a_model_json_are_refused(export, tmp_path):
+    """Same architecture, same names, other numbers: only the digest in model.json tells them apart."""
+    from safetensors.torch import load_file, save_file
+
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "model.json").write_text((export / "model.json").read_text())
+    state = load_file(export / "model.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, swapped / "model.safetensors")
+    assert "sha256" in _one_line(lambda: read_export_spec(swapped) and imgcls.load_model(swapped))
+    assert main(["predict", str(swapped), str(export)]) == 2
+    document = json.loads((export / "model.json").read_text())
+    del document["weights_file_sha256"]  # an export written before the digest still loads
+    (swapped / "model.json").write_text(json.dumps(document))
+    (swapped / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    model, _ = imgcls.load_model(swapped)
+    assert model.imgcls["classes"] == document["classes"]
+
+
+# Each flat key edited to a value that reads but disagrees with the document: the keys readers without imgcls use.
+FLAT_EDITS = {"imgcls.classes": lambda v: json.dumps(json.loads(v)[:-1]), "imgcls.img_size": lambda v: str(int(v) * 2),
+              "imgcls.crop_pct": lambda v: "0.5" if v != "0.5" else "0.75", "imgcls.resize": lambda v: "nearest",
+              "imgcls.input": lambda v: "NCHW float32", "imgcls.model": lambda v: v + "_x",
+              "imgcls.mean": lambda v: "[0.1, 0.1, 0.1]", "imgcls.std": lambda v: "[0.9, 0.9, 0.9]"}
+
+
+def test_every_flat_onnx_key_must_agree_with_the_document(export, tmp_path):
+    """A reader without imgcls trusts the flat keys: an edited one would preprocess or label differently from
+    imgcls on the same file, so the file is refused, naming the key."""
+    model = onnx.load(str(export / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert set(FLAT_EDITS) == set(props) - {ONNX_KEY}  # a new flat key needs an edit here
+    for key, edit in FLAT_EDITS.items():
+        damaged = tmp_path / f"{key}.onnx"
+        del model.metadata_props[:]
+        for k, value in {**props, key: edit(props[key])}.items():
+            model.metadata_props.add(key=k, value=value)
+        onnx.save(model, str(damaged))
+        assert key in _one_line(lambda path=damaged: onnx_engine(path)), key
+    respaced = tmp_path / "respaced.onnx"  # the same values spelled differently still read
+    del model.metadata_props[:]
+    for k, value in {**props, "imgcls.classes": json.dumps(json.loads(props["imgcls.classes"]), indent=1)}.items():
+        model.metadata_props.add(key=k, value=value)
+    onnx.save(model, str(respaced))
+    assert onnx_engine(respaced).classes == json.loads(props["imgcls.classes"])
 
 
 # ---------------------------------------------------------------- 2. derived files record their source
@@ -244,6 +312,20 @@ def test_a_failed_write_leaves_the_old_file_and_threads_never_splice(tmp_path):
     assert json.loads(target.read_text())["rows"] == list(range(2000))
 
 
+def test_a_write_through_a_link_replaces_its_target_and_keeps_the_link(run, tiny_folder, tmp_path, capsys):
+    """--out at a symbolic link replaced the link with a file, leaving the file it named stale, while the
+    summary said the existing file was replaced."""
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    capsys.readouterr()
+    assert main(["predict", str(run), str(tiny_folder / "test"), "--out", str(link), "--quiet"]) == 0
+    assert link.is_symlink() and len(real.read_text().splitlines()) == 31
+    assert f"replaced the existing {real} through the link link.csv" in capsys.readouterr().out
+    for bad in (tmp_path, tmp_path / "absent" / "x.csv"):  # a folder, a missing folder: one line each
+        assert "cannot write" in _one_line(lambda bad=bad: rundir.write_json(bad, {}))
+
+
 # ---------------------------------------------------------------- 4. numbers checked as they are used
 
 
@@ -273,12 +355,20 @@ def _needs(name: str) -> dict:
 
 
 @pytest.mark.parametrize("spec, phrase", [("1e-50,1e-50,1e-50", "float32"), ("1e39,1,1", "float32"),
-                                          ("1e-46,1e-46,1", "float32")])
+                                          ("1e-46,1,1", "float32"), ("1,0,1", "positive"),
+                                          ("-1,2,3", "positive")])
 def test_class_weights_are_checked_after_conversion(spec, phrase):
     labels = torch.tensor([0, 1, 2, 0])
     with pytest.raises(UserError, match=phrase):
         class_weights(spec, labels, ["a", "b", "c"])
     assert torch.equal(class_weights("1,2,3", labels, ["a", "b", "c"]), torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_a_weights_file_refuses_a_zero_weight(tmp_path):
+    """A weight of 0 silently drops its class from the loss: the class is never learned."""
+    path = tmp_path / "w.json"
+    path.write_text('{"a": 1, "b": 0}')
+    assert "positive" in _one_line(lambda: class_weights(str(path), torch.tensor([0, 1]), ["a", "b"]))
 
 
 def test_a_weights_file_with_duplicate_keys_or_deep_nesting_is_one_line(tmp_path):

@@ -233,7 +233,12 @@ def _wrote(paths, existed: set[Path]) -> str:
     paths = [Path(p) for p in paths]
     replaced = [p for p in paths if p.resolve() in existed]
     said = f"wrote {', '.join(map(str, paths))}"
-    return said + (f" (replaced the existing {', '.join(p.name for p in replaced)})" if replaced else "")
+    return said + (f" (replaced the existing {', '.join(map(_replaced_name, replaced))})" if replaced else "")
+
+
+def _replaced_name(path: Path) -> str:
+    """The replaced file's name; through a link, the file the link points to (the link itself is kept)."""
+    return f"{path.resolve()} through the link {path.name}" if path.is_symlink() else path.name
 
 
 def cmd_lr_find(args) -> int:
@@ -310,7 +315,7 @@ def cmd_predict(args) -> int:
     start = time.perf_counter()
     counts = write_rows(track(rows, len(paths), "predict", enabled=not args.quiet), out, args.topk)
     rule = "" if threshold is None else f", {counts['rejected']} rejected below {threshold:.4f}"
-    replaced = " (replaced the existing file)" if counts["replaced"] else ""
+    replaced = f" (replaced the existing {_replaced_name(Path(out))})" if counts["replaced"] else ""
     print(f"wrote {out}{replaced}: {counts['images']} files, {counts['errors']} unreadable{rule}; "
           f"{counts['images'] / max(time.perf_counter() - start, 1e-9):.0f} images/s")
     return 0
@@ -474,8 +479,20 @@ COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "calib
             "serve": cmd_serve}
 
 
+def parse(argv: list[str] | None):
+    """argparse, except that predict's images may also follow its options (`predict RUN --checkpoint last a.jpg`),
+    which argparse alone leaves as unrecognized."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "predict" and not any(e.startswith("-") for e in extra):
+        args.images += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own message for what it does not know
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     from imgcls.training.stops import Interrupted
 
     try:

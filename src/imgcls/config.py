@@ -133,8 +133,8 @@ class TrainConfig:
     # loss, sampling and the metric that picks best.pt (imbalanced data)
     class_weights: str = opt("none", "per-class weights in the loss: none; auto (inverse class frequency, "
                                      "normalised so the average image weighs 1); effective:BETA (Cui et al.'s "
-                                     "effective number of samples, e.g. effective:0.999); one weight per class, "
-                                     "comma-separated; or a .json file mapping class names to weights",
+                                     "effective number of samples, e.g. effective:0.999); one positive weight per "
+                                     "class, comma-separated; or a .json file mapping class names to weights",
                              metavar="none|auto|effective:B|W,W,..|FILE")
     sampler: str = opt("uniform", "how each epoch draws its images: uniform (a permutation), balanced (every class "
                                   "equally often, with replacement) or sqrt (classes by the square root of their size)",
@@ -324,15 +324,15 @@ def coerce(name: str, value: Any) -> Any:
 FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.401298464324817e-45  # largest, smallest positive (subnormal)
 
 
-def _check_float32(name: str, v: float) -> None:
+def _check_float32(name: str, v: float, zero_allowed: bool = True) -> None:
     """A float option is used in float32 (the optimizer's rates, the loss's factors): refused when it would
     become infinite there, or 0 when it is not 0."""
     if abs(v) > FLOAT32_MAX:
         raise UserError(f"{flag(name)} {v:g} is beyond float32's range (about 3.4e38), the precision it is used in; "
                         "give a smaller value")
     if v != 0 and abs(v) < FLOAT32_TINY / 2:
-        raise UserError(f"{flag(name)} {v:g} is 0 in float32, the precision it is used in; give 0 or a value above "
-                        "1e-45")
+        raise UserError(f"{flag(name)} {v:g} is 0 in float32, the precision it is used in; give "
+                        + ("0 or " if zero_allowed else "") + "a value above 1e-45")
 
 
 def _check_bounds(name: str, value: Any) -> None:
@@ -343,9 +343,9 @@ def _check_bounds(name: str, value: Any) -> None:
     for v in values:
         if not isinstance(v, int | float) or isinstance(v, bool):
             continue
-        if isinstance(v, float):
-            _check_float32(name, v)
         low, high = meta["low"], meta["high"]
+        if isinstance(v, float):
+            _check_float32(name, v, zero_allowed=low is None or low < 0 or (low == 0 and not meta["open_low"]))
         too_low = low is not None and (v <= low if meta["open_low"] else v < low)
         too_high = high is not None and (v >= high if meta["open_high"] else v > high)
         if too_low or too_high:
@@ -369,9 +369,12 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
         raise UserError(f"recipe {path}: unknown option(s) {', '.join(unknown)}; "
                         f"valid options are {', '.join(sorted(FIELDS))}")
     try:
-        return {k: coerce(k, v) for k, v in values.items()}
+        coerced = {k: coerce(k, v) for k, v in values.items()}
+        for k, v in coerced.items():
+            _check_bounds(k, v)
     except UserError as e:
         raise UserError(f"recipe {path}: {e}") from None
+    return coerced
 
 
 def build_config(recipe: str | Path | None = None, **overrides: Any) -> TrainConfig:
@@ -471,10 +474,15 @@ def parse_class_weights(value: str) -> str | float | list[float] | Path:
     if value.endswith(".json"):
         return Path(value).expanduser()
     weights = _number_list("class_weights", value, float)
-    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-        raise UserError(f"--class-weights must be non-negative with one above 0 (got {value})")
-    for w in weights:
-        _check_float32("class_weights", w)
+    if not all(w > 0 for w in weights):
+        raise UserError(f"--class-weights takes positive weights (got {value}): a weight of 0 means a class is never "
+                        "learned; to drop a class, remove its images")
+    if any(w < FLOAT32_TINY / 2 for w in weights):
+        raise UserError(f"--class-weights {value}: a weight is 0 in float32, the precision the loss computes in "
+                        "(below about 1e-45); scale the weights up (only their ratios matter)")
+    if any(w > FLOAT32_MAX for w in weights):
+        raise UserError(f"--class-weights {value}: a weight is beyond float32's range (about 3.4e38), the precision "
+                        "the loss computes in; scale the weights down (only their ratios matter)")
     return weights
 
 

@@ -40,8 +40,13 @@ TMP_MARK = ".tmp-"
 def atomic_path(path: Path):
     """A temporary path beside `path` to write to; renamed over `path` (after an fsync) when the block
     ends normally, removed otherwise. Readers see the old file or the new one, never a part of one, and
-    of two writers at once the last to finish wins whole. A full disk is reported in one line."""
-    path = Path(path)
+    of two writers at once the last to finish wins whole. A full disk is reported in one line. A symbolic link
+    is followed: the file it points to is replaced and the link kept, as a shell's `>` would."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist; create it or name another")
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp

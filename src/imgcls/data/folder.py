@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,6 +18,20 @@ from imgcls.errors import UserError
 
 IMG_EXTS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
+
+
+BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def class_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a class name, or None. A newline or other control character in a label forges lines
+    in summaries, CSV readers and the server's metrics; a byte that is not UTF-8 (a lone surrogate here) cannot be
+    written to JSON or HTML; a bidirectional override prints the name reversed."""
+    for ch in name:
+        if unicodedata.category(ch) in ("Cc", "Cs") or ch in BIDI_CONTROLS:
+            kind = "not UTF-8" if unicodedata.category(ch) == "Cs" else f"control character {ch!r}"
+            return f"class name {name!r} holds a {kind}"
+    return None
 
 
 def _class_dirs(folder: Path) -> list[Path]:
@@ -39,6 +54,10 @@ def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]
     has_splits = (root / "train").is_dir()
     train_root = root / "train" if has_splits else root
     classes = [d.name for d in _class_dirs(train_root)]
+    for name in classes:
+        problem = class_name_problem(name)
+        if problem:
+            raise UserError(f"{train_root}: {problem}; rename the folder to plain text")
     if len(classes) < 2:
         found = f"only one class folder ({classes[0]})" if classes else "no class folders"
         raise UserError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 from pathlib import Path
 
@@ -40,6 +41,22 @@ def describe(reduce_range: bool, images: int) -> str:
             f"; ranges from {images} validation images")
 
 
+def _drop_axis_fallback(record: logging.LogRecord) -> bool:
+    return "is out-of-range for weight" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_axis_fallback():
+    """onnxruntime logs one root-logger warning per LayerNorm (its 1-D scale has no channel axis) as it falls
+    back to one scale for that tensor, which is what is wanted there; a ViT's export printed a screenful."""
+    root = logging.getLogger()
+    root.addFilter(_drop_axis_fallback)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_axis_fallback)
+
+
 def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor], spec: ExportSpec,
                   reduce_range: bool = False) -> Path:
     """The fp32 file quantized (QDQ, int8 weights per channel, uint8 activations, ranges from `calibration`),
@@ -51,7 +68,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor], spec: 
     except ImportError as e:
         raise UserError(f"int8 export needs onnx and onnxruntime ({e.name} is missing): pip install "
                         "'imgcls[export]'") from None
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()), _quiet_axis_fallback():
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out), _Calibration(calibration), quant_format=QuantFormat.QDQ,

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from imgcls.inference.exported import SPEC, WEIGHTS
+from imgcls.inference.exported import SPEC, TENSORS_KEY, WEIGHTS
 from imgcls.inference.metadata import ExportSpec
+from imgcls.inference.run import file_digest
 
 
 def export_safetensors(model: torch.nn.Module, spec: ExportSpec, out: Path) -> Path:
@@ -21,5 +22,8 @@ def export_safetensors(model: torch.nn.Module, spec: ExportSpec, out: Path) -> P
     path = out / WEIGHTS
     save_file(state, path, metadata={"format": spec.to_dict()["format"], "model": spec.model})
     os.chmod(path, 0o644)  # safetensors writes 0600; the export's other files are world-readable
-    (out / SPEC).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
+    # The file's digest binds model.json to these very tensors: weights of another export (same architecture,
+    # other training) copied beside it would otherwise load and answer silently.
+    document = {**spec.to_dict(), TENSORS_KEY: file_digest(path)}
+    (out / SPEC).write_text(json.dumps(document, indent=2) + "\n")
     return path

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from imgcls.models.checkpoint import first_line, load_state_strict, nonfinite_te
 from imgcls.options import EXPORT_BATCH
 
 WEIGHTS, SPEC = "model.safetensors", "model.json"
+TENSORS_KEY = "weights_file_sha256"  # model.json's digest of model.safetensors (exports before it lack one)
 
 
 def _spec_path(path: str | Path) -> Path:
@@ -31,14 +33,17 @@ def _spec_path(path: str | Path) -> Path:
     return spec
 
 
+def _read_document(spec_path: Path) -> dict:
+    try:
+        return json.loads(spec_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{spec_path} is not valid JSON ({e}); export the run again") from None
+
+
 def read_export_spec(path: str | Path) -> ExportSpec:
     """The checked model.json of an export folder (or of the folder holding a model.safetensors)."""
     spec_path = _spec_path(path)
-    try:
-        document = json.loads(spec_path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{spec_path} is not valid JSON ({e}); export the run again") from None
-    return parse_spec(document, str(spec_path))
+    return parse_spec(_read_document(spec_path), str(spec_path))
 
 
 def load_model(path: str | Path):
@@ -51,15 +56,22 @@ def load_model(path: str | Path):
 
 def _load_export(path: str | Path) -> tuple[torch.nn.Module, ExportSpec]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
-    spec = read_export_spec(path)
-    weights = _spec_path(path).with_name(WEIGHTS)
+    spec_path = _spec_path(path)
+    document = _read_document(spec_path)
+    spec = parse_spec(document, str(spec_path))
+    weights = spec_path.with_name(WEIGHTS)
+    data = weights.read_bytes()  # loaded and hashed from the same bytes, so what was checked is what runs
     try:
-        state = load_file(weights)
+        state = load(data)
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights} is damaged or not a safetensors file ({first_line(e)}); export the run again") \
             from None
+    want = document.get(TENSORS_KEY)
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise UserError(f"{weights} is not the file {SPEC} was written with (its sha256 differs from {TENSORS_KEY}); "
+                        "export the run again, or keep each export's two files together")
     model = create_model(spec.model, len(spec.classes), head=spec.head)
     load_state_strict(model, state, str(weights), f"it must hold {spec.model} with {len(spec.classes)} classes, as "
                                                   f"{SPEC} says: export the run again")

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 from imgcls.config import AUGMENTATIONS, FIELDS, MAX_IMG_SIZE
+from imgcls.data.folder import class_name_problem
 from imgcls.data.preprocessing import INPUT_LAYOUT, RESIZE_RULE, Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
@@ -150,6 +151,9 @@ def _classes(r: _Reader, v) -> list[str]:
         r.fail("classes", f"is {v!r:.80}, not a list of two or more class names")
     if len(set(v)) != len(v):
         r.fail("classes", f"lists {next(c for c in v if v.count(c) > 1)!r} twice")
+    problem = next(filter(None, map(class_name_problem, v)), None)
+    if problem:
+        r.fail("classes", f"is refused: {problem}")
     return list(v)
 
 
@@ -177,7 +181,8 @@ def parse_spec(d, where: str) -> ExportSpec:
 
 
 def read_onnx_spec(properties: dict[str, str], where: str) -> ExportSpec:
-    """The spec from an ONNX file's metadata_props."""
+    """The spec from an ONNX file's metadata_props: the document, with every flat key that is present agreeing
+    with it (a reader without imgcls trusts those)."""
     text = properties.get(ONNX_KEY)
     if text is None:
         raise UserError(f"{where} has no imgcls metadata ({ONNX_KEY}); pass a .onnx file written by imgcls export")
@@ -185,4 +190,18 @@ def read_onnx_spec(properties: dict[str, str], where: str) -> ExportSpec:
         document = json.loads(text)
     except ValueError as e:
         raise UserError(f"{where}: the {ONNX_KEY} metadata is not JSON ({e}); export the run again") from None
-    return parse_spec(document, where)
+    spec = parse_spec(document, where)
+    for key, want in spec.onnx_properties().items():
+        have = properties.get(key)
+        if key != ONNX_KEY and have is not None and _meaning(have) != _meaning(want):
+            raise UserError(f"{where}: the metadata key {key} is {have!r:.60} but {ONNX_KEY} says {want!r:.60}; "
+                            f"{EXPORT_FIX}")
+    return spec
+
+
+def _meaning(text: str):
+    """A flat key's value as JSON when it is JSON (so spacing does not matter), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text

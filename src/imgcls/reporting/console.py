@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.progress import ProgressColumn
 from rich.table import Table
+from rich.text import Text
 
 from imgcls.export.model_card import FEW_IMAGES
 from imgcls.options import DEFAULT_TARGET_ACCURACY
@@ -127,6 +129,13 @@ def print_models(rows: list[dict]) -> None:
     console.print("and any timm model as timm/<name> (e.g. timm/efficientnet_b0)")
 
 
+class _ImagesPerSecond(ProgressColumn):
+    """The rate once rich has one (none before the first items: blank, not 'None /s')."""
+
+    def render(self, task) -> Text:
+        return Text("" if task.speed is None else f"{task.speed:.1f} img/s")
+
+
 def track(items, total: int, label: str, enabled: bool = True):
     """`items` passed through, with a progress bar (count, rate, time left) on stderr while they are consumed."""
     if not enabled:
@@ -134,8 +143,7 @@ def track(items, total: int, label: str, enabled: bool = True):
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.speed} /s"),
-               TimeRemainingColumn())
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), _ImagesPerSecond(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task(label, total=total)
         for item in items:

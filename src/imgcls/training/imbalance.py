@@ -54,9 +54,9 @@ def usable_weights(weights: torch.Tensor, spec: str) -> torch.Tensor:
     if not bool(torch.isfinite(weights).all()):
         raise UserError(f"--class-weights {spec}: a weight is beyond float32's range (about 3.4e38), the precision "
                         "the loss computes in; scale the weights down (only their ratios matter)")
-    if not bool((weights > 0).any()):
-        raise UserError(f"--class-weights {spec}: every weight is 0 in float32, the precision the loss computes in "
-                        "(below about 1e-45 is 0), so the loss would be 0 and nothing learned; scale them up (only "
+    if not bool((weights > 0).all()):
+        raise UserError(f"--class-weights {spec}: a weight is 0 in float32, the precision the loss computes in "
+                        "(below about 1e-45 is 0), so its class would never be learned; scale the weights up (only "
                         "their ratios matter)")
     return weights
 
@@ -81,9 +81,9 @@ def _read_weights_file(path: Path, classes: list[str]) -> list[float]:
         raise UserError(f"{path} must map every class ({', '.join(classes)}) to a weight, and nothing else "
                         f"(found {have})")
     values = [mapping[c] for c in classes]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < math.inf for v in values) \
-            or not any(v > 0 for v in values):
-        raise UserError(f"{path}: class weights must be finite, non-negative numbers, at least one above 0")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf for v in values):
+        raise UserError(f"{path}: class weights must be finite, positive numbers (a weight of 0 means a class is "
+                        "never learned; to drop a class, remove its images)")
     return [float(v) for v in values]
 
 
