@@ -5,6 +5,7 @@ concurrent requests share batches, a full queue refuses at once, bad input is a 
 drains, drift shows when noise replaces test images, and the page works in a real browser.
 """
 
+import base64
 import contextlib
 import dataclasses
 import io
@@ -33,8 +34,12 @@ pytest.importorskip("onnxruntime")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from imgcls.cli import main  # noqa: E402
+from imgcls.evaluation.cam import explain_files  # noqa: E402
+from imgcls.inference.exported import open_engine  # noqa: E402
+from imgcls.plotting import cam_overlay  # noqa: E402
 from imgcls.serving.app import create_app  # noqa: E402
 from imgcls.serving.drift import DriftMonitor, Reference, ks_distance, psi  # noqa: E402
+from imgcls.serving.server import uvicorn_config  # noqa: E402
 from imgcls.serving.service import LOG, build_service  # noqa: E402
 from imgcls.serving.settings import ServeSettings  # noqa: E402
 from imgcls.training.train import fit  # noqa: E402
@@ -81,8 +86,8 @@ def serving(service):
     """The app on a free port of 127.0.0.1, in a thread; stopped as SIGTERM stops it."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(service), log_config=None, log_level="warning",
-                                           timeout_graceful_shutdown=10))
+    server = uvicorn.Server(uvicorn_config(create_app(service), service.settings, log_config=None,
+                                           log_level="warning", timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -99,7 +104,8 @@ def serving(service):
 
 @pytest.fixture(scope="module")
 def run_service(run):
-    return build_service(run, ServeSettings(max_wait_ms=100, max_bytes=1 << 20, body_timeout_s=1.0))
+    return build_service(run, ServeSettings(max_wait_ms=100, max_bytes=1 << 20, body_timeout_s=1.0,
+                                            header_timeout_s=1.0))
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +180,31 @@ def test_model_description_health_and_openapi(run_url, onnx_file):
         assert model["parity"]["results"]["onnx"]["max_abs_prob_diff"] < 1e-4 and "model_card" in model
 
 
+def test_explain_draws_imgcls_cams_overlay_for_runs_and_refuses_for_onnx(run, run_url, onnx_file, files):
+    images, cams, classes, probs = explain_files(open_engine(run), [str(files[3])])
+    reply = httpx.post(f"{run_url}/v1/explain", files=multipart(files[3:4]), timeout=60)
+    assert reply.status_code == 200, reply.text
+    answer = reply.json()
+    engine_classes = httpx.get(f"{run_url}/v1/model").json()["classes"]
+    assert answer["class"] == engine_classes[int(classes[0])] == predict_rows(run, files[3:4])[0]["label"]
+    assert answer["uncalibrated_probability"] == pytest.approx(float(probs[0, classes[0]]), abs=1e-6)
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["overlay"].split(",", 1)[1]))))
+    expected = cam_overlay(images[0], cams[0])
+    assert drawn.shape == expected.shape == (160, 160, 3)
+    assert np.abs(drawn.astype(int) - expected).max() <= 1  # the same overlay as `imgcls cam`, to rounding
+    other = next(c for c in engine_classes if c != answer["class"])
+    assert httpx.post(f"{run_url}/v1/explain", params={"class": other}, files=multipart(files[3:4]),
+                      timeout=60).json()["class"] == other
+    for params, parts, status, words in [({"class": "unicorn"}, files[3:4], 422, "'unicorn' is not one of"),
+                                         ({}, files[3:5], 422, "takes one image and the request holds 2")]:
+        reply = httpx.post(f"{run_url}/v1/explain", params=params, files=multipart(parts), timeout=60)
+        assert reply.status_code == status and words in reply.json()["error"]
+    with serving(build_service(onnx_file, ServeSettings())) as url:
+        assert httpx.get(f"{url}/v1/model").json()["explain"] is False
+        reply = httpx.post(f"{url}/v1/explain", files=multipart(files[3:4]), timeout=60)
+        assert reply.status_code == 404 and "is an ONNX graph; serve the run folder" in reply.json()["error"]
+
+
 # ---------------------------------------------------------------- batching and backpressure
 
 
@@ -227,6 +258,30 @@ def test_a_full_queue_answers_503_at_once_and_accepted_requests_lose_nothing(run
             assert reply.status_code == 200
             same_row(reply.json()["predictions"][0], row, path, exact=False)  # scored alone, not as predict's 4
         assert metric(url, "imgcls_request_errors_total")[(("kind", "queue_full"), ("status", "503"))] == 1
+
+
+def test_past_max_connections_requests_in_flight_the_answer_is_a_json_503(run_service, files):
+    gate = threading.Event()
+    settings = dataclasses.replace(run_service.settings, max_connections=2, max_batch=1, max_wait_ms=0)
+    service = dataclasses.replace(run_service, settings=settings,
+                                  engine=dataclasses.replace(run_service.engine,
+                                                             backend=Gated(run_service.engine.backend, gate)),
+                                  drift=DriftMonitor({}, None, 10, 10, 1.0, "none", LOG))
+    with serving(service) as url, ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(httpx.post, f"{url}/v1/predict", files=multipart([p]), timeout=60) for p in files[:2]]
+        deadline, refused = time.monotonic() + 30, None
+        while time.monotonic() < deadline:  # the two held requests fill the limit: then even /healthz waits
+            refused = httpx.get(f"{url}/healthz", timeout=10)
+            if refused.status_code == 503:
+                break
+            time.sleep(0.02)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"] == ("the server is busy: 2 requests in flight, its --max-connections 2; "
+                                           "retry after a second")
+        gate.set()
+        assert [f.result().status_code for f in held] == [200, 200]
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        assert metric(url, "imgcls_request_errors_total")[(("kind", "too_many_requests"), ("status", "503"))] >= 1
 
 
 # ---------------------------------------------------------------- bad input
@@ -294,6 +349,38 @@ def test_every_bad_input_gets_its_status_and_message_and_the_next_request_succee
                                                  "malformed_multipart", "no_image", "invalid_parameter",
                                                  "body_timeout", "not_found"}
     assert "500" not in {e["status"] for e in errors}
+
+
+def answer_to(url: str, trickle: list[bytes], gap: float) -> tuple[bytes, float]:
+    """Send `trickle` a piece every `gap` seconds on one connection: (all the server answered, seconds taken)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        start, answer = time.monotonic(), b""
+        s.setblocking(False)
+        for piece in trickle:
+            with contextlib.suppress(OSError):  # the server may have closed the connection already
+                s.sendall(piece)
+            time.sleep(gap)
+            with contextlib.suppress(BlockingIOError):
+                chunk = s.recv(4096)
+                answer += chunk
+                if not chunk:
+                    break
+        return answer, time.monotonic() - start
+
+
+def test_headers_that_trickle_in_or_never_come_are_answered_408_and_the_connection_freed(run_url, files):
+    late = b'HTTP/1.1 408 Request Timeout'
+    # a byte every 0.2 s would take 14 s to finish its headers; the server's header timeout is 1 s
+    trickled, seconds = answer_to(run_url, [bytes([c]) for c in b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nX: y"], 0.2)
+    assert trickled.startswith(late) and b"did not arrive within 1 s" in trickled and seconds < 4
+    silent, seconds = answer_to(run_url, [b""] * 20, 0.2)  # a connection that sends nothing at all
+    assert silent.startswith(late) and seconds < 4
+    # after an answer the same connection again has 1 s for the next request's headers
+    first = (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept, seconds = answer_to(run_url, [first, *[b"G"] * 19], 0.2)
+    assert kept.startswith(b"HTTP/1.1 200") and late in kept and seconds < 4
+    assert httpx.post(f"{run_url}/v1/predict", content=files[0].read_bytes()).status_code == 200
 
 
 # ---------------------------------------------------------------- SIGTERM
@@ -409,6 +496,7 @@ def test_the_page_answers_a_drawn_image_in_a_real_browser(run_url):
     assert '<form id="upload"' in dom and 'type="file"' in dom
     assert 'data-answered="1"' in dom, dom[-2000:]
     assert 'class="bar"' in dom and "max-softmax" in dom
+    assert 'data-explained="1"' in dom and 'id="cam" alt="Grad-CAM overlay" src="data:image/png;base64,' in dom
     assert [line for line in done.stderr.splitlines() if ":CONSOLE" in line] == []
 
 

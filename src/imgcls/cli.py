@@ -146,7 +146,8 @@ def _use_parsers(sub, common) -> None:
 
 def _serve_parser(sub, common) -> None:
     srv = sub.add_parser("serve", parents=[common], help="serve a run or an export over HTTP (needs imgcls[serve])",
-                         description="POST /v1/predict answers as imgcls predict does; GET /v1/model, /v1/drift, "
+                         description="POST /v1/predict answers as imgcls predict does, POST /v1/explain draws "
+                                     "Grad-CAM (runs and safetensors exports); GET /v1/model, /v1/drift, "
                                      "/metrics (Prometheus), /healthz, /readyz, / (a page to drop an image on), "
                                      "/docs (OpenAPI). SIGTERM finishes the requests in flight, then exits 0.")
     srv.add_argument("source", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
@@ -157,9 +158,12 @@ def _serve_parser(sub, common) -> None:
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images (5)")
     srv.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it 503 (256)")
     srv.add_argument("--max-bytes", type=int, default=20 << 20, help="largest request body in bytes (20 MiB)")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a request's headers may take to arrive; then 408 and the connection closed (10)")
     srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a body may take to arrive (30)")
     srv.add_argument("--drain-timeout", type=int, default=30, help="seconds in-flight requests get on SIGTERM (30)")
-    srv.add_argument("--max-connections", type=int, default=512, help="open connections at most; past them 503 (512)")
+    srv.add_argument("--max-connections", type=int, default=512, help="requests in flight at most; past them 503 "
+                                                                      "(512)")
     srv.add_argument("--drift-window", type=int, default=1000, help="served images drift is measured over (1000)")
     srv.add_argument("--drift-psi", type=float, default=0.25, help="PSI above which drift is logged (0.25)")
     add_options(srv, "--topk", "--checkpoint", "--device", "--reject", "--target-accuracy", "--coverage",
@@ -328,8 +332,8 @@ def cmd_serve(args) -> int:
     return serve(args.source, ServeSettings(
         host=args.host, port=args.port, checkpoint=args.checkpoint, device=args.device, batch_size=args.batch_size,
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_bytes=args.max_bytes,
-        body_timeout_s=args.body_timeout, drain_timeout_s=args.drain_timeout, max_connections=args.max_connections,
-        reject=args.reject,
+        header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout, drain_timeout_s=args.drain_timeout,
+        max_connections=args.max_connections, reject=args.reject,
         target_accuracy=args.target_accuracy, coverage=args.coverage, topk=args.topk, drift_window=args.drift_window,
         drift_min_images=min(200, args.drift_window), drift_psi=args.drift_psi))
 

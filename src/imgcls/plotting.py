@@ -1,5 +1,6 @@
-"""matplotlib helpers shared by the reports (reporting/), TensorBoard and lr-find (training/): a
-headless backend, saving a figure with one-line errors, and the confusion-matrix panel."""
+"""matplotlib helpers shared by the reports (reporting/), TensorBoard and lr-find (training/) and the
+server's Grad-CAM (serving/): a headless backend, saving a figure with one-line errors, the
+confusion-matrix panel and the heat-map overlay."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np  # noqa: E402
 from imgcls.errors import UserError  # noqa: E402
 from imgcls.rundir import atomic_path  # noqa: E402
 
-__all__ = ["draw_matrix", "make_folder", "plt", "save_figure"]
+__all__ = ["cam_overlay", "draw_matrix", "make_folder", "plt", "save_figure"]
 
 
 def make_folder(folder: Path) -> Path:
@@ -59,3 +60,16 @@ def draw_matrix(ax, data: np.ndarray, classes: list[str], fmt: str = "{:.0f}") -
                 dark = data[i, j] > 0.6 * data.max()
                 ax.text(j, i, fmt.format(data[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if dark else "black")
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, display: int = 160) -> np.ndarray:
+    """An H x W x 3 uint8 image with its [0, 1] heat-map blended on top (jet colours), enlarged to
+    about `display` pixels so that 32x32 inputs stay readable."""
+    from PIL import Image
+
+    scale = max(1, display // image.shape[0])
+    size = (image.shape[1] * scale, image.shape[0] * scale)
+    big = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST), dtype=np.float32)
+    heat = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR))
+    colours = plt.get_cmap("jet")(heat / 255.0)[..., :3] * 255
+    return (0.55 * big + 0.45 * colours).clip(0, 255).astype(np.uint8)

@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.ticker import MaxNLocator
 
 from imgcls.errors import UserError
-from imgcls.plotting import draw_matrix, make_folder, plt, save_figure
+from imgcls.plotting import cam_overlay, draw_matrix, make_folder, plt, save_figure
 
 
 def image_grid(rows: list[list[np.ndarray]], captions: list[list[str]], row_titles: list[str], out: Path) -> Path:
@@ -69,19 +69,6 @@ def _check_png(out: Path) -> None:
         raise UserError(f"--out {out} is a folder; pass a PNG file name, e.g. --out {out / 'preview.png'}")
     if out.suffix.lower() != ".png":
         raise UserError(f"--out {out} must name a .png file; e.g. --out {out.with_suffix('.png').name}")
-
-
-def cam_overlay(image: np.ndarray, cam: np.ndarray, display: int = 160) -> np.ndarray:
-    """An H x W x 3 uint8 image with its [0, 1] heat-map blended on top (jet colours), enlarged to
-    about `display` pixels so that 32x32 inputs stay readable."""
-    from PIL import Image
-
-    scale = max(1, display // image.shape[0])
-    size = (image.shape[1] * scale, image.shape[0] * scale)
-    big = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.NEAREST), dtype=np.float32)
-    heat = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR))
-    colours = plt.get_cmap("jet")(heat / 255.0)[..., :3] * 255
-    return (0.55 * big + 0.45 * colours).clip(0, 255).astype(np.uint8)
 
 
 def training_curves(metrics: list[dict], out: Path) -> Path:

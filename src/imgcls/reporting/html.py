@@ -15,6 +15,7 @@ import numpy as np
 from imgcls import rundir
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
+from imgcls.plotting import cam_overlay
 from imgcls.reporting import figures
 
 STYLE = """
@@ -73,7 +74,7 @@ def _compare_table(left: str, right: str, a: dict, b: dict) -> str:
 
 
 def _gallery(images: np.ndarray, items: list[dict], title: str, out: Path, cams: np.ndarray | None = None) -> Path:
-    row = list(images) if cams is None else [figures.cam_overlay(i, c) for i, c in zip(images, cams, strict=True)]
+    row = list(images) if cams is None else [cam_overlay(i, c) for i, c in zip(images, cams, strict=True)]
     captions = [f"{it['true']} → {it['predicted']}\n{100 * it['probability']:.0f}%" for it in items]
     return figures.image_grid([row], [captions], [title], out)
 

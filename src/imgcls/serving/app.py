@@ -33,6 +33,7 @@ from imgcls.serving.service import LOG, Job, Service, decode_upload
 
 MAX_FORM_FIELDS = 100  # non-file parts of a multipart body
 DECODE_SLOTS = 4  # requests decoding their images at once
+EXPLAIN_SLOTS = 1  # Grad-CAMs at once: each a float32 forward and backward pass beside the inference thread
 PREDICT_BODY = {"requestBody": {"required": True, "description": "image files as multipart/form-data parts (any "
                                 "field name), or one image as the raw body (Content-Type image/* or "
                                 "application/octet-stream)",
@@ -47,6 +48,29 @@ class RequestError(Exception):
     def __init__(self, status: int, kind: str, message: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
+
+
+class InFlightLimit:
+    """ASGI middleware: past `limit` requests in flight, a JSON 503 with Retry-After at once, before the
+    body is read: the memory a burst of clients can hold is bounded by the limit times --max-bytes."""
+
+    def __init__(self, app, limit: int, metrics: ServerMetrics):
+        self.app, self.limit, self.metrics, self.in_flight = app, limit, metrics, 0
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:  # the event loop runs one coroutine at a time: no lock needed
+            self.metrics.observe_error(503, "too_many_requests")
+            refusal = JSONResponse({"error": f"the server is busy: {self.in_flight} requests in flight, its "
+                                    f"--max-connections {self.limit}; retry after a second"}, 503,
+                                   headers={"Retry-After": "1"})
+            return await refusal(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
 class MeasuredRequests:
@@ -92,9 +116,18 @@ def create_app(service: Service) -> FastAPI:
 
     app = FastAPI(title="imgcls", version=__version__, lifespan=lifespan,
                   description="Image classification with an imgcls run or export: the answers of imgcls predict.")
-    app.add_middleware(MeasuredRequests, metrics=metrics)
+    app.add_middleware(InFlightLimit, limit=settings.max_connections, metrics=metrics)
+    app.add_middleware(MeasuredRequests, metrics=metrics)  # added last, so outermost: it counts the 503s above
     _add_error_handlers(app, metrics)
     _add_info_routes(app, service, batcher, metrics)
+    _add_predict_route(app, service, batcher, metrics, decoding)
+    _add_explain_route(app, service, decoding)
+    return app
+
+
+def _add_predict_route(app: FastAPI, service: Service, batcher: MicroBatcher, metrics: ServerMetrics,
+                       decoding: asyncio.Semaphore) -> None:
+    settings = service.settings
 
     @app.post("/v1/predict", openapi_extra=PREDICT_BODY)
     async def predict(request: Request,
@@ -119,7 +152,30 @@ def create_app(service: Service) -> FastAPI:
         metrics.observe_answers(rows)
         return {"model": service.engine.identity, "predictions": rows}
 
-    return app
+
+def _add_explain_route(app: FastAPI, service: Service, decoding: asyncio.Semaphore) -> None:
+    settings, explaining = service.settings, asyncio.Semaphore(EXPLAIN_SLOTS)
+
+    @app.post("/v1/explain", openapi_extra=PREDICT_BODY)
+    async def explain(request: Request,
+                      class_name: str | None = Query(None, alias="class", description="the class explained (by "
+                                                     "default the predicted one)")):
+        """Grad-CAM of one image, as `imgcls cam` draws it: a PNG data URL of the heat-map over the image, the
+        class explained and its softmax. A run or a safetensors export only: an ONNX graph has no gradients."""
+        if not service.explains:
+            raise RequestError(404, "no_gradients", f"Grad-CAM needs the model's gradients and {service.engine.source}"
+                               " is an ONNX graph; serve the run folder or its safetensors export for /v1/explain")
+        if class_name is not None and class_name not in service.engine.classes:
+            raise RequestError(422, "invalid_parameter", f"class {class_name!r} is not one of the model's classes: "
+                               f"{', '.join(service.engine.classes)}")
+        uploads = await _read_images(request, settings)
+        if len(uploads) > 1:
+            raise RequestError(422, "invalid_parameter", f"/v1/explain takes one image and the request holds "
+                               f"{len(uploads)}; send one per request")
+        async with decoding:
+            pixels = await run_in_threadpool(_decode_all, uploads, service)
+        async with explaining:
+            return await run_in_threadpool(service.explain, pixels[0], class_name)
 
 
 def _scorer(service: Service, metrics: ServerMetrics):

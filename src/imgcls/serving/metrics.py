@@ -7,7 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-ENDPOINTS = ("/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/drift", "/v1/predict", "/docs",
+ENDPOINTS = ("/", "/healthz", "/readyz", "/metrics", "/v1/model", "/v1/drift", "/v1/predict", "/v1/explain", "/docs",
              "/openapi.json")
 
 

@@ -1,5 +1,6 @@
-"""The page at `/`: drop or choose an image, see the top-k bars and the decision. One self-contained HTML
-document (no external script, style or font), talking to /v1/model and /v1/predict only.
+"""The page at `/`: drop or choose an image, see the top-k bars, the decision and, where the server has the
+model's gradients (a run or a safetensors export), the Grad-CAM overlay. One self-contained HTML document
+(no external script, style or font), talking to /v1/model, /v1/predict and /v1/explain only.
 
 `/#selftest` makes the page draw a small image on a canvas and send it as if it had been dropped: a headless
 browser can then prove the whole round trip (tests/test_serve.py) without scripting a file chooser.
@@ -16,7 +17,9 @@ PAGE = """<!doctype html>
   body { font: 15px/1.4 system-ui, sans-serif; max-width: 44rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
   #drop { border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; }
   #drop.over { background: #eef5ff; border-color: #36c; }
-  #preview { max-width: 12rem; image-rendering: pixelated; display: none; margin: 1rem auto; }
+  #pictures { display: flex; gap: 1rem; justify-content: center; margin: 1rem auto; }
+  #pictures figure { margin: 0; text-align: center; display: none; }
+  #pictures img { width: 10rem; image-rendering: pixelated; }
   .bar { display: flex; align-items: center; gap: .5rem; margin: .2rem 0; }
   .bar span.name { width: 9rem; text-align: right; }
   .bar div.fill { background: #36c; height: 1rem; }
@@ -35,7 +38,10 @@ PAGE = """<!doctype html>
     <label>top <input id="topk" name="topk" type="number" min="1" value="3" style="width:3rem"></label>
   </div>
 </form>
-<img id="preview" alt="the image sent">
+<div id="pictures">
+  <figure id="sent"><img id="preview" alt="the image sent"><figcaption><small>sent</small></figcaption></figure>
+  <figure id="explained"><img id="cam" alt="Grad-CAM overlay"><figcaption><small></small></figcaption></figure>
+</div>
 <p id="decision"></p>
 <div id="bars"></div>
 <p id="scores"><small></small></p>
@@ -43,6 +49,7 @@ PAGE = """<!doctype html>
 <script>
 "use strict";
 const $ = (id) => document.getElementById(id);
+let explains = false;  // /v1/model says whether this server can draw Grad-CAM
 
 function show(answer) {
   const p = answer.predictions[0];
@@ -59,13 +66,26 @@ function show(answer) {
   $("scores").firstChild.textContent = "max-softmax " + p.confidence.toFixed(4) + ", energy " +
       p.energy.toFixed(3) + "; model " + p.model.model + " (data " + p.model.data + ", weights " +
       p.model.weights + ")";
-  document.body.dataset.answered = "1";
+}
+
+async function explain(blob, name, label) {
+  const body = new FormData();
+  body.append("file", blob, name);
+  const reply = await fetch("/v1/explain?class=" + encodeURIComponent(label), {method: "POST", body});
+  const answer = await reply.json();
+  if (!reply.ok) { $("error").textContent = reply.status + ": " + answer.error; return; }
+  $("cam").src = answer.overlay;
+  $("explained").querySelector("small").textContent = "Grad-CAM for " + answer["class"] + " (softmax " +
+      answer.uncalibrated_probability.toFixed(3) + ")";
+  $("explained").style.display = "block";
+  document.body.dataset.explained = "1";
 }
 
 async function send(blob, name) {
   $("error").textContent = "";
   $("preview").src = URL.createObjectURL(blob);
-  $("preview").style.display = "block";
+  $("sent").style.display = "block";
+  $("explained").style.display = "none";
   const body = new FormData();
   body.append("file", blob, name);
   const reply = await fetch("/v1/predict?topk=" + encodeURIComponent($("topk").value || "3"),
@@ -73,11 +93,14 @@ async function send(blob, name) {
   const answer = await reply.json();
   if (!reply.ok) { $("error").textContent = reply.status + ": " + answer.error; return; }
   show(answer);
+  if (explains) await explain(blob, name, answer.predictions[0].top[0]["class"]);
+  document.body.dataset.answered = "1";
 }
 
 async function describe() {
   const reply = await fetch("/v1/model");
   const model = await reply.json();
+  explains = model.explain;
   $("model").firstChild.textContent = model.model.model + ": " + model.classes.length + " classes (" +
       model.classes.join(", ") + "), " + model.preprocessing.img_size + "px input; reject " + model.reject.default;
 }

@@ -7,6 +7,7 @@ A port that cannot be bound is uvicorn's startup failure: its error line, exit s
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import signal
@@ -27,6 +28,22 @@ def require_packages() -> None:
         raise UserError(f"imgcls serve needs {', '.join(missing)}; pip install 'imgcls[serve]'")
 
 
+def uvicorn_config(app, settings: ServeSettings, **overrides):
+    """How uvicorn runs `app`: h11 with a deadline on headers (serving/protocol.py), idle keep-alive
+    connections closed after 5 s, a drain of --drain-timeout on SIGTERM. The app answers a JSON 503 past
+    --max-connections requests in flight; uvicorn's own plain-text 503, for connections beyond twice that
+    (open but idle ones count there), is the backstop for a flood of connections that send nothing."""
+    import uvicorn
+
+    from imgcls.serving.protocol import HeaderDeadline
+
+    protocol = functools.partial(HeaderDeadline, header_timeout=settings.header_timeout_s)
+    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, timeout_keep_alive=5,
+                   timeout_graceful_shutdown=settings.drain_timeout_s, limit_concurrency=2 * settings.max_connections,
+                   server_header=False, http=protocol)
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
 def uvicorn_server(source: str | Path, settings: ServeSettings):
     """The engine opened, warmed up and wrapped in the app; a uvicorn server for it, not yet running."""
     require_packages()
@@ -35,11 +52,7 @@ def uvicorn_server(source: str | Path, settings: ServeSettings):
     from imgcls.serving.app import create_app
     from imgcls.serving.service import build_service
 
-    app = create_app(build_service(source, settings))
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_keep_alive=5, timeout_graceful_shutdown=settings.drain_timeout_s,
-                            limit_concurrency=settings.max_connections, server_header=False)
-    return uvicorn.Server(config)
+    return uvicorn.Server(uvicorn_config(create_app(build_service(source, settings)), settings))
 
 
 def _log_to_stderr(level: str) -> None:

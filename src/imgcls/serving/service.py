@@ -8,6 +8,7 @@ and `imgcls predict` give the same numbers for the same file and source.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -17,18 +18,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from imgcls import rundir
 from imgcls.data.decode import FORMAT_NAMES, MAX_PIXELS, open_rgb
 from imgcls.data.folder import fit
 from imgcls.data.preprocessing import INPUT_LAYOUT, Preprocessing
 from imgcls.errors import UserError
+from imgcls.evaluation.cam import explain
 from imgcls.export import CARD, PARITY
 from imgcls.inference.engine import Engine
 from imgcls.inference.exported import SPEC, open_engine
 from imgcls.inference.files import row
 from imgcls.inference.reject import default_rule, energy
 from imgcls.inference.run import TrainedRun, load_run, run_engine
+from imgcls.plotting import cam_overlay
 from imgcls.runtime import resolve_device
 from imgcls.serving.drift import DriftMonitor, Reference
 from imgcls.serving.settings import ServeSettings
@@ -96,6 +100,23 @@ class Service:
                          "model": self.engine.identity})
         return rows
 
+    @property
+    def explains(self) -> bool:
+        """Grad-CAM needs the model's gradients: a run or a safetensors export, not an ONNX graph."""
+        return self.engine.module is not None
+
+    def explain(self, pixels: np.ndarray, class_name: str | None) -> dict:
+        """`imgcls cam`'s overlay of one image for `class_name` (by default the predicted class), as a PNG
+        data URL, with the class explained and the model's softmax for it (before any calibration)."""
+        classes = self.engine.classes
+        target = None if class_name is None else torch.tensor([classes.index(class_name)])
+        cams, chosen, probs = explain(self.engine, torch.tensor(pixels[None]), target)
+        out = io.BytesIO()
+        Image.fromarray(cam_overlay(pixels, cams[0].cpu().numpy())).save(out, format="PNG")
+        c = int(chosen[0])
+        return {"class": classes[c], "uncalibrated_probability": float(probs[0, c]), "method": "gradcam",
+                "overlay": "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")}
+
     def describe(self) -> dict:
         """GET /v1/model: what the model is, what it takes, how it decides."""
         engine, s = self.engine, self.settings
@@ -109,7 +130,7 @@ class Service:
                 "tta_recipe": engine.recipe.as_dict(), "precision": engine.precision, "device": engine.device.type,
                 "batching": {"max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms, "max_queue": s.max_queue,
                              "engine_batch_size": engine.batch_size},
-                "drift_reference": self.drift.origin, **self.extras}
+                "explain": self.explains, "drift_reference": self.drift.origin, **self.extras}
 
 
 def build_service(source: str | Path, settings: ServeSettings) -> Service:

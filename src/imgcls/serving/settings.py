@@ -20,8 +20,9 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # how long the first image of a batch waits for company
     max_queue: int = 256  # images waiting or being scored; past it 503 at once
     max_bytes: int = 20 * MIB  # request body
+    header_timeout_s: float = 10.0  # a request's headers not all arrived by then: 408, connection closed
     body_timeout_s: float = 30.0  # a body that has not fully arrived by then is answered 408
-    max_connections: int = 512  # uvicorn's limit_concurrency: beyond it uvicorn answers 503 itself
+    max_connections: int = 512  # requests in flight at most; past them a JSON 503 at once
     drain_timeout_s: int = 30  # SIGTERM: how long in-flight requests may take to finish
     reject: str | None = None  # the default of the `reject` query parameter, as predict's --reject
     target_accuracy: float | None = None
@@ -45,7 +46,7 @@ class ServeSettings:
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size {self.batch_size} must be at least 1")
         for flag, value in (("--max-wait-ms", self.max_wait_ms), ("--body-timeout", self.body_timeout_s),
-                            ("--drift-psi", self.drift_psi)):
+                            ("--header-timeout", self.header_timeout_s), ("--drift-psi", self.drift_psi)):
             if not value >= 0:  # also refuses NaN
                 raise UserError(f"{flag} {value} must be a number of at least 0")
         if self.max_batch > self.max_queue:
