@@ -1,14 +1,17 @@
 """`imgcls serve` under load: throughput and latency percentiles at several concurrencies, with micro-batching
-on (--max-batch 32) and off (--max-batch 1). Bounded: each level stops after --requests requests or
---seconds seconds, whichever comes first.
+on (--max-batch 32) and off (--max-batch 1), beside `imgcls predict`'s offline images/s on the same files,
+and the server's resident memory over a long run. Bounded: each level stops after --requests requests or
+--seconds seconds, whichever comes first; the soak after --soak requests.
 
     python bench/serve_load.py SOURCE [--images FOLDER] [--concurrency 1 8 32 128] [--requests 2000]
-                               [--seconds 20] [--max-wait-ms 5]
+                               [--seconds 20] [--max-wait-ms 5] [--soak 10000]
 
 SOURCE is anything `imgcls serve` takes; the bench starts `imgcls serve SOURCE` itself on a free port of
 127.0.0.1 for each mode and stops it with SIGTERM. The images sent are the files of --images (default: the
 first 256 test images of cifar10-mini, PNG-encoded), one image per request, cycled. A refused request
-(503: the queue was full) counts as an error, not as an answer; its latency is left out.
+(503: the queue was full) counts as an error, not as an answer; its latency is left out. The offline figure
+is what `imgcls predict SOURCE FOLDER --out CSV` prints for a folder of the same files repeated to 2048.
+The soak (batching on, 32 clients) reads the server's VmRSS from /proc every 1000 answers (Linux only).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import argparse
 import asyncio
 import io
 import itertools
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +110,38 @@ def batch_totals(url: str) -> np.ndarray:
     return np.array([values["imgcls_batch_images_sum"], values["imgcls_batch_images_count"]])
 
 
+def offline_images_per_s(source: str, images: list[bytes], total: int = 2048) -> float:
+    """`imgcls predict`'s own images/s over a folder of `images` repeated to `total` files."""
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(total):
+            Path(folder, f"{i:05d}.png").write_bytes(images[i % len(images)])
+        done = subprocess.run([sys.executable, "-m", "imgcls", "predict", source, folder, "--out",
+                               str(Path(folder) / "rows.csv"), "--quiet"], capture_output=True, text=True, check=True)
+    return float(re.search(r"(\d+) images/s", done.stdout).group(1))
+
+
+def resident_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) / 1024
+
+
+def soak(source: str, images: list[bytes], requests: int, max_wait_ms: float) -> None:
+    """`requests` requests from 32 clients, batching on; the server's RSS after each 1000 answers."""
+    server, url = start_server(source, 32, max_wait_ms, 256)
+    try:
+        samples, answered = [resident_mib(server.pid)], 0
+        while answered < requests:
+            r = asyncio.run(load(url, images, 32, min(1000, requests - answered), 600))
+            answered += r["answered"] + r["errors"]
+            samples.append(resident_mib(server.pid))
+        print(f"soak: {answered} requests; server VmRSS MiB when ready {samples[0]:.0f}, after each 1000: "
+              f"{' '.join(f'{m:.0f}' for m in samples[1:])}; peak {max(samples):.0f}, growth after the first "
+              f"1000: {samples[-1] - samples[1]:+.0f} MiB")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("source")
@@ -113,8 +150,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests per level at most (2000)")
     parser.add_argument("--seconds", type=float, default=20.0, help="seconds per level at most (20)")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--soak", type=int, default=0, help="requests of the memory soak (0: none)")
     args = parser.parse_args()
     images = sample_images(args.images)
+    print(f"imgcls predict offline: {offline_images_per_s(args.source, images):.0f} images/s")
     print(f"{len(images)} images, one per request; at most {args.requests} requests or {args.seconds:g} s a level")
     print(f"{'mode':<14} {'clients':>7} {'answered':>8} {'503s':>5} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
           f"{'p99 ms':>8} {'batch':>6}")
@@ -131,6 +170,8 @@ def main() -> None:
             server.send_signal(signal.SIGTERM)
             server.wait(60)
     print("batch: mean images per engine call during the level")
+    if args.soak:
+        soak(args.source, images, args.soak, args.max_wait_ms)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ def test_run_directory_is_complete(tiny_folder, tmp_path):
     for name in (rundir.CONFIG, rundir.PLAN, rundir.DATASET, rundir.METRICS, rundir.SUMMARY, rundir.LAST,
                  rundir.BEST):
         assert (run / name).is_file(), name
+    assert not (run / rundir.LOCK).exists()  # a finished run keeps no lock file
     assert unresolved(load_config(run / rundir.CONFIG)) == []  # the plan: every auto decided
     assert rundir.read_plan(run)["machine"] and isinstance(rundir.read_plan(run)["measured"], list)
     config = yaml.safe_load((run / rundir.CONFIG).read_text())
@@ -56,6 +57,7 @@ def test_resumed_run_ends_exactly_like_an_uninterrupted_one(tiny_folder, tmp_pat
     with pytest.raises(Interrupted):
         fit(_cfg(tiny_folder, tmp_path / "stopped", **options), stop_after_steps=2)
     assert not (tmp_path / "stopped" / rundir.SUMMARY).exists()
+    assert (tmp_path / "stopped" / rundir.LOCK).exists()  # unfinished: the file stays (nobody holds it now)
     with pytest.raises(Interrupted):
         fit(resume=tmp_path / "stopped", stop_after_steps=6)
     resumed = fit(resume=tmp_path / "stopped")

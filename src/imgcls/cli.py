@@ -399,9 +399,11 @@ def cmd_models(args) -> int:
     for spec in list_models():
         num_classes = 10 if spec.img_size <= 32 else 1000
         with torch.device("meta"):  # counts parameters without allocating them
-            params = count_parameters(create_model(spec.name, num_classes))
-        rows.append({"name": spec.name, "params": params, "img_size": spec.img_size,
-                     "family": spec.family, "description": spec.description, "num_classes": num_classes})
+            model = create_model(spec.name, num_classes)
+        head = count_parameters(model.get_classifier())
+        rows.append({"name": spec.name, "backbone_params": count_parameters(model) - head, "head_params": head,
+                     "img_size": spec.img_size, "family": spec.family, "description": spec.description,
+                     "num_classes": num_classes})
     print_models(rows)
     return 0
 

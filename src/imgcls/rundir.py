@@ -328,5 +328,11 @@ class RunFolder:
         self.release()
         shutil.rmtree(self.path, ignore_errors=True)
 
+    def finish(self) -> None:
+        """Training is over (its summary written): the lock file goes, unlinked while still held, so that
+        no reader can find a finished run with the file but nobody holding it (an unstarted run's mark)."""
+        self.lock.path.unlink(missing_ok=True)
+        self.release()
+
     def release(self) -> None:
         self.lock.release()

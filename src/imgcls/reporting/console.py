@@ -10,7 +10,17 @@ from rich.text import Text
 from imgcls.export.model_card import FEW_IMAGES
 from imgcls.options import DEFAULT_TARGET_ACCURACY
 
-console = Console()
+LOG_WIDTH = 250  # columns of output that goes to a file or a pipe
+
+
+def _console() -> Console:
+    """The terminal's width in a terminal; in a log or a pipe, wide enough that a table takes its content's
+    width (rich would assume 80 columns, cut class names to four letters and split headers over rows)."""
+    terminal = Console()
+    return terminal if terminal.is_terminal else Console(width=LOG_WIDTH)
+
+
+console = _console()
 FEW_PARITY_IMAGES = FEW_IMAGES  # below this, one image moves the agreement by a percent or more
 
 
@@ -121,12 +131,18 @@ def print_calibration(report: dict, run: str) -> None:
 
 
 def print_models(rows: list[dict]) -> None:
-    table = Table("name", "params", "classes", "input", "family", "description")
+    table = Table("name", "backbone", "head (classes)", "input", "family", "description")
     for r in rows:
-        table.add_row(r["name"], f"{r['params'] / 1e6:.2f}M", str(r["num_classes"]), f"{r['img_size']}px",
-                      r["family"], r["description"])
+        table.add_row(r["name"], _millions(r["backbone_params"]), f"{_millions(r['head_params'])} ({r['num_classes']})",
+                      f"{r['img_size']}px", r["family"], r["description"])
     console.print(table)
+    console.print("backbone and head: parameters; a run's model has the backbone and a head for its own classes "
+                  "(for a linear head, features + 1 per class)")
     console.print("and any timm model as timm/<name> (e.g. timm/efficientnet_b0)")
+
+
+def _millions(count: int) -> str:
+    return f"{count / 1e6:.2f}M" if count >= 10_000 else f"{count:,}"
 
 
 class _ImagesPerSecond(ProgressColumn):

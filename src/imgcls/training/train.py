@@ -99,6 +99,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             rundir.write_json(run / rundir.SUMMARY, summary)
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
+            folder.finish()
         distributed.barrier(world)  # the other ranks return once the run is complete
         return run
     except BaseException:
