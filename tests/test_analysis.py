@@ -160,6 +160,8 @@ def test_report_is_one_html_page_that_a_real_browser_renders(overfit_run, tmp_pa
     for section in ("Training curves", "Classification report", "Confusion matrix", "Reliability",
                     "Test-time augmentation", "Grad-CAM", "Top losses", "Configuration"):
         assert section in text, section
+    assert "<th></th>" not in text  # no header row of empty cells (the name-value table has none)
+    assert re.search(r"<table><tr><td>parameters</td>", text)
 
     def render(html_file):
         shot = tmp_path / f"{html_file.stem}.png"

@@ -50,10 +50,11 @@ def png_img(png: bytes, alt: str, title: str = "") -> str:
     return f'<img alt="{html.escape(alt)}"{tip} src="data:image/png;base64,{data}">'
 
 
-def html_table(header: list[str], rows: list[list]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+def html_table(header: list[str] | None, rows: list[list]) -> str:
+    """A table; `header` None for a list of name-value rows, which has no header row."""
+    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def html_page(title: str, body: str) -> str:
@@ -120,7 +121,7 @@ def write_run_report(run: Path) -> Path:
                                  else "stored by imgcls calibrate")
     body = [
         f"<h1>{html.escape(run.name)}: {html.escape(summary['model'])} on {html.escape(summary['data'])}</h1>",
-        html_table(["", ""], [
+        html_table(None, [
             ["parameters", f"{summary['params'] / 1e6:.2f}M"],
             *([["best epoch (val)", f"{summary['best_epoch']} of {summary['epochs']}"],
                ["best val accuracy", _pct(summary["best_val_acc"])],
