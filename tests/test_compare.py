@@ -5,7 +5,7 @@ import pytest
 from imgcls.cli import main
 from imgcls.config import build_config
 from imgcls.errors import UserError
-from imgcls.reporting.tables import aggregate, to_markdown
+from imgcls.reporting.tables import TEXT_WIDTH, aggregate, to_markdown, to_text
 from imgcls.training.compare import read_experiment
 
 
@@ -64,7 +64,27 @@ def test_table_without_a_test_split_reports_final_validation_accuracy():
                                                    final_val_acc=0.95)])
     table = to_markdown(rows)
     assert "val acc % (final epoch)" in table and "test acc" not in table and "ECE" not in table
-    assert "| finetune | m | finetune | 0.2M |" in table and "| 95.00 ± 0.00 |" in table and "+15.00" in table
+    assert "| finetune | m | finetune | 0.2M |" in table and "| 95.00 |" in table and "+15.00" in table
+    assert "± " not in table and "1 seed per variant" in table
+
+
+def test_printed_comparison_puts_the_compared_figures_first_and_fits_100_columns():
+    test = {"balanced_accuracy": 0.75, "macro_f1": 0.7}
+    vs = {"vs": "a", "acc_diff": 0.03, "ci_low": 0.01, "ci_high": 0.05, "mcnemar_p": 0.002, "significant": True}
+    one_seed = [{**_summary("fastnet_cifar_small+mixup", model="fastnet_cifar_small", test_acc=0.8,
+                            test_acc_final=0.79, test_split="test", test_ece=0.05), "test": test, "vs_first": None},
+                {**_summary("vit_cifar+randaugment+cutmix", model="vit_cifar", test_acc=0.83, test_acc_final=0.8,
+                            test_split="test", test_ece=0.04), "test": test, "vs_first": vs}]
+    text = to_text(aggregate(one_seed))
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= TEXT_WIDTH
+    assert lines[0].split()[:4] == ["variant", "test", "acc", "%"] and "Δ vs first [95% CI]" in lines[0]
+    assert lines[2].split()[:6] == ["vit_cifar+randaugment+cutmix", "83.00", "+3.00", "[+1.00,", "+5.00]", "*"]
+    assert "±" not in text and lines[-1].startswith("1 seed per variant")
+    seeds = [{**r, "summary": {**r["summary"], "test_acc": acc}} for r in one_seed for acc in (0.8, 0.82)]
+    text = to_text(aggregate(seeds))
+    assert "81.00 ± 1.41" in text and text.splitlines()[-1].startswith("Mean ± standard deviation over 2 seeds")
+    assert max(map(len, text.splitlines())) <= TEXT_WIDTH
 
 
 def test_shipped_augmentation_experiment_is_valid():

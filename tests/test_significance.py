@@ -95,8 +95,8 @@ def test_table_shows_delta_with_interval_and_mcnemar():
                       {"variant": "b", "summary": summary, "test": test, "vs_first": vs}])
     table = to_markdown(rows)
     assert "Δ acc vs a [95% CI]" in table and "McNemar p" in table and "balanced acc %" in table
-    assert "| +3.00 [+1.00, +5.00] * | 0.0020 |" in table and "| 75.00 ± 0.00 | 70.00 ± 0.00 |" in table
-    assert "do not say" in table
+    assert "| +3.00 [+1.00, +5.00] * | 0.0020 |" in table and "| 75.00 | 70.00 |" in table  # 1 seed: no ± 0.00
+    assert "do not say" in table and "1 seed per variant" in table
 
 
 def test_compare_writes_predictions_and_significance_columns(tiny_folder, tmp_path):

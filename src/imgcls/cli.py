@@ -410,7 +410,7 @@ def cmd_models(args) -> int:
 
 def cmd_compare(args) -> int:
     from imgcls.reporting.figures import comparison_charts
-    from imgcls.reporting.tables import aggregate, to_markdown, write_tables
+    from imgcls.reporting.tables import aggregate, to_text, write_tables
     from imgcls.training.compare import experiment_from_flags, parse_seeds, read_experiment, run_experiment
 
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
@@ -428,8 +428,9 @@ def cmd_compare(args) -> int:
     rows = aggregate(records)
     write_tables(rows, Path(args.out))
     charts = comparison_charts(records, Path(args.out))
-    print(to_markdown(rows))
-    print(f"wrote {args.out}/results.json, results.csv, results.md{''.join(', ' + p.name for p in charts)}")
+    print(to_text(rows))
+    written = ", ".join(["results.json", "results.csv", "results.md (every column)", *(p.name for p in charts)])
+    print(f"wrote {args.out}/{written}")
     return 0
 
 

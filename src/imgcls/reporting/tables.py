@@ -103,10 +103,17 @@ def to_csv(rows: list[dict]) -> str:
     return buffer.getvalue()
 
 
-def _pm(mean: float, sd: float, scale: float = 100.0, digits: int = 2) -> str:
+def _pm(mean: float, sd: float, seeds: int, scale: float = 100.0, digits: int = 2) -> str:
+    """The mean, and the spread over seeds where there are seeds to make one (one seed: no "± 0.00")."""
     if mean != mean:  # NaN: no run had the figure (e.g. results from before it was recorded)
         return "n/a"
-    return f"{scale * mean:.{digits}f} ± {scale * sd:.{digits}f}"
+    spread = f" ± {scale * sd:.{digits}f}" if seeds > 1 else ""
+    return f"{scale * mean:.{digits}f}{spread}"
+
+
+def _spread(key: str):
+    """The cell of figure `key`: its mean over seeds, and its standard deviation where there are seeds."""
+    return lambda r: _pm(r[key], r[f"{key}_std"], r["seeds"])
 
 
 def _num(value, digits: int) -> str:
@@ -126,23 +133,23 @@ def to_markdown(rows: list[dict]) -> str:
                     ("trainable params", lambda r: f"{r['trainable_params'] / 1e6:.3g}M")]
     columns += [("params", lambda r: f"{r['params'] / 1e6:.2f}M"), ("GFLOPs/img", lambda r: _num(r["gflops"], 3))]
     if has_test and not has_val:  # best.pt is the final epoch: one column says it
-        columns += [("test acc % (final epoch)", lambda r: _pm(r["test_acc"], r["test_acc_std"]))]
+        columns += [("test acc % (final epoch)", _spread("test_acc"))]
     elif has_test:
-        columns += [("test acc % (val-selected)", lambda r: _pm(r["test_acc"], r["test_acc_std"])),
-                    ("test acc % (final epoch)", lambda r: _pm(r["test_acc_final"], r["test_acc_final_std"]))]
+        columns += [("test acc % (val-selected)", _spread("test_acc")),
+                    ("test acc % (final epoch)", _spread("test_acc_final"))]
     elif has_val:
-        columns += [("val acc % (final epoch)", lambda r: _pm(r["val_acc_final"], r["val_acc_final_std"])),
-                    ("val acc % (best epoch, optimistic)", lambda r: _pm(r["val_acc"], r["val_acc_std"]))]
+        columns += [("val acc % (final epoch)", _spread("val_acc_final")),
+                    ("val acc % (best epoch, optimistic)", _spread("val_acc"))]
     columns += [("gain vs first", lambda r: "n/a" if r["gain"] != r["gain"] else f"{100 * r['gain']:+.2f}")]
     significance = any(r.get("acc_diff") is not None for r in rows)
     if has_test:
         columns += [(f"balanced acc % ({chosen})",
-                     lambda r: _pm(r["test_balanced_acc"], r["test_balanced_acc_std"])),
-                    (f"macro-F1 % ({chosen})", lambda r: _pm(r["test_macro_f1"], r["test_macro_f1_std"]))]
+                     _spread("test_balanced_acc")),
+                    (f"macro-F1 % ({chosen})", _spread("test_macro_f1"))]
     if significance:
         columns += [(f"Δ acc vs {rows[0]['variant']} [95% CI]", _delta), ("McNemar p", _p)]
     if has_test:
-        columns += [("ECE %", lambda r: _pm(r["test_ece"], r["test_ece_std"]))]
+        columns += [("ECE %", _spread("test_ece"))]
     columns += [("train time s", lambda r: f"{r['train_time_s']:.0f}"),
                 ("train img/s", lambda r: f"{r['train_images_per_s']:.0f}"),
                 ("inference img/s", lambda r: _num(r["inference_images_per_s"], 0))]
@@ -158,10 +165,54 @@ def to_markdown(rows: list[dict]) -> str:
                 "accuracy by default); the test split never selects anything.")
     else:
         note = "This dataset has no test split: the final epoch's validation accuracy is the held-out figure."
-    lines.append(f"Mean ± standard deviation over {'/'.join(map(str, seeds))} seed(s). {note}")
+    lines.append(f"{_seeds_note(seeds)} {note}")
     if significance:
         lines += ["", SIGNIFICANCE_NOTE]
     return "\n".join(lines) + "\n"
+
+
+def _seeds_note(seeds: list[int]) -> str:
+    if seeds == [1]:
+        return "1 seed per variant: each figure is one run's, with no spread across seeds."
+    return f"Mean ± standard deviation over {'/'.join(map(str, seeds))} seeds (a variant of 1 seed shows no spread)."
+
+
+TEXT_WIDTH = 100  # the printed comparison fits a log or a narrow terminal; results.md has every column
+
+
+def to_text(rows: list[dict]) -> str:
+    """The comparison as `imgcls compare` prints it: the figures a reader compares first (the held-out
+    accuracy, the difference to the first variant and its interval), then as many of the others as fit
+    TEXT_WIDTH columns. Plain aligned text: it reads the same in a terminal and in a log."""
+    has_test = not all(r["test_acc"] != r["test_acc"] for r in rows)
+    if has_test:
+        headline = ("test acc %" if any(r.get("val_split", True) for r in rows) else "test acc % (final)",
+                    _spread("test_acc"))
+    else:
+        headline = ("val acc % (final)", _spread("val_acc_final"))
+    columns = [("variant", lambda r: r["variant"]), headline]
+    if any(r.get("acc_diff") is not None for r in rows):
+        columns.append(("Δ vs first [95% CI]", _delta))
+    else:
+        columns.append(("gain vs first", lambda r: "n/a" if r["gain"] != r["gain"] else f"{100 * r['gain']:+.2f}"))
+    optional = [("bal. acc %", _spread("test_balanced_acc")), ("ECE %", _spread("test_ece"))] if has_test else []
+    optional += [("train s", lambda r: f"{r['train_time_s']:.0f}"), ("params", lambda r: f"{r['params'] / 1e6:.2f}M"),
+                 ("model", lambda r: r["model"]) if any(r["model"] != r["variant"] for r in rows) else None]
+    table = [[header, [cell(r) for r in rows]] for header, cell in columns]
+    for header, cell in filter(None, optional):
+        candidate = [header, [cell(r) for r in rows]]
+        if _text_width([*table, candidate]) <= TEXT_WIDTH:
+            table.append(candidate)
+    widths = [max(len(header), *map(len, cells)) for header, cells in table]
+    lines = ["  ".join(h.ljust(w) for (h, _), w in zip(table, widths, strict=True)).rstrip()]
+    for i in range(len(rows)):
+        lines.append("  ".join(cells[i].ljust(w) for (_, cells), w in zip(table, widths, strict=True)).rstrip())
+    lines.append(_seeds_note(sorted({r["seeds"] for r in rows})))
+    return "\n".join(lines) + "\n"
+
+
+def _text_width(table: list) -> int:
+    return sum(max(len(header), *map(len, cells)) for header, cells in table) + 2 * (len(table) - 1)
 
 
 def write_tables(rows: list[dict], out: Path) -> None:
