@@ -26,3 +26,40 @@ def test_models_in_a_log_is_one_line_per_model_and_says_which_parameters_it_coun
     # the backbone is what a 10-class run has, less its head; the 1000-class head is shown apart
     assert lite0[2].strip() == f"{backbone / 1e6:.2f}M" and lite0[3].strip() == "1.28M (1000)"
     assert "a head for its own classes" in out
+
+
+def test_a_training_log_has_one_line_per_epoch_with_the_time_left(tiny_folder, tmp_path, capsys):
+    from imgcls.cli import main
+
+    assert main(["train", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--epochs", "2",
+                 "--batch-size", "32", "--img-size", "32", "--precision", "fp32", "--memory-format", "channels_last",
+                 "--out", str(tmp_path / "run")]) == 0
+    log = capsys.readouterr().err.splitlines()  # the bar and the epoch lines go to stderr; no terminal here
+    epochs = [line for line in log if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epochs] == ["1/2", "2/2"]  # epochs of seconds: no step lines
+    assert not [line for line in log if line.lstrip().startswith("step ")]
+    assert "left" in epochs[0] and "left" not in epochs[1]
+
+
+class _Meter:
+    steps, images, loss_sum, correct, seconds = 40, 320, 160.0, 100, 20.0
+
+
+def test_a_long_epoch_adds_a_line_only_after_30_silent_seconds(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from imgcls.training import progress
+
+    bar = progress.Progress(epochs=2, steps_per_epoch=100, batch_size=8)
+    bar.console = Console(file=io.StringIO(), force_terminal=False, width=250)
+    bar.start_epoch(0, _Meter())
+    bar.update(_Meter())  # just started: the log is not silent yet
+    assert bar.console.file.getvalue() == ""
+    now = bar.last_line + progress.LOG_SILENCE_S
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now)
+    bar.update(_Meter())  # 40 of 100 steps in 20 s: 30 s left
+    assert bar.console.file.getvalue().strip() == "step 40/100  loss 0.5000  acc 0.3125  16 img/s  epoch left 30s"
+    bar.update(_Meter())  # a line was just written
+    assert bar.console.file.getvalue().count("\n") == 1

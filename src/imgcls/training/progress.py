@@ -1,13 +1,19 @@
-"""A live progress bar (loss, accuracy, images/s) and a line per epoch; silent with --quiet.
+"""A live progress bar (loss, accuracy, images/s, time left) and a line per epoch; silent with --quiet.
 
 The loss and accuracy shown are read from the device every `interval` micro-steps (a tenth of the
-epoch), never per step: the training loop reads its device sums only then (and at the epoch's end)."""
+epoch), never per step: the training loop reads its device sums only then (and at the epoch's end).
+In a log (no terminal) the bar is not drawn: each epoch is one line, and a long epoch adds a progress
+line with its time left at a read only when the log has been silent for LOG_SILENCE_S seconds."""
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
+
+LOG_SILENCE_S = 30.0  # a log never goes longer than this without a line while an epoch runs (at 10% reads)
 
 
 class Progress:
@@ -23,11 +29,14 @@ class Progress:
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}  {task.fields[ips]:.0f} img/s"),
             TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
             console=self.console,
             transient=True,
             disable=quiet,
         )
         self.task = None
+        self.last_line = time.monotonic()  # when the log last got a line
 
     def __enter__(self):
         self.bar.__enter__()
@@ -54,17 +63,26 @@ class Progress:
         n = max(meter.images, 1)
         loss, acc, ips = meter.loss_sum / n, meter.correct / n, meter.images / max(meter.seconds, 1e-9)
         self.bar.update(self.task, completed=meter.steps, loss=loss, acc=acc, ips=ips)
-        if not self.console.is_terminal:  # a log file gets a line per read, i.e. per 10%
-            self.console.print(f"  step {meter.steps}/{self.steps}  loss {loss:.4f}  acc {acc:.4f}  {ips:.0f} img/s",
-                               soft_wrap=True)
+        if not self.console.is_terminal and time.monotonic() - self.last_line >= LOG_SILENCE_S:
+            left = (self.steps - meter.steps) * meter.seconds / max(meter.steps, 1)
+            self.log(f"  step {meter.steps}/{self.steps}  loss {loss:.4f}  acc {acc:.4f}  {ips:.0f} img/s  "
+                     f"epoch left {_duration(left)}")
+
+    def log(self, line: str) -> None:
+        self.console.print(line, soft_wrap=True)
+        self.last_line = time.monotonic()
 
     def end_epoch(self, record: dict) -> None:
         if self.quiet:
             return
-        self.console.print(
-            f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f} "
-            f"acc {record['train_acc']:.4f}  "
-            + (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  " if "val_acc" in record else "")
-            + f"lr {record['lr']:.2e}  {record['epoch_time']:.1f}s  {record['images_per_s']:.0f} img/s",
-            soft_wrap=True,
-        )
+        left = (self.epochs - record["epoch"]) * record["epoch_time"]
+        self.log(f"epoch {record['epoch']:>3}/{self.epochs}  train loss {record['train_loss']:.4f} "
+                 f"acc {record['train_acc']:.4f}  "
+                 + (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  " if "val_acc" in record else "")
+                 + f"lr {record['lr']:.2e}  {record['epoch_time']:.1f}s  {record['images_per_s']:.0f} img/s"
+                 + (f"  left {_duration(left)}" if left > 0 else ""))
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
