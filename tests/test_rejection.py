@@ -159,6 +159,22 @@ def test_eval_ood_scores_a_folder_of_unseen_classes(calibrated, mini, tmp_path, 
     assert f"{result['msp']['auroc']:.4f}" in page
 
 
+def test_eval_ood_refuses_a_folder_of_the_runs_own_classes(calibrated, tmp_path, capsys):
+    """The run's test folder passed as --ood (its subfolders are the run's classes): refused before any
+    evaluation, however the folder names are cased, not answered with an AUROC that measures nothing."""
+    classes = json.loads((calibrated / "dataset.json").read_text())["classes"]
+    ood = tmp_path / "held-out"
+    for name in (classes[0].upper(), "other"):
+        (ood / "photos" / name).mkdir(parents=True)
+        (ood / "photos" / name / "a.png").write_bytes(b"never read")
+    before = sorted(p.name for p in calibrated.iterdir())
+    assert main(["eval", str(calibrated), "--ood", str(ood)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"imgcls: error: --ood {ood} holds folders named like the run's classes ({classes[0]}): those "
+                   "images are in-distribution; pass a folder of images from classes the run never saw")
+    assert sorted(p.name for p in calibrated.iterdir()) == before  # nothing evaluated, nothing written
+
+
 @pytest.mark.slow
 def test_five_versus_five_ood(tmp_path, mini):
     """Train on five cifar10-mini classes; the other five are OOD. AUROC well above chance, and the

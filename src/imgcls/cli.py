@@ -264,9 +264,10 @@ def cmd_eval(args) -> int:
     from imgcls.reporting.console import print_eval
 
     if args.ood:  # a wrong --ood folder is said before the evaluation, not after it
-        from imgcls.inference.files import collect_paths
+        from imgcls.evaluation.rejection import ood_paths
+        from imgcls.rundir import require_run
 
-        collect_paths([args.ood], what="score as out-of-distribution")
+        ood_paths(args.ood, require_run(args.run))
     replaced = evaluate.eval_out(args.run, args.split, args.data, args.out).exists()
     result, out = evaluate.evaluate_run(args.run, args.split, args.data, args.data_dir, args.checkpoint, args.device,
                                         args.tta, args.allow_data_change, args.out)

@@ -74,12 +74,30 @@ def ood_table(in_logits, in_probs, out_logits, out_probs) -> dict:
     return table
 
 
+def ood_paths(ood: str | Path, run: str | Path) -> list[Path]:
+    """The image files of an --ood folder, refused when its folders carry the run's class names: those are
+    the run's own classes (a common mistake: the test folder passed as --ood), and an AUROC of in-distribution
+    against in-distribution images measures nothing."""
+    paths = collect_paths([str(ood)], what="score as out-of-distribution")
+    info = Path(run) / rundir.DATASET  # missing or damaged: load_run refuses it, in its words
+    recorded = rundir.read_json(info).get("classes", []) if info.is_file() else []
+    classes = {c.casefold(): c for c in recorded if isinstance(c, str)}
+    root = Path(ood)
+    named = sorted({classes[part.casefold()] for p in paths for part in p.relative_to(root).parts[:-1]
+                    if part.casefold() in classes}) if root.is_dir() else []
+    if named:
+        raise UserError(f"--ood {ood} holds folders named like the run's classes ({', '.join(named[:5])}"
+                        f"{', ...' if len(named) > 5 else ''}): those images are in-distribution; pass a folder "
+                        "of images from classes the run never saw")
+    return paths
+
+
 def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoint: str = "best",
                  device: str = "auto", eval_json: Path | None = None) -> dict:
     """Score a folder of images from classes the run never saw against `split`: AUROC and FPR at 95%
     TPR for max-softmax probability and energy, and what `--reject auto` (target 0.95 on val) lets
     through of each. Added as "ood" to `eval_json` when given."""
-    paths = collect_paths([str(ood)], what="score as out-of-distribution")  # one line, before any inference
+    paths = ood_paths(ood, run)  # one line, before any inference
     trained = load_run(run, checkpoint, resolve_device(device))
     engine = run_engine(trained)
     inside, labels = engine.score_split(trained.split(split), where=f"the {split} split")
