@@ -63,3 +63,30 @@ def test_a_long_epoch_adds_a_line_only_after_30_silent_seconds(monkeypatch):
     assert bar.console.file.getvalue().strip() == "step 40/100  loss 0.5000  acc 0.3125  16 img/s  epoch left 30s"
     bar.update(_Meter())  # a line was just written
     assert bar.console.file.getvalue().count("\n") == 1
+
+
+def test_monitor_auto_is_balanced_accuracy_on_imbalanced_classes_and_ties_go_to_the_lower_loss(tiny_folder, tmp_path,
+                                                                                               capsys):
+    import shutil
+
+    import yaml
+
+    from imgcls.cli import main
+    from imgcls.training.loop import improved
+
+    lopsided = tmp_path / "lopsided"
+    shutil.copytree(tiny_folder, lopsided)
+    for extra in sorted((lopsided / "train" / "airplane").iterdir())[20:]:  # 40 airplanes become 20
+        extra.unlink()
+    flags = ["--model", "fastnet_cifar_small", "--epochs", "1", "--img-size", "32", "--precision", "fp32",
+             "--memory-format", "channels_last", "--quiet"]
+    for data, expected in ((tiny_folder, "val_acc"), (lopsided, "balanced_acc")):
+        out = tmp_path / f"run-{data.name}"
+        assert main(["train", "--data", str(data), *flags, "--out", str(out)]) == 0
+        assert yaml.safe_load((out / "config.yaml").read_text())["monitor"] == expected, data
+    # 4 validation images per class here: the choice of epoch is said to rest on a handful of images
+    assert "fewer than 20 validation images (airplane 2" in capsys.readouterr().err
+    assert improved("balanced_acc", 0.5, 0.5, 0.0, loss=0.9, best_loss=1.0)  # a tie at a lower loss
+    assert not improved("balanced_acc", 0.5, 0.5, 0.0, loss=1.1, best_loss=1.0)
+    assert not improved("balanced_acc", 0.5, 0.5, 0.0)  # no losses known (an older run): no tie-break
+    assert improved("val_loss", 0.8, 0.9, 0.0) and not improved("val_loss", 0.9, 0.9, 0.0, loss=0.9, best_loss=0.9)

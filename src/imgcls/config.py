@@ -142,10 +142,12 @@ class TrainConfig:
     loss: str = opt("ce", "ce (cross-entropy) or focal (Lin et al.: down-weights easy images by (1-p)^gamma)",
                     choices=("ce", "focal"))
     focal_gamma: float = opt(2.0, "focal loss exponent gamma (0 is cross-entropy)", low=0.0, high=10.0)
-    monitor: str = opt("val_acc", "validation metric that chooses best.pt and drives --patience and --schedule "
-                                  "plateau: val_acc, val_loss, balanced_acc or macro_f1 (under torchrun give it in "
-                                  "a --recipe: torchrun takes --monitor for its own --monitor-interval)",
-                       choices=tuple(MONITORS))
+    monitor: str = opt("auto", "validation metric that chooses best.pt and drives --patience and --schedule "
+                               "plateau: val_acc, val_loss, balanced_acc or macro_f1; auto: balanced_acc when the "
+                               "training classes are imbalanced (the largest 1.5x the smallest or more), else "
+                               "val_acc. A tie is broken by the lower val loss (under torchrun give it in a "
+                               "--recipe: torchrun takes --monitor for its own --monitor-interval)",
+                       choices=("auto", *MONITORS))
     # training controls
     patience: int | None = opt(None, "early stopping: end the run after N epochs without an improvement of --monitor "
                                      "(off by default)", low=1, metavar="N")
@@ -425,7 +427,7 @@ def require_no_validation(cfg: TrainConfig) -> None:
     """Refuse the options that need a validation split, for a run that has none (--val-fraction 0)."""
     needs = [f for f, on in (("--patience", cfg.patience is not None),
                              ("--schedule plateau", cfg.schedule == "plateau"),
-                             (f"--monitor {cfg.monitor}", cfg.monitor != FIELDS["monitor"].default)) if on]
+                             (f"--monitor {cfg.monitor}", cfg.monitor not in ("auto", "val_acc"))) if on]
     if needs:
         drop = " and ".join(f.split()[0] for f in needs)
         raise UserError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} a validation split; "
@@ -508,6 +510,7 @@ class Facts:
     normalization: str  # a key of NORMALIZATIONS
     data_mode: str  # memory | stream
     prefetch: str  # on | off
+    monitor: str  # a key of MONITORS
     kernels: dict[str, Any]  # attention, eval_attention, depthwise_precision, eval_depthwise_precision,
     #                          memory_format, compile, eval_batch_size: the kernel choice (imgcls.kernels)
 
@@ -543,14 +546,14 @@ def resolve(cfg: TrainConfig, facts: Facts) -> TrainConfig:
         random_erasing=erasing_probability(aug, cfg.random_erasing),
         unfreeze_every=gradual_every,
         device=facts.device, precision=facts.precision, eval_precision=facts.eval_precision,
-        data_mode=facts.data_mode, prefetch=facts.prefetch,
+        data_mode=facts.data_mode, prefetch=facts.prefetch, monitor=facts.monitor,
         **{k: facts.kernels[k] for k in KERNEL_FIELDS},
     )
 
 
 # The fields whose "auto" (or None) the plan decides; for the others "auto" is a value (--class-weights auto).
 RESOLVED_FIELDS = ("img_size", "normalize", "strategy", "device", "precision", "eval_precision", "data_mode",
-                   "prefetch", *KERNEL_FIELDS)
+                   "prefetch", "monitor", *KERNEL_FIELDS)
 
 
 def unresolved(cfg: TrainConfig) -> list[str]:

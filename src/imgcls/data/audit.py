@@ -358,10 +358,13 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     return Audit(report, images.thumbs, offsets)
 
 
+FEW_VAL_IMAGES = 20  # validation images of a class below which choosing an epoch on them is noise
+
+
 def quick_audit(dataset: Dataset) -> list[str]:
     """One-line warnings about what training should not start on unawares: the same image (same decoded
-    pixels) in two splits, and training classes more than 3:1 apart. Cheap: a hash per in-memory image;
-    a streamed dataset is checked for imbalance only."""
+    pixels) in two splits, training classes more than 3:1 apart, and classes with fewer than FEW_VAL_IMAGES
+    validation images. Cheap: a hash per in-memory image; a streamed dataset is not checked for leakage."""
     warnings = []
     splits = [(n, s) for n, s in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)) if s]
     if all(s.images is not None for _, s in splits):
@@ -385,4 +388,18 @@ def quick_audit(dataset: Dataset) -> list[str]:
         warnings.append(f"imbalance: the largest class has {ratio:.1f}x the training images of the smallest "
                         f"({smallest}); consider --class-weights auto or --sampler balanced, and --monitor "
                         "balanced_acc")
-    return warnings
+    return warnings + _few_val_images(dataset)
+
+
+def _few_val_images(dataset: Dataset) -> list[str]:
+    """A class with fewer than FEW_VAL_IMAGES validation images: one image moves its recall by 5% or more, so
+    the epoch the validation score chooses as best rests on noise."""
+    if dataset.val is None:
+        return []
+    counts = torch.bincount(dataset.val.labels, minlength=dataset.num_classes).tolist()
+    few = sorted((n, c) for c, n in zip(dataset.classes, counts, strict=True) if n < FEW_VAL_IMAGES)
+    if not few:
+        return []
+    listed = ", ".join(f"{c} {n}" for n, c in few[:5]) + (", ..." if len(few) > 5 else "")
+    return [f"validation: {len(few)} class(es) have fewer than {FEW_VAL_IMAGES} validation images ({listed}), so "
+            "the best epoch is chosen on a handful of images; raise --val-fraction, or add images to the val/ folder"]

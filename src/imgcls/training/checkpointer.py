@@ -102,6 +102,7 @@ class TrainState:
     stopped_early: bool = False  # --patience ended the run
     train_seconds: float = 0.0
     saved: bool = False  # whether last.pt holds this run's state (else a failure leaves nothing worth keeping)
+    best_loss: float | None = None  # the val loss at best_epoch: breaks a tie of --monitor
 
 
 def rng_state(aug_gen: torch.Generator, device: torch.device) -> dict:
@@ -149,6 +150,7 @@ class Checkpointer:
                 "epoch": state.epoch,
                 "meter": meter.as_dict(),
                 "best_score": state.best_score,
+                "best_loss": state.best_loss,
                 "best_epoch": state.best_epoch,
                 "bad_epochs": state.bad_epochs,
                 "stopped_early": state.stopped_early,
@@ -186,7 +188,8 @@ class Checkpointer:
             meter = replace(meter, images=0, loss_sum=0.0, correct=0)
         best = ckpt["best_score"] if "best_score" in ckpt else ckpt["best_val_acc"]  # older runs monitored val_acc
         state = TrainState(ckpt["epoch"], meter, best, ckpt["best_epoch"], ckpt.get("bad_epochs", 0),
-                           ckpt.get("stopped_early", False), ckpt["train_seconds"], saved=True)
+                           ckpt.get("stopped_early", False), ckpt["train_seconds"], saved=True,
+                           best_loss=ckpt.get("best_loss"))  # older runs broke no ties
         rng = ckpt.get("rng") or [{"aug": ckpt["aug_rng"], "torch": ckpt["torch_rng"], "cuda": None}]  # older runs
         if len(rng) != world.size and meter.steps:
             raise UserError(f"{self.last.parent} stopped inside an epoch with {len(rng)} process(es); resume it with "

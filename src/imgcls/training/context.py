@@ -117,6 +117,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     cfg = resolve(cfg, Facts(device.type, precision, kernels.precision_eval, dataset.img_size, dataset.normalization,
                              "stream" if dataset.train.stream is not None else "memory",
                              prefetch_default(device.type) if cfg.prefetch == "auto" else cfg.prefetch,
+                             default_monitor(dataset) if cfg.monitor == "auto" else cfg.monitor,
                              {f: getattr(kernels, KERNEL_SOURCES[f]) for f in KERNEL_FIELDS}))
     if unresolved(cfg):  # a field added to the schema with an "auto" that resolve() does not decide
         raise RuntimeError(f"the run plan left {', '.join(unresolved(cfg))} undecided")
@@ -164,6 +165,16 @@ def plan_record(kernels: KernelChoice, device: torch.device) -> dict:
     measured = [f for f, k in KERNEL_SOURCES.items() if kernels.source.get(k) in ("measured", "cache")]
     return {"machine": cache.machine(device), "measured": measured, "sources": dict(kernels.source),
             "timings": {f: kernels.timings[k] for f, k in KERNEL_SOURCES.items() if k in kernels.timings}}
+
+
+IMBALANCED = 1.5  # largest over smallest training class from which --monitor auto chooses balanced accuracy
+
+
+def default_monitor(dataset: Dataset) -> str:
+    """--monitor auto: balanced accuracy when the training classes are imbalanced, where plain accuracy can
+    barely move (a small class is a few images of the val split) and would keep an early epoch; else val_acc."""
+    counts = torch.bincount(dataset.train.labels, minlength=dataset.num_classes).double()
+    return "balanced_acc" if counts.min() == 0 or counts.max() / counts.min() >= IMBALANCED else "val_acc"
 
 
 def optimizer_steps(micro_batches: int, accum_steps: int) -> int:

@@ -224,10 +224,15 @@ def _epoch_record(ctx: TrainingContext, meter: EpochMeter, scores: dict, epoch: 
     }
 
 
-def improved(monitor: str, score: float, best: float | None, min_delta: float) -> bool:
-    """Whether `score` of `monitor` beats `best` by more than `min_delta` (the first score always does)."""
+def improved(monitor: str, score: float, best: float | None, min_delta: float, loss: float | None = None,
+             best_loss: float | None = None) -> bool:
+    """Whether `score` of `monitor` beats `best` by more than `min_delta` (the first score always does), or
+    equals it at a lower validation loss: on a small val split accuracies tie often, and of two epochs
+    that get the same images right the one more confident on them is the better choice."""
     if best is None:
         return True
+    if score == best and loss is not None and best_loss is not None:
+        return loss < best_loss
     return score < best - min_delta if MONITORS[monitor] == "min" else score > best + min_delta
 
 
@@ -250,8 +255,8 @@ def _end_epoch(ctx: TrainingContext, inputs: Inputs, state: TrainState, checkpoi
         checkpointer.save_last(state, aug_gen)
         return record
     score = scores[MONITOR_KEYS[cfg.monitor]]
-    if improved(cfg.monitor, score, state.best_score, cfg.min_delta):
-        state.best_score, state.best_epoch, state.bad_epochs = score, epoch + 1, 0
+    if improved(cfg.monitor, score, state.best_score, cfg.min_delta, scores["val_loss"], state.best_loss):
+        state.best_score, state.best_loss, state.best_epoch, state.bad_epochs = score, scores["val_loss"], epoch + 1, 0
         checkpointer.save_best(state, scores)
     else:
         state.bad_epochs += 1
