@@ -105,16 +105,17 @@ def test_the_plan_resolves_every_auto_once_and_resolving_it_again_changes_nothin
 
     cfg = build_config(data="cifar10-mini", aug="standard")
     assert {"precision", "eval_precision", "attention", "memory_format", "img_size", "eval_batch_size",
-            "prefetch"} <= set(unresolved(cfg))
+            "prefetch", "monitor"} <= set(unresolved(cfg))
     kernels = {"attention": "none", "eval_attention": "none", "depthwise_precision": "none",
                "eval_depthwise_precision": "none", "memory_format": "channels_last", "compile": "off",
                "eval_batch_size": 128}
     assert set(kernels) == set(KERNEL_FIELDS)
-    facts = Facts("cpu", "fp32", "fp32", 32, "cifar", "memory", "off", kernels)
+    facts = Facts("cpu", "fp32", "fp32", 32, "cifar", "memory", "off", "balanced_acc", kernels)
     plan = resolve(cfg, facts)
     assert unresolved(plan) == [] and unresolved(cfg)  # a new object; cfg is left as it was
     assert resolve(plan, facts) == plan
     assert (plan.img_size, plan.eval_batch_size, plan.prefetch, plan.normalize) == (32, 128, "off", "cifar")
+    assert plan.monitor == "balanced_acc"
     assert plan.random_erasing == 0.2 and plan.crop_padding is None  # standard's erasing; no random crop
     basic = resolve(build_config(aug="basic"), facts)
     assert basic.crop_padding == 4 and basic.random_erasing == 0.0  # size/8 at 32 px

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 from imgcls.models import count_parameters, create_model
 
@@ -90,3 +91,28 @@ def test_monitor_auto_is_balanced_accuracy_on_imbalanced_classes_and_ties_go_to_
     assert not improved("balanced_acc", 0.5, 0.5, 0.0, loss=1.1, best_loss=1.0)
     assert not improved("balanced_acc", 0.5, 0.5, 0.0)  # no losses known (an older run): no tie-break
     assert improved("val_loss", 0.8, 0.9, 0.0) and not improved("val_loss", 0.9, 0.9, 0.0, loss=0.9, best_loss=0.9)
+
+
+def test_cached_features_are_reused_by_the_next_run_with_the_same_backbone_and_data(tiny_folder, tmp_path,
+                                                                                    capsys):
+    from imgcls.cli import main
+    from tests.conftest import run_metrics
+
+    flags = ["--data", str(tiny_folder), "--model", "efficientnet_lite0", "--pretrained", "--strategy",
+             "feature-extract", "--cache-features", "--img-size", "64", "--epochs", "2", "--precision", "fp32"]
+    assert main(["train", *flags, "--out", str(tmp_path / "first")]) == 0
+    first = capsys.readouterr().out
+    assert first.index("run ") < first.index("features: computing")  # the header comes before the slow part
+    assert "features: 108 train feature vectors in" in first and "(kept for reuse)" in first
+    assert main(["train", *flags, "--out", str(tmp_path / "second")]) == 0
+    second = capsys.readouterr().out
+    assert "features: reused the 108 train feature vectors" in second and "computing" not in second
+    assert run_metrics(tmp_path / "second") == run_metrics(tmp_path / "first")  # the same numbers, trained alike
+    # a damaged cache file is computed again, never trusted; another split is another key
+    for path in (Path(line.rsplit("(", 1)[1].rstrip(")")) for line in second.splitlines() if "reused" in line):
+        path.write_bytes(path.read_bytes()[:100])
+    assert main(["train", *flags, "--out", str(tmp_path / "third")]) == 0
+    third = capsys.readouterr().out
+    assert "reused" not in third and run_metrics(tmp_path / "third") == run_metrics(tmp_path / "first")
+    assert main(["train", *flags, "--split-seed", "1", "--out", str(tmp_path / "fourth")]) == 0
+    assert "features: computing" in capsys.readouterr().out

@@ -36,6 +36,7 @@ from imgcls.training import distributed
 from imgcls.training.checkpointer import Checkpointer, TrainState
 from imgcls.training.context import TrainingContext, build_context
 from imgcls.training.distributed import World
+from imgcls.training.feature_cache import backbone_digest, cached_features
 from imgcls.training.loop import Inputs, run_epochs
 from imgcls.training.progress import Progress
 from imgcls.training.stops import Diverged, Interrupted, StopOnSignal
@@ -175,30 +176,27 @@ def _create_or_reopen(ctx: TrainingContext, resume, allow_data_change: bool) -> 
 def _train_epochs(ctx: TrainingContext, run: Path, state: TrainState, aug_gen: torch.Generator,
                   stop: StopOnSignal, stop_after_steps: int | None, tb: TensorBoardLog | None) -> float:
     """Run the epochs left; returns the seconds spent caching features (part of the training cost)."""
-    inputs = prepare_inputs(ctx, state)
     cfg, world = ctx.cfg, ctx.world
+    loud = not cfg.quiet and world.main
+    if loud:
+        _announce(ctx, run)  # before anything slow: caching features can take minutes
+    inputs = prepare_inputs(ctx, state, say=print if loud else None)
     local_batch = cfg.batch_size // world.size
     progress = Progress(cfg.epochs, ctx.steps_per_epoch, local_batch, quiet=cfg.quiet or not world.main)
     with progress:
-        if not cfg.quiet and world.main:
-            _announce(ctx, run, inputs)
         run_epochs(ctx, inputs, state, Checkpointer(run, ctx), run, progress, stop, aug_gen, stop_after_steps, tb)
     return inputs.cache_seconds
 
 
-def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
+def prepare_inputs(ctx: TrainingContext, state: TrainState, say=None) -> Inputs:
     """The trained module, the splits and the batch transform; with --cache-features, the frozen
-    backbone's features replace the images and the head alone trains."""
+    backbone's features replace the images and the head alone trains (`say`: where to tell of them)."""
     cfg, dataset, world = ctx.cfg, ctx.dataset, ctx.world
     cache_seconds = 0.0
     if cfg.cache_features:
         start = time.perf_counter()
-        apply_schedule(ctx.model, ctx.groups, 0)
-        prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
-        backbone = inference_copy(ctx.model, cfg.eval_attention, cfg.eval_depthwise_precision)  # the frozen weights
-        train, val = [None if split is None else cache_features(backbone, split, prep, ctx.device, cfg.eval_precision,
-                                                                cfg.eval_batch_size)
-                      for split in (dataset.train, dataset.val)]
+        train, val = (None if split is None else _features(ctx, split, name, say)
+                      for name, split in (("train", dataset.train), ("val", dataset.val)))
         cache_seconds = time.perf_counter() - start
         trainee, transform = ctx.model.get_classifier(), FeatureTargets(dataset.num_classes, cfg.label_smoothing)
     else:
@@ -221,6 +219,30 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState) -> Inputs:
     return Inputs(trainee, train, _val_share(val, world), transform, cfg.cache_features, cache_seconds)
 
 
+def _features(ctx: TrainingContext, split, name: str, say) -> object:
+    """The frozen backbone's features of one split: from the feature cache when an earlier run computed
+    them from the same weights, data and preprocessing, else computed now (and kept for the next run)."""
+    cfg, dataset = ctx.cfg, ctx.dataset
+    apply_schedule(ctx.model, ctx.groups, 0)
+    prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
+    parts = {"model": cfg.model, "weights": backbone_digest(ctx.model), "data": dataset.fingerprint, "split": name,
+             "preprocessing": prep.as_dict(), "precision": cfg.eval_precision, "attention": cfg.eval_attention,
+             "depthwise": cfg.eval_depthwise_precision, "device": ctx.device.type, "torch": torch.__version__}
+
+    def compute():
+        if say:
+            say(f"features: computing the frozen backbone's features of the {len(split)} {name} images")
+        backbone = inference_copy(ctx.model, cfg.eval_attention, cfg.eval_depthwise_precision)  # the frozen weights
+        return cache_features(backbone, split, prep, ctx.device, cfg.eval_precision, cfg.eval_batch_size)
+
+    start = time.perf_counter()
+    features, reused = cached_features(split, parts, compute)
+    if say:
+        say(f"features: reused the {len(split)} {name} feature vectors of an earlier run ({reused})" if reused else
+            f"features: {len(split)} {name} feature vectors in {time.perf_counter() - start:.1f} s (kept for reuse)")
+    return features
+
+
 def _val_share(val, world: World):
     """Under torchrun each rank scores its strided share of the validation split (None: there is none)."""
     if val is None or not world.distributed:
@@ -231,7 +253,7 @@ def _val_share(val, world: World):
     return val.subset(torch.arange(world.rank, len(val), world.size))
 
 
-def _announce(ctx: TrainingContext, run: Path, inputs: Inputs) -> None:
+def _announce(ctx: TrainingContext, run: Path) -> None:
     """The run's one-paragraph header, printed once Ctrl-C is handled (a caller may interrupt from here on)."""
     cfg, dataset, world = ctx.cfg, ctx.dataset, ctx.world
     where = f"{ctx.device.type} {ctx.precision}" + (f", {world.size} processes" if world.distributed else "")
@@ -248,9 +270,6 @@ def _announce(ctx: TrainingContext, run: Path, inputs: Inputs) -> None:
         print(f"{cfg.strategy}: {trained}" + (f"; frozen: {frozen}" if frozen else ""), flush=True)
     if ctx.kernels is not None:
         print(ctx.kernels.describe(), flush=True)
-    if inputs.features_cached:
-        print(f"cached {len(inputs.train) + (len(dataset.val) if dataset.val else 0)} feature vectors in "
-              f"{inputs.cache_seconds:.1f} s", flush=True)
 
 
 def _describe(group: LayerGroup) -> str:
