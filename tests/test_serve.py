@@ -236,13 +236,18 @@ class Gated:
         return self.backend(images)
 
 
-def test_a_full_queue_answers_503_at_once_and_accepted_requests_lose_nothing(run_service, run, files):
+def gated(service, **settings):
+    """`service` with these settings, one image per engine call, a backend held until the gate opens, and no
+    drift window: (the service, its gate)."""
     gate = threading.Event()
-    settings = dataclasses.replace(run_service.settings, max_queue=4, max_batch=1, max_wait_ms=0)
-    service = dataclasses.replace(run_service, settings=settings,
-                                  engine=dataclasses.replace(run_service.engine,
-                                                             backend=Gated(run_service.engine.backend, gate)),
-                                  drift=DriftMonitor({}, None, 10, 10, 1.0, "none", LOG))
+    held = dataclasses.replace(service.engine, backend=Gated(service.engine.backend, gate))
+    settings = dataclasses.replace(service.settings, max_batch=1, max_wait_ms=0, **settings)
+    return dataclasses.replace(service, settings=settings, engine=held,
+                               drift=DriftMonitor({}, None, 10, 10, 1.0, "none", LOG)), gate
+
+
+def test_a_full_queue_answers_503_at_once_and_accepted_requests_lose_nothing(run_service, run, files):
+    service, gate = gated(run_service, max_queue=4)
     printed = predict_rows(run, files[:4])
     with serving(service) as url, ThreadPoolExecutor(4) as pool:
         accepted = [pool.submit(httpx.post, f"{url}/v1/predict", files=multipart([p]), timeout=60) for p in files[:4]]
@@ -261,12 +266,7 @@ def test_a_full_queue_answers_503_at_once_and_accepted_requests_lose_nothing(run
 
 
 def test_past_max_connections_requests_in_flight_the_answer_is_a_json_503(run_service, files):
-    gate = threading.Event()
-    settings = dataclasses.replace(run_service.settings, max_connections=2, max_batch=1, max_wait_ms=0)
-    service = dataclasses.replace(run_service, settings=settings,
-                                  engine=dataclasses.replace(run_service.engine,
-                                                             backend=Gated(run_service.engine.backend, gate)),
-                                  drift=DriftMonitor({}, None, 10, 10, 1.0, "none", LOG))
+    service, gate = gated(run_service, max_connections=2)
     with serving(service) as url, ThreadPoolExecutor(2) as pool:
         held = [pool.submit(httpx.post, f"{url}/v1/predict", files=multipart([p]), timeout=60) for p in files[:2]]
         deadline, refused = time.monotonic() + 30, None
