@@ -3,13 +3,19 @@ the whole class (every metadata field, every write path, every numeric option)."
 
 import ast
 import copy
+import csv
+import errno
+import io
 import json
 import os
+import shutil
+import stat
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -82,6 +88,12 @@ DAMAGES = [
     (("reject_rule",), {"threshold": 7}, "reject_rule"), (("weights",), 3, "weights"),
     (("risk_coverage",), {"threshold": [0.5], "coverage": [0.3], "accuracy": [0.9]}, "risk_coverage"),
     (("risk_coverage",), {"threshold": ["x"], "coverage": [1.0], "accuracy": [0.9]}, "risk_coverage"),
+    # a third hostile pass: a border as wide as the image (every random view pure padding), names that print
+    # alike or as nothing or as a rejection, loosely typed identity fields
+    (("recipe", "crop_padding"), 1024, "recipe.crop_padding"), (("classes",), ["unknown", "b", "c"], "classes"),
+    (("classes",), [" ", "b", "c"], "classes"), (("classes",), ["caf\u00e9", "cafe\u0301", "c"], "classes"),
+    (("weights",), "x", "weights"), (("fingerprint",), {"content_sha256": [1, 2]}, "fingerprint"),
+    (("risk_coverage",), {"n": 10**30, "threshold": [0.5], "coverage": [1.0], "accuracy": [0.9]}, "risk_coverage"),
 ]
 
 
@@ -160,6 +172,43 @@ def test_weights_of_another_export_beside_a_model_json_are_refused(export, tmp_p
     (swapped / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
     model, _ = imgcls.load_model(swapped)
     assert model.imgcls["classes"] == document["classes"]
+
+
+def test_a_model_json_edited_within_bounds_is_refused_by_the_digest_in_the_tensors(export, tmp_path):
+    """Swapped class names, other mean/std, another img_size: each reads as a valid document, and a safetensors
+    folder answered with it silently (every label swapped, every image 'frog'); the tensors' header pins it."""
+    document = json.loads((export / "model.json").read_text())
+    edits = {"classes": lambda d: d["classes"].reverse(),
+             "mean": lambda d: d["preprocessing"].update(mean=[0.0] * 3, std=[1.0] * 3),
+             "img_size": lambda d: d["preprocessing"].update(img_size=16)}
+    for name, edit in edits.items():
+        edited = copy.deepcopy(document)
+        edit(edited)
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+        (folder / "model.json").write_text(json.dumps(edited))
+        assert "is not the document" in _one_line(lambda f=folder: imgcls.load_model(f)), name
+    (tmp_path / "same").mkdir()  # the document as written, respaced, still loads
+    (tmp_path / "same" / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
+    (tmp_path / "same" / "model.json").write_text(json.dumps(document, indent=4))
+    assert imgcls.load_model(tmp_path / "same")[0].imgcls["classes"] == document["classes"]
+
+
+def test_an_onnx_document_whose_calibration_is_not_the_graphs_is_refused(export, tmp_path):
+    """imgcls applies the document's scaling to `logits`; other readers take the graph's `probabilities`:
+    an edited temperature (or none where the graph has one) made the two answer differently."""
+    model = onnx.load(str(export / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    document = json.loads(props[ONNX_KEY])
+    classes = len(document["classes"])
+    assert document["scaling"] is None  # this export is uncalibrated: its graph applies no scaling
+    document["scaling"] = {"method": "temperature", "temperature": 5.0, "scale": [0.2], "bias": [0.0] * classes}
+    del model.metadata_props[:]
+    for k, value in {**props, ONNX_KEY: json.dumps(document)}.items():
+        model.metadata_props.add(key=k, value=value)
+    onnx.save(model, str(tmp_path / "scaled.onnx"))
+    assert "is not the one in the graph" in _one_line(lambda: onnx_engine(tmp_path / "scaled.onnx"))
 
 
 # Each flat key edited to a value that reads but disagrees with the document: the keys readers without imgcls use.
@@ -260,6 +309,7 @@ DIRECT_WRITES = {
     "imgcls.models.checkpoint": "torch.save into a buffer, then rundir.atomic_write_bytes",
     "imgcls.evaluation.significance": "np.savez into a buffer, then rundir.atomic_write_bytes",
     "imgcls.reporting.audit_report": "a PNG into a buffer for an inline image",
+    "imgcls.serving.service": "the Grad-CAM overlay, a PNG into a buffer for the JSON answer",
     "imgcls.reporting.predictions": "rows streamed into the temporary path write_rows' atomic_path gives",
     "imgcls.evaluation.analysis": "np.savez_compressed into the temporary path of rundir.atomic_path",
     "imgcls.plotting": "fig.savefig into the temporary path of rundir.atomic_path",
@@ -326,6 +376,135 @@ def test_a_write_through_a_link_replaces_its_target_and_keeps_the_link(run, tiny
         assert "cannot write" in _one_line(lambda bad=bad: rundir.write_json(bad, {}))
 
 
+def test_writes_never_replace_a_device_fifo_or_link_loop_and_say_a_read_only_place_in_one_line(tmp_path,
+                                                                                                monkeypatch):
+    """A link to a device node or a FIFO had the node replaced by a regular file (as root, a link to
+    /dev/null would have replaced /dev/null); a link loop replaced the user's link."""
+    fifo = tmp_path / "fifo.csv"
+    os.mkfifo(fifo)
+    (tmp_path / "to-fifo.csv").symlink_to(fifo)
+    (tmp_path / "loop1.csv").symlink_to(tmp_path / "loop2.csv")
+    (tmp_path / "loop2.csv").symlink_to(tmp_path / "loop1.csv")
+    for target, words in ((fifo, "not a regular file"), (tmp_path / "to-fifo.csv", "not a regular file"),
+                          (tmp_path / "loop1.csv", "symbolic-link loop")):
+        assert words in _one_line(lambda t=target: rundir.write_json(t, {}))
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and (tmp_path / "loop1.csv").is_symlink()
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    monkeypatch.setattr(rundir.os, "replace", read_only)
+    message = _one_line(lambda: rundir.write_json(tmp_path / "out.json", {}))
+    assert message == f"cannot write {tmp_path / 'out.json'} (Read-only file system); the previous out.json, if " \
+                      "any, is intact: choose another --out"
+    assert not list(tmp_path.glob(".out.json*"))
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next_write(tmp_path):
+    dead = 2**22 + 17  # above the kernel's default pid_max: no process has it
+    left = [tmp_path / f".preds.csv{rundir.TMP_MARK}{dead}-1", tmp_path / f".export{rundir.TMP_MARK}{dead}"]
+    left[0].write_text("half a file")
+    left[1].mkdir()
+    (left[1] / "model.onnx").write_bytes(b"half")
+    alive = tmp_path / f".preds.csv{rundir.TMP_MARK}{os.getpid()}-99"  # another writer still at work: kept
+    alive.write_text("in progress")
+    rundir.atomic_write_bytes(tmp_path / "preds.csv", b"whole\n")
+    rundir.remove_stale_temps(tmp_path / "export")
+    assert not left[0].exists() and not left[1].exists() and alive.exists()
+
+
+def test_a_users_output_never_lands_on_a_file_the_run_owns(run, tiny_folder, capsys):
+    """predict --out RUN/metrics.jsonl and audit --out RUN/summary.json replaced the run's own records."""
+    before = {name: (run / name).read_bytes() for name in (rundir.METRICS, rundir.SUMMARY)}
+    assert main(["predict", str(run), str(tiny_folder / "test"), "--out", str(run / rundir.METRICS)]) == 2
+    assert f"is {rundir.METRICS} of the run" in capsys.readouterr().err
+    assert main(["audit", str(tiny_folder), "--out", str(run / rundir.SUMMARY)]) == 2
+    assert f"is {rundir.SUMMARY} of the run" in capsys.readouterr().err
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
+def test_stale_or_forged_test_predictions_are_computed_again(run, capsys):
+    """A forged npz (every test image right) made compare report +66.67 points, significant, beside the row's
+    own 33% accuracy; one of another checkpoint was used as it was."""
+    from imgcls.evaluation.significance import run_test_predictions, write_test_predictions
+
+    labels, probs = run_test_predictions(run)
+    perfect = np.eye(probs.shape[1], dtype=np.float32)[labels]
+    out_of_range = labels.copy()
+    out_of_range[0] = 99
+    forged = {"another checkpoint": (labels, perfect, "0" * 64), "out of range": (out_of_range, probs, None)}
+    for why, (lab, pr, weights) in forged.items():
+        buffer = io.BytesIO()
+        np.savez(buffer, labels=lab, probs=pr, **({"weights": np.array(weights)} if weights else {}))
+        (run / rundir.TEST_PREDICTIONS).write_bytes(buffer.getvalue())
+        again = run_test_predictions(run)
+        assert np.array_equal(again[0], labels) and np.allclose(again[1], probs, atol=1e-6), why
+        assert "is not usable" in capsys.readouterr().err, why
+    write_test_predictions(run, labels, probs)
+
+
+def test_a_hand_edited_dataset_json_is_refused_against_the_plan(run, tmp_path, tiny_folder):
+    """mean 0 / std 1 in dataset.json made every image 'frog' at 33% accuracy; img_size 16 ran a 32-px model
+    at 16 px; config.yaml still said imagenet at 32."""
+    for field, value in (("mean", [0.0, 0.0, 0.0]), ("img_size", 16)):
+        copy_ = tmp_path / field
+        shutil.copytree(run, copy_)
+        info = json.loads((copy_ / rundir.DATASET).read_text())
+        info[field] = value
+        (copy_ / rundir.DATASET).write_text(json.dumps(info))
+        assert main(["predict", str(copy_), str(tiny_folder / "test")]) == 2
+
+
+def test_a_report_refuses_metrics_that_are_not_the_epochs_the_summary_counts(run, tmp_path):
+    from imgcls.evaluation.analysis import training_record
+
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    line = (copy_ / rundir.METRICS).read_text().splitlines()[0]
+    (copy_ / rundir.METRICS).write_text(f"{line}\n{line}\n")  # epoch 1 twice, for a run of one epoch
+    assert "does not hold epochs 1 to 1 in order" in _one_line(lambda: training_record(copy_))
+
+
+def test_list_files_drop_a_byte_order_mark_and_name_a_folder(run, tiny_folder, tmp_path, capsys):
+    image = next((tiny_folder / "test").rglob("*.png"))
+    listed = tmp_path / "list.txt"
+    listed.write_bytes(b"\xef\xbb\xbf" + str(image).encode() + b"\r\n" + str(tiny_folder).encode() + b"\n")
+    out = tmp_path / "rows.csv"
+    assert main(["predict", str(run), "--list", str(listed), "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["error"] == ""
+    assert rows[1]["error"] == f"IsADirectoryError: {tiny_folder} is a folder, not an image file"
+    assert main(["predict", str(run), "--list", str(tiny_folder)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert main(["predict", str(run), str(image), "--batch-size", "99999999999999999999"]) == 2
+    assert "--batch-size 99999999999999999999 is out of range" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["unknown", "Unknown ", "   "])
+def test_a_class_folder_named_like_a_rejection_or_blank_is_refused(tmp_path, name):
+    from imgcls.data.folder import scan
+
+    for cls in (name, "cat"):
+        (tmp_path / cls).mkdir()
+    assert "class name" in _one_line(lambda: scan(tmp_path))
+
+
+def test_two_class_folders_that_are_one_name_in_unicode_are_refused(tmp_path):
+    from imgcls.data.folder import scan
+
+    for cls in ("caf\u00e9", "cafe\u0301"):
+        (tmp_path / cls).mkdir()
+    assert "two Unicode spellings" in _one_line(lambda: scan(tmp_path))
+
+
+def test_crop_padding_as_wide_as_the_image_is_refused(tiny_folder, tmp_path, capsys):
+    argv = ["train", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--epochs", "1", "--img-size",
+            "32", "--crop-padding", "32", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 2
+    assert "--crop-padding 32 needs a border narrower than the 32px image" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- 4. numbers checked as they are used
 
 
@@ -346,6 +525,15 @@ def test_every_float_option_is_checked_in_float32(name):
             continue
         with pytest.raises(UserError, match="float32"):
             build_config(**{name: value}, **extra, **_needs(name))
+
+
+@pytest.mark.parametrize("name, value", [("ema", 0.999999999999), ("label_smoothing", 0.99999999999),
+                                         ("momentum", 0.999999999999), ("plateau_factor", 0.999999999999)])
+def test_a_bound_is_checked_on_the_float32_value(name, value):
+    """Each is < 1 in float64 and exactly 1.0 in float32: an EMA that never moves, all-smoothed targets."""
+    with pytest.raises(UserError, match="which is 1.0 in float32") as e:
+        build_config(**{name: value}, **_needs(name))
+    assert repr(value) in str(e.value)
 
 
 def _needs(name: str) -> dict:

@@ -293,6 +293,18 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+PREDICT_COUNTS = {"topk": (1, 1000), "batch_size": (1, 65536), "workers": (0, 64)}  # the flags' bounds
+
+
+def _check_predict_counts(args) -> None:
+    for name, (low, high) in PREDICT_COUNTS.items():
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} {str(value)[:20]} is out of range; pass a whole number from {low} to {high}"
+                            if value > high else f"{flag} {value} must be at least {low}; e.g. {flag} {max(low, 2)}")
+
+
 def cmd_predict(args) -> int:
     from imgcls.evaluation.evaluate import parse_tta_flag
     from imgcls.inference.exported import open_engine
@@ -301,9 +313,7 @@ def cmd_predict(args) -> int:
     from imgcls.reporting.predictions import check_out, format_row, write_rows
     from imgcls.runtime import resolve_device
 
-    if args.topk < 1 or args.workers < 0 or (args.batch_size is not None and args.batch_size < 1):
-        raise UserError("--topk and --batch-size must be at least 1 and --workers at least 0; "
-                        "pass e.g. --topk 3 --batch-size 64 --workers 2")
+    _check_predict_counts(args)
     out = check_out(args.out) if args.out else None
     tta = parse_tta_flag(args.tta)
     engine = open_engine(args.run, args.checkpoint, args.batch_size, resolve_device(args.device))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -346,15 +347,24 @@ def _check_bounds(name: str, value: Any) -> None:
         if not isinstance(v, int | float) or isinstance(v, bool):
             continue
         low, high = meta["low"], meta["high"]
+        used = v
         if isinstance(v, float):
             _check_float32(name, v, zero_allowed=low is None or low < 0 or (low == 0 and not meta["open_low"]))
-        too_low = low is not None and (v <= low if meta["open_low"] else v < low)
-        too_high = high is not None and (v >= high if meta["open_high"] else v > high)
-        if too_low or too_high:
-            lo = "" if low is None else f"{'>' if meta['open_low'] else '>='} {low:g}"
-            hi = "" if high is None else f"{'<' if meta['open_high'] else '<='} {high:g}"
-            hint = f"; {meta['hint']}" if meta["hint"] else ""
-            raise UserError(f"{flag(name)} must be {' and '.join(p for p in (lo, hi) if p)} (got {v:g}){hint}")
+            used = struct.unpack("f", struct.pack("f", v))[0]  # the value training computes with
+        if not any(_outside(x, low, high, meta) for x in (v, used)):
+            continue
+        lo = "" if low is None else f"{'>' if meta['open_low'] else '>='} {low:g}"
+        hi = "" if high is None else f"{'<' if meta['open_high'] else '<='} {high:g}"
+        hint = f"; {meta['hint']}" if meta["hint"] else ""
+        got = f"{v!r:.30}" + (f", which is {used!r} in float32, the precision it is used in" if
+                              not _outside(v, low, high, meta) else "")
+        raise UserError(f"{flag(name)} must be {' and '.join(p for p in (lo, hi) if p)} (got {got}){hint}")
+
+
+def _outside(v: float, low, high, meta: dict) -> bool:
+    too_low = low is not None and (v <= low if meta["open_low"] else v < low)
+    too_high = high is not None and (v >= high if meta["open_high"] else v > high)
+    return too_low or too_high
 
 
 # ---------------------------------------------------------------- building and checking a config

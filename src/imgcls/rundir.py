@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import math
 import os
@@ -34,6 +35,17 @@ REPORT_HTML = "report.html"  # in REPORT_DIR of a run, or at the top of a compar
 # What a run folder holds before its first checkpoint: nothing a user could lose by starting over.
 UNSTARTED_FILES = {CONFIG, PLAN, DATASET, METRICS, LOCK}
 TMP_MARK = ".tmp-"
+RUN_FILES = {CONFIG, PLAN, DATASET, METRICS, SUMMARY, LAST, BEST, TEST_PREDICTIONS, LOCK, CALIBRATION}
+
+
+def refuse_run_file(out: str | Path, flag: str = "--out") -> None:
+    """A user's output never lands on a file a run owns (its checkpoints, plan, metrics, calibration, eval
+    results): `predict --out RUN/metrics.jsonl` would destroy the run's record, however whole the write."""
+    target = Path(os.path.realpath(out))
+    owned = target.name in RUN_FILES or (target.name.startswith("eval-") and target.suffix == ".json")
+    if owned and is_run(target.parent):
+        raise UserError(f"{flag} {out} is {target.name} of the run {target.parent}; write elsewhere, e.g. "
+                        f"{flag} {target.parent.parent / target.name}")
 
 
 @contextlib.contextmanager
@@ -41,12 +53,11 @@ def atomic_path(path: Path):
     """A temporary path beside `path` to write to; renamed over `path` (after an fsync) when the block
     ends normally, removed otherwise. Readers see the old file or the new one, never a part of one, and
     of two writers at once the last to finish wins whole. A full disk is reported in one line. A symbolic link
-    is followed: the file it points to is replaced and the link kept, as a shell's `>` would."""
-    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
-    if path.is_dir():
-        raise UserError(f"cannot write {path}: it is a folder; name a file")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist; create it or name another")
+    is followed: the file it points to is replaced and the link kept, as a shell's `>` would. Only a regular
+    file is ever replaced (a device, FIFO or socket is refused), and what killed writers of `path` left
+    beside it is removed first."""
+    path = writable_target(path)
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
     try:
         yield tmp
@@ -54,10 +65,53 @@ def atomic_path(path: Path):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        _raise_if_disk_full(e, path, f"the previous {path.name}, if any, is intact")
+        kept = f"the previous {path.name}, if any, is intact"
+        _raise_if_disk_full(e, path, kept)
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and str(e.filename) in (str(tmp), str(path)):
+            raise UserError(f"cannot write {path} ({e.strerror}); {kept}: choose another --out") from None
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def writable_target(path: Path) -> Path:
+    """The file a write to `path` lands in (a link followed), refused in one line when it cannot be one: a
+    link loop, a folder, a device, FIFO or socket (renaming a file over /dev/null is not writing to it), or
+    a folder that does not exist."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            path = Path(os.path.realpath(path, strict=True))
+        except FileNotFoundError:  # a dangling link: its target is created, as a shell's > would
+            path = Path(os.path.realpath(path))
+        except OSError:
+            raise UserError(f"cannot write {path}: it is a symbolic-link loop; name a file or fix the link") from None
+    if path.is_dir():
+        raise UserError(f"cannot write {path}: it is a folder; name a file")
+    if path.exists() and not path.is_file():
+        raise UserError(f"cannot write {path}: it is not a regular file (a device, FIFO or socket); name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {path.parent} does not exist; create it or name another")
+    return path
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Temporary files and staging folders of earlier writers of `path` whose process is gone (kill -9)."""
+    prefix = f".{path.name}{TMP_MARK}"
+    for p in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = p.name[len(prefix):].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -23,14 +23,37 @@ SPLIT_NAMES = ("train", "val", "test")
 BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
+REJECTED_LABEL = "unknown"  # what predict prints for a rejected image: no class may be named so
+
+
 def class_name_problem(name: str) -> str | None:
     """Why `name` cannot be a class name, or None. A newline or other control character in a label forges lines
     in summaries, CSV readers and the server's metrics; a byte that is not UTF-8 (a lone surrogate here) cannot be
-    written to JSON or HTML; a bidirectional override prints the name reversed."""
+    written to JSON or HTML; a bidirectional override prints the name reversed; a blank name prints as nothing;
+    a class named `unknown` cannot be told from a rejection."""
     for ch in name:
         if unicodedata.category(ch) in ("Cc", "Cs") or ch in BIDI_CONTROLS:
             kind = "not UTF-8" if unicodedata.category(ch) == "Cs" else f"control character {ch!r}"
             return f"class name {name!r} holds a {kind}"
+    if not name.strip():
+        return f"class name {name!r} is blank"
+    if name.strip().casefold() == REJECTED_LABEL:
+        return f"class name {name!r} is the label predict gives a rejected image"
+    return None
+
+
+def class_names_problem(names: list[str]) -> str | None:
+    """Why this list of class names cannot be used, or None: a name refused by class_name_problem, or two names
+    that are one text in Unicode's normal form (café written with é and with e + accent print alike)."""
+    problem = next(filter(None, map(class_name_problem, names)), None)
+    if problem:
+        return problem
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            return f"class names {seen[key]!r} and {name!r} are the same text in two Unicode spellings"
+        seen[key] = name
     return None
 
 
@@ -54,10 +77,9 @@ def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]
     has_splits = (root / "train").is_dir()
     train_root = root / "train" if has_splits else root
     classes = [d.name for d in _class_dirs(train_root)]
-    for name in classes:
-        problem = class_name_problem(name)
-        if problem:
-            raise UserError(f"{train_root}: {problem}; rename the folder to plain text")
+    problem = class_names_problem(classes)
+    if problem:
+        raise UserError(f"{train_root}: {problem}; rename the folder")
     if len(classes) < 2:
         found = f"only one class folder ({classes[0]})" if classes else "no class folders"
         raise UserError(

@@ -151,6 +151,11 @@ def training_record(run: str | Path) -> tuple[dict, list[dict]]:
     if broken or not metrics:
         what = f"line {broken} lacks one of {', '.join(keys)}" if broken else "it holds no epochs"
         raise UserError(f"{run / rundir.METRICS} is damaged ({what}); restore it or train the run again")
+    epochs = [m.get("epoch") for m in metrics]
+    ran = summary.get("epochs_run", len(metrics))  # older summaries did not say
+    if epochs != list(range(1, ran + 1)):
+        raise UserError(f"{run / rundir.METRICS} does not hold epochs 1 to {ran} in order, as {rundir.SUMMARY} says "
+                        f"the run trained (it holds {len(epochs)} lines); restore it or train the run again")
     return summary, metrics
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 import zipfile
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from imgcls import rundir
 from imgcls.errors import UserError
-from imgcls.inference.run import load_run, run_engine
+from imgcls.inference.run import file_digest, load_run, run_engine
 
 TEST_PREDICTIONS = rundir.TEST_PREDICTIONS  # written by training at the end of fit
 BOOTSTRAP_RESAMPLES = 2000
@@ -29,13 +30,15 @@ ALPHA = 0.05
 
 
 def write_test_predictions(run: str | Path, labels, probs) -> Path:
-    """RUN/test_predictions.npz, written atomically: int64 labels (N), float32 probabilities (N x K)."""
+    """RUN/test_predictions.npz, written atomically: int64 labels (N), float32 probabilities (N x K), and the
+    sha256 of the best.pt they were computed with (empty when there is none), which readers check."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float32)
     if probs.ndim != 2 or labels.shape != (len(probs),):
         raise ValueError(f"labels {labels.shape} and probs {probs.shape} do not describe the same N images")
+    best = Path(run) / rundir.BEST
     buffer = io.BytesIO()
-    np.savez(buffer, labels=labels, probs=probs)
+    np.savez(buffer, labels=labels, probs=probs, weights=np.array(file_digest(best) if best.is_file() else ""))
     out = Path(run) / TEST_PREDICTIONS
     rundir.atomic_write_bytes(out, buffer.getvalue())
     return out
@@ -43,25 +46,52 @@ def write_test_predictions(run: str | Path, labels, probs) -> Path:
 
 def read_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(labels, probs) from RUN/test_predictions.npz, or None when the run has none."""
-    path = Path(run) / TEST_PREDICTIONS
+    found = _read(Path(run) / TEST_PREDICTIONS)
+    return None if found is None else found[:2]
+
+
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str | None] | None:
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             labels, probs = f["labels"].astype(np.int64), f["probs"].astype(np.float32)
+            weights = str(f["weights"]) if "weights" in f.files else None  # older runs pinned nothing
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated, not an npz
         raise UserError(f"cannot read {path} ({type(e).__name__}); delete it and rerun to compute it again") from None
     if probs.ndim != 2 or labels.shape != (len(probs),):
         raise UserError(f"{path} holds {labels.shape} labels for {probs.shape} probabilities; delete it and rerun")
-    return labels, probs
+    return labels, probs, weights
+
+
+def stale_reason(run: Path, labels: np.ndarray, probs: np.ndarray, weights: str | None) -> str | None:
+    """Why stored test predictions cannot stand for the run's best.pt, or None: another checkpoint's, another
+    class count's, or not probabilities of its classes (a forged or damaged file)."""
+    classes = rundir.read_json(run / rundir.DATASET).get("classes", [])
+    if weights is not None and (run / rundir.BEST).is_file() and weights != file_digest(run / rundir.BEST):
+        return "they were computed with another best.pt"
+    if probs.shape[1] != len(classes) or len(labels) == 0:
+        return f"they hold {probs.shape[1]} classes for the run's {len(classes)}, or no image"
+    if labels.min() < 0 or labels.max() >= len(classes) or not np.isfinite(probs).all() or probs.min() < 0 or \
+            np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
+        return "they are not labels and probabilities of the run's classes"
+    return None
 
 
 def run_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """A run's test predictions (val-selected checkpoint): read back, or computed once and stored.
-    None when the data has no test split."""
-    found = read_test_predictions(run)
-    if found is not None:
-        return found
+    """A run's test predictions (val-selected checkpoint): read back when they are best.pt's, else computed
+    (again) and stored. None when the data has no test split."""
+    run = Path(run)
+    path = run / TEST_PREDICTIONS
+    try:
+        found = _read(path)
+        why = None if found is None else stale_reason(run, *found)
+    except UserError as e:
+        found, why = None, str(e).split(";")[0]
+    if found is not None and why is None:
+        return found[:2]
+    if why is not None:
+        print(f"warning: {path} is not usable ({why}); computing the test predictions again", file=sys.stderr)
     trained = load_run(run, "best", calibrated=False)  # as training scored them: uncalibrated
     if not trained.has_split("test"):
         return None

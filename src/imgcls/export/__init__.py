@@ -107,9 +107,10 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
     held_out = {name: _nhwc_batches(trained.split(name)) for name in dict.fromkeys([parity_split, "test"])
                 if trained.has_split(name)}
     batches = held_out[parity_split][0]
+    rundir.remove_stale_temps(out)
     stage = out.with_name(f".{out.name}{rundir.TMP_MARK}{os.getpid()}")
-    stage.mkdir()
     try:
+        stage.mkdir()
         results = _write_formats(trained, spec, reference, batches, fmt, stage, opset, timing)
         for result in results.values():
             result["split"] = parity_split

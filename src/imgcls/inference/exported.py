@@ -22,6 +22,7 @@ from imgcls.options import EXPORT_BATCH
 
 WEIGHTS, SPEC = "model.safetensors", "model.json"
 TENSORS_KEY = "weights_file_sha256"  # model.json's digest of model.safetensors (exports before it lack one)
+DOCUMENT_KEY = "imgcls.document_sha256"  # model.safetensors' header: the digest of model.json's document
 
 
 def _spec_path(path: str | Path) -> Path:
@@ -54,6 +55,21 @@ def load_model(path: str | Path):
     return model, spec.preprocessing
 
 
+def document_digest(document: dict) -> str:
+    """sha256 of model.json's document in a canonical form, without the tensors' own digest."""
+    canonical = {k: v for k, v in document.items() if k != TENSORS_KEY}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's JSON header (8 bytes of length, then the header)."""
+    size = int.from_bytes(data[:8], "little")
+    try:
+        return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    except (ValueError, AttributeError):
+        return {}
+
+
 def _load_export(path: str | Path) -> tuple[torch.nn.Module, ExportSpec]:
     from safetensors import SafetensorError
     from safetensors.torch import load
@@ -72,6 +88,10 @@ def _load_export(path: str | Path) -> tuple[torch.nn.Module, ExportSpec]:
     if want is not None and hashlib.sha256(data).hexdigest() != want:
         raise UserError(f"{weights} is not the file {SPEC} was written with (its sha256 differs from {TENSORS_KEY}); "
                         "export the run again, or keep each export's two files together")
+    pinned = _header_metadata(data).get(DOCUMENT_KEY)
+    if pinned is not None and pinned != document_digest(document):  # older exports pinned nothing
+        raise UserError(f"{spec_path} is not the document {weights} was exported with (a field was changed since: "
+                        "classes, preprocessing, calibration...); export the run again")
     model = create_model(spec.model, len(spec.classes), head=spec.head)
     load_state_strict(model, state, str(weights), f"it must hold {spec.model} with {len(spec.classes)} classes, as "
                                                   f"{SPEC} says: export the run again")
@@ -104,6 +124,29 @@ class OnnxBackend:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         batch = np.ascontiguousarray(images.numpy())
         return torch.from_numpy(self.session.run(["logits"], {"images": batch})[0]).float()
+
+
+# The graph's probabilities against the same arithmetic in float64 on its logits: an fp32 graph agrees to
+# about 1e-7; an int8 one quantizes the path between its two outputs (differences of 2e-3 seen), while an
+# edited temperature moves probabilities by far more.
+CALIBRATION_PROBE_TOLERANCE = {"fp32": 1e-4, "int8": 2e-2}
+
+
+def _check_calibration(session, spec: ExportSpec, where: str, tolerance: float) -> None:
+    """The calibration the metadata states is the one in the graph: on two probe images, the graph's own
+    `probabilities` must be the softmax of its `logits` scaled as the metadata says. imgcls reads `logits`
+    and applies the metadata's scaling, other readers take `probabilities`: the two must not part ways."""
+    size = spec.preprocessing.img_size
+    ramp = np.linspace(0, 255, size * size * 3).reshape(1, size, size, 3).astype(np.uint8)
+    probe = np.concatenate([ramp, ramp[:, ::-1, ::-1].copy()])
+    logits, graph_probs = session.run(["logits", "probabilities"], {"images": probe})
+    scaled = torch.from_numpy(logits).double()
+    if spec.scaling is not None:
+        scaled = spec.scaling.apply(scaled)
+    gap = (scaled.softmax(dim=1) - torch.from_numpy(graph_probs).double()).abs().max().item()
+    if not gap <= tolerance:
+        raise UserError(f"{where}: the calibration in its metadata ({'none' if spec.scaling is None else 'scaling'}) "
+                        f"is not the one in the graph (probabilities differ by {gap:.3g}); export the run again")
 
 
 def _check_graph(session, spec: ExportSpec, where: str) -> None:
@@ -140,6 +183,8 @@ def onnx_engine(path: str | Path, threads: int | None = None, batch_size: int | 
                         "imgcls export") from e
     spec = read_onnx_spec(session.get_modelmeta().custom_metadata_map, str(path))
     _check_graph(session, spec, str(path))
+    quantized = "imgcls.quantization" in session.get_modelmeta().custom_metadata_map
+    _check_calibration(session, spec, str(path), CALIBRATION_PROBE_TOLERANCE["int8" if quantized else "fp32"])
     return _engine_from_spec(spec, OnnxBackend(session), str(path), None, batch_size)
 
 

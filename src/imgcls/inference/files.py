@@ -21,8 +21,10 @@ from imgcls.inference.reject import energy
 
 def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str = "predict") -> list[Path]:
     """Files as given, every file under folders (recursively, hidden ones skipped) and glob matches, in the
-    given order, folders sorted; then the lines of `list_file` as they are. A name given on the command line
-    that matches nothing is refused (a typo); a listed file that is missing becomes an error row."""
+    given order, folders sorted; then the lines of `list_file` as they are (a UTF-8 byte-order mark and line
+    ends dropped; a relative path is taken from the working folder, as on the command line). A name given on
+    the command line that matches nothing is refused (a typo); a listed file that is missing, or a folder,
+    becomes an error row."""
     paths: list[Path] = []
     for name in inputs:
         found = [Path(p) for p in sorted(glob.glob(name, recursive=True))] if glob.has_magic(name) else [Path(name)]
@@ -37,9 +39,11 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str
     if list_file:
         listed = Path(list_file)
         if not listed.is_file():
-            raise UserError(f"--list {listed} does not exist; pass a text file with one image path per line")
+            what_is = "is a folder" if listed.is_dir() else "does not exist"
+            raise UserError(f"--list {listed} {what_is}; pass a text file with one image path per line (a folder "
+                            "goes on the command line)")
         try:
-            text = listed.read_text(encoding="utf-8")
+            text = listed.read_text(encoding="utf-8-sig")  # Notepad's byte-order mark is not part of a path
         except UnicodeDecodeError:
             raise UserError(f"--list {listed} is not a UTF-8 text file; pass one image path per line") from None
         paths += [Path(line.strip()) for line in text.splitlines() if line.strip()]
@@ -74,6 +78,8 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path = self.paths[i]
+        if path.is_dir():
+            return i, None, f"IsADirectoryError: {path} is a folder, not an image file"
         if not path.is_file():
             return i, None, f"FileNotFoundError: {path} does not exist"
         try:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 
 from imgcls.config import AUGMENTATIONS, FIELDS, MAX_IMG_SIZE
-from imgcls.data.folder import class_name_problem
+from imgcls.data.folder import class_names_problem
 from imgcls.data.preprocessing import INPUT_LAYOUT, RESIZE_RULE, Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
@@ -101,7 +102,8 @@ def _preprocessing(r: _Reader, d, prefix: str = "preprocessing.") -> Preprocessi
     d = r.mapping(prefix.rstrip(".") or "the document", d)
     size = d.get("img_size")
     if not isinstance(size, int) or isinstance(size, bool) or not MIN_IMG_SIZE <= size <= MAX_IMG_SIZE:
-        r.fail(f"{prefix}img_size", f"is {size!r}, not a whole number of pixels from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}")
+        r.fail(f"{prefix}img_size",
+               f"is {size!r:.40}, not a whole number of pixels from {MIN_IMG_SIZE} to {MAX_IMG_SIZE}")
     stats = {}
     for key, (low, high) in STAT_RANGES.items():
         v = d.get(key)
@@ -127,14 +129,14 @@ def read_run_data(info, where: str, fix: str) -> Preprocessing:
     return _preprocessing(r, info, prefix="")
 
 
-def _recipe(r: _Reader, d, aug: str | None) -> PixelRecipe:
+def _recipe(r: _Reader, d, aug: str | None, img_size: int) -> PixelRecipe:
     if d is None:  # an older export kept the recipe's name alone
         return PixelRecipe(r.text("aug", aug or "basic", AUGMENTATIONS))
     d = r.mapping("recipe", d)
     padding = d.get("crop_padding")
     if padding is not None and (not isinstance(padding, int) or isinstance(padding, bool)
-                                or not 0 <= padding <= MAX_IMG_SIZE):
-        r.fail("recipe.crop_padding", f"is {padding!r}, not a number of pixels from 0 to {MAX_IMG_SIZE} or null")
+                                or not 0 <= padding < img_size):  # a border as wide as the image leaves no pixel
+        r.fail("recipe.crop_padding", f"is {padding!r:.40}, not a number of pixels from 0 to {img_size - 1} or null")
     return PixelRecipe(r.text("recipe.aug", d.get("aug"), AUGMENTATIONS), padding,
                        r.text("recipe.crop_fill", d.get("crop_fill", "zeros"), ("zeros", "reflect")))
 
@@ -151,7 +153,7 @@ def _classes(r: _Reader, v) -> list[str]:
         r.fail("classes", f"is {v!r:.80}, not a list of two or more class names")
     if len(set(v)) != len(v):
         r.fail("classes", f"lists {next(c for c in v if v.count(c) > 1)!r} twice")
-    problem = next(filter(None, map(class_name_problem, v)), None)
+    problem = class_names_problem(v)
     if problem:
         r.fail("classes", f"is refused: {problem}")
     return list(v)
@@ -171,11 +173,14 @@ def parse_spec(d, where: str) -> ExportSpec:
     if rule is not None:
         r.number("reject_rule.threshold", r.mapping("reject_rule", rule).get("threshold"), 0.0, 1.0)
     fingerprint = r.mapping("fingerprint", d.get("fingerprint", {}))
+    if not all(isinstance(v, str | int | float | dict) and not isinstance(v, bool) for v in fingerprint.values()):
+        r.fail("fingerprint", "holds a value that is not a digest, a number or a mapping of split sizes")
     weights = d.get("weights", "")
-    if not isinstance(weights, str):
-        r.fail("weights", f"is {weights!r}, not a digest")
+    if not isinstance(weights, str) or (weights and not re.fullmatch(r"[0-9a-f]{16,64}", weights)):
+        r.fail("weights", f"is {weights!r:.40}, not a sha256 digest")
+    prep = _preprocessing(r, d.get("preprocessing"))
     return ExportSpec(r.text("model", d.get("model")), r.text("head", d.get("head", "linear"), ("linear", "mlp")),
-                      classes, _preprocessing(r, d.get("preprocessing")), _recipe(r, d.get("recipe"), d.get("aug")),
+                      classes, prep, _recipe(r, d.get("recipe"), d.get("aug"), prep.img_size),
                       scaling, fingerprint, weights, rule, _curve(r, d.get("risk_coverage")),
                       d.get("versions") if isinstance(d.get("versions"), dict) else None)
 

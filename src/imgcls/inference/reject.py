@@ -25,6 +25,9 @@ def curve_problem(curve) -> str | None:
     for name, values in zip(("threshold", "coverage", "accuracy"), lists, strict=True):
         if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in values):
             return f"has a {name} that is not a number in [0, 1]"
+    n = curve.get("n")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10**9):
+        return "has an image count n that is not a whole number from 1 to 1e9"
     thresholds, coverage = lists[0], lists[1]
     if any(a < b for a, b in zip(thresholds, thresholds[1:], strict=False)) or \
             any(a > b for a, b in zip(coverage, coverage[1:], strict=False)) or abs(coverage[-1] - 1) > 1e-9:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from imgcls import rundir
-from imgcls.config import TrainConfig, load_config
+from imgcls.config import NORMALIZATIONS, TrainConfig, load_config
 from imgcls.data import Split, load_dataset
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import PixelRecipe
@@ -134,6 +134,7 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
         raise UserError(f"{path} has no {rundir.DATASET}; the run never started training, train it again")
     info = rundir.read_json(info_path)
     check_dataset_info(info, info_path)
+    _check_against_config(info, cfg, info_path)
     ckpt_path = {"best": path / rundir.BEST, "last": path / rundir.LAST}.get(checkpoint, Path(checkpoint))
     if checkpoint in ("best", "last") and not ckpt_path.is_file() and not (path / rundir.LAST).is_file():
         raise UserError(f"{path} has not finished an epoch (no checkpoint yet): continue it with imgcls train "
@@ -148,6 +149,17 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     digest = file_digest(ckpt_path)
     scaling = _calibration(path, ckpt_path, digest, len(info["classes"])) if calibrated else None
     return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, allow_data_change)
+
+
+def _check_against_config(info: dict, cfg, info_path: Path) -> None:
+    """dataset.json's image size and normalisation are the plan's (config.yaml): an edit to one of them would
+    feed the model other pixels than it was trained on, and every answer would change without a word."""
+    stats = NORMALIZATIONS.get(cfg.normalize)
+    same_stats = stats is None or (list(info["mean"]), list(info["std"])) == (list(stats[0]), list(stats[1]))
+    if info["img_size"] != cfg.img_size or not same_stats:
+        raise UserError(f"{info_path} does not agree with {rundir.CONFIG} (img_size {info['img_size']} against "
+                        f"{cfg.img_size}, or mean/std other than {cfg.normalize}'s): it was edited; restore it, or "
+                        "train the run again")
 
 
 def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> Scaling | None:

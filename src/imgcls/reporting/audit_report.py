@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 from rich.table import Table
 
+from imgcls import rundir
 from imgcls.data.audit import Audit
 from imgcls.errors import UserError
 from imgcls.reporting.console import console
@@ -62,6 +63,7 @@ def check_out(out: Path, suffix: str) -> Path:
     if out.is_dir() or not out.parent.is_dir():
         raise UserError(f"cannot write {out}: {'it is a folder' if out.is_dir() else 'its folder does not exist'}; "
                         "pass a file path in an existing folder")
+    rundir.refuse_run_file(out)
     return out
 
 

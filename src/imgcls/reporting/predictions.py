@@ -26,6 +26,7 @@ def check_out(out: str | Path) -> Path:
             raise UserError("writing .parquet needs pyarrow; pip install pyarrow, or use --out preds.csv") from None
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name such as {out / 'preds.csv'}")
+    rundir.refuse_run_file(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
