@@ -195,7 +195,12 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState, say=None) -> Inputs:
     cache_seconds = 0.0
     if cfg.cache_features:
         start = time.perf_counter()
-        train, val = (None if split is None else _features(ctx, split, name, say)
+        apply_schedule(ctx.model, ctx.groups, 0)
+        prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
+        key = {"model": cfg.model, "weights": backbone_digest(ctx.model), "data": dataset.fingerprint,
+               "preprocessing": prep.as_dict(), "precision": cfg.eval_precision, "attention": cfg.eval_attention,
+               "depthwise": cfg.eval_depthwise_precision, "device": ctx.device.type, "torch": torch.__version__}
+        train, val = (None if split is None else _features(ctx, split, name, prep, {**key, "split": name}, say)
                       for name, split in (("train", dataset.train), ("val", dataset.val)))
         cache_seconds = time.perf_counter() - start
         trainee, transform = ctx.model.get_classifier(), FeatureTargets(dataset.num_classes, cfg.label_smoothing)
@@ -219,15 +224,11 @@ def prepare_inputs(ctx: TrainingContext, state: TrainState, say=None) -> Inputs:
     return Inputs(trainee, train, _val_share(val, world), transform, cfg.cache_features, cache_seconds)
 
 
-def _features(ctx: TrainingContext, split, name: str, say) -> object:
+def _features(ctx: TrainingContext, split, name: str, prep: Preprocessing, parts: dict, say) -> object:
     """The frozen backbone's features of one split: from the feature cache when an earlier run computed
-    them from the same weights, data and preprocessing, else computed now (and kept for the next run)."""
-    cfg, dataset = ctx.cfg, ctx.dataset
-    apply_schedule(ctx.model, ctx.groups, 0)
-    prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
-    parts = {"model": cfg.model, "weights": backbone_digest(ctx.model), "data": dataset.fingerprint, "split": name,
-             "preprocessing": prep.as_dict(), "precision": cfg.eval_precision, "attention": cfg.eval_attention,
-             "depthwise": cfg.eval_depthwise_precision, "device": ctx.device.type, "torch": torch.__version__}
+    them with the same key `parts` (weights, data, split, preprocessing, kernels), else computed now (and
+    kept for the next run)."""
+    cfg = ctx.cfg
 
     def compute():
         if say:
