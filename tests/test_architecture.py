@@ -8,7 +8,7 @@ import imgcls
 PACKAGE = Path(imgcls.__file__).parent
 # Bottom to top: a module may import from its own layer and the ones below it, never above.
 LAYERS = [
-    {"errors", "yamlio", "config", "options", "rundir", "runtime", "plotting"},
+    {"errors", "yamlio", "config", "options", "rundir", "runtime", "plotting", "progress"},
     {"data"},
     {"models"},
     {"kernels"},

@@ -121,7 +121,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tiny_folder, tmp_path):
     out = tmp_path / "interrupted"
     proc = _imgcls("train", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--img-size", "32",
                    "--batch-size", "8", "--epochs", "20", "--out", str(out))
-    line = proc.stdout.readline()  # printed once training has begun
+    first, line = proc.stdout.readline(), proc.stdout.readline()  # what train is about to do; then the run header,
+    assert first.startswith("train: fastnet_cifar_small on "), first  # printed once Ctrl-C is handled
     assert line.startswith("run "), line + proc.stderr.read()
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)

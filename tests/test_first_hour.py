@@ -116,3 +116,67 @@ def test_cached_features_are_reused_by_the_next_run_with_the_same_backbone_and_d
     assert "reused" not in third and run_metrics(tmp_path / "third") == run_metrics(tmp_path / "first")
     assert main(["train", *flags, "--split-seed", "1", "--out", str(tmp_path / "fourth")]) == 0
     assert "features: computing" in capsys.readouterr().out
+
+
+def test_a_phase_in_a_log_is_silent_when_short_and_gives_size_rate_and_time_left_when_long(monkeypatch, capsys):
+    import time
+
+    from imgcls import progress
+
+    monkeypatch.setattr(progress, "FIRST_LINE_S", 0.5)
+    with progress.Phase("scoring x", 10) as phase:  # over long before the first line is due
+        phase.advance(10)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(progress, "FIRST_LINE_S", 0.05)
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.1)
+    with progress.Phase("scoring x", 10) as phase:
+        phase.advance(3)
+        time.sleep(0.45)  # one slow item: the timer still writes, the log is never silent for long
+        phase.advance(7)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("scoring x: 10 images, 3/10 (30%), ") and lines[0].endswith(" left")
+    assert len(lines) >= 4 and all(line.startswith("scoring x: 3/10 (30%)") for line in lines[1:-1])
+    assert lines[-1].startswith("scoring x: 10 images in ") and lines[-1].endswith(" images/s)")
+
+
+def test_every_slow_phase_of_every_command_shows_progress(tiny_folder, tmp_path, monkeypatch, capsys):
+    """Each command's first line says what it does and where it writes; each long phase (decoding, scoring,
+    calibration, parity, Grad-CAM, audit, predict) is a progress phase with its size."""
+    from imgcls import progress
+    from imgcls.cli import main
+
+    phases = []
+    enter = progress.Phase.__enter__
+    monkeypatch.setattr(progress.Phase, "__enter__", lambda self: phases.append((self.label, self.total)) or
+                        enter(self))
+
+    def command(*args: str) -> list[tuple[str, int]]:
+        phases.clear()
+        assert main(list(args)) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert first.startswith(args[0]), first  # the command's own first line, before any work
+        decoded = {label: total for label, total in phases if label.startswith("decoding ")}
+        assert not decoded or decoded == {f"decoding {tiny_folder.name}/train": 120,  # a run's data is checked
+                                          f"decoding {tiny_folder.name}/test": 30}  # against its fingerprint
+        return [(label.split(":")[0] if args[0] == "export" else label, total) for label, total in phases
+                if args[0] == "train" or label not in decoded]
+
+    run = tmp_path / "run"
+    trained = command("train", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--epochs", "6",
+                      "--lr", "3e-3", "--batch-size", "32", "--img-size", "32", "--val-fraction", "0.3",
+                      "--precision", "fp32", "--out", str(run))  # trained enough that a temperature fits
+    assert trained[:2] == [(f"decoding {tiny_folder.name}/train", 120), (f"decoding {tiny_folder.name}/test", 30)]
+    assert ("scoring the test split", 30) in trained
+    assert command("eval", str(run), "--tta", "flip") == [("scoring the test split", 30),
+                                                          ("scoring the test split (2 views each)", 30)]
+    assert command("calibrate", str(run)) == [("scoring the val split", 36), ("scoring the test split", 30)]
+    assert command("export", str(run), "--format", "onnx") == [("parity onnxruntime", 36)] * 2 + [
+        ("scoring the test split", 30)]  # the model card's test metrics
+    reported = command("report", str(run))
+    assert ("scoring the test split (2 views each)", 30) in reported and ("Grad-CAM", 8) in reported
+    images = sorted((tiny_folder / "test").rglob("*.png"))[:3]
+    assert command("cam", str(run), *map(str, images), "--out", str(tmp_path / "cam")) == [("Grad-CAM", 3)]
+    assert command("predict", str(run), str(tiny_folder / "test"), "--out", str(tmp_path / "p.csv")) == [
+        ("predict", 30)]
+    assert command("audit", str(tiny_folder), "--out", str(tmp_path / "audit.json")) == [
+        (f"audit: hashing {tiny_folder.name}", 150)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -206,10 +207,6 @@ def _compare_parsers(sub, common) -> None:
 
 def cmd_train(args) -> int:
     from imgcls.config import build_config
-    from imgcls.reporting.console import print_summary
-    from imgcls.rundir import SUMMARY, read_json
-    from imgcls.training.distributed import launched_rank
-    from imgcls.training.train import fit
 
     flags = {name: getattr(args, name) for name in FIELDS}
     if args.resume:
@@ -217,14 +214,32 @@ def cmd_train(args) -> int:
         if given or args.recipe:
             names = ", ".join(map(flag, given)) or "--recipe"
             raise UserError(f"--resume continues a run with its saved config; drop {names}")
-        run = fit(resume=args.resume, quiet=args.quiet, allow_data_change=args.allow_data_change)
+        cfg = None
     else:
         if args.allow_data_change:
             raise UserError("--allow-data-change is for --resume; a new run records the data as it is")
-        run = fit(build_config(args.recipe, **flags))
+        cfg = build_config(args.recipe, **flags)
+    quiet = args.quiet or (cfg is not None and cfg.quiet)
+    if not quiet and "RANK" not in os.environ:  # under torchrun rank 0's run header is the first line
+        _about(f"train: resuming {args.resume}" if cfg is None else
+               f"train: {cfg.model} on {cfg.data}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; "
+               f"writes {cfg.out or 'a new folder under runs/'}")
+    from imgcls.reporting.console import print_summary
+    from imgcls.rundir import SUMMARY, read_json
+    from imgcls.training.distributed import launched_rank
+    from imgcls.training.train import fit
+
+    run = fit(cfg) if cfg is not None else fit(resume=args.resume, quiet=args.quiet,
+                                               allow_data_change=args.allow_data_change)
     if launched_rank() == 0:  # under torchrun the others stay quiet
         print_summary(read_json(run / SUMMARY))
     return 0
+
+
+def _about(line: str) -> None:
+    """A command's first line, printed before torch is imported, so that it comes within a second or two:
+    what the command is about to do and where it writes (its phases then show progress on stderr)."""
+    print(line, flush=True)
 
 
 def _existing(paths) -> set[Path]:
@@ -251,6 +266,8 @@ def cmd_lr_find(args) -> int:
 
     flags = {name: getattr(args, name) for name in FIELDS if name != "out"}  # --out is the plot here
     cfg = build_config(args.recipe, **flags)
+    _about(f"lr-find: {cfg.model} on {cfg.data}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}; "
+           f"writes {args.out}")
     existed = _existing([args.out])
     result, plot = run_lr_find(cfg, cfg.device, args.start_lr, args.end_lr, args.steps, args.out)
     for line in describe(result, args.start_lr, args.end_lr, group_lrs=cfg.group_lrs is not None):
@@ -260,6 +277,10 @@ def cmd_lr_find(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    data = f" of {args.data}" if args.data else ""
+    tta = f", plain and with --tta {args.tta}" if args.tta != "none" else ""
+    ood = f", then OOD against {args.ood}" if args.ood else ""
+    _about(f"eval {args.run}: the {args.split} split{data} with its {args.checkpoint} checkpoint{tta}{ood}")
     from imgcls.evaluation import evaluate
     from imgcls.reporting.console import print_eval
 
@@ -282,6 +303,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
+    _about(f"calibrate {args.run}: fits {args.method} scaling on the val split with its {args.checkpoint} checkpoint; "
+           f"writes {Path(args.run) / 'calibration.json'}")
     from imgcls.evaluation.evaluate import calibrate_run
     from imgcls.reporting.console import print_calibration
     from imgcls.rundir import CALIBRATION
@@ -309,12 +332,15 @@ def cmd_predict(args) -> int:
     from imgcls.evaluation.evaluate import parse_tta_flag
     from imgcls.inference.exported import open_engine
     from imgcls.inference.files import collect_paths, predict_rows
-    from imgcls.reporting.console import track
+    from imgcls.progress import track
     from imgcls.reporting.predictions import check_out, format_row, write_rows
     from imgcls.runtime import resolve_device
 
     _check_predict_counts(args)
     out = check_out(args.out) if args.out else None
+    if out is not None and not args.quiet:  # without --out, stdout holds only the rows
+        what = args.list or (args.images[0] if len(args.images) == 1 else f"{len(args.images)} paths")
+        _about(f"predict: {what} with {args.run}; writes {out}")
     tta = parse_tta_flag(args.tta)
     engine = open_engine(args.run, args.checkpoint, args.batch_size, resolve_device(args.device))
     threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
@@ -350,6 +376,9 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
+    formats = "ONNX and safetensors" if args.format == "all" else args.format
+    _about(f"export {args.run}: {formats} from its {args.checkpoint} checkpoint, each proved against the run on the "
+           f"val split; writes {args.out or Path(args.run) / 'export'}")
     from imgcls.export import export_run
     from imgcls.reporting.console import format_int8, format_parity
 
@@ -361,6 +390,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_cam(args) -> int:
+    _about(f"cam: {args.method} of {len(args.images)} image{'s' * (len(args.images) != 1)} with {args.run}; "
+           f"writes {args.out}/")
     from imgcls.evaluation.cam import explain_files
     from imgcls.inference.exported import open_engine
     from imgcls.reporting.figures import save_cam_overlays
@@ -378,6 +409,8 @@ def cmd_cam(args) -> int:
 
 
 def cmd_report(args) -> int:
+    _about(f"report {args.path}: scores the test split (plain and with --tta {args.tta}), Grad-CAM on a gallery, "
+           "figures; writes report/report.html")
     from imgcls.evaluation.analysis import analyze_run
     from imgcls.reporting.html import write_comparison_report, write_run_report
     from imgcls.rundir import REPORT_DIR, REPORT_HTML, require_run
@@ -435,6 +468,10 @@ def cmd_compare(args) -> int:
         exp = experiment_from_flags(args.data, args.models.split(","), args.epochs, seeds or [0], {})
     else:
         raise UserError("pass an experiment file, or --data and --models for the flag form")
+    if not args.quiet:
+        runs = len(exp.variants) * len(exp.seeds)
+        _about(f"compare {exp.name}: {len(exp.variants)} variants x {len(exp.seeds)} seeds = {runs} runs on "
+               f"{exp.train.get('data', 'cifar10-mini')}; writes {args.out}")
     records = run_experiment(exp, args.out, args.data_dir, args.quiet)
     rows = aggregate(records)
     write_tables(rows, Path(args.out))
@@ -477,6 +514,8 @@ def _audit_parser(sub, common) -> None:
 
 
 def cmd_audit(args) -> int:
+    if not args.quiet:
+        _about(f"audit {args.data}: counts, exact and near duplicates, leakage, unusual files; writes {args.out}")
     from imgcls.data.audit import audit
     from imgcls.reporting.audit_report import check_out, print_audit, write_audit_html, write_audit_json
 

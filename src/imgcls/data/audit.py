@@ -34,6 +34,7 @@ from imgcls.data.datasets import Dataset, load_dataset
 from imgcls.data.decode import FORMATS, DecodeError, open_rgb
 from imgcls.errors import UserError
 from imgcls.options import NEAR_DUPLICATE_BITS
+from imgcls.progress import track
 
 THUMB = 32  # every image is shown in the HTML page as a 32 x 32 copy (and CIFAR hashed from its own 32 x 32)
 # Bits two hashes may differ in and still count as near-duplicates: at 4, every planted re-encoded, brightened
@@ -147,13 +148,6 @@ def channel_kind(mode: str, alpha: bool = False) -> str | None:
     return None if mode == "RGB" else mode
 
 
-def _progress(total: int, label: str, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    disable=not enabled, transient=True)
-
-
 @dataclass
 class _Images:
     """Every image of every split, flat: where it is, its label, exact hash, dHash, 32 x 32 copy and header facts."""
@@ -194,13 +188,9 @@ def _folder_images(root: Path, threads: int, progress: bool) -> _Images:
     names = [n for n, (fs, _) in found.items() for _ in fs]
     index = [i for fs, _ in found.values() for i in range(len(fs))]
     labels = np.array([label for _, ls in found.values() for label in ls], dtype=np.int64)
-    infos = []
     # Pillow and hashlib release the GIL on large buffers, so threads overlap reading, hashing and decoding.
-    with ThreadPoolExecutor(max_workers=threads) as pool, _progress(len(files), "hashing", progress) as bar:
-        task = bar.add_task("", total=len(files))
-        for info in pool.map(_inspect, files):
-            infos.append(info)
-            bar.advance(task)
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        infos = list(track(pool.map(_inspect, files), len(files), f"audit: hashing {root.name}", enabled=progress))
     blank = np.zeros((THUMB, THUMB, 3), dtype=np.uint8)
     thumbs = np.stack([info.get("thumb", blank) for info in infos]) if infos else np.zeros((0, THUMB, THUMB, 3))
     readable = np.array(["thumb" in info for info in infos], dtype=bool)

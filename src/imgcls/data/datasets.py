@@ -249,7 +249,7 @@ def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mo
             ds = folder.StreamingImages(files, labels, size, crop_pct=crop_pct)
             splits[name] = Split(torch.tensor(labels, dtype=torch.int64), stream=ds, workers=workers)
         else:
-            images, kept = folder.decode_all(files, labels, size, crop_pct)
+            images, kept = folder.decode_all(files, labels, size, crop_pct, label=f"decoding {root.name}/{name}")
             splits[name] = Split(kept, images=images)
     if "val" not in splits:
         splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, split_seed, classes)

@@ -15,6 +15,7 @@ from PIL import Image, ImageOps
 
 from imgcls.data.decode import FORMAT_NAMES, DecodeError, open_rgb
 from imgcls.errors import UserError
+from imgcls.progress import track
 
 IMG_EXTS = {".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SPLIT_NAMES = ("train", "val", "test")
@@ -141,11 +142,12 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-def decode_all(files: list[Path], labels: list[int], size: int, crop_pct: float = 1.0, threads: int = 2):
+def decode_all(files: list[Path], labels: list[int], size: int, crop_pct: float = 1.0, threads: int = 2,
+               label: str = "decoding"):
     """Decode every file into one uint8 N x 3 x size x size tensor, skipping unreadable ones."""
     # Pillow releases the GIL while decoding, so threads overlap the work without processes.
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(lambda p: _try_load(p, size, crop_pct), files))
+        results = list(track(pool.map(lambda p: _try_load(p, size, crop_pct), files), len(files), label))
     failed = [(path, result) for path, result in zip(files, results, strict=True) if isinstance(result, str)]
     if not files:
         raise UserError("no image files were found; put the images in one folder per class")

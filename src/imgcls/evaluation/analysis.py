@@ -51,7 +51,8 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     logits, labels = scores.logits.double(), split.labels[seen]
     scaling, where = _report_scaling(trained, engine)
     before, after = logits.softmax(1), scaling.apply(logits).softmax(1)
-    tta_scores, tta_labels = replace(engine, scaling=scaling).score_split(split, parse_tta_flag(tta))
+    tta_scores, tta_labels = replace(engine, scaling=scaling).score_split(split, parse_tta_flag(tta),
+                                                                    where=f"the {split_name} split")
 
     after_metrics = calibration_metrics(after, labels)
     result = classification_metrics(after, labels, trained.classes)

@@ -1,4 +1,4 @@
-"""Grad-CAM and Grad-CAM++ for CNNs and ViTs, a whole batch in one forward and one backward pass.
+"""Grad-CAM and Grad-CAM++ for CNNs and ViTs, CAM_BATCH images per forward and backward pass.
 
 Written here rather than taken from the `grad-cam` package, which would add OpenCV and
 scikit-learn (about 100 MB) for some 40 lines of tensor code.
@@ -23,8 +23,11 @@ from imgcls.kernels.apply import inference_copy
 from imgcls.kernels.choice import NONE
 from imgcls.models.contract import TokenGrid, token_grid
 from imgcls.options import CAM_METHODS
+from imgcls.progress import Phase
 
 METHODS = CAM_METHODS
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}
+CAM_BATCH = 16  # images per forward and backward pass: the activations and their gradients grow with it
 
 
 def _activations_and_logits(model: nn.Module, x: torch.Tensor, grid: TokenGrid | None):
@@ -80,14 +83,22 @@ def grad_cam(model: nn.Module, x: torch.Tensor, classes: torch.Tensor | None = N
     return cams / peak[:, None, None], classes, logits.detach().softmax(dim=1)
 
 
-def explain(engine: Engine, images: torch.Tensor, classes: torch.Tensor | None = None, method: str = "gradcam"):
+def explain(engine: Engine, images: torch.Tensor, classes: torch.Tensor | None = None, method: str = "gradcam",
+            progress: bool = True):
     """Grad-CAM of uint8 N x H x W x 3 `images` through `engine`'s model, in float32: (cams, classes, probs).
     The hook Grad-CAM needs goes on a private module tree over the model's weights, never on the engine's
     own, which other threads may be scoring with."""
     if engine.module is None:
         raise UserError(f"Grad-CAM needs the model's gradients; {engine.source} is an ONNX file: pass the run "
                         "folder or its safetensors export")
-    return grad_cam(inference_copy(engine.module, NONE, NONE), engine.model_input(images).float(), classes, method)
+    model, parts = inference_copy(engine.module, NONE, NONE), []
+    with Phase(METHOD_NAMES.get(method, method), len(images), enabled=progress) as phase:
+        for start in range(0, max(len(images), 1), CAM_BATCH):  # an empty batch still gives empty results
+            chunk = slice(start, start + CAM_BATCH)
+            x = engine.model_input(images[chunk]).float()
+            parts.append(grad_cam(model, x, None if classes is None else classes[chunk], method))
+            phase.advance(len(x))
+    return tuple(torch.cat(part) for part in zip(*parts, strict=True))
 
 
 def explain_files(engine: Engine, paths: list[str], class_name: str | None = None, method: str = "gradcam"):

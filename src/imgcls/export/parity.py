@@ -10,12 +10,18 @@ import torch
 
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine
+from imgcls.progress import Phase
 
 MIN_AGREEMENT, MAX_PROB_DIFF = 0.999, 1e-3
 
 
-def probabilities(engine: Engine, batches: list[torch.Tensor]) -> np.ndarray:
-    return torch.cat([engine.score(b).probs for b in batches]).numpy()
+def probabilities(engine: Engine, batches: list[torch.Tensor], label: str) -> np.ndarray:
+    probs = []
+    with Phase(label, sum(len(b) for b in batches)) as phase:
+        for b in batches:
+            probs.append(engine.score(b).probs)
+            phase.advance(len(b))
+    return torch.cat(probs).numpy()
 
 
 def latency_ms(engine: Engine, images: torch.Tensor, batch: int, repeats: int) -> float:
@@ -34,7 +40,8 @@ def parity(reference: Engine, exported: Engine, batches: list[torch.Tensor], nam
            repeats: tuple[int, int] = (20, 3), graph_probs: np.ndarray | None = None) -> dict:
     """Compare `exported` with `reference` on `batches` (uint8 NHWC). `graph_probs`: the exported graph's own
     probabilities output, which users without imgcls read, checked against the reference too."""
-    ref, got = probabilities(reference, batches), probabilities(exported, batches)
+    ref = probabilities(reference, batches, f"parity {name}: scoring with the run")
+    got = probabilities(exported, batches, f"parity {name}: scoring with the export")
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
     max_diff = float(np.abs(ref - got).max())
     if graph_probs is not None:

@@ -26,6 +26,7 @@ from imgcls.inference.graph import InferenceModel
 from imgcls.inference.reject import resolve_threshold
 from imgcls.inference.scaling import Scaling
 from imgcls.kernels.choice import KernelChoice
+from imgcls.progress import Phase
 from imgcls.runtime import autocast
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # uint8 N x H x W x 3 -> float32 N x K logits, on the CPU
@@ -109,24 +110,33 @@ class Engine:
         return Scores(torch.cat(plain), torch.cat(probs))
 
     def score_batches(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], tta: str | int = "none",
-                      seed: int = 0, where: str = "the split") -> tuple[Scores, torch.Tensor]:
+                      seed: int = 0, where: str = "the split",
+                      advance: Callable[[int], None] | None = None) -> tuple[Scores, torch.Tensor]:
         """(scores, labels) over (uint8 N x 3 x H x W, labels) batches, e.g. a Split's; one random stream
-        for the whole pass, so `--tta N` views differ from batch to batch but not from run to run."""
+        for the whole pass, so `--tta N` views differ from batch to batch but not from run to run.
+        `advance(n)` is told each batch's image count (a progress bar)."""
         gen = torch.Generator().manual_seed(seed)
         scores, labels = [], []
         for images, batch_labels in batches:
             if len(images):
                 scores.append(self.score(images.permute(0, 2, 3, 1), tta, gen, where))
                 labels.append(batch_labels)
+            if advance is not None:
+                advance(len(batch_labels))
         if not scores:
             raise UserError(f"none of the images of {where} could be read; check the data folder")
         return (Scores(torch.cat([s.logits for s in scores]), torch.cat([s.probs for s in scores])),
                 torch.cat(labels))
 
-    def score_split(self, split: Split, tta: str | int = "none", seed: int = 0,
-                    where: str = "the split") -> tuple[Scores, torch.Tensor]:
+    def score_split(self, split: Split, tta: str | int = "none", seed: int = 0, where: str = "the split",
+                    progress: bool = True) -> tuple[Scores, torch.Tensor]:
+        """score_batches over `split` in order, with a progress bar (`progress`) labelled by `where`."""
         per_call = max(1, self.batch_size // tta_view_count(tta))
-        return self.score_batches(split.batches(torch.arange(len(split)), per_call), tta, seed, where)
+        views = tta_view_count(tta)
+        label = f"scoring {where}" + (f" ({views} views each)" if views > 1 else "")
+        with Phase(label, len(split), enabled=progress) as phase:
+            return self.score_batches(split.batches(torch.arange(len(split)), per_call), tta, seed, where,
+                                      phase.advance)
 
     # ---------------------------------------------------------------- decisions and inputs
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from rich.console import Console
-from rich.progress import ProgressColumn
 from rich.table import Table
-from rich.text import Text
 
 from imgcls.export.model_card import FEW_IMAGES
-from imgcls.options import DEFAULT_TARGET_ACCURACY
+from imgcls.options import DEFAULT_CONFIDENCE, DEFAULT_TARGET_ACCURACY
 
 LOG_WIDTH = 250  # columns of output that goes to a file or a pipe
 
@@ -145,28 +143,6 @@ def _millions(count: int) -> str:
     return f"{count / 1e6:.2f}M" if count >= 10_000 else f"{count:,}"
 
 
-class _ImagesPerSecond(ProgressColumn):
-    """The rate once rich has one (none before the first items: blank, not 'None /s')."""
-
-    def render(self, task) -> Text:
-        return Text("" if task.speed is None else f"{task.speed:.1f} img/s")
-
-
-def track(items, total: int, label: str, enabled: bool = True):
-    """`items` passed through, with a progress bar (count, rate, time left) on stderr while they are consumed."""
-    if not enabled:
-        yield from items
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), _ImagesPerSecond(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
-        task = bar.add_task(label, total=total)
-        for item in items:
-            yield item
-            bar.advance(task)
-
-
 def format_ood(result: dict) -> str:
     """eval --ood's table: AUROC and FPR at 95% TPR per score, and what --reject auto lets through."""
     lines = [f"OOD {result['folder']}: {result['n_ood']} images against {result['n_in']} {result['split']} images",
@@ -175,8 +151,8 @@ def format_ood(result: dict) -> str:
         lines.append(f"{name:<8} {result[name]['auroc']:>7.4f} {result[name]['fpr_at_95tpr']:>10.4f}")
     rule = result["reject_auto"]
     if rule is None:
-        lines.append(f"--reject auto: no threshold (run imgcls calibrate first, or the {DEFAULT_TARGET_ACCURACY} "
-                     "target is out of reach)")
+        lines.append(f"--reject auto: no threshold (run imgcls calibrate first; or the validation images cannot "
+                     f"show accuracy {DEFAULT_TARGET_ACCURACY} with {DEFAULT_CONFIDENCE:.0%} confidence)")
     else:
         lines.append(f"--reject auto (threshold {rule['threshold']:.4f}): accepts {rule['ood_accepted']:.1%} of OOD, "
                      f"{rule['in_coverage']:.1%} of {result['split']}")

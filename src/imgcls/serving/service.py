@@ -110,7 +110,7 @@ class Service:
         data URL, with the class explained and the model's softmax for it (before any calibration)."""
         classes = self.engine.classes
         target = None if class_name is None else torch.tensor([classes.index(class_name)])
-        cams, chosen, probs = explain(self.engine, torch.tensor(pixels[None]), target)
+        cams, chosen, probs = explain(self.engine, torch.tensor(pixels[None]), target, progress=False)
         out = io.BytesIO()
         Image.fromarray(cam_overlay(pixels, cams[0].cpu().numpy())).save(out, format="PNG")
         c = int(chosen[0])

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
+from imgcls.progress import duration
+
 LOG_SILENCE_S = 30.0  # a log never goes longer than this without a line while an epoch runs (at 10% reads)
 
 
@@ -66,7 +68,7 @@ class Progress:
         if not self.console.is_terminal and time.monotonic() - self.last_line >= LOG_SILENCE_S:
             left = (self.steps - meter.steps) * meter.seconds / max(meter.steps, 1)
             self.log(f"  step {meter.steps}/{self.steps}  loss {loss:.4f}  acc {acc:.4f}  {ips:.0f} img/s  "
-                     f"epoch left {_duration(left)}")
+                     f"epoch left {duration(left)}")
 
     def log(self, line: str) -> None:
         self.console.print(line, soft_wrap=True)
@@ -80,9 +82,5 @@ class Progress:
                  f"acc {record['train_acc']:.4f}  "
                  + (f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.4f}  " if "val_acc" in record else "")
                  + f"lr {record['lr']:.2e}  {record['epoch_time']:.1f}s  {record['images_per_s']:.0f} img/s"
-                 + (f"  left {_duration(left)}" if left > 0 else ""))
+                 + (f"  left {duration(left)}" if left > 0 else ""))
 
-
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

@@ -234,7 +234,8 @@ def _features(ctx: TrainingContext, split, name: str, prep: Preprocessing, parts
         if say:
             say(f"features: computing the frozen backbone's features of the {len(split)} {name} images")
         backbone = inference_copy(ctx.model, cfg.eval_attention, cfg.eval_depthwise_precision)  # the frozen weights
-        return cache_features(backbone, split, prep, ctx.device, cfg.eval_precision, cfg.eval_batch_size)
+        return cache_features(backbone, split, prep, ctx.device, cfg.eval_precision, cfg.eval_batch_size,
+                              f"features: {name}", progress=say is not None)
 
     start = time.perf_counter()
     features, reused = cached_features(split, parts, compute)

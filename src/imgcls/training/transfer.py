@@ -27,6 +27,7 @@ from imgcls.inference.engine import TorchBackend
 from imgcls.inference.graph import InferenceModel
 from imgcls.models.contract import whitening
 from imgcls.models.surface import layer_groups
+from imgcls.progress import Phase
 
 NEVER = math.inf
 
@@ -173,16 +174,18 @@ class PooledFeatures(nn.Module):
 
 
 def cache_features(model: nn.Module, split: Split, prep: Preprocessing, device, precision: str,
-                   batch_size: int) -> Split:
+                   batch_size: int, label: str = "features", progress: bool = True) -> Split:
     """The frozen backbone's pooled features for every image of `split`, unaugmented, through the inference
     path the engine uses (the export's graph and backend) with the model in eval mode."""
     model.eval()
     backend = TorchBackend(InferenceModel(PooledFeatures(model), prep), device, precision)
     chunks, labels = [], []
-    for images, y in split.batches(torch.arange(len(split)), batch_size):
-        if len(images):
-            chunks.append(backend(images.permute(0, 2, 3, 1)))
-            labels.append(y)
+    with Phase(label, len(split), enabled=progress) as phase:
+        for images, y in split.batches(torch.arange(len(split)), batch_size):
+            if len(images):
+                chunks.append(backend(images.permute(0, 2, 3, 1)))
+                labels.append(y)
+            phase.advance(len(y))
     return Split(torch.cat(labels), images=torch.cat(chunks))
 
 

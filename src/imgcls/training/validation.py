@@ -36,7 +36,7 @@ def validate(ctx, val: Split | None, features: bool = False, head: torch.nn.Modu
     if features:
         logits, labels = head_logits(head, val, ctx.device, ctx.cfg.eval_precision), val.labels
     else:
-        scores, labels = ctx.validator.score_split(val, where="the validation split")
+        scores, labels = ctx.validator.score_split(val, where="the validation split", progress=False)
         logits = scores.logits
     k = ctx.dataset.num_classes
     cm = confusion_matrix(logits.argmax(1), labels, k).flatten().tolist()
