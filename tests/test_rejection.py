@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from imgcls.cli import main
 from imgcls.config import build_config
 from imgcls.errors import UserError
 from imgcls.evaluation.rejection import auroc, fpr_at_tpr, risk_coverage
-from imgcls.inference.reject import choose_threshold, energy, resolve_threshold
+from imgcls.inference.reject import choose_threshold, energy, resolve_threshold, risk_bound
 from imgcls.inference.run import load_run, run_engine
 from imgcls.training.train import fit
 
@@ -36,11 +37,39 @@ def test_risk_coverage_by_hand():
     assert curve["coverage"] == [0.2, 0.6, 0.8, 1.0]
     assert curve["accuracy"] == pytest.approx([1.0, 2 / 3, 0.5, 0.6])
     assert curve["aurc"] == pytest.approx(np.mean([0, 0, 1 / 3, 1 / 2, 2 / 5]))
-    assert choose_threshold(curve, target_accuracy=0.6)["threshold"] == 0.5  # the most coverage that meets it
-    assert choose_threshold(curve, target_accuracy=0.7)["threshold"] == 0.9
     assert choose_threshold(curve, coverage=0.5)["threshold"] == 0.8
-    with pytest.raises(UserError, match="no threshold reaches accuracy"):
-        choose_threshold({"threshold": [0.9], "coverage": [1.0], "accuracy": [0.5]}, target_accuracy=0.9)
+    with pytest.raises(UserError, match="no threshold shows accuracy 0.6 on the 5 validation images with 90% conf"):
+        choose_threshold(curve, target_accuracy=0.6)  # 3 of 5 right shows next to nothing
+
+
+def _binomial_cdf(k: int, m: int, p: float) -> float:
+    return sum(math.comb(m, i) * p**i * (1 - p) ** (m - i) for i in range(k + 1))
+
+
+def test_the_risk_bound_is_the_clopper_pearson_upper_limit():
+    """At the bound, seeing `errors` or fewer of `accepted` has probability 1 - confidence exactly."""
+    for errors, accepted, confidence in ((0, 22, 0.9), (3, 50, 0.9), (10, 200, 0.99), (49, 50, 0.5)):
+        bound = risk_bound(errors, accepted, confidence)
+        assert _binomial_cdf(errors, accepted, bound) == pytest.approx(1 - confidence, rel=1e-6)
+    assert risk_bound(0, 22, 0.9) == pytest.approx(1 - 0.1 ** (1 / 22))  # the zero-error closed form
+    assert risk_bound(5, 5, 0.9) == 1.0
+
+
+def test_reject_auto_keeps_the_widest_point_whose_bound_meets_the_target():
+    # 1,000 images; accuracy falls as coverage rises: 100% of the first 100, then 1 more error per 10
+    coverage = [i / 10 for i in range(1, 11)]
+    errors = [0, 2, 6, 12, 20, 30, 42, 56, 72, 90]
+    curve = {"n": 1000, "threshold": [1 - c / 2 for c in coverage], "coverage": coverage,
+             "accuracy": [1 - e / (c * 1000) for e, c in zip(errors, coverage, strict=True)]}
+    rule = choose_threshold(curve, target_accuracy=0.95, confidence=0.9)
+    tests = 4  # ceil(log2(10 + 1)): each bound at 1 - 0.1 / 4
+    bounds = [risk_bound(e, round(c * 1000), 1 - 0.1 / tests) for e, c in zip(errors, coverage, strict=True)]
+    widest = max(i for i, b in enumerate(bounds) if b <= 0.05)
+    assert rule["coverage"] == coverage[widest] and rule["confidence"] == 0.9
+    assert rule["accuracy_bound"] == pytest.approx(1 - bounds[widest])
+    assert rule["accuracy"] > rule["accuracy_bound"] >= 0.95  # what val shows overstates what is known
+    plain = max(i for i, a in enumerate(curve["accuracy"]) if a >= 0.95)  # the old rule: accuracy seen on val
+    assert widest < plain
 
 
 def test_a_thinned_curve_stays_exact_at_its_points():
@@ -86,7 +115,7 @@ def test_auroc_and_fpr_against_a_direct_count():
 
 
 def test_resolve_threshold():
-    curve = {"threshold": [0.9, 0.5], "coverage": [0.5, 1.0], "accuracy": [0.97, 0.8]}
+    curve = {"n": 1000, "threshold": [0.9, 0.5], "coverage": [0.5, 1.0], "accuracy": [0.97, 0.8]}
     assert resolve_threshold(None, None) is None
     assert resolve_threshold("off", curve) is None  # --reject off: accept everything, like no flag
     assert resolve_threshold("0.8", None) == 0.8

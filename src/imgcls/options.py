@@ -17,6 +17,7 @@ NEAR_DUPLICATE_BITS = 4  # audit: dHash bits of 64 that may differ for a near-du
 DEVICES = ("auto", "cpu", "cuda")
 CAM_METHODS = ("gradcam", "gradcam++")
 DEFAULT_TARGET_ACCURACY = 0.95  # --reject auto: the accuracy accepted images keep on validation
+DEFAULT_CONFIDENCE = 0.9  # --reject auto: how sure that accuracy is, given the number of validation images
 EXPORT_BATCH = 64  # images per call for exported files, which carry no measured batch size
 
 
@@ -43,7 +44,8 @@ OPTIONS = {o.flag: o for o in (
            {"metavar": "FILE"}),
     Option("--reject", "label 'unknown' when the top-1 probability is under P, or under the threshold chosen on "
                        "val (auto; needs imgcls calibrate); off accepts everything", {"metavar": "auto|P|off"}),
-    Option("--target-accuracy", f"--reject auto: accuracy of accepted images on val ({DEFAULT_TARGET_ACCURACY})",
+    Option("--target-accuracy", f"--reject auto: accuracy the accepted images keep, shown on val with "
+                                f"{DEFAULT_CONFIDENCE:.0%} confidence ({DEFAULT_TARGET_ACCURACY})",
            {"type": float}),
     Option("--coverage", "--reject auto: share of val images to accept instead", {"type": float}),
     Option("--batch-size", f"images per forward pass (default: the run's measured inference batch, {EXPORT_BATCH} "

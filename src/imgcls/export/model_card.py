@@ -57,13 +57,14 @@ def _rejection_section(rule: dict | None, curve: dict | None, has_val: bool = Tr
     lines = ["## Rejection (saying \"unknown\")", ""]
     if rule is None:
         reason = "no risk-coverage curve (`imgcls calibrate RUN`)" if curve is None else \
-            "no threshold reaches the target accuracy on val"
+            "the validation images cannot show the target accuracy with the stated confidence"
         if not has_val:
             reason = "no validation split to choose one on (trained with --val-fraction 0)"
         return lines + [f"no threshold: {reason}"]
     return lines + [
         f"- threshold on the calibrated top-1 probability: {rule['threshold']:.4f} "
-        f"(chosen on val for accuracy >= {rule['target_accuracy']})",
+        f"(chosen on val so that accuracy >= {rule['target_accuracy']} holds with {pct(rule['confidence'])} "
+        f"confidence: its binomial lower bound there is {pct(rule['accuracy_bound'])})",
         f"- on val it accepts {pct(rule['coverage'])} of images at accuracy {pct(rule['accuracy'])}, "
         f"against {pct(curve['accuracy'][-1])} accuracy when everything is accepted ({curve['n']} images)",
         f"- area under the val risk-coverage curve: {curve['aurc']:.4f}"]

@@ -3,15 +3,19 @@
 
 A prediction is accepted when its top-1 probability is at least the threshold. `imgcls calibrate` stores
 the validation risk-coverage curve (evaluation/rejection.py) in calibration.json; `--reject auto` picks
-the threshold from that curve, never from test.
+the threshold from that curve, never from test, so that the accepted images' accuracy is at least the
+target with a stated confidence (a binomial bound, not the accuracy seen on val, which overstates it).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+from scipy.stats import beta
 
 from imgcls.errors import UserError
-from imgcls.options import DEFAULT_TARGET_ACCURACY
+from imgcls.options import DEFAULT_CONFIDENCE, DEFAULT_TARGET_ACCURACY
 
 
 def curve_problem(curve) -> str | None:
@@ -43,12 +47,47 @@ def default_rule(curve: dict | None) -> dict | None:
         return None
 
 
-def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage: float | None = None) -> dict:
-    """The threshold that keeps the most images while their validation accuracy is at least
-    `target_accuracy`, or the highest that still accepts at least `coverage` of them."""
+def risk_bound(errors: int, accepted: int, confidence: float) -> float:
+    """Clopper-Pearson upper bound on the error rate of `accepted` images of which `errors` were wrong: the
+    true rate is below it with probability `confidence`."""
+    if errors >= accepted:
+        return 1.0
+    return float(beta.ppf(confidence, errors + 1, accepted - errors))
+
+
+def _bounded_index(curve: dict, target: float, confidence: float) -> tuple[int, float] | None:
+    """Selection with guaranteed risk (Geifman and El-Yaniv, 2017): a binary search over the curve's points
+    (coverage rising) for the widest whose upper bound on the error stays under 1 - target, each of its
+    ceil(log2(points + 1)) tests at (1 - confidence) / tests, so that the whole choice holds with `confidence`
+    (a union bound over the tests). (index, bound), or None when no point tested can show the target."""
+    points, n = len(curve["threshold"]), curve["n"]
+    tests = math.ceil(math.log2(points + 1))
+    level = 1 - (1 - confidence) / tests
+
+    def bound(i: int) -> float:
+        accepted = max(1, round(curve["coverage"][i] * n))
+        return risk_bound(round((1 - curve["accuracy"][i]) * accepted), accepted, level)
+
+    low, high, best = 0, points - 1, None
+    while low <= high:  # at most `tests` steps
+        middle = (low + high + 1) // 2
+        b = bound(middle)
+        if b <= 1 - target:
+            best, low = (middle, b), middle + 1
+        else:
+            high = middle - 1
+    return best
+
+
+def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage: float | None = None,
+                     confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """The threshold that keeps the most validation images while their accuracy is at least `target_accuracy`
+    with probability `confidence` (a binomial bound: `_bounded_index`), or the highest that still accepts at
+    least `coverage` of them."""
     thresholds, coverages, accuracies = curve["threshold"], curve["coverage"], curve["accuracy"]
     if not thresholds:
         raise UserError("the stored risk-coverage curve is empty; run imgcls calibrate RUN again")
+    bound = None
     if coverage is not None:
         if not 0 < coverage <= 1:
             raise UserError(f"--coverage {coverage} is not a share; pass a number in (0, 1], e.g. 0.8")
@@ -57,14 +96,19 @@ def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage
         target = DEFAULT_TARGET_ACCURACY if target_accuracy is None else target_accuracy
         if not 0 < target <= 1:
             raise UserError(f"--target-accuracy {target} is not a share; pass a number in (0, 1], e.g. 0.95")
-        meets = [i for i, a in enumerate(accuracies) if a >= target]
-        if not meets:
-            raise UserError(f"no threshold reaches accuracy {target} on validation (best {max(accuracies):.3f}); "
+        if not isinstance(curve.get("n"), int):
+            raise UserError("the stored risk-coverage curve does not say how many images it counts (made by an "
+                            "older imgcls); run imgcls calibrate RUN again")
+        found = _bounded_index(curve, target, confidence)
+        if found is None:
+            raise UserError(f"no threshold shows accuracy {target} on the {curve['n']} validation images with "
+                            f"{confidence:.0%} confidence (best seen {max(accuracies):.3f}); add validation images, "
                             "lower --target-accuracy or use --coverage")
-        i = meets[-1]
+        i, bound = found
     return {"threshold": thresholds[i], "coverage": coverages[i], "accuracy": accuracies[i],
             "target_accuracy": None if coverage is not None else (target_accuracy or DEFAULT_TARGET_ACCURACY),
-            "target_coverage": coverage}
+            "target_coverage": coverage, "confidence": None if bound is None else confidence,
+            "accuracy_bound": None if bound is None else 1 - bound}
 
 
 def resolve_threshold(reject: str | None, curve: dict | None, target_accuracy: float | None = None,
