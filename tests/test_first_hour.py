@@ -145,10 +145,11 @@ def test_every_slow_phase_of_every_command_shows_progress(tiny_folder, tmp_path,
     from imgcls import progress
     from imgcls.cli import main
 
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "kernels"))  # nothing measured yet: kernels are timed
     phases = []
     enter = progress.Phase.__enter__
-    monkeypatch.setattr(progress.Phase, "__enter__", lambda self: phases.append((self.label, self.total)) or
-                        enter(self))
+    monkeypatch.setattr(progress.Phase, "__enter__", lambda self: self.enabled and phases.append(
+        (self.label, self.total)) or enter(self))
 
     def command(*args: str) -> list[tuple[str, int]]:
         phases.clear()
@@ -167,6 +168,7 @@ def test_every_slow_phase_of_every_command_shows_progress(tiny_folder, tmp_path,
                       "--precision", "fp32", "--out", str(run))  # trained enough that a temperature fits
     assert trained[:2] == [(f"decoding {tiny_folder.name}/train", 120), (f"decoding {tiny_folder.name}/test", 30)]
     assert ("scoring the test split", 30) in trained
+    assert [label for label, _ in trained].count("kernels: timing the candidates") == 1  # an empty cache here
     assert command("eval", str(run), "--tta", "flip") == [("scoring the test split", 30),
                                                           ("scoring the test split (2 views each)", 30)]
     assert command("calibrate", str(run)) == [("scoring the val split", 36), ("scoring the test split", 30)]
@@ -174,6 +176,7 @@ def test_every_slow_phase_of_every_command_shows_progress(tiny_folder, tmp_path,
         ("scoring the test split", 30)]  # the model card's test metrics
     reported = command("report", str(run))
     assert ("scoring the test split (2 views each)", 30) in reported and ("Grad-CAM", 8) in reported
+    assert ("report: drawing figures", 6) in reported
     images = sorted((tiny_folder / "test").rglob("*.png"))[:3]
     assert command("cam", str(run), *map(str, images), "--out", str(tmp_path / "cam")) == [("Grad-CAM", 3)]
     assert command("predict", str(run), str(tiny_folder / "test"), "--out", str(tmp_path / "p.csv")) == [

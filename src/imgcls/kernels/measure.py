@@ -26,6 +26,7 @@ import torch
 from imgcls.kernels import cache
 from imgcls.kernels.apply import configure, has_depthwise, uses_attention
 from imgcls.kernels.choice import ATTENTION_KERNELS, DEPTHWISE_PRECISIONS, MEMORY_FORMATS, NONE, KernelChoice
+from imgcls.progress import Phase
 from imgcls.runtime import autocast
 
 EVAL_BATCHES = (32, 64, 128, 256, 512)  # 1024 never won on the CPUs measured, and costs as much as the rest
@@ -319,7 +320,8 @@ class _Settler:
             else:
                 todo.append(f)
         if todo:
-            _measure(self.choice, todo, self.bench, self.batches, self.train)
+            with Phase("kernels: timing the candidates", len(todo), unit="questions") as phase:
+                _measure(self.choice, todo, self.bench, self.batches, self.train, phase.advance)
             self.measured += todo
 
 
@@ -407,8 +409,10 @@ def _batch_search(bench: _Bench, c: KernelChoice, batches: list[int]) -> dict[st
     return timings
 
 
-def _measure(c: KernelChoice, todo: list[str], bench: _Bench, batches: list[int], train: bool) -> None:
-    """Decide the fields in `todo`, one after another, each timed with the choices made before it."""
+def _measure(c: KernelChoice, todo: list[str], bench: _Bench, batches: list[int], train: bool,
+             advance: Callable[[int], None]) -> None:
+    """Decide the fields in `todo`, one after another, each timed with the choices made before it
+    (`advance(1)` after each: a progress bar)."""
 
     def decide(f: str, cases: dict[str, tuple], fallback, per=None, pick=None, eliminate=True, timings=None) -> None:
         timings = timings if timings is not None else bench.fastest(f, cases, per, eliminate)
@@ -416,6 +420,7 @@ def _measure(c: KernelChoice, todo: list[str], bench: _Bench, batches: list[int]
         best = (pick or (lambda t: min(t, key=t.get)))(ran) if ran else fallback
         setattr(c, f, best)
         c.source[f], c.timings[f] = "measured", timings
+        advance(1)
 
     mid = min(EVAL_TIMING_BATCH, batches[-1])  # images a forward pass when timing the inference kernels
     if {"precision_train", "precision_eval"} & set(todo):
@@ -428,6 +433,7 @@ def _measure(c: KernelChoice, todo: list[str], bench: _Bench, batches: list[int]
             if len(candidates) == 1:  # the GEMM probe alone decided: nothing to time on the model
                 setattr(c, f, "fp32")
                 c.source[f], c.timings[f] = "measured", {f"gemm {p}": ms for p, ms in probe.items()}
+                advance(1)
             else:
                 decide(f, {p: case(p) for p in candidates}, "fp32", pick=lowest_good_precision)
     # Depthwise precision and attention before the layout: the layout question then compares their winner.

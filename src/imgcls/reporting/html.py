@@ -16,6 +16,7 @@ from imgcls import rundir
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.plotting import cam_overlay
+from imgcls.progress import track
 from imgcls.reporting import figures
 
 STYLE = """
@@ -85,22 +86,23 @@ def _run_figures(folder: Path, metrics: list[dict], a: dict, arrays) -> dict:
     cal = a["calibration"]
     n_right = len(a["cam"]["right"])
     cam_images, cams = arrays["cam_images"], arrays["cams"]
-    galleries = []
-    for name, items, sl in (("right", a["cam"]["right"], slice(0, n_right)),
-                            ("wrong", a["cam"]["wrong"], slice(n_right, None))):
-        if items:
-            galleries.append(_gallery(cam_images[sl], items, f"Grad-CAM, {name}", folder / f"cam_{name}.png", cams[sl]))
-    return {
-        "curves": figures.training_curves(metrics, folder / "curves.png"),
-        "confusion": figures.confusion_heatmaps(a["confusion_matrix"], a["classes"], folder / "confusion.png"),
-        "reliability": figures.reliability_diagrams(
+    draw = {
+        "curves": lambda: figures.training_curves(metrics, folder / "curves.png"),
+        "confusion": lambda: figures.confusion_heatmaps(a["confusion_matrix"], a["classes"], folder / "confusion.png"),
+        "reliability": lambda: figures.reliability_diagrams(
             [("before", cal["bins_before"], cal["before"]["ece"]),
              (f"after, T = {cal['temperature']:.2f}", cal["bins_after"], cal["after"]["ece"])],
             folder / "reliability.png"),
-        "galleries": galleries,
-        "losses": _gallery(arrays["loss_images"], a["top_losses"], "top losses", folder / "top_losses.png")
+        "cam_right": lambda: _gallery(cam_images[:n_right], a["cam"]["right"], "Grad-CAM, right",
+                                      folder / "cam_right.png", cams[:n_right]) if a["cam"]["right"] else None,
+        "cam_wrong": lambda: _gallery(cam_images[n_right:], a["cam"]["wrong"], "Grad-CAM, wrong",
+                                      folder / "cam_wrong.png", cams[n_right:]) if a["cam"]["wrong"] else None,
+        "losses": lambda: _gallery(arrays["loss_images"], a["top_losses"], "top losses", folder / "top_losses.png")
         if a["top_losses"] else None,
     }
+    drawn = {name: thunk() for name, thunk in track(draw.items(), len(draw), "report: drawing figures", "figures")}
+    drawn["galleries"] = [g for g in (drawn.pop("cam_right"), drawn.pop("cam_wrong")) if g is not None]
+    return drawn
 
 
 def write_run_report(run: Path) -> Path:
