@@ -10,6 +10,10 @@ from imgcls.config import build_config
 from imgcls.data import load_dataset
 
 SHARED = os.environ.get("IMGCLS_DATA")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers, one per core: one thread each, so
+    import torch  # that they do not contend for the two cores with two threads apiece
+
+    torch.set_num_threads(1)
 TIMING = ("epoch_time", "data_time", "compute_time", "images_per_s")  # differ between identical runs
 # A small CNN on the tiny folder (108 training images at batch 32: 4 steps an epoch); fp32, so that
 # runs compare exactly on CPUs with and without native bf16; the layout given, so that two runs compared

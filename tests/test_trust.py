@@ -446,7 +446,7 @@ def test_stale_or_forged_test_predictions_are_computed_again(run, capsys):
 def test_a_hand_edited_dataset_json_is_refused_against_the_plan(run, tmp_path, tiny_folder):
     """mean 0 / std 1 in dataset.json made every image 'frog' at 33% accuracy; img_size 16 ran a 32-px model
     at 16 px; config.yaml still said imagenet at 32."""
-    for field, value in (("mean", [0.0, 0.0, 0.0]), ("img_size", 16)):
+    for field, value in (("mean", [0.0, 0.0, 0.0]), ("img_size", 16), ("crop_pct", 0.5)):  # crop: a 2x zoom
         copy_ = tmp_path / field
         shutil.copytree(run, copy_)
         info = json.loads((copy_ / rundir.DATASET).read_text())
@@ -593,3 +593,166 @@ def test_eval_on_other_data_from_inside_the_run_never_writes_into_it(run, tiny_f
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", ".", "--data", str(tiny_folder), "--split", "val", "--out", "eval-val.json"]) == 2
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+# ---------------------------------------------------------------- the fourth hostile pass, by class
+
+
+def test_a_temperature_scaling_is_one_scale_no_bias_and_its_own_temperature():
+    """A bias of -50 in calibration.json's temperature scaling turned 3 airplanes into automobile and frog
+    (eval 71.67% -> 57.50%); its temperature field was never read (19, NaN, 1e309 or none: no effect)."""
+    from imgcls.inference.scaling import parse_scaling
+
+    good = {"method": "temperature", "temperature": 1.25, "scale": [0.8], "bias": [0.0, 0.0, 0.0]}
+    assert parse_scaling(good, 3, "calibration.json", "fix").temperature == pytest.approx(1.25)
+    assert parse_scaling({**good, "temperature": None}, 3, "c.json", "fix").temperature == pytest.approx(1.25)
+    damages = {"a bias": {"bias": [-50.0, 0.0, 0.0]}, "another temperature": {"temperature": 19.0},
+               "a NaN temperature": {"temperature": float("nan")}, "a text temperature": {"temperature": "1.25"}}
+    for why, change in damages.items():
+        message = _one_line(lambda change=change: parse_scaling({**good, **change}, 3, "calibration.json", "fix"))
+        assert message.startswith("the scaling in calibration.json ") and "temperature" in message, why
+    vector = {"method": "vector", "temperature": 2.0, "scale": [1.0] * 3, "bias": [0.0] * 3}
+    assert "vector scaling with a temperature" in _one_line(lambda: parse_scaling(vector, 3, "c.json", "fix"))
+    assert parse_scaling({**vector, "temperature": None}, 3, "c.json", "fix").method == "vector"
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"best_val_acc": 7.5}, "best_val_acc"), ({"train_time_s": -3.0}, "train_time_s"),
+    ({"best_epoch": 99}, "best_epoch"), ({"epochs_run": 4.5}, "epochs_run"), ({"params": float("inf")}, "params"),
+])
+def test_a_summary_out_of_range_is_refused_by_report_and_export(run, tmp_path, change, field):
+    """summary.json's best_val_acc 7.5 became 'val accuracy 750.00%' in the card and the report; epochs_run
+    4.5 was a TypeError."""
+    from imgcls.evaluation.analysis import training_record
+
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    summary = json.loads((copy_ / rundir.SUMMARY).read_text())
+    (copy_ / rundir.SUMMARY).write_text(json.dumps({**summary, **change}))
+    message = _one_line(lambda: training_record(copy_))
+    assert f"{rundir.SUMMARY} is damaged" in message and field in message
+
+
+@pytest.mark.parametrize("edit", ['"val_acc": 1e309', '"train_loss": NaN', '"val_acc": 1.5', '"train_loss": -1'])
+def test_metrics_that_are_not_finite_or_in_range_are_refused(run, tmp_path, edit):
+    from imgcls.evaluation.analysis import training_record
+
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    record = json.loads((copy_ / rundir.METRICS).read_text().splitlines()[0])
+    key = edit.split('"')[1]
+    text = json.dumps({**record, key: 0.0}).replace(f'"{key}": 0.0', edit)
+    (copy_ / rundir.METRICS).write_text(text + "\n")
+    assert "is damaged (line 1 lacks one of" in _one_line(lambda: training_record(copy_))
+
+
+def test_an_edited_eval_file_never_reaches_the_model_card(run, tmp_path, capsys):
+    """accuracy 5.0 and macro-F1 NaN in eval-test.json were printed in MODEL_CARD.md as 500.00% and nan."""
+    from imgcls.evaluation.evaluate import eval_problem
+
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    assert main(["eval", str(copy_)]) == 0
+    ev = json.loads((copy_ / "eval-test.json").read_text())
+    classes = ev["classes"]
+    assert eval_problem(ev, classes) is None
+    for change in ({"accuracy": 5.0}, {"macro_f1": float("nan")}, {"loss": -1.0}, {"n": 0},
+                   {"per_class": ev["per_class"][::-1]}, {"most_confused": [{"true": "x", "predicted": "y"}]}):
+        assert eval_problem({**ev, **change}, classes) is not None, change
+    (copy_ / "eval-test.json").write_text(json.dumps({**ev, "accuracy": 5.0}))
+    assert main(["export", str(copy_), "--format", "safetensors", "--out", str(tmp_path / "exp")]) == 0
+    card = (tmp_path / "exp" / "MODEL_CARD.md").read_text()
+    assert "500.00%" not in card and f"- accuracy: {100 * ev['accuracy']:.2f}%" in card
+
+
+def test_a_consistent_edit_of_onnx_metadata_is_refused_by_the_graphs_own_digest(export, tmp_path):
+    """Swapped class names in both imgcls.classes and the imgcls.export document labelled every airplane
+    'frog' with exit 0; the safetensors export already refused the same edit."""
+    model = onnx.load(str(export / "model.onnx"))
+    props = {p.key: p for p in model.metadata_props}
+    document = json.loads(props[ONNX_KEY].value)
+    classes = document["classes"][::-1]
+    props[ONNX_KEY].value = json.dumps({**document, "classes": classes})
+    props["imgcls.classes"].value = json.dumps(classes)
+    edited = tmp_path / "edited.onnx"
+    onnx.save(model, str(edited))
+    assert "is not the document this graph was exported with" in _one_line(lambda: onnx_engine(edited))
+    assert onnx_engine(export / "model.onnx").classes == document["classes"]  # the export as written opens
+
+
+def test_a_model_json_that_gives_a_key_twice_is_refused(export, tmp_path):
+    """{"classes": [swapped], ..., "classes": [real]}: json keeps the last, another reader the first."""
+    folder = tmp_path / "exp"
+    shutil.copytree(export, folder)
+    text = (folder / "model.json").read_text()
+    document = json.loads(text)
+    swapped = json.dumps(document["classes"][::-1])
+    (folder / "model.json").write_text('{"classes": ' + swapped + ", " + text.lstrip()[1:])
+    assert "the key 'classes' is given twice" in _one_line(lambda: read_export_spec(folder))
+
+
+def test_a_stored_ood_result_is_shown_only_for_its_own_checkpoint_and_checked(tmp_path):
+    """eval --checkpoint last --ood wrote eval-test.json; the report of best.pt showed last's OOD table, and
+    an AUROC of 7.0 as 7.0000 (or a text AUROC as a ValueError after the whole analysis)."""
+    from imgcls.evaluation.rejection import stored_ood
+
+    ood = {"folder": "ood", "split": "test", "n_in": 30, "n_ood": 20, "weights": "a" * 64,
+           "msp": {"auroc": 0.61, "fpr_at_95tpr": 0.9}, "energy": {"auroc": 0.63, "fpr_at_95tpr": 0.88},
+           "reject_auto": None}
+    path = tmp_path / "eval-test.json"
+    path.write_text(json.dumps({"weights": "a" * 64, "ood": ood}))
+    assert stored_ood(tmp_path, "test", "a" * 64) == ood
+    assert "another checkpoint" in stored_ood(tmp_path, "test", "b" * 64)["stale"]
+    for damage in ({"msp": {"auroc": 7.0, "fpr_at_95tpr": 0.9}}, {"msp": {"auroc": "x", "fpr_at_95tpr": 0.9}},
+                   {"n_ood": 0}, {"reject_auto": [1]}):
+        path.write_text(json.dumps({"weights": "a" * 64, "ood": {**ood, **damage}}))
+        assert "its ood section" in _one_line(lambda: stored_ood(tmp_path, "test", "a" * 64)), damage
+    path.write_text(json.dumps({"weights": "a" * 64, "ood": [1]}))
+    assert "its ood section" in _one_line(lambda: stored_ood(tmp_path, "test", "a" * 64))
+
+
+@pytest.mark.parametrize("edit", ["crop_padding: -40", "eval_batch_size: 99999999999999999999",
+                                  "memory_format: .nan", "lr: 1.0e-50"])
+def test_a_hand_edited_config_is_checked_as_train_checks_it_by_every_reader(run, tmp_path, tiny_folder, capsys,
+                                                                         edit):
+    """crop_padding -40 was a RuntimeError in eval --tta 3; an eval batch of 1e20, a memory format .nan and an
+    lr of 0 in float32 were accepted by eval and predict."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    key = edit.split(":")[0]
+    lines = [edit if line.startswith(f"{key}:") else line for line in (copy_ / rundir.CONFIG).read_text().splitlines()]
+    assert edit in lines
+    (copy_ / rundir.CONFIG).write_text("\n".join(lines) + "\n")
+    assert main(["predict", str(copy_), str(tiny_folder / "test")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{rundir.CONFIG} was edited" in err
+
+
+def test_predicts_shares_are_checked_in_float32_too():
+    curve = {"n": 1000, "threshold": [0.9, 0.5], "coverage": [0.5, 1.0], "accuracy": [0.99, 0.8]}
+    for kw in ({"target_accuracy": 1e-320}, {"coverage": 1e-50}, {"coverage": -0.0}, {"target_accuracy": 1.5}):
+        assert "is not a share" in _one_line(lambda kw=kw: choose_threshold(curve, **kw)), kw
+
+
+def test_every_serve_number_is_bounded_and_finite():
+    """--max-wait-ms 1e309 (infinite) was accepted, and then every request waited forever."""
+    from imgcls.serving.settings import ServeSettings
+
+    for field in ("max_wait_ms", "body_timeout_s", "header_timeout_s", "drift_psi"):
+        for value in (float("inf"), float("nan"), -1.0, 1e9):
+            assert "is out of range" in _one_line(lambda f=field, v=value: ServeSettings(**{f: v})), (field, value)
+    for field in ("port", "max_batch", "max_queue", "max_bytes", "max_connections", "topk", "drift_window",
+                  "drift_min_images", "drain_timeout_s", "batch_size"):
+        for value in (10**20, -1, True):
+            assert "is out of range" in _one_line(lambda f=field, v=value: ServeSettings(**{f: v})), (field, value)
+
+
+
+def test_report_says_when_it_replaces_a_report(run, tmp_path, capsys):
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    assert main(["report", str(copy_)]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    (copy_ / rundir.REPORT_DIR / rundir.REPORT_HTML).write_text("my notes")
+    assert main(["report", str(copy_)]) == 0
+    assert "(replaced the existing report.html)" in capsys.readouterr().out.splitlines()[-1]

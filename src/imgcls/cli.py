@@ -418,6 +418,7 @@ def cmd_report(args) -> int:
 
     path = Path(args.path)
     if (path / "results.json").is_file():  # a comparison: a report per run, then the overview
+        existed = _existing([path / "report.html"])
         reports = {}
         for label, run in comparison_runs(path):  # runs inside `path`, even in a copied comparison
             if not (run / REPORT_DIR / REPORT_HTML).is_file():
@@ -427,9 +428,10 @@ def cmd_report(args) -> int:
         out = write_comparison_report(path, reports)
     else:
         require_run(path)
+        existed = _existing([path / REPORT_DIR / REPORT_HTML])
         analyze_run(path, args.tta, device=args.device, allow_data_change=args.allow_data_change)
         out = write_run_report(path)
-    print(f"wrote {out}")
+    print(_wrote([out], existed))
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line
 
 CONFIG = "config.yaml"  # the run plan: the TrainConfig with every value resolved
 PLAN = "plan.json"  # how the plan was decided: the machine, which values were measured, their timings
@@ -149,14 +149,31 @@ def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n").encode())
 
 
+def _unique_keys(pairs: list[tuple]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = next((k for k in keys if keys.count(k) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"the key {repeated!r} is given twice")
+    return dict(pairs)
+
+
+def strict_json(text: str):
+    """json.loads, except that an object may not give a key twice (json keeps the last one, silently, where
+    another reader may keep the first) and nesting too deep is a ValueError, not a RecursionError."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def read_json(path: Path):
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return strict_json(path.read_text())
     except FileNotFoundError:
         raise UserError(f"{path} is missing; the run folder is incomplete (train it again)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore it or train the run again") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({first_line(e)}); restore it or train the run again") from None
 
 
 def read_plan(run: Path) -> dict | None:

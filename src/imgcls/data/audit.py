@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from imgcls.data import folder
-from imgcls.data.datasets import Dataset, load_dataset
+from imgcls.data.datasets import BUILTIN_DATA, Dataset, load_dataset
 from imgcls.data.decode import FORMATS, DecodeError, open_rgb
 from imgcls.errors import UserError
 from imgcls.options import NEAR_DUPLICATE_BITS
@@ -319,7 +319,7 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     if not 0 <= max_distance <= 16:
         raise UserError(f"--max-distance must be from 0 to 16 bits of 64 (got {max_distance}); beyond 16, distinct "
                         f"images match: keep the default {NEAR_DISTANCE}")
-    builtin = data in ("cifar10", "cifar10-mini")
+    builtin = data in BUILTIN_DATA
     if data_dir and not builtin:
         raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
     start = time.perf_counter()

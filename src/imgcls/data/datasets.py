@@ -24,6 +24,7 @@ from imgcls.data import cifar, folder
 from imgcls.errors import UserError
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
+BUILTIN_DATA = ("cifar10", "cifar10-mini")  # by name; anything else is a folder
 MIN_IMG_SIZE = FIELDS["img_size"].metadata["low"]  # the bounds train checks, for callers that skip the config
 
 
@@ -194,7 +195,7 @@ def load_dataset(
                                  or not MIN_IMG_SIZE <= img_size <= MAX_IMG_SIZE):
         raise UserError(f"--img-size must be a whole number from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (got {img_size!r}); "
                         "e.g. --img-size 32")
-    if data in ("cifar10", "cifar10-mini"):
+    if data in BUILTIN_DATA:
         if data == "cifar10":
             root = Path(data_dir) if data_dir else cifar.default_root()
             x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(root, download)
@@ -224,7 +225,7 @@ def load_dataset(
         "labels_sha256": _labels_hash(train.labels, val.labels if val else None, test.labels if test else None),
         "content_sha256": _content_hash(train, val, test),
     }
-    folder_data = data not in ("cifar10", "cifar10-mini")
+    folder_data = data not in BUILTIN_DATA
     name = Path(data).name if folder_data else data
     return Dataset(name, classes, size, mean, std, train, val, test, normalization,
                    crop_pct if folder_data else 1.0, fingerprint)

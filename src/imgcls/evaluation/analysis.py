@@ -7,6 +7,7 @@ the run; reporting/ turns them into figures and one HTML page.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from imgcls.evaluation.calibration import (
 from imgcls.evaluation.cam import explain
 from imgcls.evaluation.evaluate import parse_tta_flag
 from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.rejection import stored_ood
 from imgcls.inference.engine import Engine
 from imgcls.inference.reject import default_rule
 from imgcls.inference.run import TrainedRun, load_run, run_engine
@@ -40,6 +42,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     training_record(run)  # a damaged summary or metrics file is refused before minutes of inference
     trained = load_run(run, "best", resolve_device(device), allow_data_change)
     split_name = "test" if trained.has_split("test") else "val"
+    ood = stored_ood(trained.path, split_name, trained.digest)  # and a damaged OOD result, before it too
     if not trained.has_split(split_name):
         raise UserError(f"{trained.path} has neither a test split nor a validation split (trained with --val-fraction "
                         "0) to report on; add a test/ folder of class folders, or train with --val-fraction 0.1")
@@ -62,7 +65,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
         tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_scores.probs, tta_labels)},
-        risk_coverage=trained.risk_coverage, reject_rule=default_rule(trained.risk_coverage),
+        risk_coverage=trained.risk_coverage, reject_rule=default_rule(trained.risk_coverage), ood=ood,
     )
 
     loss_pixels, cam_pixels, cams = _galleries(engine, split, seen, after, labels, gallery, result)
@@ -123,37 +126,51 @@ def _galleries(engine: Engine, split, seen, after, labels, gallery: int, result:
 
 SUMMARY_KEYS = {"model": str, "data": str, "params": int, "epochs": int, "best_epoch": int, "best_val_acc": None,
                 "train_time_s": float, "train_images_per_s": float, "device": str, "precision": str}
+# (lowest, highest) of the numbers the report and the model card print; None: no bound on that side
+SUMMARY_BOUNDS = {"params": (1, None), "epochs": (1, None), "best_epoch": (1, None), "best_val_acc": (0, 1),
+                  "train_time_s": (0, None), "train_images_per_s": (0, None)}
 METRIC_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")  # what the training curves draw
 VAL_METRIC_KEYS = ("val_loss", "val_acc")  # absent from a run without a validation split
+METRIC_BOUNDS = {"train_loss": (0, None), "val_loss": (0, None), "train_acc": (0, 1), "val_acc": (0, 1)}
 
 
-def _fits(value, kind: type | None) -> bool:
+def _fits(value, kind: type | None, bounds: tuple = (None, None)) -> bool:
+    """`value` is of `kind` (None: a number or null), finite and within `bounds`."""
     if kind is None:  # a number or null (an accuracy of no images is written as null)
-        return value is None or _fits(value, float)
+        return value is None or _fits(value, float, bounds)
     if kind is str:
         return isinstance(value, str)
-    return isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or value == int(value))
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return False
+    low, high = bounds
+    return (kind is float or value == int(value)) and (low is None or value >= low) and (high is None or value <= high)
 
 
 def training_record(run: str | Path) -> tuple[dict, list[dict]]:
-    """(summary.json, metrics.jsonl lines) of a finished run, checked for what the report reads."""
+    """(summary.json, metrics.jsonl lines) of a finished run, checked for what the report and the model card
+    read: types, finite numbers, accuracies in [0, 1], epochs 1..epochs_run."""
     run = rundir.require_run(run)
     if not (run / rundir.SUMMARY).is_file():
         raise UserError(f"{run} has not finished training (no {rundir.SUMMARY}); finish it with "
                         f"imgcls train --resume {run}, then report it")
     summary, metrics = rundir.read_json(run / rundir.SUMMARY), rundir.read_metrics(run)
-    bad = [k for k, kind in SUMMARY_KEYS.items() if not isinstance(summary, dict) or not _fits(summary.get(k), kind)]
+    bad = [k for k, kind in SUMMARY_KEYS.items()
+           if not isinstance(summary, dict) or not _fits(summary.get(k), kind, SUMMARY_BOUNDS.get(k, (None, None)))]
+    if not bad:
+        ran = summary.get("epochs_run", len(metrics))  # older summaries did not say
+        bad = [k for k, ok in (("epochs_run", _fits(ran, int, (1, summary["epochs"]))),
+                               ("best_epoch", summary["best_epoch"] <= summary["epochs"])) if not ok]
     if bad:
         raise UserError(f"{run / rundir.SUMMARY} is damaged (missing or wrong {', '.join(bad)}); restore it or "
                         "train the run again")
     keys = METRIC_KEYS if summary.get("val_split", True) else tuple(k for k in METRIC_KEYS if k not in VAL_METRIC_KEYS)
     broken = next((i for i, m in enumerate(metrics, 1) if not isinstance(m, dict)
-                   or not all(_fits(m.get(k), float) for k in keys)), None)
+                   or not all(_fits(m.get(k), float, METRIC_BOUNDS.get(k, (None, None))) for k in keys)), None)
     if broken or not metrics:
-        what = f"line {broken} lacks one of {', '.join(keys)}" if broken else "it holds no epochs"
+        what = f"line {broken} lacks one of {', '.join(keys)} as a finite number in range" if broken else \
+            "it holds no epochs"
         raise UserError(f"{run / rundir.METRICS} is damaged ({what}); restore it or train the run again")
     epochs = [m.get("epoch") for m in metrics]
-    ran = summary.get("epochs_run", len(metrics))  # older summaries did not say
     if epochs != list(range(1, ran + 1)):
         raise UserError(f"{run / rundir.METRICS} does not hold epochs 1 to {ran} in order, as {rundir.SUMMARY} says "
                         f"the run trained (it holds {len(epochs)} lines); restore it or train the run again")

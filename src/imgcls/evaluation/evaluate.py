@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from imgcls import rundir
@@ -28,6 +29,36 @@ def parse_tta_flag(mode: str) -> str | int:
         raise UserError(f"--tta {parsed} asks for more than {MAX_TTA_VIEWS} views per image (more add nothing but "
                         f"memory); pass --tta {MAX_TTA_VIEWS} or fewer, or flip / flip-crop")
     return parsed
+
+
+SHARES = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy")  # eval results in [0, 1]
+CLASS_SHARES = ("precision", "recall", "f1")
+
+
+def _number(value, low: float, high: float = math.inf) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and \
+        low <= value <= high
+
+
+def eval_problem(ev, classes: list[str]) -> str | None:
+    """What is wrong with an eval JSON's numbers that a model card prints (None: nothing): shares in [0, 1],
+    a finite loss, per-class figures of the run's own classes, counts that are whole numbers."""
+    if not isinstance(ev, dict):
+        return "is not a JSON object"
+    if not (isinstance(ev.get("n"), int) and ev["n"] >= 1 and isinstance(ev.get("split"), str)):
+        return "has no image count n or split"
+    bad = [k for k in SHARES if (k in ev or k != "top5_accuracy") and not _number(ev.get(k), 0, 1)]
+    bad += [] if _number(ev.get("loss"), 0) else ["loss"]
+    rows = ev.get("per_class")
+    if not isinstance(rows, list) or [r.get("class") if isinstance(r, dict) else None for r in rows] != classes or \
+            not all(_number(r.get(k), 0, 1) for r in rows for k in CLASS_SHARES):
+        bad.append("per_class")
+    pairs = ev.get("most_confused")
+    if not isinstance(pairs, list) or not all(isinstance(p, dict) and p.get("true") in classes and
+                                              p.get("predicted") in classes and isinstance(p.get("count"), int)
+                                              for p in pairs):
+        bad.append("most_confused")
+    return f"has a wrong {', '.join(bad)}" if bad else None
 
 
 def eval_out(run: str | Path, split: str, data: str | None, out: str | Path | None) -> Path:

@@ -105,8 +105,8 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
     if outside is None:
         raise UserError(f"{ood} holds no readable images; pass --ood a folder of images from other classes")
     result = {"folder": str(ood), "split": split, "n_in": len(labels), "n_ood": len(outside.probs),
-              "unreadable": unreadable, **ood_table(inside.logits, inside.probs, outside.logits, outside.probs),
-              "reject_auto": None}
+              "weights": trained.digest, "unreadable": unreadable,
+              **ood_table(inside.logits, inside.probs, outside.logits, outside.probs), "reject_auto": None}
     rule = default_rule(engine.risk_coverage)
     if rule is not None:
         accepted = inside.probs.max(1).values >= rule["threshold"]
@@ -120,3 +120,42 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
         record["ood"] = result
         rundir.write_json(eval_json, record)
     return result
+
+
+def _share(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def ood_problem(ood) -> str | None:
+    """What is wrong with a stored `eval --ood` result that a report would show (None: nothing)."""
+    if not isinstance(ood, dict) or not isinstance(ood.get("folder"), str) or not isinstance(ood.get("split"), str):
+        return "is not an OOD result (folder, split)"
+    if not all(isinstance(ood.get(k), int) and not isinstance(ood[k], bool) and ood[k] >= 1
+               for k in ("n_in", "n_ood")):
+        return "has no image counts n_in and n_ood"
+    if not all(isinstance(ood.get(k), dict) and _share(ood[k].get("auroc")) and _share(ood[k].get("fpr_at_95tpr"))
+               for k in ("msp", "energy")):
+        return "has an AUROC or FPR that is not a number in [0, 1]"
+    rule = ood.get("reject_auto")
+    if rule is not None and not (isinstance(rule, dict) and all(_share(rule.get(k)) for k in
+                                                                ("threshold", "in_coverage", "ood_accepted"))):
+        return "has a --reject auto rule whose threshold or shares are not numbers in [0, 1]"
+    return None
+
+
+def stored_ood(run: Path, split: str, weights: str) -> dict | None:
+    """The OOD result the run's eval-SPLIT.json holds for checkpoint `weights`, checked (None: there is none);
+    {"stale": why} when it was computed with another checkpoint (a report shows why, not its numbers)."""
+    path = Path(run) / f"eval-{split}.json"
+    record = rundir.read_json(path) if path.is_file() else None
+    ood = record.get("ood") if isinstance(record, dict) else None
+    if ood is None:
+        return None
+    if isinstance(ood, dict) and ood.get("weights", record.get("weights")) != weights:
+        return {"stale": f"{path.name} was computed with another checkpoint; run imgcls eval {run} --ood FOLDER "
+                         "again to show it"}
+    problem = ood_problem(ood)
+    if problem:
+        raise UserError(f"{path}: its ood section {problem}; run imgcls eval {run} --ood FOLDER again, or delete it")
+    return ood
+

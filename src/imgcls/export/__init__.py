@@ -17,7 +17,8 @@ import torch
 
 from imgcls import rundir
 from imgcls.errors import UserError
-from imgcls.evaluation.evaluate import evaluate_run
+from imgcls.evaluation.analysis import training_record
+from imgcls.evaluation.evaluate import eval_problem, evaluate_run
 from imgcls.export.model_card import model_card
 from imgcls.export.onnx_export import ONNX_FILE, export_onnx
 from imgcls.export.parity import parity, require_parity
@@ -47,8 +48,8 @@ def _test_metrics(trained: TrainedRun) -> dict | None:
         ev = rundir.read_json(path)
         scaling = trained.scaling.as_dict() if trained.scaling else None
         if isinstance(ev, dict) and ev.get("weights") == trained.digest and ev.get("data") == trained.config.data \
-                and ev.get("scaling") == scaling and "tta" not in ev:
-            return ev
+                and ev.get("scaling") == scaling and "tta" not in ev and eval_problem(ev, trained.classes) is None:
+            return ev  # else computed again: a file edited by hand never reaches the card
     ev, _ = evaluate_run(trained.path, split, checkpoint=str(trained.checkpoint), device="cpu")
     return ev
 
@@ -176,5 +177,5 @@ def _calibration(trained: TrainedRun) -> dict | None:
 
 
 def _summary(trained: TrainedRun) -> dict | None:
-    path = trained.path / rundir.SUMMARY
-    return rundir.read_json(path) if path.is_file() else None
+    """summary.json, checked as the report checks it (types, bounds, its metrics.jsonl)."""
+    return training_record(trained.path)[0] if (trained.path / rundir.SUMMARY).is_file() else None

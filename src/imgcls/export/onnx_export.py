@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from imgcls.errors import UserError
+from imgcls.inference.exported import pinned_description
 from imgcls.inference.graph import InferenceModel
 from imgcls.inference.metadata import ExportSpec
 from imgcls.options import ONNX_OPSET
@@ -36,6 +37,7 @@ def export_onnx(graph: InferenceModel, spec: ExportSpec, out: Path, opset: int =
         raise UserError(f"{spec.model} cannot be exported to ONNX ({type(e).__name__}: {reason}); "
                         "use --format safetensors") from e
     onnx_program.model.metadata_props.update(spec.onnx_properties())
+    onnx_program.model.graph.doc_string = pinned_description(spec.to_dict())  # binds the metadata to this graph
     path = out / ONNX_FILE
     onnx_program.save(path, external_data=False)
     return path

@@ -17,6 +17,7 @@ import torch
 from imgcls.errors import UserError
 from imgcls.export.parity import latency_ms
 from imgcls.inference.engine import Engine
+from imgcls.inference.exported import pinned_description
 from imgcls.inference.metadata import ExportSpec
 
 INT8_FILE = "model.int8.onnx"
@@ -79,6 +80,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor], spec: 
     quantization = describe(reduce_range, sum(len(b) for b in calibration))
     for key, value in {**spec.onnx_properties(), "imgcls.quantization": quantization}.items():
         model.metadata_props.add(key=key, value=value)
+    model.graph.doc_string = pinned_description(spec.to_dict())
     onnx.save(model, str(out))
     return out
 

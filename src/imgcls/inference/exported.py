@@ -11,14 +11,15 @@ import numpy as np
 import torch
 
 from imgcls import rundir
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line
 from imgcls.inference.engine import Engine, TorchBackend
 from imgcls.inference.graph import InferenceModel
-from imgcls.inference.metadata import ExportSpec, parse_spec, read_onnx_spec
+from imgcls.inference.metadata import ONNX_KEY, ExportSpec, parse_spec, read_onnx_spec
 from imgcls.inference.run import load_run, run_engine
 from imgcls.models import create_model
-from imgcls.models.checkpoint import first_line, load_state_strict, nonfinite_tensors
+from imgcls.models.checkpoint import load_state_strict, nonfinite_tensors
 from imgcls.options import EXPORT_BATCH
+from imgcls.rundir import strict_json
 
 WEIGHTS, SPEC = "model.safetensors", "model.json"
 TENSORS_KEY = "weights_file_sha256"  # model.json's digest of model.safetensors (exports before it lack one)
@@ -36,9 +37,9 @@ def _spec_path(path: str | Path) -> Path:
 
 def _read_document(spec_path: Path) -> dict:
     try:
-        return json.loads(spec_path.read_text())
+        return strict_json(spec_path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{spec_path} is not valid JSON ({e}); export the run again") from None
+        raise UserError(f"{spec_path} is not valid JSON ({first_line(e)}); export the run again") from None
 
 
 def read_export_spec(path: str | Path) -> ExportSpec:
@@ -59,6 +60,18 @@ def document_digest(document: dict) -> str:
     """sha256 of model.json's document in a canonical form, without the tensors' own digest."""
     canonical = {k: v for k, v in document.items() if k != TENSORS_KEY}
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def pinned_description(document: dict) -> str:
+    """An ONNX graph's description: the digest of its file's metadata document, as model.safetensors' header
+    holds model.json's, so that metadata edited in place (other class names, another crop) is refused."""
+    return f"{DOCUMENT_KEY} {document_digest(document)}"
+
+
+def _check_pinned(description: str, document: dict, where: str) -> None:
+    if description.startswith(DOCUMENT_KEY) and description != pinned_description(document):  # older: none
+        raise UserError(f"{where}: its {ONNX_KEY} metadata is not the document this graph was exported with (a field "
+                        "was changed since: classes, preprocessing, calibration...); export the run again")
 
 
 def _header_metadata(data: bytes) -> dict:
@@ -181,10 +194,13 @@ def onnx_engine(path: str | Path, threads: int | None = None, batch_size: int | 
     except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for unreadable files
         raise UserError(f"cannot load {path} as ONNX ({first_line(e, 100)}); pass a .onnx file written by "
                         "imgcls export") from e
-    spec = read_onnx_spec(session.get_modelmeta().custom_metadata_map, str(path))
+    meta = session.get_modelmeta()
+    spec = read_onnx_spec(meta.custom_metadata_map, str(path))
     _check_graph(session, spec, str(path))
-    quantized = "imgcls.quantization" in session.get_modelmeta().custom_metadata_map
+    quantized = "imgcls.quantization" in meta.custom_metadata_map
     _check_calibration(session, spec, str(path), CALIBRATION_PROBE_TOLERANCE["int8" if quantized else "fp32"])
+    # last: an edit the checks above cannot see (swapped names, another crop) is one the digest can
+    _check_pinned(meta.graph_description, strict_json(meta.custom_metadata_map[ONNX_KEY]), str(path))
     return _engine_from_spec(spec, OnnxBackend(session), str(path), None, batch_size)
 
 

@@ -18,9 +18,10 @@ from imgcls.config import AUGMENTATIONS, FIELDS, MAX_IMG_SIZE
 from imgcls.data.folder import class_names_problem
 from imgcls.data.preprocessing import INPUT_LAYOUT, RESIZE_RULE, Preprocessing
 from imgcls.data.presets import PixelRecipe
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line
 from imgcls.inference.reject import curve_problem
 from imgcls.inference.scaling import Scaling, parse_scaling
+from imgcls.rundir import strict_json
 
 # Pixel statistics of images scaled to [0, 1] lie in these ranges (a std is at most 0.5 there); outside them the
 # float32 normalisation overflows or flushes to zero (std 1e-50, mean 1e39), so the numbers cannot be real.
@@ -192,9 +193,10 @@ def read_onnx_spec(properties: dict[str, str], where: str) -> ExportSpec:
     if text is None:
         raise UserError(f"{where} has no imgcls metadata ({ONNX_KEY}); pass a .onnx file written by imgcls export")
     try:
-        document = json.loads(text)
+        document = strict_json(text)
     except ValueError as e:
-        raise UserError(f"{where}: the {ONNX_KEY} metadata is not JSON ({e}); export the run again") from None
+        raise UserError(f"{where}: the {ONNX_KEY} metadata is not JSON ({first_line(e)}); export the run again") \
+            from None
     spec = parse_spec(document, where)
     for key, want in spec.onnx_properties().items():
         have = properties.get(key)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from scipy.stats import beta
 
@@ -45,6 +46,14 @@ def default_rule(curve: dict | None) -> dict | None:
         return choose_threshold(curve) if curve else None
     except UserError:
         return None
+
+
+def _check_share(flag: str, value: float, example: str) -> None:
+    """A share in (0, 1], in float64 and in float32 too (1e-50 is a share there but 0 here), as every float
+    option is checked."""
+    if not 0 < value <= 1 or float(np.float32(value)) == 0:
+        raise UserError(f"{flag} {value} is not a share (0 in float32 or outside (0, 1]); pass a number in (0, 1], "
+                        f"e.g. {example}")
 
 
 def risk_bound(errors: int, accepted: int, confidence: float) -> float:
@@ -89,13 +98,11 @@ def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage
         raise UserError("the stored risk-coverage curve is empty; run imgcls calibrate RUN again")
     bound = None
     if coverage is not None:
-        if not 0 < coverage <= 1:
-            raise UserError(f"--coverage {coverage} is not a share; pass a number in (0, 1], e.g. 0.8")
+        _check_share("--coverage", coverage, "0.8")
         i = next((i for i, c in enumerate(coverages) if c >= coverage - 1e-12), len(coverages) - 1)
     else:
         target = DEFAULT_TARGET_ACCURACY if target_accuracy is None else target_accuracy
-        if not 0 < target <= 1:
-            raise UserError(f"--target-accuracy {target} is not a share; pass a number in (0, 1], e.g. 0.95")
+        _check_share("--target-accuracy", target, "0.95")
         if not isinstance(curve.get("n"), int):
             raise UserError("the stored risk-coverage curve does not say how many images it counts (made by an "
                             "older imgcls); run imgcls calibrate RUN again")

@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from imgcls import rundir
-from imgcls.config import NORMALIZATIONS, TrainConfig, load_config
+from imgcls.config import NORMALIZATIONS, TrainConfig, load_config, validate
 from imgcls.data import Split, load_dataset
+from imgcls.data.datasets import BUILTIN_DATA
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
@@ -23,8 +24,9 @@ from imgcls.kernels import cache
 from imgcls.kernels.apply import configure
 from imgcls.kernels.choice import NONE, KernelChoice, layout_of
 from imgcls.kernels.measure import choose_kernels
-from imgcls.models import create_model
+from imgcls.models import create_model, model_spec
 from imgcls.models.checkpoint import load_checkpoint, restore_weights
+from imgcls.models.registry import pretrained_preprocessing
 from imgcls.runtime import check_precision
 
 DATASET_KEYS = ("classes", "img_size", "mean", "std", "fingerprint")  # what evaluation reads from dataset.json
@@ -129,6 +131,10 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
         raise UserError(f"{path} is being trained ({lock.holder()}); wait for it to finish, or stop it and "
                         f"resume it later, then use it")
     cfg = load_config(path / rundir.CONFIG)
+    try:  # the bounds and rules train checks: a hand-edited value is refused here as it would be there
+        validate(cfg)
+    except UserError as e:
+        raise UserError(f"{path / rundir.CONFIG} was edited: {e}; restore it, or train the run again") from None
     info_path = path / rundir.DATASET
     if not info_path.is_file():
         raise UserError(f"{path} has no {rundir.DATASET}; the run never started training, train it again")
@@ -152,14 +158,15 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
 
 
 def _check_against_config(info: dict, cfg, info_path: Path) -> None:
-    """dataset.json's image size and normalisation are the plan's (config.yaml): an edit to one of them would
+    """dataset.json's image size, crop and normalisation are the plan's (config.yaml): an edit to one of them would
     feed the model other pixels than it was trained on, and every answer would change without a word."""
     stats = NORMALIZATIONS.get(cfg.normalize)
     same_stats = stats is None or (list(info["mean"]), list(info["std"])) == (list(stats[0]), list(stats[1]))
-    if info["img_size"] != cfg.img_size or not same_stats:
+    crop_pct = pretrained_preprocessing(cfg, model_spec(cfg.model))[1] if cfg.data not in BUILTIN_DATA else 1.0
+    if info["img_size"] != cfg.img_size or not same_stats or info.get("crop_pct", 1.0) != crop_pct:
         raise UserError(f"{info_path} does not agree with {rundir.CONFIG} (img_size {info['img_size']} against "
-                        f"{cfg.img_size}, or mean/std other than {cfg.normalize}'s): it was edited; restore it, or "
-                        "train the run again")
+                        f"{cfg.img_size}, crop_pct {info.get('crop_pct', 1.0)} against {crop_pct}, or mean/std other "
+                        f"than {cfg.normalize}'s): it was edited; restore it, or train the run again")
 
 
 def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> Scaling | None:

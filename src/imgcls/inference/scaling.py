@@ -70,10 +70,25 @@ def parse_scaling(d, num_classes: int, where: str, fix: str) -> Scaling:
     if (len(scaling.scale), len(scaling.bias)) != expected:
         raise UserError(f"{where} holds a scaling for another method or number of classes than the model's "
                         f"{num_classes}; {fix}")
-    problem = scaling_problem(scaling)
+    problem = scaling_problem(scaling) or _method_problem(scaling, d.get("temperature"))
     if problem:
         raise UserError(f"the scaling in {where} {problem}; {fix}")
     return scaling
+
+
+def _method_problem(scaling: Scaling, temperature) -> str | None:
+    """A temperature scaling is one scale and no bias (a bias would change predictions, which a temperature
+    never does), and its stored temperature, when there is one, is 1/scale; a vector scaling has none."""
+    if scaling.method == "vector":
+        return None if temperature is None else "is a vector scaling with a temperature: it has none"
+    if any(b != 0 for b in scaling.bias):
+        return "is a temperature scaling with a non-zero bias: a temperature has none"
+    if temperature is None:  # not written by every imgcls: then the scale alone says it
+        return None
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or \
+            not math.isclose(temperature, scaling.temperature, rel_tol=1e-9):
+        return f"gives a temperature {str(temperature)[:20]} that is not 1/scale ({scaling.temperature:.6g})"
+    return None
 
 
 def read_scaling(path: Path, num_classes: int) -> Scaling:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line
 from imgcls.rundir import atomic_write_bytes
 
 FORMAT = "imgcls-checkpoint-1"
@@ -20,12 +20,6 @@ def save_checkpoint(payload: dict, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **payload}, buffer)
     atomic_write_bytes(Path(path), buffer.getvalue())
-
-
-def first_line(error: BaseException, limit: int = 120) -> str:
-    """An exception's message cut to one short line (its type when the message is empty)."""
-    lines = str(error).strip().splitlines()
-    return lines[0][:limit] if lines else type(error).__name__
 
 
 def safe_torch_load(path: Path, what: str, fix: str):

@@ -16,9 +16,10 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from imgcls.config import NORMALIZATIONS
+from imgcls.data.datasets import normalization_named
 from imgcls.data.preprocessing import Preprocessing
-from imgcls.errors import UserError
-from imgcls.models.checkpoint import first_line
+from imgcls.errors import UserError, first_line
 from imgcls.models.surface import mlp_head, replace_classifier
 from imgcls.models.weights import load_pretrained
 
@@ -69,6 +70,21 @@ def model_spec(name: str) -> ModelSpec:
         known = ", ".join(sorted(_REGISTRY))
         raise UserError(f"unknown model '{name}'; choose one of {known}, or timm/<name> for any timm model")
     return _REGISTRY[name]
+
+
+def pretrained_preprocessing(cfg, spec: ModelSpec) -> tuple[str, float]:
+    """(normalisation, crop_pct) a run of `cfg` (a TrainConfig) trains with: pretrained weights bring their
+    own; otherwise the dataset's and 1 (the whole image)."""
+    prep = spec.preprocessing if cfg.pretrained else None
+    if prep is None:
+        return cfg.normalize, 1.0
+    if cfg.normalize != "auto":
+        return cfg.normalize, prep.crop_pct
+    name = normalization_named(prep.mean, prep.std)
+    if name is None:
+        raise UserError(f"{cfg.model}'s weights expect mean {prep.mean} and std {prep.std}, which imgcls does not "
+                        f"know by name; pass --normalize with the closest of {', '.join(NORMALIZATIONS)}")
+    return name, prep.crop_pct
 
 
 def _timm_builder(arch: str) -> Callable[..., nn.Module]:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from imgcls.errors import UserError
-from imgcls.models.checkpoint import first_line, nonfinite_tensors, safe_torch_load
+from imgcls.errors import UserError, first_line
+from imgcls.models.checkpoint import nonfinite_tensors, safe_torch_load
 from imgcls.models.surface import classifier_name
 
 # BatchNorm's running statistics: without them a pretrained backbone computes different features.

@@ -150,7 +150,7 @@ def write_run_report(run: Path) -> Path:
         "<h2>Reliability</h2>", _img(reliability, "reliability diagrams"),
         f"<h2>Test-time augmentation ({html.escape(tta['mode'])})</h2>",
         _compare_table("no TTA", "TTA", tta["without"], tta["with"]),
-        *_rejection_section(run, folder, a, summary.get("val_split", True)),
+        *_rejection_section(folder, a, summary.get("val_split", True)),
         "<h2>Grad-CAM</h2>", "".join(_img(g, g.stem) for g in galleries) or "<p>no images</p>",
         "<p class=note>The most confident right and wrong predictions; the heat-map explains the predicted "
         "class.</p>",
@@ -162,7 +162,7 @@ def write_run_report(run: Path) -> Path:
     return out
 
 
-def _rejection_section(run: Path, folder: Path, analysis: dict, has_val: bool = True) -> list[str]:
+def _rejection_section(folder: Path, analysis: dict, has_val: bool = True) -> list[str]:
     """Saying "unknown": the validation risk-coverage curve (stored by imgcls calibrate) with the --reject
     auto threshold, as the analysis found them, and the OOD table of the last `imgcls eval --ood`."""
     curve, rule = analysis.get("risk_coverage"), analysis.get("reject_rule")
@@ -174,9 +174,10 @@ def _rejection_section(run: Path, folder: Path, analysis: dict, has_val: bool = 
                 "--reject auto threshold.</p>"]
     plot = figures.risk_coverage_plot(curve, rule["threshold"] if rule else None, folder / "risk_coverage.png")
     body = ["<h2>Rejection</h2>", _img(plot, "risk-coverage")]
-    evals = run / "eval-test.json"
-    ood = rundir.read_json(evals).get("ood") if evals.is_file() else None
-    if ood:
+    ood = analysis.get("ood")  # checked by the analysis: this checkpoint's, numbers in range
+    if ood and "stale" in ood:
+        body.append(f"<p class=note>No OOD table: {html.escape(ood['stale'])}.</p>")
+    elif ood:
         rows = [[name, f"{ood[key]['auroc']:.4f}", f"{ood[key]['fpr_at_95tpr']:.4f}"]
                 for name, key in (("max-softmax", "msp"), ("energy", "energy"))]
         body += [f"<h3>Out-of-distribution: {html.escape(ood['folder'])} ({ood['n_ood']} images) against "

@@ -34,21 +34,25 @@ class ServeSettings:
     log_level: str = "info"
 
     def __post_init__(self):
-        ints = {"--port": (self.port, 0), "--max-batch": (self.max_batch, 1), "--max-queue": (self.max_queue, 1),
-                "--max-bytes": (self.max_bytes, 1), "--max-connections": (self.max_connections, 1),
-                "--topk": (self.topk, 1), "--drift-window": (self.drift_window, 1),
-                "--drift-min-images": (self.drift_min_images, 1), "--drain-timeout": (self.drain_timeout_s, 0)}
-        for flag, (value, low) in ints.items():
-            if not isinstance(value, int) or value < low:
-                raise UserError(f"{flag} {value} must be a whole number of at least {low}")
-        if self.port > 65535:
-            raise UserError(f"--port {self.port} is not a TCP port; pass one in 1..65535 (0 picks a free one)")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size} must be at least 1")
-        for flag, value in (("--max-wait-ms", self.max_wait_ms), ("--body-timeout", self.body_timeout_s),
-                            ("--header-timeout", self.header_timeout_s), ("--drift-psi", self.drift_psi)):
-            if not value >= 0:  # also refuses NaN
-                raise UserError(f"{flag} {value} must be a number of at least 0")
+        # (value, lowest, highest): the highest are far past any real use, and keep a typo (or an infinity)
+        # from becoming a server that waits forever or holds everything
+        ints = {"--port": (self.port, 0, 65535), "--max-batch": (self.max_batch, 1, 65536),
+                "--max-queue": (self.max_queue, 1, 10**6), "--max-bytes": (self.max_bytes, 1, 1 << 31),
+                "--max-connections": (self.max_connections, 1, 10**5), "--topk": (self.topk, 1, 1000),
+                "--drift-window": (self.drift_window, 1, 10**7),
+                "--drift-min-images": (self.drift_min_images, 1, 10**7),
+                "--drain-timeout": (self.drain_timeout_s, 0, 3600)}
+        if self.batch_size is not None:
+            ints["--batch-size"] = (self.batch_size, 1, 65536)
+        for flag, (value, low, high) in ints.items():
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UserError(f"{flag} {str(value)[:20]} is out of range; pass a whole number from {low} to {high}")
+        floats = {"--max-wait-ms": (self.max_wait_ms, 0.0, 10_000.0),
+                  "--body-timeout": (self.body_timeout_s, 0.0, 3600.0),
+                  "--header-timeout": (self.header_timeout_s, 0.0, 3600.0), "--drift-psi": (self.drift_psi, 0.0, 100.0)}
+        for flag, (value, low, high) in floats.items():
+            if not low <= value <= high:  # also refuses NaN and infinities
+                raise UserError(f"{flag} {value} is out of range; pass a number from {low:g} to {high:g}")
         if self.max_batch > self.max_queue:
             raise UserError(f"--max-batch {self.max_batch} is more than --max-queue {self.max_queue} can hold; "
                             "raise --max-queue or lower --max-batch")

@@ -15,7 +15,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from imgcls.config import (
     KERNEL_FIELDS,
     MONITORS,
-    NORMALIZATIONS,
     Facts,
     TrainConfig,
     default_crop_padding,
@@ -25,7 +24,6 @@ from imgcls.config import (
     unresolved,
 )
 from imgcls.data import Dataset, load_dataset, normalize
-from imgcls.data.datasets import normalization_named
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine
 from imgcls.kernels import cache
@@ -35,6 +33,7 @@ from imgcls.kernels.measure import choose_kernels
 from imgcls.models import create_model, model_spec
 from imgcls.models.contract import whitening
 from imgcls.models.init import dirac_init
+from imgcls.models.registry import pretrained_preprocessing
 from imgcls.models.weights import LoadReport, load_pretrained
 from imgcls.runtime import check_precision, resolve_device, seed_everything
 from imgcls.training import distributed
@@ -102,7 +101,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
     check_precision(cfg.eval_precision, device)
     _check_parallel(cfg, world, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
-    normalization, crop_pct = _preprocessing(cfg, spec)
+    normalization, crop_pct = pretrained_preprocessing(cfg, spec)
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
@@ -312,15 +311,3 @@ def _whiten(model, dataset: Dataset) -> None:
     stem.init(normalize(dataset.train.images[:5000], dataset.mean, dataset.std))
 
 
-def _preprocessing(cfg: TrainConfig, spec) -> tuple[str, float]:
-    """(normalisation, crop_pct): pretrained weights bring their own; otherwise the dataset's."""
-    prep = spec.preprocessing if cfg.pretrained else None
-    if prep is None:
-        return cfg.normalize, 1.0
-    if cfg.normalize != "auto":
-        return cfg.normalize, prep.crop_pct
-    name = normalization_named(prep.mean, prep.std)
-    if name is None:
-        raise UserError(f"{cfg.model}'s weights expect mean {prep.mean} and std {prep.std}, which imgcls does not "
-                        f"know by name; pass --normalize with the closest of {', '.join(NORMALIZATIONS)}")
-    return name, prep.crop_pct

@@ -8,7 +8,6 @@ so exact resume and each torchrun rank's share work as with the plain permutatio
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from imgcls.config import TrainConfig, parse_class_weights
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line
+from imgcls.rundir import strict_json
 
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,19 +61,11 @@ def usable_weights(weights: torch.Tensor, spec: str) -> torch.Tensor:
     return weights
 
 
-def _unique_keys(pairs: list[tuple]) -> dict:
-    keys = [k for k, _ in pairs]
-    repeated = next((k for k in keys if keys.count(k) > 1), None)
-    if repeated is not None:
-        raise ValueError(f"{repeated!r} is given twice")
-    return dict(pairs)
-
-
 def _read_weights_file(path: Path, classes: list[str]) -> list[float]:
     try:
-        mapping = json.loads(path.read_text(), object_pairs_hook=_unique_keys)
-    except (OSError, ValueError, RecursionError) as e:
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0]
+        mapping = strict_json(path.read_text())
+    except (OSError, ValueError) as e:
+        why = first_line(e)
         raise UserError(f"cannot read class weights from {path} ({why}); pass a JSON object of class: weight") \
             from None
     if not isinstance(mapping, dict) or set(mapping) != set(classes):
