@@ -25,8 +25,10 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check $(wildcard src tests bench scripts)
 
+# Two workers (a file stays on one, so its module fixtures are built once), one torch thread each: on a
+# 2-core machine this beats one process with two threads, whose small ops do not split well.
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 # The longer fuzz, kill and OOD soaks (marked slow); CI runs them after `make test`.
 test-slow: $(STAMP)

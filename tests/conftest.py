@@ -14,6 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers, one p
     import torch  # that they do not contend for the two cores with two threads apiece
 
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # and the commands a test starts, so they compute as it does
 TIMING = ("epoch_time", "data_time", "compute_time", "images_per_s")  # differ between identical runs
 # A small CNN on the tiny folder (108 training images at batch 32: 4 steps an epoch); fp32, so that
 # runs compare exactly on CPUs with and without native bf16; the layout given, so that two runs compared

@@ -178,23 +178,23 @@ def test_contradictory_recipe_options_are_refused_in_one_line(bad, message):
     assert "\n" not in str(e.value)
 
 
-def test_the_recipe_trains_with_every_piece_in_place(tmp_path):
-    """Two epochs of the whole recipe on the bundled sample: the fixed parameters stay fixed, the
+def test_the_recipe_trains_with_every_piece_in_place(tiny_folder, tmp_path):
+    """Two epochs of the whole recipe on the tiny folder: the fixed parameters stay fixed, the
     whitening bias trains only in its epochs, and the saved weights are the lookahead average."""
     from imgcls.models.checkpoint import load_checkpoint
     from imgcls.training.train import fit
 
     run = tmp_path / "airbench"
-    fit(tiny_config("cifar10-mini", run, **RECIPE, epochs=2, batch_size=512, val_fraction=0.1))
-    weights = load_checkpoint(run / "last.pt", "airbench94", 10)["model"]
-    for name in batchnorm_parameters(create_model("airbench94", 10), "weight"):
+    fit(tiny_config(tiny_folder, run, **RECIPE, epochs=2, batch_size=16, val_fraction=0.1))
+    weights = load_checkpoint(run / "last.pt", "airbench94", 3)["model"]
+    for name in batchnorm_parameters(create_model("airbench94", 3), "weight"):
         assert torch.equal(weights[name], torch.ones_like(weights[name]))
     assert weights["stem.0.bias"].abs().sum() > 0  # it trained in epoch 1
 
-    model = create_model("airbench94", 10)
+    model = create_model("airbench94", 3)
     from imgcls.data import load_dataset
     from imgcls.data.preprocessing import normalize
 
-    data = load_dataset("cifar10-mini", val_fraction=0.1)
+    data = load_dataset(str(tiny_folder), img_size=32, val_fraction=0.1)
     model.init_whitening(normalize(data.train.images[:5000], data.mean, data.std))
     assert torch.allclose(weights["stem.0.weight"], model.stem[0].weight)  # never trained

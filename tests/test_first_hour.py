@@ -94,10 +94,11 @@ def test_monitor_auto_is_balanced_accuracy_on_imbalanced_classes_and_ties_go_to_
 
 
 def test_cached_features_are_reused_by_the_next_run_with_the_same_backbone_and_data(tiny_folder, tmp_path,
-                                                                                    capsys):
+                                                                                    capsys, monkeypatch):
     from imgcls.cli import main
     from tests.conftest import run_metrics
 
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))  # none cached yet by another test
     flags = ["--data", str(tiny_folder), "--model", "efficientnet_lite0", "--pretrained", "--strategy",
              "feature-extract", "--cache-features", "--img-size", "64", "--epochs", "2", "--precision", "fp32"]
     assert main(["train", *flags, "--out", str(tmp_path / "first")]) == 0
