@@ -184,3 +184,23 @@ def test_every_slow_phase_of_every_command_shows_progress(tiny_folder, tmp_path,
         ("predict", 30)]
     assert command("audit", str(tiny_folder), "--out", str(tmp_path / "audit.json")) == [
         (f"audit: hashing {tiny_folder.name}", 150)]
+
+
+def test_every_command_says_what_it_does_before_torch_is_loaded(tmp_path):
+    """The first line within a second or two, on any machine: before `import torch`, which takes seconds."""
+    missing = str(tmp_path / "no-run")
+    commands = [["train", "--epochs", "1", "--data", missing], ["eval", missing], ["calibrate", missing],
+                ["export", missing], ["report", missing], ["cam", missing, "x.png"],
+                ["predict", missing, "x.png", "--out", str(tmp_path / "p.csv")], ["audit", missing],
+                ["compare", "--data", missing, "--models", "fastnet_cifar_small", "--out", str(tmp_path / "c")],
+                ["lr-find", "--data", missing]]
+    code = ("import sys, imgcls.cli as cli\n"
+            "cli._about = lambda line: print('torch' in sys.modules, line, flush=True)\n"
+            "cli.main(sys.argv[1:])\n")
+    for argv in commands:  # the first line is all that is read: the command is stopped there
+        proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        first = proc.stdout.readline()
+        proc.kill()
+        proc.communicate(timeout=60)
+        assert first.startswith(f"False {argv[0]}"), (argv, first)

@@ -262,12 +262,11 @@ def _replaced_name(path: Path) -> str:
 
 def cmd_lr_find(args) -> int:
     from imgcls.config import build_config
-    from imgcls.training.lr_find import describe, run_lr_find
 
     flags = {name: getattr(args, name) for name in FIELDS if name != "out"}  # --out is the plot here
     cfg = build_config(args.recipe, **flags)
-    _about(f"lr-find: {cfg.model} on {cfg.data}, {args.steps} steps from {args.start_lr:g} to {args.end_lr:g}; "
-           f"writes {args.out}")
+    _about(f"lr-find: {cfg.model} on {cfg.data}, rates from {args.start_lr:g} to {args.end_lr:g}; writes {args.out}")
+    from imgcls.training.lr_find import describe, run_lr_find
     existed = _existing([args.out])
     result, plot = run_lr_find(cfg, cfg.device, args.start_lr, args.end_lr, args.steps, args.out)
     for line in describe(result, args.start_lr, args.end_lr, group_lrs=cfg.group_lrs is not None):
@@ -329,6 +328,9 @@ def _check_predict_counts(args) -> None:
 
 
 def cmd_predict(args) -> int:
+    if args.out and not args.quiet:  # without --out, stdout holds only the rows
+        what = args.list or (args.images[0] if len(args.images) == 1 else f"{len(args.images)} paths")
+        _about(f"predict: {what} with {args.run}; writes {args.out}")
     from imgcls.evaluation.evaluate import parse_tta_flag
     from imgcls.inference.exported import open_engine
     from imgcls.inference.files import collect_paths, predict_rows
@@ -338,9 +340,6 @@ def cmd_predict(args) -> int:
 
     _check_predict_counts(args)
     out = check_out(args.out) if args.out else None
-    if out is not None and not args.quiet:  # without --out, stdout holds only the rows
-        what = args.list or (args.images[0] if len(args.images) == 1 else f"{len(args.images)} paths")
-        _about(f"predict: {what} with {args.run}; writes {out}")
     tta = parse_tta_flag(args.tta)
     engine = open_engine(args.run, args.checkpoint, args.batch_size, resolve_device(args.device))
     threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
@@ -455,6 +454,8 @@ def cmd_models(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    if not args.quiet:
+        _about(f"compare {args.experiment or args.models}: trains what is not trained yet; writes {args.out}")
     from imgcls.reporting.figures import comparison_charts
     from imgcls.reporting.tables import aggregate, to_text, write_tables
     from imgcls.training.compare import experiment_from_flags, parse_seeds, read_experiment, run_experiment
@@ -472,8 +473,8 @@ def cmd_compare(args) -> int:
         raise UserError("pass an experiment file, or --data and --models for the flag form")
     if not args.quiet:
         runs = len(exp.variants) * len(exp.seeds)
-        _about(f"compare {exp.name}: {len(exp.variants)} variants x {len(exp.seeds)} seeds = {runs} runs on "
-               f"{exp.train.get('data', 'cifar10-mini')}; writes {args.out}")
+        print(f"{exp.name}: {len(exp.variants)} variants x {len(exp.seeds)} seeds = {runs} runs on "
+              f"{exp.train.get('data', 'cifar10-mini')}", flush=True)
     records = run_experiment(exp, args.out, args.data_dir, args.quiet)
     rows = aggregate(records)
     write_tables(rows, Path(args.out))
