@@ -204,3 +204,22 @@ def test_every_command_says_what_it_does_before_torch_is_loaded(tmp_path):
         proc.kill()
         proc.communicate(timeout=60)
         assert first.startswith(f"False {argv[0]}"), (argv, first)
+
+
+def test_a_slow_step_still_gets_a_line_from_the_timer(monkeypatch):
+    """One step longer than LOG_SILENCE_S (no read to print at): the log is not left silent past it."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from imgcls.training import progress
+
+    monkeypatch.setattr(progress, "LOG_SILENCE_S", 0.2)
+    with progress.Progress(epochs=2, steps_per_epoch=100, batch_size=8) as bar:
+        bar.console = Console(file=io.StringIO(), force_terminal=False, width=250)
+        bar.start_epoch(0, _Meter())
+        bar.advance(_Meter())  # then the step takes long: no update() comes
+        time.sleep(1.5)
+        lines = bar.console.file.getvalue().splitlines()
+    assert lines and all(line == "  step 40/100  16 img/s  epoch left 30s" for line in lines)  # no loss read yet

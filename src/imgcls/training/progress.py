@@ -3,10 +3,12 @@
 The loss and accuracy shown are read from the device every `interval` micro-steps (a tenth of the
 epoch), never per step: the training loop reads its device sums only then (and at the epoch's end).
 In a log (no terminal) the bar is not drawn: each epoch is one line, and a long epoch adds a progress
-line with its time left at a read only when the log has been silent for LOG_SILENCE_S seconds."""
+line with its time left whenever the log has been silent for LOG_SILENCE_S seconds (a timer looks each
+second, so a line comes even between two reads; it shows the loss and accuracy of the last read)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 from rich.console import Console
@@ -39,13 +41,27 @@ class Progress:
         )
         self.task = None
         self.last_line = time.monotonic()  # when the log last got a line
+        self.meter, self.read = None, None  # the epoch's meter, and its loss and accuracy at the last read
+        self.stop = threading.Event()
+        self.watch = None
 
     def __enter__(self):
         self.bar.__enter__()
+        if not self.quiet and not self.console.is_terminal:  # a log: a timer keeps it from going silent
+            self.watch = threading.Thread(target=self._watch, daemon=True)
+            self.watch.start()
         return self
 
     def __exit__(self, *exc):
+        self.stop.set()
+        if self.watch is not None:
+            self.watch.join()
         self.bar.__exit__(*exc)
+
+    def _watch(self) -> None:
+        while not self.stop.wait(1.0):
+            if self.meter is not None:
+                self._step_line(self.meter)
 
     def start_epoch(self, epoch: int, meter) -> None:
         if self.task is not None:
@@ -55,6 +71,7 @@ class Progress:
 
     def advance(self, meter) -> None:
         """After each step: the step count and rate only (Python numbers, nothing read from the device)."""
+        self.meter = meter
         if not self.quiet:
             self.bar.update(self.task, completed=meter.steps, ips=meter.images / max(meter.seconds, 1e-9))
 
@@ -64,17 +81,26 @@ class Progress:
             return
         n = max(meter.images, 1)
         loss, acc, ips = meter.loss_sum / n, meter.correct / n, meter.images / max(meter.seconds, 1e-9)
+        self.meter, self.read = meter, (loss, acc)
         self.bar.update(self.task, completed=meter.steps, loss=loss, acc=acc, ips=ips)
-        if not self.console.is_terminal and time.monotonic() - self.last_line >= LOG_SILENCE_S:
-            left = (self.steps - meter.steps) * meter.seconds / max(meter.steps, 1)
-            self.log(f"  step {meter.steps}/{self.steps}  loss {loss:.4f}  acc {acc:.4f}  {ips:.0f} img/s  "
-                     f"epoch left {duration(left)}")
+        self._step_line(meter)
+
+    def _step_line(self, meter) -> None:
+        """In a log that has been silent for LOG_SILENCE_S: where the epoch is (the loss and accuracy of the
+        last read), from a read or from the timer."""
+        if self.console.is_terminal or time.monotonic() - self.last_line < LOG_SILENCE_S:
+            return
+        ips = meter.images / max(meter.seconds, 1e-9)
+        left = (self.steps - meter.steps) * meter.seconds / max(meter.steps, 1)
+        read = f"  loss {self.read[0]:.4f}  acc {self.read[1]:.4f}" if self.read else ""  # none read yet
+        self.log(f"  step {meter.steps}/{self.steps}{read}  {ips:.0f} img/s  epoch left {duration(left)}")
 
     def log(self, line: str) -> None:
         self.console.print(line, soft_wrap=True)
         self.last_line = time.monotonic()
 
     def end_epoch(self, record: dict) -> None:
+        self.meter = None  # between epochs the timer has no steps to tell of
         if self.quiet:
             return
         left = (self.epochs - record["epoch"]) * record["epoch_time"]
