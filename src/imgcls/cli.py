@@ -242,6 +242,19 @@ def _about(line: str) -> None:
     print(line, flush=True)
 
 
+def _run_facts(run) -> str:
+    """' (model, img_size px, data; eval precision)' from a run's config.yaml, read without torch, for a first
+    line; '' when it cannot be read (the command itself then says why)."""
+    from imgcls.yamlio import load_yaml_mapping
+
+    try:
+        cfg = load_yaml_mapping(Path(run) / "config.yaml", "the run's config")
+        return (f" ({cfg['model']}, {cfg['img_size']} px, {Path(str(cfg['data'])).name}; "
+                f"{cfg.get('eval_precision', 'fp32')} inference)")
+    except (UserError, OSError, KeyError, TypeError):
+        return ""
+
+
 def _existing(paths) -> set[Path]:
     """The files among `paths` that exist now: taken before a command writes, for its summary line."""
     return {Path(p).resolve() for p in paths if Path(p).is_file()}
@@ -279,7 +292,8 @@ def cmd_eval(args) -> int:
     data = f" of {args.data}" if args.data else ""
     tta = f", plain and with --tta {args.tta}" if args.tta != "none" else ""
     ood = f", then OOD against {args.ood}" if args.ood else ""
-    _about(f"eval {args.run}: the {args.split} split{data} with its {args.checkpoint} checkpoint{tta}{ood}")
+    _about(f"eval {args.run}{_run_facts(args.run)}: the {args.split} split{data} with its {args.checkpoint} "
+           f"checkpoint{tta}{ood}")
     from imgcls.evaluation import evaluate
     from imgcls.reporting.console import print_eval
 
@@ -302,8 +316,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    _about(f"calibrate {args.run}: fits {args.method} scaling on the val split with its {args.checkpoint} checkpoint; "
-           f"writes {Path(args.run) / 'calibration.json'}")
+    _about(f"calibrate {args.run}{_run_facts(args.run)}: fits {args.method} scaling on the val split with its "
+           f"{args.checkpoint} checkpoint; writes {Path(args.run) / 'calibration.json'}")
     from imgcls.evaluation.evaluate import calibrate_run
     from imgcls.reporting.console import print_calibration
     from imgcls.rundir import CALIBRATION
@@ -376,8 +390,8 @@ def cmd_serve(args) -> int:
 
 def cmd_export(args) -> int:
     formats = "ONNX and safetensors" if args.format == "all" else args.format
-    _about(f"export {args.run}: {formats} from its {args.checkpoint} checkpoint, each proved against the run on the "
-           f"val split; writes {args.out or Path(args.run) / 'export'}")
+    _about(f"export {args.run}{_run_facts(args.run)}: {formats} from its {args.checkpoint} checkpoint, each proved "
+           f"against the run on the val split; writes {args.out or Path(args.run) / 'export'}")
     from imgcls.export import export_run
     from imgcls.reporting.console import format_int8, format_parity
 
@@ -408,8 +422,8 @@ def cmd_cam(args) -> int:
 
 
 def cmd_report(args) -> int:
-    _about(f"report {args.path}: scores the test split (plain and with --tta {args.tta}), Grad-CAM on a gallery, "
-           "figures; writes report/report.html")
+    _about(f"report {args.path}{_run_facts(args.path)}: scores the test split (plain and with --tta {args.tta}), "
+           "Grad-CAM on a gallery, figures; writes report/report.html")
     from imgcls.evaluation.analysis import analyze_run
     from imgcls.reporting.html import write_comparison_report, write_run_report
     from imgcls.rundir import REPORT_DIR, REPORT_HTML, require_run
