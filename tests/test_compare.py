@@ -1,5 +1,8 @@
+import io
 import json
+import zipfile
 
+import numpy as np
 import pytest
 
 from imgcls.cli import main
@@ -24,6 +27,31 @@ def test_flag_form_aggregates_seeds_and_skips_finished_runs(tiny_folder, tmp_pat
     capsys.readouterr()
     assert main(argv) == 0  # second time: nothing is retrained
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed-*/summary.json")} == stamps
+    assert "(replaced the existing results.json, results.csv, results.md" in capsys.readouterr().out  # said
+
+
+def test_a_finished_runs_edited_summary_or_forged_predictions_never_reach_the_table(tiny_folder, tmp_path, capsys):
+    """test_acc 0.9876 in a finished run's summary.json became 98.76 in results.md (the predictions said
+    33.33%); a test_predictions.npz whose header promised 10^6 x 10^6 floats was a 3.6 TiB MemoryError."""
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(tiny_folder), "--models", "fastnet_cifar_small", "--epochs", "1",
+            "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    run = next(out.glob("*/seed-0"))
+    npz = run / "test_predictions.npz"
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)})
+    with zipfile.ZipFile(npz, "w") as archive:
+        archive.writestr("labels.npy", header.getvalue() + bytes(16))
+        archive.writestr("probs.npy", header.getvalue() + bytes(16))
+    capsys.readouterr()
+    assert main(argv) == 0  # computed again, with a warning naming the file
+    assert f"{npz} is not usable ({npz} is damaged (labels.npy promises" in capsys.readouterr().err
+    assert np.load(npz)["probs"].shape == (30, 3)  # the test predictions of best.pt, written again
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "test_acc": 0.9876}))
+    assert main(argv) == 2
+    assert "says test accuracy 98.76%, but best.pt's test predictions give" in capsys.readouterr().err
 
 
 def test_runs_on_other_data_are_refused(tiny_folder, tmp_path, capsys):

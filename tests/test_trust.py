@@ -756,3 +756,62 @@ def test_report_says_when_it_replaces_a_report(run, tmp_path, capsys):
     (copy_ / rundir.REPORT_DIR / rundir.REPORT_HTML).write_text("my notes")
     assert main(["report", str(copy_)]) == 0
     assert "(replaced the existing report.html)" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_a_risk_coverage_curve_must_be_counts_of_its_images(run, tmp_path):
+    """accuracy = [1.0] * 120 in calibration.json's curve let --reject auto promise 0.9 on a 58% model."""
+    from imgcls.evaluation.rejection import risk_coverage
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(120, 3, generator=gen, dtype=torch.float64) * 2, 1)
+    labels = torch.randint(0, 3, (120,), generator=gen)
+    curve = risk_coverage(probs, labels)
+    assert curve_problem(curve) is None
+    dropped = {**curve, "accuracy": curve["accuracy"][:-1] + [0.0]}  # every image wrong once all are accepted
+    assert "counts of right images that fall" in curve_problem(dropped)
+    forged = {**curve, "accuracy": [1.0] * len(curve["accuracy"])}  # consistent in itself: caught below
+    assert "not counts of its n" in curve_problem({**curve, "accuracy": [a * 0.999 for a in curve["accuracy"]]})
+    # and the curve must end at the val accuracy the same calibration.json reports
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    (copy_ / rundir.CALIBRATION).write_text(json.dumps({"risk_coverage": forged, "splits": {"val": {"after": {
+        "accuracy": 0.25}}}}))
+    trained = load_run(copy_, calibrated=False)
+    assert "ends at accuracy 1.0000, but the file's val accuracy is 0.2500" in _one_line(lambda: trained.risk_coverage)
+
+
+def test_export_leaves_the_runs_eval_file_as_eval_wrote_it(run, tmp_path, capsys):
+    """export recomputed the card's metrics into RUN/eval-test.json, dropping the TTA table eval had put there."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    assert main(["eval", str(copy_), "--tta", "flip"]) == 0
+    before = (copy_ / "eval-test.json").read_bytes()
+    assert main(["export", str(copy_), "--format", "safetensors", "--out", str(tmp_path / "exp")]) == 0
+    assert (copy_ / "eval-test.json").read_bytes() == before
+
+
+def test_a_checkpoint_pins_the_pixels_it_was_trained_on(run, tmp_path, tiny_folder):
+    """normalize cifar in config.yaml and the cifar mean/std in dataset.json, edited together, changed every
+    answer (eval 66.67% -> 58.33%) with exit 0: the checkpoint now says what it was trained to see."""
+    from imgcls.config import NORMALIZATIONS
+
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    config = (copy_ / rundir.CONFIG).read_text()
+    normalize = next(line for line in config.splitlines() if line.startswith("normalize:")).split(":")[1].strip()
+    other = next(name for name in NORMALIZATIONS if name != normalize)
+    (copy_ / rundir.CONFIG).write_text(config.replace(f"normalize: {normalize}", f"normalize: {other}"))
+    info = json.loads((copy_ / rundir.DATASET).read_text())
+    mean, std = NORMALIZATIONS[other]
+    (copy_ / rundir.DATASET).write_text(json.dumps({**info, "mean": list(mean), "std": list(std)}))
+    assert "best.pt was trained with" in _one_line(lambda: load_run(copy_))
+
+
+def test_list_files_skip_comments_and_a_device_is_named_as_one(run, tiny_folder, tmp_path):
+    from imgcls.inference.files import collect_paths
+
+    image = next((tiny_folder / "test").rglob("*.png"))
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"# photos to check\n\n{image}\n")
+    assert collect_paths([], str(listed)) == [image]
+    assert "is not a regular file" in _one_line(lambda: collect_paths([], "/dev/zero"))

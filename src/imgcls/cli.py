@@ -337,7 +337,8 @@ def _check_predict_counts(args) -> None:
         value = getattr(args, name)
         if value is not None and not low <= value <= high:
             flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {str(value)[:20]} is out of range; pass a whole number from {low} to {high}"
+            shown = str(value) if len(str(value)) <= 20 else f"{value:.3g}"
+            raise UserError(f"{flag} {shown} is out of range; pass a whole number from {low} to {high}"
                             if value > high else f"{flag} {value} must be at least {low}; e.g. {flag} {max(low, 2)}")
 
 
@@ -422,8 +423,12 @@ def cmd_cam(args) -> int:
 
 
 def cmd_report(args) -> int:
-    _about(f"report {args.path}{_run_facts(args.path)}: scores the test split (plain and with --tta {args.tta}), "
-           "Grad-CAM on a gallery, figures; writes report/report.html")
+    if (Path(args.path) / "results.json").is_file():
+        _about(f"report {args.path}: a report for each run not reported yet, then the comparison; writes "
+               f"{Path(args.path) / 'report.html'}")
+    else:
+        _about(f"report {args.path}{_run_facts(args.path)}: scores the test split (plain and with --tta {args.tta}), "
+               f"Grad-CAM on a gallery, figures; writes {Path(args.path) / 'report' / 'report.html'}")
     from imgcls.evaluation.analysis import analyze_run
     from imgcls.reporting.html import write_comparison_report, write_run_report
     from imgcls.rundir import REPORT_DIR, REPORT_HTML, require_run
@@ -489,13 +494,15 @@ def cmd_compare(args) -> int:
         runs = len(exp.variants) * len(exp.seeds)
         print(f"{exp.name}: {len(exp.variants)} variants x {len(exp.seeds)} seeds = {runs} runs on "
               f"{exp.train.get('data', 'cifar10-mini')}", flush=True)
+    out = Path(args.out)
+    existed = _existing(out.glob("*.*") if out.is_dir() else [])
     records = run_experiment(exp, args.out, args.data_dir, args.quiet)
     rows = aggregate(records)
-    write_tables(rows, Path(args.out))
-    charts = comparison_charts(records, Path(args.out))
+    write_tables(rows, out)
+    charts = comparison_charts(records, out)
     print(to_text(rows))
-    written = ", ".join(["results.json", "results.csv", "results.md (every column)", *(p.name for p in charts)])
-    print(f"wrote {args.out}/{written}")
+    written = [out / name for name in ("results.json", "results.csv", "results.md")] + list(charts)
+    print(_wrote(written, existed))
     return 0
 
 

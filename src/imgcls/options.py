@@ -40,7 +40,8 @@ OPTIONS = {o.flag: o for o in (
     Option("--data-dir", "as in train, for --data cifar10"),
     Option("--topk", "classes to show per image (3)", {"type": int, "default": 3}),
     Option("--json", "print JSON instead of text", {"action": "store_true"}),
-    Option("--list", "a text file of image paths, one per line (a missing one is an error row)",
+    Option("--list", "a text file of image paths, one per line; blank lines and lines starting with # are skipped "
+                     "(a missing file is an error row)",
            {"metavar": "FILE"}),
     Option("--reject", "label 'unknown' when the top-1 probability is under P, or under the threshold chosen on "
                        "val (auto; needs imgcls calibrate); off accepts everything", {"metavar": "auto|P|off"}),

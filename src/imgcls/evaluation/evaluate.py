@@ -85,11 +85,20 @@ def eval_out(run: str | Path, split: str, data: str | None, out: str | Path | No
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
                  checkpoint: str = "best", device: str = "auto", tta: str = "none",
                  allow_data_change: bool = False, out: str | Path | None = None) -> tuple[dict, Path]:
-    """Metrics of a trained run on one split, with test-time augmentation compared against none when
-    `tta` is given; the run's calibration applies once `calibrate` has stored one. Written to `eval_out`'s
-    file with what it was computed from (checkpoint digest, data, split, TTA, scaling, precision)."""
-    tta_mode = parse_tta_flag(tta)
+    """`evaluation` written to `eval_out`'s file (whose place is checked first)."""
     target = eval_out(run, split, data, out)
+    result = evaluation(run, split, data, data_dir, checkpoint, device, tta, allow_data_change)
+    rundir.write_json(target, result)
+    return result, target
+
+
+def evaluation(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,
+               checkpoint: str = "best", device: str = "auto", tta: str = "none",
+               allow_data_change: bool = False) -> dict:
+    """Metrics of a trained run on one split, with test-time augmentation compared against none when
+    `tta` is given; the run's calibration applies once `calibrate` has stored one; with what they were
+    computed from (checkpoint digest, data, split, TTA, scaling, precision)."""
+    tta_mode = parse_tta_flag(tta)
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
     engine = run_engine(trained)
     images = trained.split(split, data, data_dir)
@@ -106,8 +115,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, 
                   weights=trained.digest, scaling=trained.scaling.as_dict() if trained.scaling else None,
                   precision=engine.precision)
     result["fingerprint"] = trained.dataset["fingerprint"] if data is None else None
-    rundir.write_json(target, result)
-    return result, target
+    return result
 
 
 def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str = "best",

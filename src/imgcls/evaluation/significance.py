@@ -54,6 +54,9 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str | None] | None:
     if not path.is_file():
         return None
     try:
+        problem = rundir.npz_problem(path)
+        if problem:
+            raise UserError(f"{path} is damaged ({problem}); delete it and rerun to compute it again")
         with np.load(path, allow_pickle=False) as f:
             labels, probs = f["labels"].astype(np.int64), f["probs"].astype(np.float32)
             weights = str(f["weights"]) if "weights" in f.files else None  # older runs pinned nothing

@@ -18,7 +18,7 @@ import torch
 from imgcls import rundir
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
-from imgcls.evaluation.evaluate import eval_problem, evaluate_run
+from imgcls.evaluation.evaluate import eval_problem, evaluation
 from imgcls.export.model_card import model_card
 from imgcls.export.onnx_export import ONNX_FILE, export_onnx
 from imgcls.export.parity import parity, require_parity
@@ -50,8 +50,8 @@ def _test_metrics(trained: TrainedRun) -> dict | None:
         if isinstance(ev, dict) and ev.get("weights") == trained.digest and ev.get("data") == trained.config.data \
                 and ev.get("scaling") == scaling and "tta" not in ev and eval_problem(ev, trained.classes) is None:
             return ev  # else computed again: a file edited by hand never reaches the card
-    ev, _ = evaluate_run(trained.path, split, checkpoint=str(trained.checkpoint), device="cpu")
-    return ev
+    # computed for the card, not written into the run: RUN/eval-SPLIT.json stays what `imgcls eval` wrote there
+    return evaluation(trained.path, split, checkpoint=str(trained.checkpoint), device="cpu")
 
 
 def check_opset(opset: int) -> None:

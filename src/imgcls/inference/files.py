@@ -39,14 +39,15 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str
     if list_file:
         listed = Path(list_file)
         if not listed.is_file():
-            what_is = "is a folder" if listed.is_dir() else "does not exist"
+            what_is = "is a folder" if listed.is_dir() else "is not a regular file (a device or pipe)" \
+                if listed.exists() else "does not exist"
             raise UserError(f"--list {listed} {what_is}; pass a text file with one image path per line (a folder "
                             "goes on the command line)")
         try:
             text = listed.read_text(encoding="utf-8-sig")  # Notepad's byte-order mark is not part of a path
         except UnicodeDecodeError:
             raise UserError(f"--list {listed} is not a UTF-8 text file; pass one image path per line") from None
-        paths += [Path(line.strip()) for line in text.splitlines() if line.strip()]
+        paths += [Path(line.strip()) for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not paths:
         raise UserError(f"no files to {what}; pass image files, folders, globs or --list FILE" if what == "predict"
                         else f"no files to {what} in {', '.join(map(str, inputs))}; pass a folder of images")

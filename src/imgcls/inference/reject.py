@@ -37,6 +37,20 @@ def curve_problem(curve) -> str | None:
     if any(a < b for a, b in zip(thresholds, thresholds[1:], strict=False)) or \
             any(a > b for a, b in zip(coverage, coverage[1:], strict=False)) or abs(coverage[-1] - 1) > 1e-9:
         return "is not ordered (thresholds falling, coverage rising to 1)"
+    return None if n is None else _count_problem(n, coverage, lists[2])
+
+
+def _count_problem(n: int, coverage: list, accuracy: list) -> str | None:
+    """Counts behind the shares: each point accepts a whole number of the n images and gets a whole number of
+    them right, and from one point to the next no more become right than were added (a curve edited to
+    read 100% everywhere fails here)."""
+    accepted = [c * n for c in coverage]
+    right = [a * m for a, m in zip(accuracy, accepted, strict=True)]
+    if any(abs(v - round(v)) > 1e-6 * n for v in accepted + right):
+        return f"has shares that are not counts of its n = {n} images"
+    steps = zip(accepted, accepted[1:], right, right[1:], strict=False)
+    if any(not -0.5 <= r1 - r0 <= m1 - m0 + 0.5 for m0, m1, r0, r1 in steps):
+        return "has counts of right images that fall, or grow by more than the images it adds, between two points"
     return None
 
 
@@ -109,8 +123,8 @@ def choose_threshold(curve: dict, target_accuracy: float | None = None, coverage
         found = _bounded_index(curve, target, confidence)
         if found is None:
             raise UserError(f"no threshold shows accuracy {target} on the {curve['n']} validation images with "
-                            f"{confidence:.0%} confidence (best seen {max(accuracies):.3f}); add validation images, "
-                            "lower --target-accuracy or use --coverage")
+                            f"{confidence:.0%} confidence (seen at best: {max(accuracies):.3f}, on too few images to "
+                            "show it); add validation images, lower --target-accuracy or use --coverage")
         i, bound = found
     return {"threshold": thresholds[i], "coverage": coverages[i], "accuracy": accuracies[i],
             "target_accuracy": None if coverage is not None else (target_accuracy or DEFAULT_TARGET_ACCURACY),

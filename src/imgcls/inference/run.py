@@ -68,6 +68,11 @@ class TrainedRun:
         stored = rundir.read_json(path)
         curve = stored.get("risk_coverage") if isinstance(stored, dict) else None
         problem = None if curve is None else curve_problem(curve)
+        val = stored
+        for key in ("splits", "val", "after", "accuracy"):  # the val accuracy the same file reports
+            val = val.get(key) if isinstance(val, dict) else None
+        if not problem and isinstance(val, float) and abs(curve["accuracy"][-1] - val) > 1e-6:
+            problem = f"ends at accuracy {curve['accuracy'][-1]:.4f}, but the file's val accuracy is {val:.4f}"
         if problem:
             raise UserError(f"{path}: its risk_coverage curve {problem}; run imgcls calibrate {self.path} again")
         return curve
@@ -146,6 +151,13 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
         raise UserError(f"{path} has not finished an epoch (no checkpoint yet): continue it with imgcls train "
                         f"--resume {path}, or train it again")
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
+    pinned = ckpt.get("preprocessing")  # checkpoints of older runs carry none
+    seen = {"img_size": info["img_size"], "crop_pct": info.get("crop_pct", 1.0), "mean": list(info["mean"]),
+            "std": list(info["std"])}
+    if pinned is not None and pinned != seen:
+        field = next(k for k in seen if pinned.get(k) != seen[k])
+        raise UserError(f"{info_path} says {field} {seen[field]}, but {ckpt_path.name} was trained with "
+                        f"{pinned.get(field)}: it was edited (with config.yaml, perhaps); restore it, or train again")
     if ckpt.get("classes", info["classes"]) != info["classes"]:  # checkpoints of older runs carry no names
         raise UserError(f"checkpoint {ckpt_path} was trained on the classes {', '.join(map(str, ckpt['classes']))}, "
                         f"not this run's {', '.join(info['classes'])}; pass a checkpoint of this run")
@@ -163,10 +175,13 @@ def _check_against_config(info: dict, cfg, info_path: Path) -> None:
     stats = NORMALIZATIONS.get(cfg.normalize)
     same_stats = stats is None or (list(info["mean"]), list(info["std"])) == (list(stats[0]), list(stats[1]))
     crop_pct = pretrained_preprocessing(cfg, model_spec(cfg.model))[1] if cfg.data not in BUILTIN_DATA else 1.0
-    if info["img_size"] != cfg.img_size or not same_stats or info.get("crop_pct", 1.0) != crop_pct:
-        raise UserError(f"{info_path} does not agree with {rundir.CONFIG} (img_size {info['img_size']} against "
-                        f"{cfg.img_size}, crop_pct {info.get('crop_pct', 1.0)} against {crop_pct}, or mean/std other "
-                        f"than {cfg.normalize}'s): it was edited; restore it, or train the run again")
+    differ = [f"img_size {info['img_size']} against {cfg.img_size}"] if info["img_size"] != cfg.img_size else []
+    differ += [f"crop_pct {info.get('crop_pct', 1.0)} against {crop_pct}"] if info.get("crop_pct", 1.0) != crop_pct \
+        else []
+    differ += [f"mean/std other than {cfg.normalize}'s"] if not same_stats else []
+    if differ:
+        raise UserError(f"{info_path} does not agree with {rundir.CONFIG} ({'; '.join(differ)}): it was edited; "
+                        "restore it, or train the run again")
 
 
 def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> Scaling | None:

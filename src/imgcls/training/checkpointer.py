@@ -125,6 +125,12 @@ def global_meter(ctx: TrainingContext, meter: EpochMeter) -> EpochMeter:
     return replace(meter, images=int(images), loss_sum=loss_sum, correct=int(correct), live=None)  # numbers only
 
 
+def pixels_of(dataset) -> dict:
+    """What the weights were trained to see (dataset.json must say the same): size, crop and normalisation."""
+    return {"img_size": dataset.img_size, "crop_pct": dataset.crop_pct, "mean": [float(v) for v in dataset.mean],
+            "std": [float(v) for v in dataset.std]}
+
+
 class Checkpointer:
     def __init__(self, run: Path, ctx: TrainingContext):
         self.last, self.best, self.ctx = Path(run) / rundir.LAST, Path(run) / rundir.BEST, ctx
@@ -139,6 +145,7 @@ class Checkpointer:
                 "model_name": ctx.cfg.model,
                 "num_classes": ctx.dataset.num_classes,
                 "classes": ctx.dataset.classes,
+                "preprocessing": pixels_of(ctx.dataset),
                 "model": ctx.evaluated.state_dict(),
                 "train_weights": ctx.model.state_dict() if ctx.ema is not None else None,
                 "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
@@ -163,7 +170,8 @@ class Checkpointer:
         ctx = self.ctx
         if ctx.world.main:
             save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
-                             "classes": ctx.dataset.classes, "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
+                             "classes": ctx.dataset.classes, "preprocessing": pixels_of(ctx.dataset),
+                             "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
                              "val_acc": scores.get("val_acc"),  # None: no validation split, the newest epoch
                              "monitor": ctx.cfg.monitor if scores else None, "score": state.best_score}, self.best)
 

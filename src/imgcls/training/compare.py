@@ -22,6 +22,7 @@ from imgcls import rundir
 from imgcls.config import FIELDS, TrainConfig, build_config
 from imgcls.data.datasets import data_source, load_dataset
 from imgcls.errors import UserError
+from imgcls.evaluation.analysis import training_record
 from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
 from imgcls.models import model_spec
 from imgcls.training.train import fit
@@ -289,19 +290,29 @@ def run_experiment(exp: Experiment, out: str | Path, data_dir: str | None = None
         elif info != fingerprint:
             raise UserError(f"{p.run} was trained on different data or splits than the other runs in {out}; "
                             "use a fresh --out for a different dataset")
-        summary = _read_json(p.run / rundir.SUMMARY, f"delete {p.run} and rerun")
+        summary, metrics = training_record(p.run)  # types, bounds and epochs checked: a damaged one is refused
         records.append({"variant": p.variant, "seed": p.seed, "run": f"{p.variant}/{p.run.name}",
-                        "summary": summary, "metrics": rundir.read_metrics(p.run)})
+                        "summary": summary, "metrics": metrics})
         found = run_test_predictions(p.run)  # per-image test predictions, for the significance columns
         if found is not None:
             predictions.setdefault(p.variant, {})[p.seed] = found
             records[-1]["test"] = test_scores(*found)
+            _check_summary(p.run, summary, records[-1]["test"])
     vs_first = compare_to_first(predictions) if predictions else {}
     for r in records:
         r["vs_first"] = vs_first.get(r["variant"])
     rundir.write_json(out / RESULTS, {"experiment": exp.name, "train": exp.train, "seeds": exp.seeds,
                                       "variants": exp.variants, "fingerprint": fingerprint, "runs": records})
     return records
+
+
+def _check_summary(run: Path, summary: dict, test: dict) -> None:
+    """summary.json's test accuracy is its best.pt's, as the test predictions (checked against best.pt) give it:
+    the two come from the same checkpoint and kernels, so they differ by an image's flip at most."""
+    said = summary.get("test_acc")
+    if said is not None and abs(said - test["accuracy"]) > 1.5 / test["n"]:
+        raise UserError(f"{run / rundir.SUMMARY} says test accuracy {said:.2%}, but best.pt's test predictions give "
+                        f"{test['accuracy']:.2%}: it was edited; restore it, or delete {run} and rerun")
 
 
 def _train_or_resume(p: Planned) -> None:
