@@ -739,7 +739,7 @@ def test_every_serve_number_is_bounded_and_finite():
     from imgcls.serving.settings import ServeSettings
 
     for field in ("max_wait_ms", "body_timeout_s", "header_timeout_s", "drift_psi"):
-        for value in (float("inf"), float("nan"), -1.0, 1e9):
+        for value in (float("inf"), float("nan"), -1.0, 1e9, 1e-46):
             assert "is out of range" in _one_line(lambda f=field, v=value: ServeSettings(**{f: v})), (field, value)
     for field in ("port", "max_batch", "max_queue", "max_bytes", "max_connections", "topk", "drift_window",
                   "drift_min_images", "drain_timeout_s", "batch_size"):

@@ -51,8 +51,8 @@ class ServeSettings:
                   "--body-timeout": (self.body_timeout_s, 0.0, 3600.0),
                   "--header-timeout": (self.header_timeout_s, 0.0, 3600.0), "--drift-psi": (self.drift_psi, 0.0, 100.0)}
         for flag, (value, low, high) in floats.items():
-            if not low <= value <= high:  # also refuses NaN and infinities
-                raise UserError(f"{flag} {value} is out of range; pass a number from {low:g} to {high:g}")
+            if not low <= value <= high or 0 < value < 1e-6:  # also NaN, infinities and a time that is 0 in effect
+                raise UserError(f"{flag} {value} is out of range; pass 0 or a number from 1e-06 to {high:g}")
         if self.max_batch > self.max_queue:
             raise UserError(f"--max-batch {self.max_batch} is more than --max-queue {self.max_queue} can hold; "
                             "raise --max-queue or lower --max-batch")
