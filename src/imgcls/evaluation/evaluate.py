@@ -10,7 +10,7 @@ from imgcls.data.presets import parse_tta
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import calibration_metrics, check_calibration_data, check_scaling, fit_scaling
 from imgcls.evaluation.metrics import classification_metrics
-from imgcls.evaluation.rejection import risk_coverage
+from imgcls.evaluation.rejection import number_in, risk_coverage
 from imgcls.inference.run import load_run, run_engine
 from imgcls.runtime import resolve_device
 
@@ -35,11 +35,6 @@ SHARES = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy")  # eval 
 CLASS_SHARES = ("precision", "recall", "f1")
 
 
-def _number(value, low: float, high: float = math.inf) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and \
-        low <= value <= high
-
-
 def eval_problem(ev, classes: list[str]) -> str | None:
     """What is wrong with an eval JSON's numbers that a model card prints (None: nothing): shares in [0, 1],
     a finite loss, per-class figures of the run's own classes, counts that are whole numbers."""
@@ -47,11 +42,11 @@ def eval_problem(ev, classes: list[str]) -> str | None:
         return "is not a JSON object"
     if not (isinstance(ev.get("n"), int) and ev["n"] >= 1 and isinstance(ev.get("split"), str)):
         return "has no image count n or split"
-    bad = [k for k in SHARES if (k in ev or k != "top5_accuracy") and not _number(ev.get(k), 0, 1)]
-    bad += [] if _number(ev.get("loss"), 0) else ["loss"]
+    bad = [k for k in SHARES if (k in ev or k != "top5_accuracy") and not number_in(ev.get(k), 0, 1)]
+    bad += [] if number_in(ev.get("loss"), 0, math.inf) else ["loss"]
     rows = ev.get("per_class")
     if not isinstance(rows, list) or [r.get("class") if isinstance(r, dict) else None for r in rows] != classes or \
-            not all(_number(r.get(k), 0, 1) for r in rows for k in CLASS_SHARES):
+            not all(number_in(r.get(k), 0, 1) for r in rows for k in CLASS_SHARES):
         bad.append("per_class")
     pairs = ev.get("most_confused")
     if not isinstance(pairs, list) or not all(isinstance(p, dict) and p.get("true") in classes and

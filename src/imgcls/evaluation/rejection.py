@@ -5,6 +5,7 @@ probability and energy) against a folder of images from other classes.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +123,10 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
     return result
 
 
-def _share(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+def number_in(value, low: float = 0.0, high: float = 1.0) -> bool:
+    """`value` is a finite number (not a bool) in [low, high]: a share by default."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and \
+        low <= value <= high
 
 
 def ood_problem(ood) -> str | None:
@@ -133,11 +136,11 @@ def ood_problem(ood) -> str | None:
     if not all(isinstance(ood.get(k), int) and not isinstance(ood[k], bool) and ood[k] >= 1
                for k in ("n_in", "n_ood")):
         return "has no image counts n_in and n_ood"
-    if not all(isinstance(ood.get(k), dict) and _share(ood[k].get("auroc")) and _share(ood[k].get("fpr_at_95tpr"))
+    if not all(isinstance(ood.get(k), dict) and number_in(ood[k].get("auroc")) and number_in(ood[k].get("fpr_at_95tpr"))
                for k in ("msp", "energy")):
         return "has an AUROC or FPR that is not a number in [0, 1]"
     rule = ood.get("reject_auto")
-    if rule is not None and not (isinstance(rule, dict) and all(_share(rule.get(k)) for k in
+    if rule is not None and not (isinstance(rule, dict) and all(number_in(rule.get(k)) for k in
                                                                 ("threshold", "in_coverage", "ood_accepted"))):
         return "has a --reject auto rule whose threshold or shares are not numbers in [0, 1]"
     return None
