@@ -37,8 +37,9 @@ def run_for(base: Path, model: str, root: Path, classes: int) -> Path:
     cfg.update(model=model, out=str(run))
     (run / rundir.CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(0)
+    summary = json.loads((run / rundir.SUMMARY).read_text())  # best.pt must tell the summary's story
     save_checkpoint({"model_name": model, "num_classes": classes, "model": create_model(model, classes).state_dict(),
-                     "epoch": 1, "val_acc": 0.0}, run / rundir.BEST)
+                     "epoch": summary["best_epoch"], "val_acc": summary["best_val_acc"]}, run / rundir.BEST)
     return run
 
 

@@ -57,8 +57,9 @@ def _run_of(base_run, tmp_path, model: str):
     (run / rundir.CONFIG).write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.manual_seed(0)
     net = create_model(model, 3)
-    save_checkpoint({"model_name": model, "num_classes": 3, "model": net.state_dict(), "epoch": 1, "val_acc": 0.0},
-                    run / rundir.BEST)
+    summary = json.loads((run / rundir.SUMMARY).read_text())  # the run's story, which best.pt must tell too
+    save_checkpoint({"model_name": model, "num_classes": 3, "model": net.state_dict(), "epoch": summary["best_epoch"],
+                     "val_acc": summary["best_val_acc"]}, run / rundir.BEST)
     return run
 
 

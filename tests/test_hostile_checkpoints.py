@@ -136,7 +136,7 @@ def _copy(run, tmp_path):
 
 
 def _calibration(scaling):
-    return lambda run: (run / rundir.CALIBRATION).write_text(json.dumps({"scaling": scaling}))
+    return lambda run: rundir.write_sealed_json(run / rundir.CALIBRATION, {"scaling": scaling})  # past the seal
 
 
 def _dataset_without(key):
@@ -165,7 +165,7 @@ CASES = [
     ("checkpoint-is-a-folder", None, ["eval", "{run}", "--checkpoint", "{tmp}"], "is a folder"),
     ("calibration-not-json", lambda r: (r / rundir.CALIBRATION).write_text('{"scaling": '), ["eval", "{run}"],
      "calibration.json"),
-    ("calibration-without-scaling", lambda r: (r / rundir.CALIBRATION).write_text("{}"), ["eval", "{run}"],
+    ("calibration-without-scaling", lambda r: rundir.write_sealed_json(r / rundir.CALIBRATION, {}), ["eval", "{run}"],
      "holds no valid scaling"),
     ("calibration-absurd-temperature", _calibration({"method": "temperature", "scale": [1 / 164328], "bias": [0] * 3}),
      ["eval", "{run}"], "temperature of 1.643e+05"),

@@ -154,6 +154,32 @@ def test_calibrate_stores_the_val_risk_coverage_curve(calibrated):
     assert again["accuracy"] == pytest.approx(curve["accuracy"])
 
 
+def test_a_calibration_edited_by_hand_is_refused_by_every_reader(calibrated, tiny_folder, tmp_path, capsys):
+    """A temperature of 2.0 written over the fitted one (scale 0.5 to match, every value in bounds) changed
+    every probability eval, predict and the export gave, silently: the seal finds such an edit."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(calibrated, copy_)
+    path = copy_ / rundir.CALIBRATION
+    stored = json.loads(path.read_text())
+    edits = {"temperature": {**stored, "scaling": {**stored["scaling"], "temperature": 2.0, "scale": [0.5]}},
+             "curve": {**stored, "risk_coverage": {**stored["risk_coverage"],
+                                                   "threshold": [t * 0.9 for t in stored["risk_coverage"]["threshold"]]}},
+             "a key added": {**stored, "note": "tuned by hand"}}
+    image = str(next((tiny_folder / "test" / "bird").iterdir()))
+    for what, edited in edits.items():
+        path.write_text(json.dumps(edited, indent=2))
+        for argv in (["eval", str(copy_)], ["predict", str(copy_), image], ["predict", str(copy_), image, "--reject",
+                     "auto"], ["export", str(copy_), "--format", "safetensors", "--out", str(tmp_path / "e")]):
+            capsys.readouterr()
+            assert main(argv) == 2, (what, argv)
+            err = capsys.readouterr().err.strip()
+            assert err.count("\n") == 0 and f"{path} was edited after imgcls wrote it" in err, (what, argv, err)
+            assert f"run imgcls calibrate {copy_} again" in err
+        assert not (tmp_path / "e").exists()
+    shutil.copy(calibrated / rundir.CALIBRATION, path)  # as calibrate wrote it: read again
+    assert main(["predict", str(copy_), image]) == 0
+
+
 def test_predict_reject_marks_unknown_and_keeps_scores(calibrated, tiny_folder, tmp_path):
     out = tmp_path / "p.csv"
     assert main(["predict", str(calibrated), str(tiny_folder / "test"), "--reject", "auto", "--coverage", "0.5",
@@ -227,8 +253,20 @@ def test_five_versus_five_ood(tmp_path, mini):
     n_in, n_out = result["n_in"], result["n_ood"]
     chance_se = ((n_in + n_out + 1) / (12 * n_in * n_out)) ** 0.5  # AUROC's standard error at chance (Hanley-McNeil)
     assert result["msp"]["auroc"] > 0.5 + 3 * chance_se and result["energy"]["auroc"] > 0.5 + 3 * chance_se
-    rule = result["reject_auto"]
-    stderr = (0.95 * 0.05 / (rule["in_coverage"] * result["n_in"])) ** 0.5
-    assert rule["in_accuracy_accepted"] >= 0.95 - 3 * stderr
+    # The default promise (0.95 with 90% confidence) may be out of reach of ~225 val images of a 70% model;
+    # then the result says so (None) and a lower target, which the curve can show, is held to it on test.
+    engine = run_engine(load_run(run))
+    target = 0.95 if result["reject_auto"] is not None else 0.85
+    rule = choose_threshold(engine.risk_coverage, target)
+    if result["reject_auto"] is not None:
+        assert result["reject_auto"]["threshold"] == rule["threshold"]
+    else:
+        with pytest.raises(UserError, match="no threshold shows accuracy 0.95"):
+            choose_threshold(engine.risk_coverage)
+    scores, labels = engine.score_split(load_run(run).split("test"), where="test", progress=False)
+    accepted = scores.probs.max(1).values >= rule["threshold"]
+    accuracy = (scores.probs.argmax(1) == labels)[accepted].double().mean().item()
+    stderr = (target * (1 - target) / (accepted.double().mean().item() * result["n_in"])) ** 0.5
+    assert accuracy >= target - 3 * stderr
     Path(tmp_path / "result.json").write_text(json.dumps(result))
     shutil.rmtree(data)

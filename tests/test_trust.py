@@ -256,14 +256,14 @@ def test_a_calibration_fitted_on_another_checkpoint_is_refused(run, tiny_folder,
     trained = load_run(run)
     stored = {"method": "temperature", "scaling": {"method": "temperature", "scale": [0.8], "bias": [0.0] * 3},
               "weights": "0" * 64, "splits": {}}
-    rundir.write_json(run / rundir.CALIBRATION, stored)
+    rundir.write_sealed_json(run / rundir.CALIBRATION, stored)
     try:
         for argv in (["eval", str(run)], ["predict", str(run), str(tiny_folder / "test")],
                      ["export", str(run), "--out", str(tmp_path / "e")]):
             assert main(argv) == 2, argv
         with pytest.raises(UserError, match="fitted on another checkpoint than best.pt.*imgcls calibrate"):
             load_run(run)
-        rundir.write_json(run / rundir.CALIBRATION, {**stored, "weights": trained.digest})  # fitted on this one
+        rundir.write_sealed_json(run / rundir.CALIBRATION, {**stored, "weights": trained.digest})  # this one's
         assert load_run(run).scaling.temperature == pytest.approx(1.25)
         assert load_run(run, calibrated=False).scaling is None  # what calibrate reads: it fits a new one
     finally:
@@ -633,6 +633,28 @@ def test_a_summary_out_of_range_is_refused_by_report_and_export(run, tmp_path, c
     assert f"{rundir.SUMMARY} is damaged" in message and field in message
 
 
+def test_a_summary_edited_in_range_must_still_tell_the_epochs_and_the_checkpoints_story(run, tmp_path, capsys):
+    """best_val_acc 0.95 (every bound holds) reached MODEL_CARD.md and the report of a run whose best epoch scored
+    less; the same edit made in metrics.jsonl too is still found, as best.pt records its epoch and accuracy."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    summary = json.loads((copy_ / rundir.SUMMARY).read_text())
+    lines = [json.loads(line) for line in (copy_ / rundir.METRICS).read_text().splitlines()]
+    assert summary["best_val_acc"] != 0.95
+    forged = {**summary, "best_val_acc": 0.95, "final_val_acc": 0.95}
+    for metrics in (lines, [{**m, "val_acc": 0.95} for m in lines]):  # the summary alone, then both files
+        (copy_ / rundir.SUMMARY).write_text(json.dumps(forged))
+        (copy_ / rundir.METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        against = rundir.METRICS if metrics is lines else rundir.BEST
+        for argv in (["report", str(copy_), "--tta", "none"], ["export", str(copy_), "--format", "safetensors",
+                                                                "--out", str(tmp_path / "e")]):
+            capsys.readouterr()
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err.strip()
+            assert "\n" not in err and f"{rundir.SUMMARY} does not agree with {against}" in err, err
+    assert not (tmp_path / "e").exists() and not (copy_ / "report").exists()
+
+
 @pytest.mark.parametrize("edit", ['"val_acc": 1e309', '"train_loss": NaN', '"val_acc": 1.5', '"train_loss": -1'])
 def test_metrics_that_are_not_finite_or_in_range_are_refused(run, tmp_path, edit):
     from imgcls.evaluation.analysis import training_record
@@ -774,8 +796,8 @@ def test_a_risk_coverage_curve_must_be_counts_of_its_images(run, tmp_path):
     # and the curve must end at the val accuracy the same calibration.json reports
     copy_ = tmp_path / "run"
     shutil.copytree(run, copy_)
-    (copy_ / rundir.CALIBRATION).write_text(json.dumps({"risk_coverage": forged, "splits": {"val": {"after": {
-        "accuracy": 0.25}}}}))
+    rundir.write_sealed_json(copy_ / rundir.CALIBRATION, {"risk_coverage": forged, "splits": {"val": {"after": {
+        "accuracy": 0.25}}}})  # sealed as imgcls would: the checks behind the seal hold on their own
     trained = load_run(copy_, calibrated=False)
     assert "ends at accuracy 1.0000, but the file's val accuracy is 0.2500" in _one_line(lambda: trained.risk_coverage)
 

@@ -7,6 +7,7 @@ import contextlib
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import math
 import os
@@ -148,6 +149,30 @@ def _finite_or_null(obj):
 
 def write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(_finite_or_null(obj), indent=2, allow_nan=False) + "\n").encode())
+
+
+SEAL = "sha256"  # of the rest of a sealed record, as canonical JSON
+
+
+def _seal_of(record: dict) -> str:
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_sealed_json(path: Path, record: dict) -> None:
+    """write_json with a digest of the content, so that a hand edit that keeps every value in bounds (a
+    temperature, say) is still found: read_sealed_json refuses it."""
+    record = _finite_or_null(record)
+    write_json(path, {**record, SEAL: _seal_of(record)})
+
+
+def read_sealed_json(path: Path, fix: str) -> dict:
+    """A record write_sealed_json wrote, refused in one line when its content no longer matches its seal."""
+    record = read_json(path)
+    if not isinstance(record, dict) or record.get(SEAL) != _seal_of(record):
+        raise UserError(f"{path} was edited after imgcls wrote it (its {SEAL} no longer matches its content) or "
+                        f"was written by an older imgcls; {fix}")
+    return record
 
 
 def _unique_keys(pairs: list[tuple]) -> dict:

@@ -33,6 +33,7 @@ from imgcls.inference.engine import Engine
 from imgcls.inference.reject import default_rule
 from imgcls.inference.run import TrainedRun, load_run, run_engine
 from imgcls.inference.scaling import Scaling
+from imgcls.models.checkpoint import safe_torch_load
 from imgcls.runtime import resolve_device
 
 
@@ -174,7 +175,30 @@ def training_record(run: str | Path) -> tuple[dict, list[dict]]:
     if epochs != list(range(1, ran + 1)):
         raise UserError(f"{run / rundir.METRICS} does not hold epochs 1 to {ran} in order, as {rundir.SUMMARY} says "
                         f"the run trained (it holds {len(epochs)} lines); restore it or train the run again")
+    disagree = _selection_disagreement(run, summary, metrics)
+    if disagree:
+        raise UserError(f"{run / rundir.SUMMARY} does not agree with {disagree}: one of them was edited; restore it "
+                        "or train the run again")
     return summary, metrics
+
+
+def _selection_disagreement(run: Path, summary: dict, metrics: list[dict]) -> str | None:
+    """Where the summary's chosen epoch and its accuracies differ from the epoch lines and from best.pt (which
+    records its epoch and val accuracy): each in range, an edit of one would still print another run's story."""
+    best = summary["best_epoch"]
+    if best > len(metrics):
+        return f"{rundir.METRICS} (best epoch {best} of {len(metrics)} lines)"
+    for key, line in (("best_val_acc", metrics[best - 1]), ("final_val_acc", metrics[-1])):
+        if key in summary and summary[key] != line.get("val_acc"):
+            return f"{rundir.METRICS} ({key} {summary[key]}, epoch {line['epoch']}'s val_acc {line.get('val_acc')})"
+    if not (run / rundir.BEST).is_file():
+        return None
+    ckpt = safe_torch_load(run / rundir.BEST, "checkpoint", "train the run again")
+    saved = (ckpt.get("epoch"), ckpt.get("val_acc")) if isinstance(ckpt, dict) else (None, None)
+    if saved[0] is not None and saved != (best, summary["best_val_acc"]):
+        return (f"{rundir.BEST} (epoch {best}, val accuracy {summary['best_val_acc']} in the summary; the checkpoint "
+                f"holds epoch {saved[0]} at {saved[1]})")
+    return None
 
 
 def _by_index(split: Split) -> Split:

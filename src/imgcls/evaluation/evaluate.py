@@ -135,5 +135,5 @@ def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str 
         report["splits"][name] = {"before": calibration_metrics(logits.softmax(1), labels),
                                   "after": calibration_metrics(scaling.apply(logits).softmax(1), labels)}
     report["scaling"] = scaling.as_dict()
-    rundir.write_json(trained.path / rundir.CALIBRATION, report)
+    rundir.write_sealed_json(trained.path / rundir.CALIBRATION, report)
     return report

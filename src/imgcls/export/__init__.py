@@ -28,7 +28,7 @@ from imgcls.inference.exported import onnx_engine, safetensors_engine
 from imgcls.inference.graph import InferenceModel
 from imgcls.inference.metadata import ExportSpec
 from imgcls.inference.reject import default_rule
-from imgcls.inference.run import TrainedRun, load_run, run_engine
+from imgcls.inference.run import TrainedRun, load_run, read_calibration, run_engine
 from imgcls.options import EXPORT_FORMATS, ONNX_OPSET, ONNX_OPSET_MIN
 from imgcls.training.summary import versions
 
@@ -121,8 +121,9 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
                                            "weights": trained.digest, "precision": "fp32", "results": results})
         for kind, result in results.items():
             (require_int8 if kind == "int8" else require_parity)(result)
-        (stage / CARD).write_text(model_card(trained, spec, _test_metrics(trained), _calibration(trained), results,
-                                             _summary(trained)))
+        card = model_card(trained, spec, _test_metrics(trained), read_calibration(trained.path), results,
+                          _summary(trained))
+        (stage / CARD).write_text(card)
         if out.exists():
             out.rmdir()  # empty, checked above
         stage.rename(out)
@@ -169,11 +170,6 @@ def _write_int8(stage: Path, spec: ExportSpec, held_out: dict, timing) -> dict:
         if proof["passed"]:
             break
     return proof
-
-
-def _calibration(trained: TrainedRun) -> dict | None:
-    path = trained.path / rundir.CALIBRATION
-    return rundir.read_json(path) if path.is_file() else None
 
 
 def _summary(trained: TrainedRun) -> dict | None:

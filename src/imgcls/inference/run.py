@@ -19,7 +19,7 @@ from imgcls.inference.engine import Engine, TorchBackend
 from imgcls.inference.graph import InferenceModel
 from imgcls.inference.metadata import read_run_data
 from imgcls.inference.reject import curve_problem
-from imgcls.inference.scaling import Scaling, read_scaling
+from imgcls.inference.scaling import Scaling, parse_scaling
 from imgcls.kernels import cache
 from imgcls.kernels.apply import configure
 from imgcls.kernels.choice import NONE, KernelChoice, layout_of
@@ -63,10 +63,10 @@ class TrainedRun:
     def risk_coverage(self) -> dict | None:
         """The validation curve `imgcls calibrate` stored, for --reject auto; a damaged one is refused."""
         path = self.path / rundir.CALIBRATION
-        if not path.is_file():
+        stored = read_calibration(self.path)
+        if stored is None:
             return None
-        stored = rundir.read_json(path)
-        curve = stored.get("risk_coverage") if isinstance(stored, dict) else None
+        curve = stored.get("risk_coverage")
         problem = None if curve is None else curve_problem(curve)
         val = stored
         for key in ("splits", "val", "after", "accuracy"):  # the val accuracy the same file reports
@@ -184,14 +184,25 @@ def _check_against_config(info: dict, cfg, info_path: Path) -> None:
                         "restore it, or train the run again")
 
 
+def read_calibration(run: Path) -> dict | None:
+    """RUN/calibration.json as `imgcls calibrate` wrote it (None: not calibrated); an edited one is refused."""
+    path = run / rundir.CALIBRATION
+    if not path.is_file():
+        return None
+    return rundir.read_sealed_json(path, f"run imgcls calibrate {run} again, or delete it to use the run "
+                                         "uncalibrated")
+
+
 def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> Scaling | None:
     """The run's calibration, refused unless it was fitted on `checkpoint` (calibration.json records the digest
     of the checkpoint it was fitted on): a temperature of another epoch's weights is not this model's."""
     calibration = path / rundir.CALIBRATION
-    if not calibration.is_file():
+    stored = read_calibration(path)
+    if stored is None:
         return None
-    scaling = read_scaling(calibration, num_classes)
-    if rundir.read_json(calibration).get("weights") != digest:
+    scaling = parse_scaling(stored.get("scaling"), num_classes, str(calibration),
+                            "delete it to use the run uncalibrated, or run imgcls calibrate again")
+    if stored.get("weights") != digest:
         raise UserError(f"{calibration} was fitted on another checkpoint than {checkpoint.name} (or by an older "
                         f"imgcls): calibrate this one with imgcls calibrate {path} --checkpoint "
                         f"{checkpoint.stem if checkpoint.parent == path else checkpoint}, or delete it to use the run "

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from imgcls import rundir
 from imgcls.errors import UserError
 
 # Temperatures a real network can have. Over-confident CNNs and ViTs are fitted at about 1-3 (Guo et
@@ -89,10 +87,3 @@ def _method_problem(scaling: Scaling, temperature) -> str | None:
             not math.isclose(temperature, scaling.temperature, rel_tol=1e-9):
         return f"gives a temperature {str(temperature)[:20]} that is not 1/scale ({scaling.temperature:.6g})"
     return None
-
-
-def read_scaling(path: Path, num_classes: int) -> Scaling:
-    """The scaling `imgcls calibrate` stored in `path` (calibration.json)."""
-    d = rundir.read_json(path)
-    fix = "delete it to use the run uncalibrated, or run imgcls calibrate again"
-    return parse_scaling(d.get("scaling") if isinstance(d, dict) else None, num_classes, str(path), fix)
