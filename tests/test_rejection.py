@@ -161,9 +161,9 @@ def test_a_calibration_edited_by_hand_is_refused_by_every_reader(calibrated, tin
     shutil.copytree(calibrated, copy_)
     path = copy_ / rundir.CALIBRATION
     stored = json.loads(path.read_text())
+    curve = stored["risk_coverage"]
     edits = {"temperature": {**stored, "scaling": {**stored["scaling"], "temperature": 2.0, "scale": [0.5]}},
-             "curve": {**stored, "risk_coverage": {**stored["risk_coverage"],
-                                                   "threshold": [t * 0.9 for t in stored["risk_coverage"]["threshold"]]}},
+             "curve": {**stored, "risk_coverage": {**curve, "threshold": [t * 0.9 for t in curve["threshold"]]}},
              "a key added": {**stored, "note": "tuned by hand"}}
     image = str(next((tiny_folder / "test" / "bird").iterdir()))
     for what, edited in edits.items():
