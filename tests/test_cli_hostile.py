@@ -3,6 +3,7 @@ the fix (exit 2), never a generic `<SomeError>: ...` line, a traceback, or an ex
 wrong thing. One tiny trained run is shared; cases that damage it work on a copy.
 """
 
+import csv
 import json
 import pickle
 import re
@@ -260,3 +261,39 @@ def test_the_predict_bar_never_shows_a_missing_rate(capsys):
         assert str(column.render(bar.tasks[0])) == ""
         bar.advance(task, 5)
         assert "None" not in str(column.render(bar.tasks[0]))
+
+
+LONG = "a" * 300  # over the 255 bytes a Linux file system allows a name
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "{run}", "{tiny}/train", "--out", "{tmp}/" + LONG + ".csv"], ["predict", "{run}", "{tmp}/" + LONG],
+    ["predict", "{run}", "--list", "{tmp}/" + LONG], ["train", "--data", "{tmp}/" + LONG, "--epochs", "1"],
+    ["audit", "{tmp}/" + LONG], ["export", "{run}", "--out", "{tmp}/" + LONG], ["eval", "{run}", "--ood", LONG],
+    ["cam", "{run}", "{tmp}/" + LONG + ".png", "--out", "{tmp}/cam"],
+])
+def test_a_name_the_file_system_refuses_is_one_short_line(run, tiny_folder, tmp_path, capsys, argv):
+    """A 300-byte name was 'OSError: [Errno 36] File name too long: ...' with exit 1, for any command."""
+    argv = [a.format(run=run, tiny=tiny_folder, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("imgcls: error: ") and "\n" not in err and len(err) < 400, err
+    assert "File name too long" in err and re.search(r"a\.\.\. \(\d+ characters\)", err), err
+
+
+def test_a_listed_name_that_cannot_be_a_file_is_an_error_row_shown_escaped(run, tiny_folder, tmp_path, capsys):
+    """A 300-byte line in a --list aborted the whole predict (exit 1, the 100 KB line echoed); a NUL or an escape
+    sequence in a line reached the terminal raw."""
+    image = _image(tiny_folder)
+    listed = tmp_path / "list.txt"
+    listed.write_text("\n".join([image, str(tmp_path / LONG), "a\x00b.png", "c\x1b[2Jd.png", "x" * 100_000]) + "\n")
+    assert main(["predict", str(run), "--list", str(listed)]) == 0
+    console = capsys.readouterr().out
+    assert "\x00" not in console and "\x1b" not in console and len(console) < 5000
+    assert "a\\x00b.png" in console and "c\\x1b[2Jd.png" in console
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(run), "--list", str(listed), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out, newline="")))
+    assert [r["error"] == "" for r in rows] == [True, False, False, False, False]
+    assert "cannot be opened: File name too long" in rows[1]["error"] and "characters)" in rows[1]["error"]
+    assert rows[2]["error"] == "FileNotFoundError: a\\x00b.png does not exist"

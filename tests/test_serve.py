@@ -333,12 +333,19 @@ def test_every_bad_input_gets_its_status_and_message_and_the_next_request_succee
         ({"params": {"reject": "2"}, "content": good}, 422, "reject 2 is neither auto"),
         ({"params": {"reject": "auto"}, "content": good}, 422, "run imgcls calibrate"),
         ({"params": {"tta": "sideways"}, "content": good}, 422, "sideways"),
+        ({"params": [("topk", 1), ("topk", 5)], "content": good}, 400, "gives 'topk' 2 times; give each parameter once"),
+        ({"params": {"topK": 5}, "content": good}, 400, "no query parameter 'topK'; it takes topk, reject, tta"),
     ]
     for request, status, words in cases:
         reply = httpx.post(f"{run_url}/v1/predict", timeout=30, **request)
         assert reply.status_code == status, (request.get("params"), reply.text)
         assert words in reply.json()["error"], reply.json()["error"]
         assert httpx.post(f"{run_url}/v1/predict", content=good).status_code == 200
+    for path, query, words in (("/v1/model", "?verbose=1", "it takes none"), ("/v1/drift", "?a=1", "it takes none")):
+        reply = httpx.get(f"{run_url}{path}{query}")
+        assert reply.status_code == 400 and words in reply.json()["error"], reply.text
+    reply = httpx.post(f"{run_url}/v1/explain?class=bird&class=cat", content=good)
+    assert reply.status_code == 400 and "gives 'class' 2 times" in reply.json()["error"]
     missing = httpx.get(f"{run_url}/v1/nothing")
     assert missing.status_code == 404 and "GET /v1/nothing" in missing.json()["error"]
     answer, seconds = slow_body(run_url, 10)  # the server's body timeout is 1 s

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from imgcls.config import FIELDS, TYPES, erasing_probability, flag
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line, shown
 from imgcls.options import OPTIONS, add_options
 
 DESCRIPTION = "Train, evaluate and use image classifiers, offline and fast on a CPU."
@@ -591,7 +591,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # anything unforeseen still gets one line; --debug shows the traceback
         if args.debug:
             raise
-        print(f"imgcls: error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        if isinstance(e, OSError) and e.filename is not None:
+            # a path the system refuses (a name over 255 bytes, a folder where a file goes, no permission) is the
+            # user's to fix, wherever in a command it is opened
+            print(f"imgcls: error: {shown(os.fsdecode(e.filename))}: {e.strerror or first_line(e)}; check the path "
+                  "or pass another", file=sys.stderr)
+            return 2
+        print(f"imgcls: error: {type(e).__name__}: {shown(first_line(e, 300))} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
         return 1
 
 

@@ -14,7 +14,7 @@ import torch
 from imgcls.data.decode import FORMAT_NAMES, DecodeError
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import tta_view_count
-from imgcls.errors import UserError
+from imgcls.errors import UserError, first_line, shown
 from imgcls.inference.engine import Engine, Scores
 from imgcls.inference.reject import energy
 
@@ -28,8 +28,10 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str
     paths: list[Path] = []
     for name in inputs:
         found = [Path(p) for p in sorted(glob.glob(name, recursive=True))] if glob.has_magic(name) else [Path(name)]
-        if not found or not found[0].exists():
-            raise UserError(f"{name} matches no file or folder; check the path or quote the glob")
+        problem = path_problem(found[0]) if found else ("", "")
+        if problem and problem[0] != "IsADirectoryError":
+            why = f" ({problem[1].split(': ', 1)[1]})" if problem[1].startswith("cannot") else ""
+            raise UserError(f"{shown(name)} matches no file or folder{why}; check the path or quote the glob")
         for p in found:
             if p.is_dir():
                 paths += sorted(f for f in p.rglob("*") if f.is_file()
@@ -54,6 +56,24 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str
     return paths
 
 
+def path_problem(path: Path) -> tuple[str, str] | None:
+    """(the error's kind, what is wrong: 'does not exist') when `path` is no image file to open, else None; never
+    raises (a name over the file system's 255 bytes makes stat raise where a missing file returns False; a NUL
+    cannot be in a name at all)."""
+    try:
+        if path.is_dir():
+            return "IsADirectoryError", "is a folder, not an image file"
+        return None if path.is_file() else ("FileNotFoundError", "does not exist")
+    except (OSError, ValueError) as e:
+        return type(e).__name__, f"cannot be opened: {e.strerror if isinstance(e, OSError) else first_line(e)}"
+
+
+def path_error(path: Path) -> str | None:
+    """path_problem as a prediction row's error: 'FileNotFoundError: a.png does not exist'."""
+    problem = path_problem(path)
+    return f"{problem[0]}: {shown(str(path))} {problem[1]}" if problem else None
+
+
 def load_images(paths: list[str | Path], prep: Preprocessing) -> torch.Tensor:
     """Files -> uint8 N x H x W x 3 with `prep`'s decoding, resize and crop; an unreadable one is refused
     (for a handful of named files, as Grad-CAM explains; folders go through `score_files`)."""
@@ -61,8 +81,9 @@ def load_images(paths: list[str | Path], prep: Preprocessing) -> torch.Tensor:
         raise UserError("no images given; pass one or more image files")
     arrays = []
     for p in map(Path, paths):
-        if not p.is_file():
-            raise UserError(f"image {p} does not exist; check the path")
+        problem = path_problem(p)
+        if problem:
+            raise UserError(f"image {shown(str(p))} {problem[1]}; check the path")
         try:
             arrays.append(prep.load(p))
         except DecodeError as e:
@@ -79,10 +100,9 @@ class _Files(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         path = self.paths[i]
-        if path.is_dir():
-            return i, None, f"IsADirectoryError: {path} is a folder, not an image file"
-        if not path.is_file():
-            return i, None, f"FileNotFoundError: {path} does not exist"
+        problem = path_error(path)
+        if problem:
+            return i, None, problem
         try:
             return i, torch.from_numpy(np.array(self.prep.load(path))), None  # a writable copy
         except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, never the run's

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from imgcls import rundir
-from imgcls.errors import UserError
+from imgcls.errors import UserError, shown
 
 OUT_FORMATS = (".csv", ".jsonl", ".parquet")
 
@@ -37,9 +37,10 @@ def check_out(out: str | Path) -> Path:
 def format_row(row: dict) -> str:
     """One console line: 'path: cat 0.912, dog 0.051', 'path: unknown (cat 0.41, ...)' or 'path: error: ...'."""
     if row["error"]:
-        return f"{row['path']}: error: {row['error']}"
+        return f"{shown(row['path'])}: error: {row['error']}"
     ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
-    return f"{row['path']}: unknown ({ranked})" if row["rejected"] else f"{row['path']}: {ranked}"
+    path = shown(row["path"], limit=4096)  # a file that was read: its name is whole, but never raw control bytes
+    return f"{path}: unknown ({ranked})" if row["rejected"] else f"{path}: {ranked}"
 
 
 def flat_row(row: dict, topk: int) -> dict:

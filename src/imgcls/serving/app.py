@@ -12,7 +12,7 @@ import time
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -125,11 +125,29 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def _query(*names: str):
+    """A route's query string checked whole (400 in JSON otherwise): each parameter once (?topk=1&topk=5 took the
+    last, silently) and only those the route takes (?topK=5 was the default, silently)."""
+    async def check(request: Request) -> None:
+        keys = [k for k, _ in request.query_params.multi_items()]
+        repeated = next((k for k in keys if keys.count(k) > 1), None)
+        if repeated is not None:
+            raise RequestError(400, "invalid_parameter", f"the query gives {repeated!r} {keys.count(repeated)} "
+                               "times; give each parameter once")
+        unknown = next((k for k in keys if k not in names), None)
+        if unknown is not None:
+            takes = f"it takes {', '.join(names)}" if names else "it takes none"
+            raise RequestError(400, "invalid_parameter", f"{request.url.path} has no query parameter {unknown!r}; "
+                               f"{takes}")
+
+    return Depends(check)
+
+
 def _add_predict_route(app: FastAPI, service: Service, batcher: MicroBatcher, metrics: ServerMetrics,
                        decoding: asyncio.Semaphore) -> None:
     settings = service.settings
 
-    @app.post("/v1/predict", openapi_extra=PREDICT_BODY)
+    @app.post("/v1/predict", openapi_extra=PREDICT_BODY, dependencies=[_query("topk", "reject", "tta")])
     async def predict(request: Request,
                       topk: int | None = Query(None, ge=1, le=1000, description=f"classes per image ({settings.topk})"),
                       reject: str | None = Query(None, description="auto, a probability, or off (the server's "
@@ -156,7 +174,7 @@ def _add_predict_route(app: FastAPI, service: Service, batcher: MicroBatcher, me
 def _add_explain_route(app: FastAPI, service: Service, decoding: asyncio.Semaphore) -> None:
     settings, explaining = service.settings, asyncio.Semaphore(EXPLAIN_SLOTS)
 
-    @app.post("/v1/explain", openapi_extra=PREDICT_BODY)
+    @app.post("/v1/explain", openapi_extra=PREDICT_BODY, dependencies=[_query("class")])
     async def explain(request: Request,
                       class_name: str | None = Query(None, alias="class", description="the class explained (by "
                                                      "default the predicted one)")):
@@ -210,12 +228,12 @@ def _add_info_routes(app: FastAPI, service: Service, batcher: MicroBatcher, metr
         return JSONResponse({"status": "not ready", "error": "the model is not serving (starting or stopping)"},
                             503)
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", dependencies=[_query()])
     async def model():
         """Classes, input, preprocessing, calibration, reject rule, parity figures and model card."""
         return service.describe()
 
-    @app.get("/v1/drift")
+    @app.get("/v1/drift", dependencies=[_query()])
     async def drift():
         """The served scores of the drift window against validation: PSI, KS, share under the threshold."""
         return service.drift.figures()

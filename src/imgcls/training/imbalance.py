@@ -45,7 +45,10 @@ def class_weights(spec: str, labels: torch.Tensor, classes: list[str]) -> torch.
     if len(weights) != len(classes):
         raise UserError(f"--class-weights gives {len(weights)} weights for {len(classes)} classes "
                         f"({', '.join(classes)}); give one per class")
-    return usable_weights(torch.tensor(weights, dtype=torch.float64).float(), spec)
+    # Given weights are scaled as the computed ones: probability targets make the loss grow with the weights
+    # (1e38 each overflowed it, and 10 each was ten times the learning rate), so only their ratios may matter.
+    given = torch.tensor(weights, dtype=torch.float64)
+    return usable_weights(_normalised(given / given.max(), counts), spec)
 
 
 def usable_weights(weights: torch.Tensor, spec: str) -> torch.Tensor:
