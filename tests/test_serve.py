@@ -333,7 +333,7 @@ def test_every_bad_input_gets_its_status_and_message_and_the_next_request_succee
         ({"params": {"reject": "2"}, "content": good}, 422, "reject 2 is neither auto"),
         ({"params": {"reject": "auto"}, "content": good}, 422, "run imgcls calibrate"),
         ({"params": {"tta": "sideways"}, "content": good}, 422, "sideways"),
-        ({"params": [("topk", 1), ("topk", 5)], "content": good}, 400, "gives 'topk' 2 times; give each parameter once"),
+        ({"params": [("topk", 1), ("topk", 5)], "content": good}, 400, "gives 'topk' 2 times; give each one once"),
         ({"params": {"topK": 5}, "content": good}, 400, "no query parameter 'topK'; it takes topk, reject, tta"),
     ]
     for request, status, words in cases:

@@ -133,7 +133,7 @@ def _query(*names: str):
         repeated = next((k for k in keys if keys.count(k) > 1), None)
         if repeated is not None:
             raise RequestError(400, "invalid_parameter", f"the query gives {repeated!r} {keys.count(repeated)} "
-                               "times; give each parameter once")
+                               "times; give each one once")
         unknown = next((k for k in keys if k not in names), None)
         if unknown is not None:
             takes = f"it takes {', '.join(names)}" if names else "it takes none"
