@@ -9,7 +9,8 @@ timm's train.py is not part of this repository: pass the path of a checkout's (i
 installed here). The job: `--model` from timm's registry on both sides (`timm/<model>` for imgcls), AdamW at
 --lr with weight decay 0.05, a cosine schedule after one warm-up epoch, no augmentation (timm's --no-aug:
 resize and centre-crop; imgcls --aug none, the same crop made once at decoding), no label smoothing, seed 0,
-2 DataLoader workers for timm. timm validates every epoch, so imgcls does too (the folder's val/).
+2 DataLoader workers for timm. timm validates every epoch, so imgcls does too (the folder's val/). timm runs in
+fp32, or with --timm-amp in bf16 autocast (its best where bf16 is fast); imgcls chooses by measurement.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def timm_job(args, out: Path) -> list[str]:
             str(args.img_size), "--epochs", str(args.epochs), "-b", str(args.batch_size), "--opt", "adamw", "--lr",
             str(args.lr), "--weight-decay", "0.05", "--sched", "cosine", "--warmup-epochs", "1", "--no-aug",
             "--smoothing", "0", "--device", "cpu", "--workers", "2", "--seed", "0", "--output", str(out),
-            "--experiment", "timm", "--checkpoint-hist", "1", "--log-interval", "1000"]
+            "--experiment", "timm", "--checkpoint-hist", "1", "--log-interval", "1000",
+            *(["--amp", "--amp-dtype", "bfloat16"] if args.timm_amp else [])]
 
 
 def imgcls_job(args, out: Path) -> list[str]:
@@ -57,7 +59,12 @@ def timm_accuracy(out: Path) -> float:
 
 
 def imgcls_accuracy(out: Path) -> float:
-    return json.loads((out / "imgcls" / "summary.json").read_text())["final_val_acc"]
+    summary = json.loads((out / "imgcls" / "summary.json").read_text())
+    PRECISIONS.add(summary["precision"])
+    return summary["final_val_acc"]
+
+
+PRECISIONS: set[str] = set()  # what imgcls's --precision auto chose, run by run
 
 
 def main() -> None:
@@ -71,6 +78,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--timm-amp", action="store_true",
+                        help="timm in bf16 autocast (--amp --amp-dtype bfloat16), its best on a CPU with fast bf16")
     args = parser.parse_args()
     train_images = sum(1 for p in (args.data_dir / "train").rglob("*") if p.is_file())
     results = {"timm": [], "imgcls": []}
@@ -83,8 +92,10 @@ def main() -> None:
           f"{args.batch_size}, AdamW lr {args.lr}, cosine, no augmentation; medians of {args.repeats}")
     for name, runs in results.items():
         wall = statistics.median(s for s, _ in runs)
-        print(f"  {name:<7} wall {wall:7.1f} s   {args.epochs * train_images / wall:6.1f} train img/s (wall)   "
-              f"val accuracy {statistics.median(a for _, a in runs):.2%}   (runs: "
+        precision = ("bf16 autocast" if args.timm_amp else "fp32") if name == "timm" else \
+            f"--precision auto: {', '.join(sorted(PRECISIONS))}"
+        print(f"  {name:<7} ({precision}) wall {wall:7.1f} s   {args.epochs * train_images / wall:6.1f} train img/s "
+              f"(wall)   val accuracy {statistics.median(a for _, a in runs):.2%}   (runs: "
               + ", ".join(f"{s:.0f} s {a:.2%}" for s, a in runs) + ")")
     ratio = statistics.median(s for s, _ in results["timm"]) / statistics.median(s for s, _ in results["imgcls"])
     print(f"  imgcls is {ratio:.2f}x timm's throughput on this job")

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from imgcls.models import count_parameters, create_model
 
 
@@ -115,6 +117,15 @@ def test_cached_features_are_reused_by_the_next_run_with_the_same_backbone_and_d
     assert main(["train", *flags, "--out", str(tmp_path / "third")]) == 0
     third = capsys.readouterr().out
     assert "reused" not in third and run_metrics(tmp_path / "third") == run_metrics(tmp_path / "first")
+    # features edited in place (finite, the same shape and labels, the seal left as it was) are not trusted either
+    from safetensors.torch import load_file, save_file
+
+    for path in (tmp_path / "cache" / "features").glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({**tensors, "features": torch.randn_like(tensors["features"]) * 5}, path)
+    assert main(["train", *flags, "--out", str(tmp_path / "forged")]) == 0
+    forged = capsys.readouterr().out
+    assert "reused" not in forged and run_metrics(tmp_path / "forged") == run_metrics(tmp_path / "first")
     assert main(["train", *flags, "--split-seed", "1", "--out", str(tmp_path / "fourth")]) == 0
     assert "features: computing" in capsys.readouterr().out
 

@@ -11,7 +11,7 @@ def test_hand_computed_report():
     probs = (torch.nn.functional.one_hot(preds, 3).float() * 5).softmax(1)
     m = classification_metrics(probs, labels, ["a", "b", "c"])
     assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
-    assert m["accuracy"] == pytest.approx(4 / 6)
+    assert m["accuracy"] == 4 / 6  # in float64, as the other shares (float32 wrote 0.6666666865348816)
     a, b, c = m["per_class"]
     assert (a["precision"], a["recall"], a["support"]) == (1.0, pytest.approx(2 / 3), 3)
     assert (b["precision"], b["recall"]) == (0.5, 0.5)

@@ -85,13 +85,17 @@ def test_rows_match_the_runs_own_predict(run, tiny_folder):
 def test_a_row_carries_the_energy_of_the_plain_views_logits(run, tiny_folder):
     files = sorted((tiny_folder / "test" / "bird").iterdir())[:3]
     trained = load_run(run)
-    rows = list(predict_rows(run_engine(trained), files, tta="flip", workers=0))
     x = normalize(load_images(files, trained.preprocessing).permute(0, 3, 1, 2), trained.dataset["mean"],
                   trained.dataset["std"])
     with torch.inference_mode():
         energy = torch.logsumexp(trained.model(x).double(), dim=1)  # the unmirrored view only
-    assert [r["energy"] for r in rows] == pytest.approx(energy.tolist(), abs=1e-4)
+    engine = run_engine(trained)
+    plain = list(predict_rows(engine, files, workers=0))
+    for tta in ("flip", 4):  # --tta 4's views are all random: the energy was a random crop's
+        rows = list(predict_rows(engine, files, tta=tta, workers=0))
+        assert [r["energy"] for r in rows] == pytest.approx(energy.tolist(), abs=1e-4), tta
     assert list(rows[0]) == ["path", "label", "confidence", "rejected", "energy", "top", "error"]
+    assert [r["top"] for r in rows] != [r["top"] for r in plain]  # the 4 views still make the probabilities
 
 
 def test_files_folders_globs_and_a_list_mix(tiny_folder, tmp_path):

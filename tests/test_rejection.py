@@ -230,6 +230,14 @@ def test_eval_ood_refuses_a_folder_of_the_runs_own_classes(calibrated, tmp_path,
     assert sorted(p.name for p in calibrated.iterdir()) == before  # nothing evaluated, nothing written
 
 
+def _reachable(curve: dict, target: float) -> bool:
+    try:
+        choose_threshold(curve, target)
+    except UserError:
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_five_versus_five_ood(tmp_path, mini):
     """Train on five cifar10-mini classes; the other five are OOD. AUROC well above chance, and the
@@ -254,15 +262,16 @@ def test_five_versus_five_ood(tmp_path, mini):
     chance_se = ((n_in + n_out + 1) / (12 * n_in * n_out)) ** 0.5  # AUROC's standard error at chance (Hanley-McNeil)
     assert result["msp"]["auroc"] > 0.5 + 3 * chance_se and result["energy"]["auroc"] > 0.5 + 3 * chance_se
     # The default promise (0.95 with 90% confidence) may be out of reach of ~225 val images of a 70% model;
-    # then the result says so (None) and a lower target, which the curve can show, is held to it on test.
+    # then the result says so (None), and the highest target the curve can show (above the model's accuracy,
+    # so that rejecting matters) is held to it on test.
     engine = run_engine(load_run(run))
-    target = 0.95 if result["reject_auto"] is not None else 0.85
-    rule = choose_threshold(engine.risk_coverage, target)
+    targets = [t for t in (0.95, 0.9, 0.85, 0.8, 0.75) if _reachable(engine.risk_coverage, t)]
+    assert targets, "no target above 0.75 can be shown on this val split"
+    target, rule = targets[0], choose_threshold(engine.risk_coverage, targets[0])
     if result["reject_auto"] is not None:
-        assert result["reject_auto"]["threshold"] == rule["threshold"]
+        assert target == 0.95 and result["reject_auto"]["threshold"] == rule["threshold"]
     else:
-        with pytest.raises(UserError, match="no threshold shows accuracy 0.95"):
-            choose_threshold(engine.risk_coverage)
+        assert target < 0.95
     scores, labels = engine.score_split(load_run(run).split("test"), where="test", progress=False)
     accepted = scores.probs.max(1).values >= rule["threshold"]
     accuracy = (scores.probs.argmax(1) == labels)[accepted].double().mean().item()

@@ -33,7 +33,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from imgcls import rundir  # noqa: E402
 from imgcls.cli import main  # noqa: E402
+from imgcls.errors import UserError  # noqa: E402
 from imgcls.evaluation.cam import explain_files  # noqa: E402
 from imgcls.inference.exported import open_engine  # noqa: E402
 from imgcls.plotting import cam_overlay  # noqa: E402
@@ -178,6 +180,31 @@ def test_model_description_health_and_openapi(run_url, onnx_file):
     with serving(build_service(onnx_file, ServeSettings())) as url:
         model = httpx.get(f"{url}/v1/model").json()
         assert model["parity"]["results"]["onnx"]["max_abs_prob_diff"] < 1e-4 and "model_card" in model
+
+
+def test_a_server_publishes_only_the_parity_and_card_export_wrote_for_its_model(run, onnx_file, tmp_path):
+    """parity.json edited to a failed proof (top-1 agreement 0.2) was published by /v1/model as the export's;
+    max_abs_prob_diff NaN made every GET /v1/model a 500."""
+    for edit in ("agreement", "nan", "card", "other weights"):
+        folder = tmp_path / edit.replace(" ", "-")
+        shutil.copytree(onnx_file.parent, folder)
+        parity = json.loads((folder / "parity.json").read_text())
+        if edit == "agreement":
+            parity["results"]["onnx"].update(top1_agreement=0.2, passed=False)
+        elif edit == "nan":
+            parity["results"]["onnx"]["max_abs_prob_diff"] = float("nan")
+        elif edit == "card":
+            (folder / "MODEL_CARD.md").write_text("# a better model\n")
+        if edit != "card":
+            (folder / "parity.json").write_text(json.dumps(parity))
+        if edit == "other weights":  # sealed as export would, for another checkpoint
+            rundir.write_sealed_json(folder / "parity.json", {**parity, "weights": "f" * 64})
+        with pytest.raises(UserError) as refused:
+            build_service(folder / "model.onnx", ServeSettings())
+        message = str(refused.value)
+        assert "\n" not in message and "export the run again" in message, (edit, message)
+        words = {"card": "is not the card export wrote", "other weights": "the parity of other weights"}
+        assert words.get(edit, "was edited after imgcls wrote it") in message, (edit, message)
 
 
 def test_explain_draws_imgcls_cams_overlay_for_runs_and_refuses_for_onnx(run, run_url, onnx_file, files):
@@ -333,6 +360,8 @@ def test_every_bad_input_gets_its_status_and_message_and_the_next_request_succee
         ({"params": {"reject": "2"}, "content": good}, 422, "reject 2 is neither auto"),
         ({"params": {"reject": "auto"}, "content": good}, 422, "run imgcls calibrate"),
         ({"params": {"tta": "sideways"}, "content": good}, 422, "sideways"),
+        ({"params": {"tta": "\uff15"}, "content": good}, 422, "tta must be"),  # a full-width 5, as topk refuses it
+        ({"params": {"reject": "\u0660.5"}, "content": good}, 422, "is neither auto"),  # an Arabic-Indic zero
         ({"params": [("topk", 1), ("topk", 5)], "content": good}, 400, "gives 'topk' 2 times; give each one once"),
         ({"params": {"topK": 5}, "content": good}, 400, "no query parameter 'topK'; it takes topk, reject, tta"),
     ]

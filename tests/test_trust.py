@@ -155,23 +155,48 @@ def test_an_onnx_file_whose_metadata_disagrees_with_its_graph_is_refused(export,
     assert "outputs" in _one_line(lambda: onnx_engine(tmp_path / "one-class-short.onnx"))
 
 
+def test_an_onnx_graph_without_its_documents_digest_is_refused(export, tmp_path):
+    """Class names swapped in the document and the flat key, the graph's digest of the document cleared: the
+    check was skipped as for an older export, and every label was inverted."""
+    model = onnx.load(str(export / "model.onnx"))
+    props = {p.key: p.value for p in model.metadata_props}
+    document = json.loads(props[ONNX_KEY])
+    swapped = document["classes"][::-1]
+    del model.metadata_props[:]
+    for key, value in {**props, "imgcls.classes": json.dumps(swapped),
+                       ONNX_KEY: json.dumps({**document, "classes": swapped})}.items():
+        model.metadata_props.add(key=key, value=value)
+    for description, words in (("", "carries no digest of its imgcls.export metadata"),
+                               (model.graph.doc_string, "is not the document this graph was exported with")):
+        model.graph.doc_string = description
+        onnx.save(model, str(tmp_path / "swapped.onnx"))
+        assert words in _one_line(lambda: onnx_engine(tmp_path / "swapped.onnx")), description
+
+
 def test_weights_of_another_export_beside_a_model_json_are_refused(export, tmp_path):
     """Same architecture, same names, other numbers: only the digest in model.json tells them apart."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     swapped = tmp_path / "swapped"
     swapped.mkdir()
     (swapped / "model.json").write_text((export / "model.json").read_text())
     state = load_file(export / "model.safetensors")
-    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, swapped / "model.safetensors")
+    with safe_open(export / "model.safetensors", "pt") as f:
+        header = f.metadata()  # the pin of model.json kept: only the numbers differ
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, swapped / "model.safetensors",
+              metadata=header)
     assert "sha256" in _one_line(lambda: read_export_spec(swapped) and imgcls.load_model(swapped))
     assert main(["predict", str(swapped), str(export)]) == 2
+    # removing the digests switches nothing off: neither file without its pin of the other is loaded
     document = json.loads((export / "model.json").read_text())
-    del document["weights_file_sha256"]  # an export written before the digest still loads
+    del document["weights_file_sha256"]
     (swapped / "model.json").write_text(json.dumps(document))
     (swapped / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
-    model, _ = imgcls.load_model(swapped)
-    assert model.imgcls["classes"] == document["classes"]
+    assert "model.json carries no digest of model.safetensors" in _one_line(lambda: imgcls.load_model(swapped))
+    (swapped / "model.json").write_text((export / "model.json").read_text())
+    save_file(state, swapped / "model.safetensors")  # the same tensors, the header's pin gone
+    assert "model.safetensors carries no digest of model.json" in _one_line(lambda: imgcls.load_model(swapped))
 
 
 def test_a_model_json_edited_within_bounds_is_refused_by_the_digest_in_the_tensors(export, tmp_path):
@@ -423,6 +448,36 @@ def test_a_users_output_never_lands_on_a_file_the_run_owns(run, tiny_folder, cap
     assert {name: (run / name).read_bytes() for name in before} == before
 
 
+def test_no_output_lands_on_another_runs_files_an_exports_or_the_commands_own_input(run, export, tiny_folder,
+                                                                                     tmp_path, capsys):
+    """eval --out OTHER_RUN/summary.json (or calibration.json, or an export's model.json) replaced it, and audit
+    --out EXPORT/model.json killed the export; predict --list L --out L replaced the user's list."""
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    kept = {p: p.read_bytes() for p in [*other.iterdir(), *export.iterdir()] if p.is_file()}
+    attempts = [(["eval", str(run), "--out", str(other / rundir.SUMMARY)], "of the run"),
+                (["eval", str(run), "--out", str(other / rundir.CALIBRATION)], "of the run"),
+                (["eval", str(run), "--out", str(export / "model.json")], "of the export"),
+                (["audit", str(tiny_folder), "--out", str(export / "model.json")], "of the export"),
+                (["eval", str(run), "--out", str(export / "parity.json")], "of the export")]
+    listed = tmp_path / "list.csv"
+    listed.write_text(f"{next((tiny_folder / 'test' / 'bird').iterdir())}\n")
+    attempts.append((["predict", str(run), "--list", str(listed), "--out", str(listed)],
+                     "one of this command's inputs"))
+    for argv, words in attempts:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, (argv, err)
+    assert {p: p.read_bytes() for p in kept} == kept and listed.read_text().count("\n") == 1
+    assert {f.name for f in export.iterdir()} <= rundir.EXPORT_FILES  # the names the guard knows are the export's
+    from imgcls.export import CARD, PARITY
+    from imgcls.export.onnx_export import ONNX_FILE
+    from imgcls.export.quantize import INT8_FILE
+    from imgcls.inference.exported import SPEC, WEIGHTS
+    assert {CARD, PARITY, ONNX_FILE, INT8_FILE, SPEC, WEIGHTS} == rundir.EXPORT_FILES
+
+
 def test_stale_or_forged_test_predictions_are_computed_again(run, capsys):
     """A forged npz (every test image right) made compare report +66.67 points, significant, beside the row's
     own 33% accuracy; one of another checkpoint was used as it was."""
@@ -432,10 +487,16 @@ def test_stale_or_forged_test_predictions_are_computed_again(run, capsys):
     perfect = np.eye(probs.shape[1], dtype=np.float32)[labels]
     out_of_range = labels.copy()
     out_of_range[0] = 99
-    forged = {"another checkpoint": (labels, perfect, "0" * 64), "out of range": (out_of_range, probs, None)}
-    for why, (lab, pr, weights) in forged.items():
+    with np.load(run / rundir.TEST_PREDICTIONS) as stored:
+        weights, seal = str(stored["weights"]), str(stored["sha256"])
+    # columns swapped (accuracy unchanged when classes are balanced; the intervals change), the seal left as it was
+    forged = {"another checkpoint": (labels, perfect, "0" * 64, None),
+              "out of range": (out_of_range, probs, None, None),
+              "columns swapped": (labels, probs[:, ::-1].copy(), weights, seal)}
+    for why, (lab, pr, weights, sealed) in forged.items():
         buffer = io.BytesIO()
-        np.savez(buffer, labels=lab, probs=pr, **({"weights": np.array(weights)} if weights else {}))
+        np.savez(buffer, labels=lab, probs=pr, **({"weights": np.array(weights)} if weights else {}),
+                 **({"sha256": np.array(sealed)} if sealed else {}))
         (run / rundir.TEST_PREDICTIONS).write_bytes(buffer.getvalue())
         again = run_test_predictions(run)
         assert np.array_equal(again[0], labels) and np.allclose(again[1], probs, atol=1e-6), why

@@ -346,6 +346,7 @@ def cmd_predict(args) -> int:
     if args.out and not args.quiet:  # without --out, stdout holds only the rows
         what = args.list or (args.images[0] if len(args.images) == 1 else f"{len(args.images)} paths")
         _about(f"predict: {what} with {args.run}; writes {args.out}")
+    from imgcls import rundir
     from imgcls.evaluation.evaluate import parse_tta_flag
     from imgcls.inference.exported import open_engine
     from imgcls.inference.files import collect_paths, predict_rows
@@ -359,6 +360,8 @@ def cmd_predict(args) -> int:
     engine = open_engine(args.run, args.checkpoint, args.batch_size, resolve_device(args.device))
     threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
     paths = collect_paths(args.images, args.list)
+    if out is not None:
+        rundir.refuse_run_file(out, inputs=(args.list, *paths))
     rows = predict_rows(engine, paths, args.topk, tta, threshold, args.workers)
     if out is None:
         rows = list(rows)

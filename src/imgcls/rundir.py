@@ -40,14 +40,24 @@ TMP_MARK = ".tmp-"
 RUN_FILES = {CONFIG, PLAN, DATASET, METRICS, SUMMARY, LAST, BEST, TEST_PREDICTIONS, LOCK, CALIBRATION}
 
 
-def refuse_run_file(out: str | Path, flag: str = "--out") -> None:
-    """A user's output never lands on a file a run owns (its checkpoints, plan, metrics, calibration, eval
-    results): `predict --out RUN/metrics.jsonl` would destroy the run's record, however whole the write."""
+# What an export folder holds (export/ and inference/exported.py name them; test_trust checks the two agree)
+EXPORT_FILES = {"model.onnx", "model.int8.onnx", "model.safetensors", "model.json", "parity.json", "MODEL_CARD.md"}
+
+
+def refuse_run_file(out: str | Path, flag: str = "--out", inputs: tuple = ()) -> None:
+    """A user's output never lands on a file imgcls reads: one a run owns (its checkpoints, plan, metrics,
+    calibration, eval results), one of an export, or one of the command's own `inputs` (a --list file):
+    `predict --out RUN/metrics.jsonl` would destroy the run's record, however whole the write."""
     target = Path(os.path.realpath(out))
     owned = target.name in RUN_FILES or (target.name.startswith("eval-") and target.suffix == ".json")
     if owned and is_run(target.parent):
         raise UserError(f"{flag} {out} is {target.name} of the run {target.parent}; write elsewhere, e.g. "
                         f"{flag} {target.parent.parent / target.name}")
+    if target.name in EXPORT_FILES and any((target.parent / name).is_file() for name in EXPORT_FILES - {target.name}):
+        raise UserError(f"{flag} {out} is {target.name} of the export {target.parent}; write elsewhere")
+    if target.exists() and any(target == Path(os.path.realpath(p)) for p in inputs if p):
+        raise UserError(f"{flag} {out} is one of this command's inputs, which the output would replace; write "
+                        "elsewhere")
 
 
 @contextlib.contextmanager

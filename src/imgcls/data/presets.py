@@ -122,7 +122,7 @@ def parse_tta(mode: str) -> str | int:
     """'none', 'flip', 'flip-crop', or a number of random training-recipe views."""
     if mode in ("none", "flip", "flip-crop"):
         return mode
-    if mode.isdigit() and int(mode) >= 1:
+    if mode.isascii() and mode.isdigit() and int(mode) >= 1:  # ASCII: '５' is a digit to str.isdigit
         return int(mode)
     raise ValueError(f"--tta must be flip, flip-crop or a number of views (got '{mode}')")
 

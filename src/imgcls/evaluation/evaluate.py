@@ -70,6 +70,8 @@ def eval_out(run: str | Path, split: str, data: str | None, out: str | Path | No
         if not target.parent.is_dir():
             raise UserError(f"--out {target}: the folder {target.parent} does not exist; create it or choose "
                             "another --out")
+    if out is not None and target.resolve() != own.resolve():
+        rundir.refuse_run_file(target)  # another run's files, an export's
     run_dir = Path(run).resolve()
     if target.resolve().parent.is_relative_to(run_dir) and (data is not None or target.resolve() != own.resolve()):
         raise UserError(f"{target} is inside the run {run}, which holds only its own data's eval-{split}.json; "

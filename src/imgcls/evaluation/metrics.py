@@ -26,7 +26,7 @@ def per_class_report(cm: torch.Tensor, classes: list[str]) -> list[dict]:
 
 def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     top = scores.topk(min(k, scores.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1).float().mean().item()
+    return (top == labels[:, None]).any(dim=1).double().mean().item()
 
 
 def most_confused(cm: torch.Tensor, classes: list[str], n: int = 5) -> list[dict]:
@@ -56,7 +56,7 @@ def classification_metrics(probs: torch.Tensor, labels: torch.Tensor, classes: l
     report = per_class_report(cm, classes)
     out = {
         "n": len(labels),
-        "accuracy": (preds == labels).float().mean().item(),
+        "accuracy": (preds == labels).double().mean().item(),
         "balanced_accuracy": balanced_accuracy(cm),
         "loss": negative_log_likelihood(probs, labels),
         "macro_f1": sum(r["f1"] for r in report) / len(report),

@@ -12,6 +12,7 @@ checkpoint selected on validation). Two variants are compared image by image, ru
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import sys
@@ -37,11 +38,23 @@ def write_test_predictions(run: str | Path, labels, probs) -> Path:
     if probs.ndim != 2 or labels.shape != (len(probs),):
         raise ValueError(f"labels {labels.shape} and probs {probs.shape} do not describe the same N images")
     best = Path(run) / rundir.BEST
+    weights = file_digest(best) if best.is_file() else ""
     buffer = io.BytesIO()
-    np.savez(buffer, labels=labels, probs=probs, weights=np.array(file_digest(best) if best.is_file() else ""))
+    np.savez(buffer, labels=labels, probs=probs, weights=np.array(weights), sha256=np.array(_seal(labels, probs,
+                                                                                                weights)))
     out = Path(run) / TEST_PREDICTIONS
     rundir.atomic_write_bytes(out, buffer.getvalue())
     return out
+
+
+def _seal(labels: np.ndarray, probs: np.ndarray, weights: str) -> str:
+    """sha256 of what the file holds: probabilities swapped between columns, or labels edited, keep every range
+    check true and would still change a comparison's intervals."""
+    digest = hashlib.sha256(weights.encode())
+    for a in (labels, probs):
+        digest.update(f"{a.dtype} {a.shape}".encode())
+        digest.update(np.ascontiguousarray(a).tobytes())
+    return digest.hexdigest()
 
 
 def read_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
@@ -50,7 +63,7 @@ def read_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | No
     return None if found is None else found[:2]
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str | None] | None:
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
     if not path.is_file():
         return None
     try:
@@ -58,20 +71,23 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str | None] | None:
         if problem:
             raise UserError(f"{path} is damaged ({problem}); delete it and rerun to compute it again")
         with np.load(path, allow_pickle=False) as f:
-            labels, probs = f["labels"].astype(np.int64), f["probs"].astype(np.float32)
-            weights = str(f["weights"]) if "weights" in f.files else None  # older runs pinned nothing
+            labels, probs, weights = f["labels"], f["probs"], str(f["weights"])
+            sealed = str(f["sha256"]) if "sha256" in f.files else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # empty, truncated, not an npz
         raise UserError(f"cannot read {path} ({type(e).__name__}); delete it and rerun to compute it again") from None
+    if sealed != _seal(labels, probs, weights):
+        raise UserError(f"{path} was edited after imgcls wrote it, or an older imgcls did (its sha256 does not "
+                        "match what it holds); delete it and rerun to compute it again")
     if probs.ndim != 2 or labels.shape != (len(probs),):
         raise UserError(f"{path} holds {labels.shape} labels for {probs.shape} probabilities; delete it and rerun")
-    return labels, probs, weights
+    return labels.astype(np.int64), probs.astype(np.float32), weights
 
 
-def stale_reason(run: Path, labels: np.ndarray, probs: np.ndarray, weights: str | None) -> str | None:
+def stale_reason(run: Path, labels: np.ndarray, probs: np.ndarray, weights: str) -> str | None:
     """Why stored test predictions cannot stand for the run's best.pt, or None: another checkpoint's, another
     class count's, or not probabilities of its classes (a forged or damaged file)."""
     classes = rundir.read_json(run / rundir.DATASET).get("classes", [])
-    if weights is not None and (run / rundir.BEST).is_file() and weights != file_digest(run / rundir.BEST):
+    if (run / rundir.BEST).is_file() and weights != file_digest(run / rundir.BEST):
         return "they were computed with another best.pt"
     if probs.shape[1] != len(classes) or len(labels) == 0:
         return f"they hold {probs.shape[1]} classes for the run's {len(classes)}, or no image"

@@ -9,6 +9,7 @@ failed or killed export leaves nothing at --out.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -117,13 +118,14 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
             result["split"] = parity_split
         if quantize:
             results["int8"] = _write_int8(stage, spec, held_out, timing)
-        rundir.write_json(stage / PARITY, {"run": str(trained.path), "checkpoint": str(trained.checkpoint),
-                                           "weights": trained.digest, "precision": "fp32", "results": results})
         for kind, result in results.items():
             (require_int8 if kind == "int8" else require_parity)(result)
         card = model_card(trained, spec, _test_metrics(trained), read_calibration(trained.path), results,
                           _summary(trained))
         (stage / CARD).write_text(card)
+        rundir.write_sealed_json(stage / PARITY, {"run": str(trained.path), "checkpoint": str(trained.checkpoint),
+                                                  "weights": trained.digest, "precision": "fp32", "results": results,
+                                                  "card_sha256": hashlib.sha256(card.encode()).hexdigest()})
         if out.exists():
             out.rmdir()  # empty, checked above
         stage.rename(out)
@@ -170,6 +172,24 @@ def _write_int8(stage: Path, spec: ExportSpec, held_out: dict, timing) -> dict:
         if proof["passed"]:
             break
     return proof
+
+
+def read_extras(folder: Path, weights: str) -> dict:
+    """An export folder's parity.json and MODEL_CARD.md as export wrote them for the checkpoint whose digest
+    starts with `weights` (what a server publishes); an edited, foreign or unsealed one is refused in one line."""
+    fix = "export the run again (or serve the run folder itself)"
+    extras = {}
+    if (folder / PARITY).is_file():
+        parity = rundir.read_sealed_json(folder / PARITY, fix)
+        if not str(parity.get("weights", "")).startswith(weights):
+            raise UserError(f"{folder / PARITY} holds the parity of other weights than {folder}'s model; {fix}")
+        extras["parity"] = parity
+        if (folder / CARD).is_file():
+            card = (folder / CARD).read_bytes()
+            if hashlib.sha256(card).hexdigest() != parity.get("card_sha256"):
+                raise UserError(f"{folder / CARD} is not the card export wrote beside {PARITY} (it was edited); {fix}")
+            extras["model_card"] = card.decode()
+    return extras
 
 
 def _summary(trained: TrainedRun) -> dict | None:

@@ -93,17 +93,20 @@ class Engine:
     def score(self, images: torch.Tensor, tta: str | int = "none", gen: torch.Generator | None = None,
               where: str = "these images") -> Scores:
         """Scores of uint8 N x H x W x 3 `images`: the views of each image (see presets.tta_views) run in the
-        same backend call; probabilities averaged over them with the views' weights."""
+        same backend call; probabilities averaged over them with the views' weights. `--tta N`'s views are all
+        random, so the plain image goes into the call too, for its logits alone (what energy reads)."""
         gen = gen if gen is not None else torch.Generator().manual_seed(0)
         n_views, weights = tta_view_count(tta), tta_view_weights(tta).view(-1, 1, 1)
-        per_call = max(1, self.batch_size // n_views)
+        extra = int(isinstance(tta, int))  # the plain view, outside the average
+        per_call = max(1, self.batch_size // n_views)  # as the callers batch: each chunk draws its views alike
         plain, probs = [], []
         for start in range(0, len(images), per_call):
             chunk = images[start : start + per_call].permute(0, 3, 1, 2)  # the views are made on N x 3 x H x W
-            views = torch.cat(tta_views(chunk, tta, self.recipe, gen)).permute(0, 2, 3, 1)
-            logits = self.logits(views, where).view(n_views, len(chunk), -1)
+            views = torch.cat([chunk] * extra + tta_views(chunk, tta, self.recipe, gen)).permute(0, 2, 3, 1)
+            logits = self.logits(views, where).view(n_views + extra, len(chunk), -1)
             plain.append(logits[0])
-            probs.append((self.probabilities(logits.flatten(0, 1)).view(n_views, len(chunk), -1) * weights).sum(0))
+            averaged = logits[extra:].flatten(0, 1)
+            probs.append((self.probabilities(averaged).view(n_views, len(chunk), -1) * weights).sum(0))
         if not plain:
             empty = torch.empty(0, len(self.classes))
             return Scores(empty, empty.double())

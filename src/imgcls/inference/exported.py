@@ -22,7 +22,7 @@ from imgcls.options import EXPORT_BATCH
 from imgcls.rundir import strict_json
 
 WEIGHTS, SPEC = "model.safetensors", "model.json"
-TENSORS_KEY = "weights_file_sha256"  # model.json's digest of model.safetensors (exports before it lack one)
+TENSORS_KEY = "weights_file_sha256"  # model.json's digest of model.safetensors
 DOCUMENT_KEY = "imgcls.document_sha256"  # model.safetensors' header: the digest of model.json's document
 
 
@@ -69,7 +69,12 @@ def pinned_description(document: dict) -> str:
 
 
 def _check_pinned(description: str, document: dict, where: str) -> None:
-    if description.startswith(DOCUMENT_KEY) and description != pinned_description(document):  # older: none
+    """The graph's description must pin its document: without a digest, or with another one, the metadata is not
+    what was exported (a digest removed would otherwise switch the check off)."""
+    if not description.startswith(DOCUMENT_KEY):
+        raise UserError(f"{where}: its graph carries no digest of its {ONNX_KEY} metadata (it was removed, or an "
+                        "older imgcls exported it), so edited metadata could not be told; export the run again")
+    if description != pinned_description(document):
         raise UserError(f"{where}: its {ONNX_KEY} metadata is not the document this graph was exported with (a field "
                         "was changed since: classes, preprocessing, calibration...); export the run again")
 
@@ -97,12 +102,17 @@ def _load_export(path: str | Path) -> tuple[torch.nn.Module, ExportSpec]:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights} is damaged or not a safetensors file ({first_line(e)}); export the run again") \
             from None
-    want = document.get(TENSORS_KEY)
-    if want is not None and hashlib.sha256(data).hexdigest() != want:
+    # Each file pins the other; a digest that is missing is refused like a wrong one, or removing both would
+    # switch the check off.
+    want, pinned = document.get(TENSORS_KEY), _header_metadata(data).get(DOCUMENT_KEY)
+    if want is None or pinned is None:
+        raise UserError(f"{spec_path if want is None else weights} carries no digest of "
+                        f"{weights.name if want is None else SPEC} (it was removed, or an older imgcls exported it), "
+                        "so an edit could not be told; export the run again")
+    if hashlib.sha256(data).hexdigest() != want:
         raise UserError(f"{weights} is not the file {SPEC} was written with (its sha256 differs from {TENSORS_KEY}); "
                         "export the run again, or keep each export's two files together")
-    pinned = _header_metadata(data).get(DOCUMENT_KEY)
-    if pinned is not None and pinned != document_digest(document):  # older exports pinned nothing
+    if pinned != document_digest(document):
         raise UserError(f"{spec_path} is not the document {weights} was exported with (a field was changed since: "
                         "classes, preprocessing, calibration...); export the run again")
     model = create_model(spec.model, len(spec.classes), head=spec.head)

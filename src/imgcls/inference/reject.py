@@ -146,7 +146,7 @@ def resolve_threshold(reject: str | None, curve: dict | None, target_accuracy: f
                             "with --val-fraction 0 has no validation split, so only a threshold works)")
         return choose_threshold(curve, target_accuracy, coverage)["threshold"]
     try:
-        value = float(reject)
+        value = float(reject) if reject.isascii() else -1.0  # float() reads Arabic-Indic and full-width digits
     except ValueError:
         value = -1.0
     if not 0 <= value <= 1:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from imgcls.data.folder import fit
 from imgcls.data.preprocessing import INPUT_LAYOUT, Preprocessing
 from imgcls.errors import UserError
 from imgcls.evaluation.cam import explain
-from imgcls.export import CARD, PARITY
+from imgcls.export import read_extras
 from imgcls.inference.engine import Engine
 from imgcls.inference.exported import SPEC, open_engine
 from imgcls.inference.files import row
@@ -151,7 +150,7 @@ def build_service(source: str | Path, settings: ServeSettings) -> Service:
                          settings.drift_window, settings.drift_min_images, settings.drift_psi, origin, LOG)
     size = engine.preprocessing.img_size
     engine.score(torch.zeros(1, size, size, 3, dtype=torch.uint8), where="the warm-up image")
-    return Service(engine, settings, drift, threshold, _export_extras(path))
+    return Service(engine, settings, drift, threshold, _export_extras(path, engine))
 
 
 def _run_reference(trained: TrainedRun, engine: Engine) -> tuple[dict, str]:
@@ -189,17 +188,10 @@ def _auto_threshold(engine: Engine) -> float | None:
     return rule["threshold"] if rule else None
 
 
-def _export_extras(path: Path) -> dict:
-    """An export's parity.json and MODEL_CARD.md, when `path` is (in) an export folder."""
+def _export_extras(path: Path, engine: Engine) -> dict:
+    """An export's parity.json and MODEL_CARD.md, when `path` is (in) an export folder, checked as export wrote
+    them for this model."""
     folder = path.parent if path.suffix in (".onnx", ".safetensors") else path
     if not (folder / SPEC).is_file() and path.suffix != ".onnx":
         return {}
-    extras = {}
-    if (folder / PARITY).is_file():
-        try:
-            extras["parity"] = json.loads((folder / PARITY).read_text())
-        except (ValueError, UnicodeDecodeError):
-            LOG.warning("%s is not valid JSON; /v1/model leaves the parity figures out", folder / PARITY)
-    if (folder / CARD).is_file():
-        extras["model_card"] = (folder / CARD).read_text(errors="replace")
-    return extras
+    return read_extras(folder, engine.identity["weights"])
