@@ -28,7 +28,7 @@ from imgcls.evaluation.calibration import (
 from imgcls.evaluation.cam import explain
 from imgcls.evaluation.evaluate import parse_tta_flag
 from imgcls.evaluation.metrics import classification_metrics
-from imgcls.evaluation.rejection import stored_ood
+from imgcls.evaluation.rejection import number_in, stored_ood
 from imgcls.inference.engine import Engine
 from imgcls.inference.reject import default_rule
 from imgcls.inference.run import TrainedRun, load_run, run_engine
@@ -141,10 +141,9 @@ def _fits(value, kind: type | None, bounds: tuple = (None, None)) -> bool:
         return value is None or _fits(value, float, bounds)
     if kind is str:
         return isinstance(value, str)
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        return False
     low, high = bounds
-    return (kind is float or value == int(value)) and (low is None or value >= low) and (high is None or value <= high)
+    return number_in(value, -math.inf if low is None else low, math.inf if high is None else high) and \
+        (kind is float or value == int(value))
 
 
 def training_record(run: str | Path) -> tuple[dict, list[dict]]:
