@@ -92,6 +92,20 @@ def test_balanced_sampler_resumes_exactly(tiny_folder, tmp_path):
     assert _metrics(fit(resume=tmp_path / "stopped")) == _metrics(straight)
 
 
+def test_a_resumed_run_weighs_its_classes_as_it_began(tiny_folder, tmp_path):
+    """A --class-weights FILE edited between the stop and --resume changed the loss half-way, and the summary
+    reported the new weights for the whole run."""
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({"airplane": 1, "automobile": 1, "bird": 1}))
+    with pytest.raises(Interrupted):
+        fit(_cfg(tiny_folder, tmp_path / "stopped", class_weights=str(weights)), stop_after_steps=5)
+    weights.write_text(json.dumps({"airplane": 1, "automobile": 1, "bird": 50}))
+    with pytest.raises(UserError, match="now gives other weights than .* began with .*the file was edited"):
+        fit(resume=tmp_path / "stopped")
+    weights.write_text(json.dumps({"airplane": 2, "automobile": 2, "bird": 2}))  # the same ratios: the same run
+    fit(resume=tmp_path / "stopped")
+
+
 # ---------------------------------------------------------------- monitor, early stopping, plateau
 
 

@@ -133,6 +133,9 @@ def test_streaming_gives_the_same_pixels_as_memory(tiny_folder):
     [
         (lambda p: p / "nope", "does not exist"),
         (lambda p: (p / "only" / "cat").mkdir(parents=True) or p / "only", "only one class folder"),
+        # test/ alone was read as a class named test: "only one class folder (test)" named the wrong problem
+        (lambda p: [(p / "t" / "test" / c).mkdir(parents=True) for c in ("cat", "dog")] and p / "t",
+         "has test/ but no train/"),
     ],
 )
 def test_bad_folders_are_one_line_errors(tmp_path, make, fix):

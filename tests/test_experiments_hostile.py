@@ -236,6 +236,46 @@ def test_runs_without_a_record_are_checked_against_their_config(tmp_path, tiny_f
     assert (out / "a" / "seed-0.options.json").is_file()  # recorded from now on
 
 
+def test_a_run_folder_moved_under_another_variant_or_seed_is_refused(tmp_path, tiny_folder, capsys):
+    """Two variants' seed-0 folders swapped (each beside the other's options record), or seed-0 copied over
+    seed-1, were tabled under the wrong variant, or as two seeds with ± 0.00: a run's config.yaml says what it
+    was made with, and must be the plan's too."""
+    out = tmp_path / "out"
+    argv = ["compare", str(experiment(tmp_path, tiny_folder, {"a": {"lr": 0.001}, "b": {"lr": 0.002}},
+                                      seeds=(0, 1))), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    swapped, copied = tmp_path / "swapped", tmp_path / "copied"
+    shutil.copytree(out, swapped)
+    (swapped / "a" / "seed-0").rename(swapped / "t")
+    (swapped / "b" / "seed-0").rename(swapped / "a" / "seed-0")
+    (swapped / "t").rename(swapped / "b" / "seed-0")
+    shutil.copytree(out, copied)
+    shutil.rmtree(copied / "b" / "seed-1")
+    shutil.copytree(copied / "b" / "seed-0", copied / "b" / "seed-1")
+    for folder, words in ((swapped, "lr 0.002 -> 0.001"), (copied, "seed 0 -> 1")):
+        before = (folder / "results.json").read_bytes()
+        capsys.readouterr()
+        assert main([*argv[:2], "--out", str(folder), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1, err
+        assert (folder / "results.json").read_bytes() == before
+
+
+def test_a_class_weights_file_keys_a_run_by_its_content(tmp_path, tiny_folder, capsys):
+    """The options record held the file's path alone: an edited file (1:1 made 1:50) was averaged with the
+    runs trained before the edit as one variant."""
+    weights = tmp_path / "w.json"
+    weights.write_text(json.dumps({"airplane": 1, "automobile": 1, "bird": 1}))
+    out = tmp_path / "out"
+    argv = ["compare", str(experiment(tmp_path, tiny_folder, {"a": {"class-weights": str(weights)}})), "--out",
+            str(out), "--quiet"]
+    assert main(argv) == 0
+    weights.write_text(json.dumps({"airplane": 1, "automobile": 1, "bird": 50}))
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "class_weights_sha256" in capsys.readouterr().err
+
+
 def test_changed_data_is_refused_before_new_runs_train(tmp_path, tiny_folder, capsys):
     data = tmp_path / "data"
     shutil.copytree(tiny_folder, data)

@@ -123,6 +123,28 @@ def test_the_gemm_probe_rules_out_a_precision_slower_at_matrix_products(cnn):
     assert measure.GEMM_BEHIND == 1.10
 
 
+def test_a_slow_first_matrix_product_is_setup_not_emulation(cnn):
+    """On a Xeon with AMX the first bf16 product of a process (tile setup) took more than 3x fp32's: the probe
+    called bf16 emulated after that one call, and every model trained in fp32 at a sixth of bf16's speed."""
+    calls = []
+    fake = priced({"fp32": 100.0, "bf16": 40.0})
+
+    def timer(kind, candidate, fn):
+        calls.append((kind, fn.case["precision"]))
+        first_bf16 = fn.case["kind"] == "gemm" and fn.case["precision"] == "bf16" and \
+            calls.count(("gemm", "bf16")) == 1
+        return 50.0 if first_bf16 else fake(kind, candidate, fn)
+
+    choice = choose(cnn, timer)
+    assert (choice.precision_train, choice.precision_eval) == ("bf16", "bf16")
+    assert calls.count(("gemm", "bf16")) == 2 + measure.REPEATS  # the slow first call, the fast second, then timed
+    cache.cache_path().unlink()  # the probe is cached per machine: measure it again
+    emulated = []  # slow on the second call too: emulated, no more calls
+    choose(cnn, lambda kind, candidate, fn: emulated.append((kind, fn.case["precision"])) or
+           (50.0 if fn.case["kind"] == "gemm" and fn.case["precision"] == "bf16" else 1.0), name="emulated")
+    assert emulated.count(("gemm", "bf16")) == 2
+
+
 def test_the_choice_is_cached_with_its_precisions(cnn):
     first = choose(cnn, priced({"fp32": 100.0, "bf16": 50.0}))
     calls = []

@@ -180,6 +180,22 @@ def test_a_calibration_edited_by_hand_is_refused_by_every_reader(calibrated, tin
     assert main(["predict", str(copy_), image]) == 0
 
 
+def test_a_loaded_run_reads_its_calibration_once(calibrated, tmp_path):
+    """export read calibration.json twice: a calibrate between the reads gave the card another temperature
+    than the exported probabilities. The scaling, the curve and the card's record come from one read."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(calibrated, copy_)
+    trained = load_run(copy_)
+    stored = json.loads((copy_ / rundir.CALIBRATION).read_text())
+    curve = stored["risk_coverage"]
+    other = {**stored, "scaling": {**stored["scaling"], "temperature": 3.0, "scale": [1 / 3]},
+             "risk_coverage": {**curve, "threshold": [t / 2 for t in curve["threshold"]]}}
+    rundir.write_sealed_json(copy_ / rundir.CALIBRATION, other)  # a calibrate that ran meanwhile
+    assert trained.calibration["scaling"] == trained.scaling.as_dict() == stored["scaling"]
+    assert trained.risk_coverage == stored["risk_coverage"]
+    assert load_run(copy_).scaling.temperature == pytest.approx(3.0)  # the next load reads the new one
+
+
 def test_predict_reject_marks_unknown_and_keeps_scores(calibrated, tiny_folder, tmp_path):
     out = tmp_path / "p.csv"
     assert main(["predict", str(calibrated), str(tiny_folder / "test"), "--reject", "auto", "--coverage", "0.5",

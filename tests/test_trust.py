@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import yaml
 
 import imgcls
 from imgcls import rundir
@@ -171,6 +172,23 @@ def test_an_onnx_graph_without_its_documents_digest_is_refused(export, tmp_path)
         model.graph.doc_string = description
         onnx.save(model, str(tmp_path / "swapped.onnx"))
         assert words in _one_line(lambda: onnx_engine(tmp_path / "swapped.onnx")), description
+
+
+def test_an_onnx_graph_with_other_weights_spliced_in_is_refused(export, tmp_path):
+    """Another run's convolution weights copied into the graph kept its metadata and passed every check: predict
+    answered with the other model, and serve published this export's parity and card for it."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(export / "model.onnx"))
+    weight = next(i for i in model.graph.initializer if "." in i.name and len(numpy_helper.to_array(i).shape) == 4)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.01, weight.name))
+    onnx.save(model, str(tmp_path / "spliced.onnx"))
+    assert "its graph is not the one exported with this metadata" in _one_line(
+        lambda: onnx_engine(tmp_path / "spliced.onnx"))
+    model = onnx.load(str(export / "model.onnx"))  # the file as export wrote it, saved again, still reads
+    onnx.save(model, str(tmp_path / "resaved.onnx"))
+    assert onnx_engine(tmp_path / "resaved.onnx").classes == json.loads(
+        {p.key: p.value for p in model.metadata_props}["imgcls.classes"])
 
 
 def test_weights_of_another_export_beside_a_model_json_are_refused(export, tmp_path):
@@ -605,7 +623,7 @@ def _needs(name: str) -> dict:
 
 @pytest.mark.parametrize("spec, phrase", [("1e-50,1e-50,1e-50", "float32"), ("1e39,1,1", "float32"),
                                           ("1e-46,1,1", "float32"), ("1,0,1", "positive"),
-                                          ("-1,2,3", "positive")])
+                                          ("-1,2,3", "positive"), ("1e-40,1,1", "normal range")])
 def test_class_weights_are_checked_after_conversion(spec, phrase):
     labels = torch.tensor([0, 1, 2, 0])
     with pytest.raises(UserError, match=phrase):
@@ -742,10 +760,28 @@ def test_an_edited_eval_file_never_reaches_the_model_card(run, tmp_path, capsys)
     for change in ({"accuracy": 5.0}, {"macro_f1": float("nan")}, {"loss": -1.0}, {"n": 0},
                    {"per_class": ev["per_class"][::-1]}, {"most_confused": [{"true": "x", "predicted": "y"}]}):
         assert eval_problem({**ev, **change}, classes) is not None, change
-    (copy_ / "eval-test.json").write_text(json.dumps({**ev, "accuracy": 5.0}))
+    # out of range, and in range (0.97: the seal finds what no bound can), never reach the card
+    for i, forged in enumerate(({**ev, "accuracy": 5.0}, {**ev, "accuracy": 0.97, "macro_f1": 0.97})):
+        (copy_ / "eval-test.json").write_text(json.dumps(forged))
+        assert main(["export", str(copy_), "--format", "safetensors", "--out", str(tmp_path / f"exp{i}")]) == 0
+        card = (tmp_path / f"exp{i}" / "MODEL_CARD.md").read_text()
+        assert "500.00%" not in card and "97.00%" not in card and f"- accuracy: {100 * ev['accuracy']:.2f}%" in card
+
+
+def test_results_on_changed_data_never_stand_for_the_run(run, tmp_path, capsys):
+    """eval --allow-data-change on a folder whose test images had changed wrote RUN/eval-test.json with the
+    run's own fingerprint; once the data was restored, export printed those numbers in the card."""
+    from imgcls.evaluation.evaluate import evaluation
+
+    assert evaluation(run)["fingerprint"] == load_run(run).dataset["fingerprint"]
+    assert evaluation(run, allow_data_change=True)["fingerprint"] is None  # it may be other data's
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    assert main(["eval", str(copy_), "--allow-data-change"]) == 0
+    stored = json.loads((copy_ / "eval-test.json").read_text())
+    rundir.write_sealed_json(copy_ / "eval-test.json", {**stored, "accuracy": 0.0123})  # as if on other images
     assert main(["export", str(copy_), "--format", "safetensors", "--out", str(tmp_path / "exp")]) == 0
-    card = (tmp_path / "exp" / "MODEL_CARD.md").read_text()
-    assert "500.00%" not in card and f"- accuracy: {100 * ev['accuracy']:.2f}%" in card
+    assert "1.23%" not in (tmp_path / "exp" / "MODEL_CARD.md").read_text()  # computed again on the run's data
 
 
 def test_a_consistent_edit_of_onnx_metadata_is_refused_by_the_graphs_own_digest(export, tmp_path):
@@ -783,15 +819,17 @@ def test_a_stored_ood_result_is_shown_only_for_its_own_checkpoint_and_checked(tm
            "msp": {"auroc": 0.61, "fpr_at_95tpr": 0.9}, "energy": {"auroc": 0.63, "fpr_at_95tpr": 0.88},
            "reject_auto": None}
     path = tmp_path / "eval-test.json"
-    path.write_text(json.dumps({"weights": "a" * 64, "ood": ood}))
+    rundir.write_sealed_json(path, {"weights": "a" * 64, "ood": ood})  # the checks behind the seal
     assert stored_ood(tmp_path, "test", "a" * 64) == ood
     assert "another checkpoint" in stored_ood(tmp_path, "test", "b" * 64)["stale"]
     for damage in ({"msp": {"auroc": 7.0, "fpr_at_95tpr": 0.9}}, {"msp": {"auroc": "x", "fpr_at_95tpr": 0.9}},
                    {"n_ood": 0}, {"reject_auto": [1]}):
-        path.write_text(json.dumps({"weights": "a" * 64, "ood": {**ood, **damage}}))
+        rundir.write_sealed_json(path, {"weights": "a" * 64, "ood": {**ood, **damage}})
         assert "its ood section" in _one_line(lambda: stored_ood(tmp_path, "test", "a" * 64)), damage
-    path.write_text(json.dumps({"weights": "a" * 64, "ood": [1]}))
+    rundir.write_sealed_json(path, {"weights": "a" * 64, "ood": [1]})
     assert "its ood section" in _one_line(lambda: stored_ood(tmp_path, "test", "a" * 64))
+    path.write_text(json.dumps({"weights": "a" * 64, "ood": ood}))  # unsealed: edited, or an older imgcls's
+    assert "was edited after imgcls wrote it" in _one_line(lambda: stored_ood(tmp_path, "test", "a" * 64))
 
 
 @pytest.mark.parametrize("edit", ["crop_padding: -40", "eval_batch_size: 99999999999999999999",
@@ -888,6 +926,15 @@ def test_a_checkpoint_pins_the_pixels_it_was_trained_on(run, tmp_path, tiny_fold
     mean, std = NORMALIZATIONS[other]
     (copy_ / rundir.DATASET).write_text(json.dumps({**info, "mean": list(mean), "std": list(std)}))
     assert "best.pt was trained with" in _one_line(lambda: load_run(copy_))
+    # the recipe's pixel stage too: crop_padding 12 and reflect fill (in bounds) changed eval --tta N and were
+    # written into the export's recipe, which predict and serve redraw
+    shutil.copy(run / rundir.CONFIG, copy_ / rundir.CONFIG)
+    shutil.copy(run / rundir.DATASET, copy_ / rundir.DATASET)
+    assert load_run(copy_).recipe == load_run(run).recipe
+    cfg = yaml.safe_load((copy_ / rundir.CONFIG).read_text())
+    (copy_ / rundir.CONFIG).write_text(yaml.safe_dump({**cfg, "crop_padding": 12, "crop_fill": "reflect"}))
+    message = _one_line(lambda: load_run(copy_))
+    assert message.startswith(f"{rundir.CONFIG} says recipe") and "best.pt was trained with" in message
 
 
 def test_list_files_skip_comments_and_a_device_is_named_as_one(run, tiny_folder, tmp_path):

@@ -279,7 +279,10 @@ def cmd_lr_find(args) -> int:
     flags = {name: getattr(args, name) for name in FIELDS if name != "out"}  # --out is the plot here
     cfg = build_config(args.recipe, **flags)
     _about(f"lr-find: {cfg.model} on {cfg.data}, rates from {args.start_lr:g} to {args.end_lr:g}; writes {args.out}")
+    from imgcls.rundir import refuse_run_file
     from imgcls.training.lr_find import describe, run_lr_find
+
+    refuse_run_file(args.out, within=_folders(cfg.data, cfg.data_dir))  # the plot would replace a training image
     existed = _existing([args.out])
     result, plot = run_lr_find(cfg, cfg.device, args.start_lr, args.end_lr, args.steps, args.out)
     for line in describe(result, args.start_lr, args.end_lr, group_lrs=cfg.group_lrs is not None):
@@ -498,6 +501,10 @@ def cmd_compare(args) -> int:
         print(f"{exp.name}: {len(exp.variants)} variants x {len(exp.seeds)} seeds = {runs} runs on "
               f"{exp.train.get('data', 'cifar10-mini')}", flush=True)
     out = Path(args.out)
+    from imgcls.rundir import refuse_run_file
+
+    datas = [exp.train.get("data"), *(v.get("data") for v in exp.variants.values())]
+    refuse_run_file(out, within=_folders(*datas, args.data_dir))  # runs into the images would become images
     existed = _existing(out.glob("*.*") if out.is_dir() else [])
     records = run_experiment(exp, args.out, args.data_dir, args.quiet)
     rows = aggregate(records)
@@ -509,14 +516,21 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _folders(*paths: str | None) -> tuple[str, ...]:
+    """Those of `paths` that are folders (a dataset's images, --data-dir): what an output may not land in."""
+    return tuple(p for p in paths if p and Path(p).is_dir())
+
+
 def cmd_augment_preview(args) -> int:
     from imgcls.config import build_config
     from imgcls.data import TrainTransform, load_dataset
     from imgcls.data.presets import PixelRecipe
     from imgcls.data.preview import preview_rows
     from imgcls.reporting.figures import image_grid
+    from imgcls.rundir import refuse_run_file
 
     cfg = build_config(**{name: getattr(args, name) for name in PREVIEW_FIELDS})  # validates the options
+    refuse_run_file(args.out, within=_folders(cfg.data, cfg.data_dir))  # the grid would replace a training image
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size)
     erasing = erasing_probability(cfg.aug, cfg.random_erasing)
     transform = TrainTransform(PixelRecipe.of(cfg), dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,

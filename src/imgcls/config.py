@@ -327,7 +327,7 @@ def coerce(name: str, value: Any) -> Any:
 FLOAT32_MAX, FLOAT32_TINY = 3.4028234663852886e38, 1.401298464324817e-45  # largest, smallest positive (subnormal)
 
 
-def _check_float32(name: str, v: float, zero_allowed: bool = True) -> None:
+def check_float32(name: str, v: float, zero_allowed: bool = True) -> None:
     """A float option is used in float32 (the optimizer's rates, the loss's factors): refused when it would
     become infinite there, or 0 when it is not 0."""
     if abs(v) > FLOAT32_MAX:
@@ -349,7 +349,7 @@ def _check_bounds(name: str, value: Any) -> None:
         low, high = meta["low"], meta["high"]
         used = v
         if isinstance(v, float):
-            _check_float32(name, v, zero_allowed=low is None or low < 0 or (low == 0 and not meta["open_low"]))
+            check_float32(name, v, zero_allowed=low is None or low < 0 or (low == 0 and not meta["open_low"]))
             used = struct.unpack("f", struct.pack("f", v))[0]  # the value training computes with
         if not any(_outside(x, low, high, meta) for x in (v, used)):
             continue

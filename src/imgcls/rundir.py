@@ -40,15 +40,28 @@ TMP_MARK = ".tmp-"
 RUN_FILES = {CONFIG, PLAN, DATASET, METRICS, SUMMARY, LAST, BEST, TEST_PREDICTIONS, LOCK, CALIBRATION}
 
 
+def cache_dir() -> Path:
+    """Where imgcls keeps what it measured or computed for reuse across runs (kernel timings, cached
+    features): $IMGCLS_CACHE_DIR, else ~/.cache/imgcls."""
+    root = os.environ.get("IMGCLS_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "imgcls"
+
+
 # What an export folder holds (export/ and inference/exported.py name them; test_trust checks the two agree)
 EXPORT_FILES = {"model.onnx", "model.int8.onnx", "model.safetensors", "model.json", "parity.json", "MODEL_CARD.md"}
 
 
-def refuse_run_file(out: str | Path, flag: str = "--out", inputs: tuple = ()) -> None:
+def refuse_run_file(out: str | Path, flag: str = "--out", inputs: tuple = (), within: tuple = ()) -> None:
     """A user's output never lands on a file imgcls reads: one a run owns (its checkpoints, plan, metrics,
-    calibration, eval results), one of an export, or one of the command's own `inputs` (a --list file):
-    `predict --out RUN/metrics.jsonl` would destroy the run's record, however whole the write."""
+    calibration, eval results), one of an export, one in imgcls's cache, one of the command's own `inputs`
+    (a --list file), or anything inside the folders in `within` (the image folder a command reads, where a
+    PNG would become a training image): `predict --out RUN/metrics.jsonl` would destroy the run's record,
+    however whole the write."""
     target = Path(os.path.realpath(out))
+    for folder in (*within, cache_dir()):
+        if folder and target.is_relative_to(os.path.realpath(folder)):
+            raise UserError(f"{flag} {out} lies inside {folder}, which this command reads"
+                            f"{'' if folder in within else ' (imgcls cache)'}; write elsewhere")
     owned = target.name in RUN_FILES or (target.name.startswith("eval-") and target.suffix == ".json")
     if owned and is_run(target.parent):
         raise UserError(f"{flag} {out} is {target.name} of the run {target.parent}; write elsewhere, e.g. "

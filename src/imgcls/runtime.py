@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from imgcls.errors import UserError
-
-
-def cache_dir() -> Path:
-    """Where imgcls keeps what it measured or computed for reuse across runs (kernel timings, cached
-    features): $IMGCLS_CACHE_DIR, else ~/.cache/imgcls."""
-    root = os.environ.get("IMGCLS_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "imgcls"
 
 
 def resolve_device(name: str) -> torch.device:

@@ -76,6 +76,11 @@ def scan(root: Path) -> tuple[list[str], dict[str, tuple[list[Path], list[int]]]
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; pass --data an existing image folder")
     has_splits = (root / "train").is_dir()
+    orphans = [name for name in SPLIT_NAMES[1:] if (root / name).is_dir()]
+    if orphans and not has_splits:  # else val/ and test/ would be read as two class folders
+        raise UserError(f"{root} has {' and '.join(n + '/' for n in orphans)} but no train/; imgcls reads split "
+                        "folders beside a train/ with the same class folders: add it, or pass the split's own folder "
+                        "(class folders alone)")
     train_root = root / "train" if has_splits else root
     classes = [d.name for d in _class_dirs(train_root)]
     problem = class_names_problem(classes)

@@ -85,7 +85,7 @@ def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, 
     """`evaluation` written to `eval_out`'s file (whose place is checked first)."""
     target = eval_out(run, split, data, out)
     result = evaluation(run, split, data, data_dir, checkpoint, device, tta, allow_data_change)
-    rundir.write_json(target, result)
+    rundir.write_sealed_json(target, result)  # a model card reuses it: an edit within bounds must show
     return result, target
 
 
@@ -111,7 +111,9 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     result.update(split=split, data=data or trained.config.data, checkpoint=str(trained.checkpoint),
                   weights=trained.digest, scaling=trained.scaling.as_dict() if trained.scaling else None,
                   precision=engine.precision)
-    result["fingerprint"] = trained.dataset["fingerprint"] if data is None else None
+    # the run's fingerprint only when its own, unchanged data was scored (--allow-data-change scores data that
+    # may differ from it: such results must never stand for the run's)
+    result["fingerprint"] = trained.dataset["fingerprint"] if data is None and not allow_data_change else None
     return result
 
 

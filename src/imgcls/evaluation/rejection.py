@@ -117,9 +117,9 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
                                  "ood_accepted": (outside.probs.max(1).values >= rule["threshold"]).double().mean()
                                  .item()}
     if eval_json is not None:
-        record = rundir.read_json(eval_json)
+        record = rundir.read_sealed_json(eval_json, f"run imgcls eval {run} again")
         record["ood"] = result
-        rundir.write_json(eval_json, record)
+        rundir.write_sealed_json(eval_json, record)
     return result
 
 
@@ -150,7 +150,8 @@ def stored_ood(run: Path, split: str, weights: str) -> dict | None:
     """The OOD result the run's eval-SPLIT.json holds for checkpoint `weights`, checked (None: there is none);
     {"stale": why} when it was computed with another checkpoint (a report shows why, not its numbers)."""
     path = Path(run) / f"eval-{split}.json"
-    record = rundir.read_json(path) if path.is_file() else None
+    record = rundir.read_sealed_json(path, f"run imgcls eval {run} --ood FOLDER again, or delete it") \
+        if path.is_file() else None
     ood = record.get("ood") if isinstance(record, dict) else None
     if ood is None:
         return None

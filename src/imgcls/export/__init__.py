@@ -29,7 +29,7 @@ from imgcls.inference.exported import onnx_engine, safetensors_engine
 from imgcls.inference.graph import InferenceModel
 from imgcls.inference.metadata import ExportSpec
 from imgcls.inference.reject import default_rule
-from imgcls.inference.run import TrainedRun, load_run, read_calibration, run_engine
+from imgcls.inference.run import TrainedRun, load_run, run_engine
 from imgcls.options import EXPORT_FORMATS, ONNX_OPSET, ONNX_OPSET_MIN
 from imgcls.training.summary import versions
 
@@ -46,11 +46,15 @@ def _test_metrics(trained: TrainedRun) -> dict | None:
         return None
     path = trained.path / f"eval-{split}.json"
     if path.is_file():
-        ev = rundir.read_json(path)
+        try:
+            ev = rundir.read_sealed_json(path, "")
+        except UserError:
+            ev = None  # edited by hand, or written by an older imgcls: computed again, never printed in the card
         scaling = trained.scaling.as_dict() if trained.scaling else None
         if isinstance(ev, dict) and ev.get("weights") == trained.digest and ev.get("data") == trained.config.data \
-                and ev.get("scaling") == scaling and "tta" not in ev and eval_problem(ev, trained.classes) is None:
-            return ev  # else computed again: a file edited by hand never reaches the card
+                and ev.get("fingerprint") == trained.dataset["fingerprint"] and ev.get("scaling") == scaling \
+                and "tta" not in ev and eval_problem(ev, trained.classes) is None:
+            return ev
     # computed for the card, not written into the run: RUN/eval-SPLIT.json stays what `imgcls eval` wrote there
     return evaluation(trained.path, split, checkpoint=str(trained.checkpoint), device="cpu")
 
@@ -120,7 +124,7 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
             results["int8"] = _write_int8(stage, spec, held_out, timing)
         for kind, result in results.items():
             (require_int8 if kind == "int8" else require_parity)(result)
-        card = model_card(trained, spec, _test_metrics(trained), read_calibration(trained.path), results,
+        card = model_card(trained, spec, _test_metrics(trained), trained.calibration, results,
                           _summary(trained))
         (stage / CARD).write_text(card)
         rundir.write_sealed_json(stage / PARITY, {"run": str(trained.path), "checkpoint": str(trained.checkpoint),

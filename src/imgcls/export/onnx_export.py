@@ -36,8 +36,12 @@ def export_onnx(graph: InferenceModel, spec: ExportSpec, out: Path, opset: int =
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise UserError(f"{spec.model} cannot be exported to ONNX ({type(e).__name__}: {reason}); "
                         "use --format safetensors") from e
+    import onnx  # the exporter needs it too
+
     onnx_program.model.metadata_props.update(spec.onnx_properties())
-    onnx_program.model.graph.doc_string = pinned_description(spec.to_dict())  # binds the metadata to this graph
     path = out / ONNX_FILE
     onnx_program.save(path, external_data=False)
+    model = onnx.load(str(path))  # the graph as it will be read back, pinned with its metadata
+    model.graph.doc_string = pinned_description(spec.to_dict(), model)
+    onnx.save(model, str(path))
     return path

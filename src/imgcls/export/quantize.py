@@ -80,7 +80,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor], spec: 
     quantization = describe(reduce_range, sum(len(b) for b in calibration))
     for key, value in {**spec.onnx_properties(), "imgcls.quantization": quantization}.items():
         model.metadata_props.add(key=key, value=value)
-    model.graph.doc_string = pinned_description(spec.to_dict())
+    model.graph.doc_string = pinned_description(spec.to_dict(), model)
     onnx.save(model, str(out))
     return out
 

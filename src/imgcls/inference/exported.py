@@ -24,6 +24,7 @@ from imgcls.rundir import strict_json
 WEIGHTS, SPEC = "model.safetensors", "model.json"
 TENSORS_KEY = "weights_file_sha256"  # model.json's digest of model.safetensors
 DOCUMENT_KEY = "imgcls.document_sha256"  # model.safetensors' header: the digest of model.json's document
+GRAPH_KEY = "imgcls.graph_sha256"  # an ONNX graph's description, after the document's: the graph's own digest
 
 
 def _spec_path(path: str | Path) -> Path:
@@ -62,21 +63,36 @@ def document_digest(document: dict) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def pinned_description(document: dict) -> str:
-    """An ONNX graph's description: the digest of its file's metadata document, as model.safetensors' header
-    holds model.json's, so that metadata edited in place (other class names, another crop) is refused."""
-    return f"{DOCUMENT_KEY} {document_digest(document)}"
+def graph_digest(model) -> str:
+    """sha256 of an ONNX model's graph (nodes, weights, inputs and outputs) without its description, which holds
+    the digests: weights of another export spliced into a graph change it."""
+    graph = type(model.graph)()
+    graph.CopyFrom(model.graph)
+    graph.doc_string = ""
+    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
 
 
-def _check_pinned(description: str, document: dict, where: str) -> None:
-    """The graph's description must pin its document: without a digest, or with another one, the metadata is not
-    what was exported (a digest removed would otherwise switch the check off)."""
-    if not description.startswith(DOCUMENT_KEY):
-        raise UserError(f"{where}: its graph carries no digest of its {ONNX_KEY} metadata (it was removed, or an "
-                        "older imgcls exported it), so edited metadata could not be told; export the run again")
-    if description != pinned_description(document):
+def pinned_description(document: dict, model) -> str:
+    """An ONNX graph's description: the digests of its file's metadata document and of the graph itself, as
+    model.json and model.safetensors pin each other, so that metadata edited in place (other class names,
+    another crop) or another export's weights spliced in are refused."""
+    return f"{DOCUMENT_KEY} {document_digest(document)} {GRAPH_KEY} {graph_digest(model)}"
+
+
+def _check_pinned(model, document: dict, where: str) -> None:
+    """The graph's description must pin its document and the graph: without the digests, or with others, the
+    file is not what was exported (a digest removed would otherwise switch the check off)."""
+    description = model.graph.doc_string
+    if not description.startswith(DOCUMENT_KEY) or GRAPH_KEY not in description:
+        raise UserError(f"{where}: its graph carries no digest of its {ONNX_KEY} metadata and weights (it was removed, "
+                        "or an older imgcls exported it), so an edit could not be told; export the run again")
+    document_part = f"{DOCUMENT_KEY} {document_digest(document)} "
+    if not description.startswith(document_part):
         raise UserError(f"{where}: its {ONNX_KEY} metadata is not the document this graph was exported with (a field "
                         "was changed since: classes, preprocessing, calibration...); export the run again")
+    if description != pinned_description(document, model):
+        raise UserError(f"{where}: its graph is not the one exported with this metadata (weights or nodes were "
+                        "changed since); export the run again")
 
 
 def _header_metadata(data: bytes) -> dict:
@@ -200,8 +216,14 @@ def onnx_engine(path: str | Path, threads: int | None = None, batch_size: int | 
     if threads:
         options.intra_op_num_threads = threads
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for unreadable files
+        import onnx
+    except ImportError:
+        raise UserError("reading an ONNX export needs onnx; pip install 'imgcls[export]'") from None
+    data = Path(path).read_bytes()  # parsed for its digests and run from the same bytes: what is checked runs
+    try:
+        model = onnx.load_from_string(data)
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnx and onnxruntime raise their own exception types for unreadable files
         raise UserError(f"cannot load {path} as ONNX ({first_line(e, 100)}); pass a .onnx file written by "
                         "imgcls export") from e
     meta = session.get_modelmeta()
@@ -210,7 +232,7 @@ def onnx_engine(path: str | Path, threads: int | None = None, batch_size: int | 
     quantized = "imgcls.quantization" in meta.custom_metadata_map
     _check_calibration(session, spec, str(path), CALIBRATION_PROBE_TOLERANCE["int8" if quantized else "fp32"])
     # last: an edit the checks above cannot see (swapped names, another crop) is one the digest can
-    _check_pinned(meta.graph_description, strict_json(meta.custom_metadata_map[ONNX_KEY]), str(path))
+    _check_pinned(model, strict_json(meta.custom_metadata_map[ONNX_KEY]), str(path))
     return _engine_from_spec(spec, OnnxBackend(session), str(path), None, batch_size)
 
 

@@ -44,6 +44,7 @@ class TrainedRun:
     checkpoint: Path
     digest: str  # sha256 of the checkpoint file: what derived files record they were computed from
     scaling: Scaling | None = None  # from calibration.json, once `imgcls calibrate` has run
+    calibration: dict | None = None  # that file as it was read for `scaling`: one read, so the two agree
     allow_data_change: bool = False  # score the run's data even if it differs from what it was trained on
 
     @property
@@ -63,7 +64,7 @@ class TrainedRun:
     def risk_coverage(self) -> dict | None:
         """The validation curve `imgcls calibrate` stored, for --reject auto; a damaged one is refused."""
         path = self.path / rundir.CALIBRATION
-        stored = read_calibration(self.path)
+        stored = self.calibration if self.calibration is not None else read_calibration(self.path)
         if stored is None:
             return None
         curve = stored.get("risk_coverage")
@@ -153,11 +154,14 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
     pinned = ckpt.get("preprocessing")  # checkpoints of older runs carry none
     seen = {"img_size": info["img_size"], "crop_pct": info.get("crop_pct", 1.0), "mean": list(info["mean"]),
-            "std": list(info["std"])}
+            "std": list(info["std"]), "recipe": PixelRecipe.of(cfg).as_dict()}
+    if pinned is not None and "recipe" not in pinned:  # checkpoints of older runs pinned the pixels alone
+        del seen["recipe"]
     if pinned is not None and pinned != seen:
         field = next(k for k in seen if pinned.get(k) != seen[k])
-        raise UserError(f"{info_path} says {field} {seen[field]}, but {ckpt_path.name} was trained with "
-                        f"{pinned.get(field)}: it was edited (with config.yaml, perhaps); restore it, or train again")
+        where = rundir.CONFIG if field == "recipe" else info_path
+        raise UserError(f"{where} says {field} {seen[field]}, but {ckpt_path.name} was trained with "
+                        f"{pinned.get(field)}: it was edited; restore it, or train again")
     if ckpt.get("classes", info["classes"]) != info["classes"]:  # checkpoints of older runs carry no names
         raise UserError(f"checkpoint {ckpt_path} was trained on the classes {', '.join(map(str, ckpt['classes']))}, "
                         f"not this run's {', '.join(info['classes'])}; pass a checkpoint of this run")
@@ -165,8 +169,8 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     restore_weights(model, ckpt, ckpt_path)
     model = model.to(device or torch.device("cpu")).eval()
     digest = file_digest(ckpt_path)
-    scaling = _calibration(path, ckpt_path, digest, len(info["classes"])) if calibrated else None
-    return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, allow_data_change)
+    scaling, calibration = _calibration(path, ckpt_path, digest, len(info["classes"])) if calibrated else (None, None)
+    return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, calibration, allow_data_change)
 
 
 def _check_against_config(info: dict, cfg, info_path: Path) -> None:
@@ -193,13 +197,13 @@ def read_calibration(run: Path) -> dict | None:
                                          "uncalibrated")
 
 
-def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> Scaling | None:
-    """The run's calibration, refused unless it was fitted on `checkpoint` (calibration.json records the digest
-    of the checkpoint it was fitted on): a temperature of another epoch's weights is not this model's."""
+def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> tuple[Scaling | None, dict | None]:
+    """The run's calibration and the file it came from, refused unless it was fitted on `checkpoint` (the file
+    records the digest of the checkpoint it was fitted on): another epoch's temperature is not this model's."""
     calibration = path / rundir.CALIBRATION
     stored = read_calibration(path)
     if stored is None:
-        return None
+        return None, None
     scaling = parse_scaling(stored.get("scaling"), num_classes, str(calibration),
                             "delete it to use the run uncalibrated, or run imgcls calibrate again")
     if stored.get("weights") != digest:
@@ -207,7 +211,7 @@ def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) ->
                         f"imgcls): calibrate this one with imgcls calibrate {path} --checkpoint "
                         f"{checkpoint.stem if checkpoint.parent == path else checkpoint}, or delete it to use the run "
                         "uncalibrated")
-    return scaling
+    return scaling, stored
 
 
 def _eval_requests(trained: TrainedRun, device: torch.device) -> dict:

@@ -13,14 +13,13 @@ import torch
 from imgcls import rundir
 from imgcls.config import FIELDS
 from imgcls.kernels.choice import ATTENTION_KERNELS, DEPTHWISE_PRECISIONS, MEMORY_FORMATS, PRECISIONS
-from imgcls.runtime import cache_dir
 
 VERSION = 4  # 3: attention is sdpa or manual (pinned SDPA backends are gone); 4: precisions are measured
 MAX_EVAL_BATCH = FIELDS["eval_batch_size"].metadata["high"]
 
 
 def cache_path() -> Path:
-    return cache_dir() / "kernels.json"
+    return rundir.cache_dir() / "kernels.json"
 
 
 def machine(device: torch.device) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from imgcls import rundir
+from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
 from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.training import distributed
@@ -125,10 +126,23 @@ def global_meter(ctx: TrainingContext, meter: EpochMeter) -> EpochMeter:
     return replace(meter, images=int(images), loss_sum=loss_sum, correct=int(correct), live=None)  # numbers only
 
 
-def pixels_of(dataset) -> dict:
-    """What the weights were trained to see (dataset.json must say the same): size, crop and normalisation."""
+def pixels_of(dataset, cfg) -> dict:
+    """What the weights were trained to see (dataset.json and config.yaml must say the same): size, crop and
+    normalisation, and the recipe's pixel stage that `--tta N` and an export's TTA redraw."""
     return {"img_size": dataset.img_size, "crop_pct": dataset.crop_pct, "mean": [float(v) for v in dataset.mean],
-            "std": [float(v) for v in dataset.std]}
+            "std": [float(v) for v in dataset.std], "recipe": PixelRecipe.of(cfg).as_dict()}
+
+
+def _check_same_weights(ckpt: dict, now: torch.Tensor | None, spec: str, path: Path) -> None:
+    """A resumed run weighs its classes as it began (a --class-weights FILE edited meanwhile would change the loss
+    half-way, and the summary would report the new weights for the whole run)."""
+    if "class_weights" not in ckpt:  # checkpoints of older runs did not say
+        return
+    before = ckpt["class_weights"]
+    if (before is None) != (now is None) or before is not None and not torch.equal(before, now):
+        raise UserError(f"--class-weights {spec} now gives other weights than {path.parent} began with "
+                        f"({'none' if before is None else [round(float(w), 4) for w in before]}): the file was edited; "
+                        "restore it, or train a new run")
 
 
 class Checkpointer:
@@ -145,7 +159,8 @@ class Checkpointer:
                 "model_name": ctx.cfg.model,
                 "num_classes": ctx.dataset.num_classes,
                 "classes": ctx.dataset.classes,
-                "preprocessing": pixels_of(ctx.dataset),
+                "preprocessing": pixels_of(ctx.dataset, ctx.cfg),
+                "class_weights": ctx.class_weights,  # from a file, perhaps: an edit of it must not go unseen
                 "model": ctx.evaluated.state_dict(),
                 "train_weights": ctx.model.state_dict() if ctx.ema is not None else None,
                 "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
@@ -170,7 +185,7 @@ class Checkpointer:
         ctx = self.ctx
         if ctx.world.main:
             save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
-                             "classes": ctx.dataset.classes, "preprocessing": pixels_of(ctx.dataset),
+                             "classes": ctx.dataset.classes, "preprocessing": pixels_of(ctx.dataset, ctx.cfg),
                              "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
                              "val_acc": scores.get("val_acc"),  # None: no validation split, the newest epoch
                              "monitor": ctx.cfg.monitor if scores else None, "score": state.best_score}, self.best)
@@ -179,6 +194,7 @@ class Checkpointer:
         """Load last.pt into the context's model, optimizer and random streams; return where it stopped."""
         ctx, world = self.ctx, self.ctx.world
         ckpt = load_checkpoint(self.last, ctx.cfg.model, ctx.dataset.num_classes)
+        _check_same_weights(ckpt, ctx.class_weights, ctx.cfg.class_weights, self.last)
         # Older runs kept the raw weights under "model" and no "train_weights".
         ctx.model.load_state_dict(ckpt.get("train_weights") or ckpt["model"])
         if ctx.ema is not None:

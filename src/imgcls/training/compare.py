@@ -24,6 +24,7 @@ from imgcls.data.datasets import data_source, load_dataset
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
+from imgcls.inference.run import file_digest
 from imgcls.models import model_spec
 from imgcls.training.train import fit
 from imgcls.yamlio import load_yaml_mapping
@@ -45,6 +46,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]{0,99}")
 # Options that do not change what a run learns, so a rerun may differ in them. The data itself
 # is guarded by the dataset fingerprint instead of data_dir.
 UNKEYED = {"out", "quiet", "data_dir"}
+WEIGHTS_DIGEST = "class_weights_sha256"  # a keyed option that is no flag: the --class-weights file's content
 
 
 @dataclass
@@ -195,11 +197,15 @@ def _build(overrides: dict, where: str) -> TrainConfig:
 
 
 def _keyed(options: dict) -> dict:
-    """The options that key a run: JSON-plain, minus UNKEYED, with the data named as fingerprints name it."""
+    """The options that key a run: JSON-plain, minus UNKEYED, with the data named as fingerprints name it, and
+    a --class-weights FILE by its content too (the path alone would key an edited file as the same run)."""
     options = json.loads(json.dumps(options, default=str))
     options = {k: v for k, v in options.items() if k not in UNKEYED}
     if isinstance(options.get("data"), str):
         options["data"] = data_source(options["data"])
+    weights = options.get("class_weights")
+    if isinstance(weights, str) and weights.endswith(".json") and Path(weights).expanduser().is_file():
+        options[WEIGHTS_DIGEST] = file_digest(Path(weights).expanduser())
     return options
 
 
@@ -228,7 +234,7 @@ def _differences(recorded: dict, planned: dict, legacy: bool) -> list[str]:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     changes = []
     for key in sorted(set(planned) | set(recorded)):
-        if key not in FIELDS or key in UNKEYED:
+        if (key not in FIELDS or key in UNKEYED) and key != WEIGHTS_DIGEST:
             continue
         new, old = planned.get(key, defaults.get(key)), recorded.get(key, defaults.get(key))
         if legacy and (new in (None, "auto") or key == "aug" and planned.get("cache_features")):
@@ -251,19 +257,20 @@ def _check_reusable(p: Planned, out: Path) -> None:
                         "a fresh --out")
     if not _started(p.run):
         return
-    if p.record.exists():
-        recorded, legacy = _read_json(p.record, f"delete {p.record} and {p.run} and rerun"), False
-        recorded = recorded.get("options") if isinstance(recorded, dict) else None
-    else:
-        try:
-            recorded, legacy = yaml.safe_load((p.run / rundir.CONFIG).read_text()), True
-        except (OSError, yaml.YAMLError):
-            recorded, legacy = None, True
-        recorded = _keyed(recorded) if isinstance(recorded, dict) else None
-    if not isinstance(recorded, dict):
+    try:
+        config = yaml.safe_load((p.run / rundir.CONFIG).read_text())
+    except (OSError, yaml.YAMLError):
+        config = None
+    config = _keyed(config) if isinstance(config, dict) else None
+    recorded = _read_json(p.record, f"delete {p.record} and {p.run} and rerun") if p.record.exists() else None
+    recorded = recorded.get("options") if isinstance(recorded, dict) else None
+    if not isinstance(config, dict) or p.record.exists() and not isinstance(recorded, dict):
         raise UserError(f"cannot tell which options {p.run} was made with; use a fresh --out, or delete "
                         f"{out / p.variant}")
-    changes = _differences(recorded, p.options, legacy)
+    # the record says what the run was asked for; its config.yaml what it was made with (a run folder moved or
+    # copied under another variant or seed keeps its own): both must be the plan's
+    changes = (_differences(recorded, p.options, False) if recorded is not None else []) or \
+        _differences(config, p.options, True)
     if changes:
         shown = "; ".join(changes[:4]) + ("; ..." if len(changes) > 4 else "")
         raise UserError(f"{p.run} was made with other options ({shown}); use a fresh --out, or delete "

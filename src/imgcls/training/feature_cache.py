@@ -25,7 +25,6 @@ from imgcls import rundir
 from imgcls.data import Split
 from imgcls.errors import UserError
 from imgcls.models.surface import classifier_name
-from imgcls.runtime import cache_dir
 
 VERSION = 2  # of the file and of what the key covers (2: sealed)
 
@@ -45,7 +44,7 @@ def backbone_digest(model: torch.nn.Module) -> str:
 
 def feature_path(parts: dict) -> Path:
     key = hashlib.sha256(json.dumps({"version": VERSION, **parts}, sort_keys=True, default=str).encode())
-    return cache_dir() / "features" / f"{key.hexdigest()[:32]}.safetensors"
+    return rundir.cache_dir() / "features" / f"{key.hexdigest()[:32]}.safetensors"
 
 
 def _seal(features: torch.Tensor, labels: torch.Tensor, path: Path) -> torch.Tensor:

@@ -61,6 +61,10 @@ def usable_weights(weights: torch.Tensor, spec: str) -> torch.Tensor:
         raise UserError(f"--class-weights {spec}: a weight is 0 in float32, the precision the loss computes in "
                         "(below about 1e-45 is 0), so its class would never be learned; scale the weights up (only "
                         "their ratios matter)")
+    if not bool((weights >= torch.finfo(torch.float32).tiny).all()):
+        raise UserError(f"--class-weights {spec}: once scaled, a weight is below float32's normal range (about "
+                        "1.2e-38: a ratio of 1e38 or more to the others), so its class would in effect never be "
+                        "learned; give weights closer together")
     return weights
 
 

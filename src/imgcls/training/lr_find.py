@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from imgcls.config import TrainConfig
+from imgcls.config import TrainConfig, check_float32
 from imgcls.errors import UserError
 from imgcls.kernels.choice import layout_of
 from imgcls.training.checkpointer import TrainState
@@ -197,6 +197,8 @@ def _check_request(start_lr: float, end_lr: float, steps: int | None, out: str |
     if not 0 < start_lr < end_lr or not math.isfinite(end_lr):
         raise UserError(f"--start-lr {start_lr:g} and --end-lr {end_lr:g} must be positive with start < end; "
                         "e.g. --start-lr 1e-7 --end-lr 10")
+    for name, rate in (("start_lr", start_lr), ("end_lr", end_lr)):  # the update multiplies float32 gradients
+        check_float32(name, rate, zero_allowed=False)
     if steps is not None and steps < MIN_STEPS:
         raise UserError(f"--steps {steps} is too few to read a curve from; give at least {MIN_STEPS}")
     out = Path(out)
