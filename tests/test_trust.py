@@ -496,6 +496,45 @@ def test_no_output_lands_on_another_runs_files_an_exports_or_the_commands_own_in
     assert {CARD, PARITY, ONNX_FILE, INT8_FILE, SPEC, WEIGHTS} == rundir.EXPORT_FILES
 
 
+def test_no_output_lands_in_the_data_a_command_reads_or_in_the_cache(tiny_folder, tmp_path, capsys, monkeypatch):
+    """augment-preview and lr-find --out DATA/train/cat/x.png replaced a training image with a plot; compare --out
+    DATA left a stray folder that made the data unusable; audit --out CACHE/kernels.json replaced the cache."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    image = next((data / "train").rglob("*.png"))
+    kept = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    monkeypatch.setenv("IMGCLS_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kernels.json").write_text("{}")
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(json.dumps({"data": str(data), "train": {"model": "fastnet_cifar_small", "epochs": 1},
+                                      "variants": {"a": {}}}))
+    attempts = [["augment-preview", "--data", str(data), "--img-size", "32", "--out", str(image)],
+                ["lr-find", "--data", str(data), "--model", "fastnet_cifar_small", "--img-size", "32", "--out",
+                 str(data / "train" / "lr.png")],
+                ["compare", str(experiment), "--out", str(data / "cmp")],
+                ["audit", str(data), "--out", str(tmp_path / "cache" / "kernels.json")]]
+    for argv in attempts:
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "lies inside" in err and "which this command reads" in err and "\n" not in err, (argv, err)
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == kept
+    assert (tmp_path / "cache" / "kernels.json").read_text() == "{}"
+
+
+def test_lr_finds_rates_are_checked_in_float32(tiny_folder, tmp_path, capsys):
+    """--start-lr 1e-300 --end-lr 1e-299 (every rate 0 in float32) swept and plotted with exit 0; 1e39 is inf."""
+    base = ["lr-find", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--img-size", "32", "--out",
+            str(tmp_path / "lr.png")]
+    for rates, words in ((["1e-300", "1e-299"], "--start-lr 1e-300 is 0 in float32"),
+                         (["1e-3", "1e39"], "--end-lr 1e+39 is beyond float32's range")):
+        capsys.readouterr()
+        assert main([*base, "--start-lr", rates[0], "--end-lr", rates[1]]) == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "lr.png").exists()
+
+
 def test_stale_or_forged_test_predictions_are_computed_again(run, capsys):
     """A forged npz (every test image right) made compare report +66.67 points, significant, beside the row's
     own 33% accuracy; one of another checkpoint was used as it was."""
