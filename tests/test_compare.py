@@ -5,6 +5,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from imgcls import rundir
 from imgcls.cli import main
 from imgcls.config import build_config
 from imgcls.errors import UserError
@@ -50,6 +51,9 @@ def test_a_finished_runs_edited_summary_or_forged_predictions_never_reach_the_ta
     assert np.load(npz)["probs"].shape == (30, 3)  # the test predictions of best.pt, written again
     summary = json.loads((run / "summary.json").read_text())
     (run / "summary.json").write_text(json.dumps({**summary, "test_acc": 0.9876}))
+    assert main(argv) == 2  # the seal finds the edit: params 12, inference 999999 img/s would reach the table too
+    assert "summary.json was edited after imgcls wrote it" in capsys.readouterr().err
+    rundir.write_sealed_json(run / "summary.json", {**summary, "test_acc": 0.9876})  # past the seal, the cross-check
     assert main(argv) == 2
     assert "says test accuracy 98.76%, but best.pt's test predictions give" in capsys.readouterr().err
 

@@ -119,3 +119,18 @@ def test_the_plan_resolves_every_auto_once_and_resolving_it_again_changes_nothin
     assert plan.random_erasing == 0.2 and plan.crop_padding is None  # standard's erasing; no random crop
     basic = resolve(build_config(aug="basic"), facts)
     assert basic.crop_padding == 4 and basic.random_erasing == 0.0  # size/8 at 32 px
+
+
+@pytest.mark.parametrize("text, value", [("seed: 010", 10), ("seed: 1:00", "1:00"), ("lr: 0x2", "0x2"),
+                                         ("lr: 1e-3", 1e-3), ("epochs: +7", 7)])
+def test_a_recipe_reads_numbers_as_the_command_line_does(tmp_path, text, value):
+    """YAML 1.1 read `seed: 010` as 8 (octal), `1:00` as 60 and `0x2` as 2, where --seed 010 is 10 and
+    --lr 0x2 is refused: numbers in a file are decimal, the other forms text, which the schema refuses."""
+    from imgcls.yamlio import load_yaml_mapping
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text + "\n")
+    assert list(load_yaml_mapping(path, "recipe").values()) == [value]
+    if isinstance(value, str):
+        with pytest.raises(UserError, match="recipe"):
+            build_config(str(path))

@@ -103,6 +103,11 @@ def test_a_resumed_run_weighs_its_classes_as_it_began(tiny_folder, tmp_path):
     with pytest.raises(UserError, match="now gives other weights than .* began with .*the file was edited"):
         fit(resume=tmp_path / "stopped")
     weights.write_text(json.dumps({"airplane": 2, "automobile": 2, "bird": 2}))  # the same ratios: the same run
+    config = (tmp_path / "stopped" / rundir.CONFIG).read_text()
+    (tmp_path / "stopped" / rundir.CONFIG).write_text(config.replace("weight_decay: 0.05", "weight_decay: 0.0"))
+    with pytest.raises(UserError, match="was edited since the run began .weight_decay 0.0 against 0.05"):
+        fit(resume=tmp_path / "stopped")  # trained on with the checkpoint's options, it would report the new ones
+    (tmp_path / "stopped" / rundir.CONFIG).write_text(config)
     fit(resume=tmp_path / "stopped")
 
 

@@ -747,6 +747,8 @@ def test_a_summary_out_of_range_is_refused_by_report_and_export(run, tmp_path, c
     shutil.copytree(run, copy_)
     summary = json.loads((copy_ / rundir.SUMMARY).read_text())
     (copy_ / rundir.SUMMARY).write_text(json.dumps({**summary, **change}))
+    assert "was edited after imgcls wrote it" in _one_line(lambda: training_record(copy_))
+    rundir.write_sealed_json(copy_ / rundir.SUMMARY, {**summary, **change})  # past the seal: the bounds behind it
     message = _one_line(lambda: training_record(copy_))
     assert f"{rundir.SUMMARY} is damaged" in message and field in message
 
@@ -761,7 +763,7 @@ def test_a_summary_edited_in_range_must_still_tell_the_epochs_and_the_checkpoint
     assert summary["best_val_acc"] != 0.95
     forged = {**summary, "best_val_acc": 0.95, "final_val_acc": 0.95}
     for metrics in (lines, [{**m, "val_acc": 0.95} for m in lines]):  # the summary alone, then both files
-        (copy_ / rundir.SUMMARY).write_text(json.dumps(forged))
+        rundir.write_sealed_json(copy_ / rundir.SUMMARY, forged)  # past the seal: the cross-checks behind it
         (copy_ / rundir.METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
         against = rundir.METRICS if metrics is lines else rundir.BEST
         for argv in (["report", str(copy_), "--tta", "none"], ["export", str(copy_), "--format", "safetensors",
@@ -771,6 +773,38 @@ def test_a_summary_edited_in_range_must_still_tell_the_epochs_and_the_checkpoint
             err = capsys.readouterr().err.strip()
             assert "\n" not in err and f"{rundir.SUMMARY} does not agree with {against}" in err, err
     assert not (tmp_path / "e").exists() and not (copy_ / "report").exists()
+
+
+def test_a_config_edited_in_bounds_is_refused_against_the_checkpoint(run, tmp_path, capsys):
+    """lr 0.3, epochs 300 and optimizer sgd written into a finished run's config.yaml (every value valid) were
+    printed in MODEL_CARD.md as the run's recipe, beside 'best epoch 1 of 1'."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    cfg = yaml.safe_load((copy_ / rundir.CONFIG).read_text())
+    (copy_ / rundir.CONFIG).write_text(yaml.safe_dump({**cfg, "lr": 0.3, "epochs": 300, "optimizer": "sgd"},
+                                                      sort_keys=False))
+    assert main(["export", str(copy_), "--format", "safetensors", "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert f"{rundir.CONFIG} is not what best.pt was trained with (epochs 300 against 1)" in err, err
+    moved = {**cfg, "out": str(tmp_path / "elsewhere"), "workers": 1}  # where it is and the machine: no edit
+    (copy_ / rundir.CONFIG).write_text(yaml.safe_dump(moved, sort_keys=False))
+    assert load_run(copy_).config.workers == 1
+
+
+def test_any_edit_of_a_summary_is_refused_by_its_seal(run, tmp_path, capsys):
+    """train_time_s 0.5, params 5, device cuda and precision fp16 (each in range) reached the card and the report
+    of a CPU fp32 run; test_ece 0.01 and 999999 inference img/s reached a comparison's table."""
+    copy_ = tmp_path / "run"
+    shutil.copytree(run, copy_)
+    summary = json.loads((copy_ / rundir.SUMMARY).read_text())
+    for change in ({"train_time_s": 0.5}, {"params": 5}, {"device": "cuda", "precision": "fp16"},
+                   {"test_ece": 0.01}, {"inference_images_per_s": 999999.0}):
+        (copy_ / rundir.SUMMARY).write_text(json.dumps({**summary, **change}, indent=2))
+        for argv in (["report", str(copy_), "--tta", "none"], ["export", str(copy_), "--format", "safetensors",
+                                                                "--out", str(tmp_path / "e")]):
+            capsys.readouterr()
+            assert main(argv) == 2, (change, argv)
+            assert f"{rundir.SUMMARY} was edited after imgcls wrote it" in capsys.readouterr().err, change
 
 
 @pytest.mark.parametrize("edit", ['"val_acc": 1e309', '"train_loss": NaN', '"val_acc": 1.5', '"train_loss": -1'])

@@ -571,6 +571,27 @@ def unresolved(cfg: TrainConfig) -> list[str]:
     return [name for name in RESOLVED_FIELDS if getattr(cfg, name) in ("auto", None)]
 
 
+# What may differ between the config a run was trained with and the one it is read with: where it and its data
+# are now, and the machine (a run may be resumed or evaluated elsewhere).
+PLACE_FIELDS = ("out", "quiet", "data", "data_dir", "device", "workers")
+
+
+def config_record(cfg: TrainConfig) -> dict:
+    """The options a checkpoint records: what its weights were trained with (see `config_change`)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in PLACE_FIELDS}
+
+
+def config_change(recorded: dict | None, cfg: TrainConfig) -> str | None:
+    """'lr 0.5 against 0.001' when `cfg` (a run's config.yaml) is not what a checkpoint was trained with (None:
+    the same, or a checkpoint of an older run that did not say): an edit would be reported as the run's recipe,
+    or train the rest of a resumed run with other options than its start."""
+    if not isinstance(recorded, dict):
+        return None
+    now = config_record(cfg)
+    changed = next((k for k in sorted(set(now) | set(recorded)) if now.get(k) != recorded.get(k)), None)
+    return None if changed is None else f"{changed} {now.get(changed)!r} against {recorded.get(changed)!r}"
+
+
 def load_config(path: str | Path) -> TrainConfig:
     """Read a run's resolved config.yaml back into a TrainConfig (checked like any recipe)."""
     from imgcls.yamlio import load_yaml_mapping

@@ -6,6 +6,7 @@ variant or an option written twice is never silently dropped.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -39,6 +40,20 @@ class _StrictLoader(yaml.SafeLoader):
                 if first != line:
                     raise _DuplicateKey(key, line, first)
         return super().construct_mapping(node, deep)
+
+
+# Numbers as YAML 1.2 and the command line read them: PyYAML's YAML 1.1 rules read `010` as 8 (octal), `1:00`
+# as 60 (base 60) and `0x2` as 2, where `--seed 010` is 10 and `--lr 0x2` is refused. Decimal only here; the
+# other forms stay text, which the option schema then refuses in one line.
+INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(
+    FLOAT_TAG, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                          r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
+_StrictLoader.add_constructor(INT_TAG, lambda loader, node: int(loader.construct_scalar(node), 10))
 
 
 def load_yaml_mapping(path: str | Path, what: str) -> dict:

@@ -153,7 +153,8 @@ def training_record(run: str | Path) -> tuple[dict, list[dict]]:
     if not (run / rundir.SUMMARY).is_file():
         raise UserError(f"{run} has not finished training (no {rundir.SUMMARY}); finish it with "
                         f"imgcls train --resume {run}, then report it")
-    summary, metrics = rundir.read_json(run / rundir.SUMMARY), rundir.read_metrics(run)
+    summary = rundir.read_sealed_json(run / rundir.SUMMARY, "restore it, or train the run again")
+    metrics = rundir.read_metrics(run)
     bad = [k for k, kind in SUMMARY_KEYS.items()
            if not isinstance(summary, dict) or not _fits(summary.get(k), kind, SUMMARY_BOUNDS.get(k, (None, None)))]
     if not bad:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from imgcls import rundir
-from imgcls.config import NORMALIZATIONS, TrainConfig, load_config, validate
+from imgcls.config import NORMALIZATIONS, TrainConfig, config_change, load_config, validate
 from imgcls.data import Split, load_dataset
 from imgcls.data.datasets import BUILTIN_DATA
 from imgcls.data.preprocessing import Preprocessing
@@ -162,6 +162,10 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
         where = rundir.CONFIG if field == "recipe" else info_path
         raise UserError(f"{where} says {field} {seen[field]}, but {ckpt_path.name} was trained with "
                         f"{pinned.get(field)}: it was edited; restore it, or train again")
+    changed = config_change(ckpt.get("config"), cfg)
+    if changed:
+        raise UserError(f"{path / rundir.CONFIG} is not what {ckpt_path.name} was trained with ({changed}): it was "
+                        "edited; restore it, or train again")
     if ckpt.get("classes", info["classes"]) != info["classes"]:  # checkpoints of older runs carry no names
         raise UserError(f"checkpoint {ckpt_path} was trained on the classes {', '.join(map(str, ckpt['classes']))}, "
                         f"not this run's {', '.join(info['classes'])}; pass a checkpoint of this run")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from imgcls import rundir
+from imgcls.config import config_change, config_record
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
 from imgcls.models.checkpoint import load_checkpoint, save_checkpoint
@@ -161,6 +162,7 @@ class Checkpointer:
                 "classes": ctx.dataset.classes,
                 "preprocessing": pixels_of(ctx.dataset, ctx.cfg),
                 "class_weights": ctx.class_weights,  # from a file, perhaps: an edit of it must not go unseen
+                "config": config_record(ctx.cfg),  # config.yaml must say the same when the run is resumed or read
                 "model": ctx.evaluated.state_dict(),
                 "train_weights": ctx.model.state_dict() if ctx.ema is not None else None,
                 "ema": ctx.ema.state_dict() if ctx.ema is not None else None,
@@ -186,6 +188,7 @@ class Checkpointer:
         if ctx.world.main:
             save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
                              "classes": ctx.dataset.classes, "preprocessing": pixels_of(ctx.dataset, ctx.cfg),
+                             "config": config_record(ctx.cfg),
                              "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
                              "val_acc": scores.get("val_acc"),  # None: no validation split, the newest epoch
                              "monitor": ctx.cfg.monitor if scores else None, "score": state.best_score}, self.best)
@@ -194,6 +197,10 @@ class Checkpointer:
         """Load last.pt into the context's model, optimizer and random streams; return where it stopped."""
         ctx, world = self.ctx, self.ctx.world
         ckpt = load_checkpoint(self.last, ctx.cfg.model, ctx.dataset.num_classes)
+        changed = config_change(ckpt.get("config"), ctx.cfg)
+        if changed:
+            raise UserError(f"{self.last.parent / rundir.CONFIG} was edited since the run began ({changed} in "
+                            f"{self.last.name}); restore it to resume, or train a new run with the new options")
         _check_same_weights(ckpt, ctx.class_weights, ctx.cfg.class_weights, self.last)
         # Older runs kept the raw weights under "model" and no "train_weights".
         ctx.model.load_state_dict(ckpt.get("train_weights") or ckpt["model"])

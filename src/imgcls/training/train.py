@@ -97,7 +97,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         if world.main:
             summary = summarize(ctx, run, state, cache_seconds)
             summary["kernels"] = rundir.read_plan(run)  # how the plan was made, also for a resumed run
-            rundir.write_json(run / rundir.SUMMARY, summary)
+            rundir.write_sealed_json(run / rundir.SUMMARY, summary)  # the card, report and compare read it
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
             folder.finish()
