@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from imgcls import rundir
 from imgcls.cli import main
 from imgcls.errors import UserError
 from imgcls.training import compare
@@ -321,7 +322,7 @@ def test_report_reads_old_absolute_paths_inside_the_copy(tmp_path, finished):
     shutil.copytree(finished, copy)
     results = json.loads((copy / "results.json").read_text())
     results["runs"][0]["run"] = str((finished / "a" / "seed-0").resolve())  # as older imgcls wrote it
-    (copy / "results.json").write_text(json.dumps(results))
+    rundir.write_sealed_json(copy / "results.json", results)  # sealed as this imgcls writes
     before = snapshot(finished)
     assert main(["report", str(copy), "--device", "cpu"]) == 0
     assert snapshot(finished) == before
@@ -337,8 +338,27 @@ def test_report_refuses_runs_outside_the_folder(tmp_path, finished, capsys, run)
     (copy / "results.json").write_text(json.dumps(results))
     before = snapshot(finished)
     assert main(["report", str(copy), "--device", "cpu"]) == 2
+    assert "results.json was edited after imgcls wrote it" in capsys.readouterr().err
+    rundir.write_sealed_json(copy / "results.json", results)  # past the seal: the check behind it
+    assert main(["report", str(copy), "--device", "cpu"]) == 2
     assert "not a run inside" in capsys.readouterr().err
     assert snapshot(finished) == before
+
+
+def test_a_comparison_report_shows_only_what_compare_wrote_and_each_runs_own_report(tmp_path, finished, capsys):
+    """results.md edited to 97.00 reached report.html's table; a report.html copied from another run into a run's
+    report/ folder was linked as that run's."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    table = (copy / "results.md").read_text()
+    params = table.splitlines()[2].strip("|").split("|")[2].strip()  # the params column: 0.29M
+    (copy / "results.md").write_text(table.replace(f"| {params} |", "| 97.00M |", 1))
+    run_report = copy / "a" / "seed-0" / "report"
+    run_report.mkdir(parents=True, exist_ok=True)
+    (run_report / "report.html").write_text("<h1>another run</h1>")
+    assert main(["report", str(copy), "--device", "cpu"]) == 0
+    assert "97.00M" in (copy / "results.md").read_text() and "97.00M" not in (copy / "report.html").read_text()
+    assert "another run" not in (run_report / "report.html").read_text()  # made again for this run's best.pt
 
 
 def test_report_on_a_damaged_results_file_is_one_line(tmp_path, finished, capsys):

@@ -523,6 +523,28 @@ def test_no_output_lands_in_the_data_a_command_reads_or_in_the_cache(tiny_folder
     assert (tmp_path / "cache" / "kernels.json").read_text() == "{}"
 
 
+def test_cam_never_writes_over_its_own_input_or_into_the_runs_training_images(run, tiny_folder, tmp_path, capsys):
+    """An input named x-cam.png in --out was replaced by another image's overlay; cam --out into the run's own
+    training folder added a PNG there, and the next eval refused the changed data."""
+    photo = next((tiny_folder / "test").rglob("*.png"))
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / "x-cam.png"
+    shutil.copy(photo, mine)
+    other = tmp_path / "x.png"
+    shutil.copy(photo, other)
+    kept = mine.read_bytes()
+    train_folder = next(p for p in (tiny_folder / "train").iterdir() if p.is_dir())
+    cfg = yaml.safe_load((run / rundir.CONFIG).read_text())
+    assert Path(cfg["data"]).resolve() == tiny_folder.resolve()  # the run was trained on this folder
+    for argv, words in ((["cam", str(run), str(mine), str(other), "--out", str(out)], "one of this command's inputs"),
+                        (["cam", str(run), str(photo), "--out", str(train_folder)], "lies inside")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        assert words in capsys.readouterr().err
+    assert mine.read_bytes() == kept and not list(train_folder.glob("*-cam.png"))
+
+
 def test_lr_finds_rates_are_checked_in_float32(tiny_folder, tmp_path, capsys):
     """--start-lr 1e-300 --end-lr 1e-299 (every rate 0 in float32) swept and plotted with exit 0; 1e39 is inf."""
     base = ["lr-find", "--data", str(tiny_folder), "--model", "fastnet_cifar_small", "--img-size", "32", "--out",

@@ -242,16 +242,25 @@ def _about(line: str) -> None:
     print(line, flush=True)
 
 
-def _run_facts(run) -> str:
-    """' (model, img_size px, data; eval precision)' from a run's config.yaml, read without torch, for a first
-    line; '' when it cannot be read (the command itself then says why)."""
+def _run_config(run) -> dict:
+    """A run's config.yaml as a mapping, read without torch; {} when it cannot be read (the command that needs it
+    then says why)."""
     from imgcls.yamlio import load_yaml_mapping
 
     try:
-        cfg = load_yaml_mapping(Path(run) / "config.yaml", "the run's config")
+        return load_yaml_mapping(Path(run) / "config.yaml", "the run's config")
+    except (UserError, OSError):
+        return {}
+
+
+def _run_facts(run) -> str:
+    """' (model, img_size px, data; eval precision)' from a run's config.yaml, for a first line; '' when it
+    cannot be read."""
+    cfg = _run_config(run)
+    try:
         return (f" ({cfg['model']}, {cfg['img_size']} px, {Path(str(cfg['data'])).name}; "
                 f"{cfg.get('eval_precision', 'fp32')} inference)")
-    except (UserError, OSError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return ""
 
 
@@ -414,14 +423,18 @@ def cmd_cam(args) -> int:
            f"writes {args.out}/")
     from imgcls.evaluation.cam import explain_files
     from imgcls.inference.exported import open_engine
-    from imgcls.reporting.figures import save_cam_overlays
+    from imgcls.reporting.figures import cam_overlay_paths, save_cam_overlays
+    from imgcls.rundir import is_run, refuse_run_file
 
+    stems = [Path(p).stem for p in args.images]
+    trained_on = _folders(_run_config(args.run).get("data")) if is_run(Path(args.run)) else ()
+    for target in cam_overlay_paths(stems, Path(args.out)):  # before any work: an input replaced, or a PNG
+        refuse_run_file(target, inputs=tuple(args.images), within=trained_on)  # added to the run's training images
     engine = open_engine(args.run, args.checkpoint)
     images, cams, classes, probs = explain_files(engine, args.images, args.class_name, args.method)
     names = engine.classes
     captions = [f"{args.method} for '{names[c]}' (p = {probs[i, c]:.2f}); predicted '{names[probs[i].argmax()]}'"
                 for i, c in enumerate(classes.tolist())]
-    stems = [Path(p).stem for p in args.images]
     existed = _existing(Path(args.out).iterdir() if Path(args.out).is_dir() else [])
     for path in save_cam_overlays(images, cams, captions, stems, Path(args.out)):
         print(_wrote([path], existed))
@@ -435,7 +448,7 @@ def cmd_report(args) -> int:
     else:
         _about(f"report {args.path}{_run_facts(args.path)}: scores the test split (plain and with --tta {args.tta}), "
                f"Grad-CAM on a gallery, figures; writes {Path(args.path) / 'report' / 'report.html'}")
-    from imgcls.evaluation.analysis import analyze_run
+    from imgcls.evaluation.analysis import analyze_run, report_is_current
     from imgcls.reporting.html import write_comparison_report, write_run_report
     from imgcls.rundir import REPORT_DIR, REPORT_HTML, require_run
     from imgcls.training.compare import comparison_runs
@@ -445,7 +458,7 @@ def cmd_report(args) -> int:
         existed = _existing([path / "report.html"])
         reports = {}
         for label, run in comparison_runs(path):  # runs inside `path`, even in a copied comparison
-            if not (run / REPORT_DIR / REPORT_HTML).is_file():
+            if not report_is_current(run, args.tta):  # absent, stale, or another run's copied in
                 analyze_run(run, args.tta, device=args.device, allow_data_change=args.allow_data_change)
                 write_run_report(run)
             reports[label] = run / REPORT_DIR / REPORT_HTML

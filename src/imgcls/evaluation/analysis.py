@@ -61,7 +61,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     after_metrics = calibration_metrics(after, labels)
     result = classification_metrics(after, labels, trained.classes)
     result.update(
-        split=split_name, run=str(trained.path),
+        split=split_name, run=str(trained.path), weights=trained.digest,
         calibration={"temperature": scaling.temperature, "where": where,
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
@@ -72,7 +72,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     loss_pixels, cam_pixels, cams = _galleries(engine, split, seen, after, labels, gallery, result)
     out = trained.path / rundir.REPORT_DIR
     out.mkdir(exist_ok=True)
-    rundir.write_json(out / rundir.ANALYSIS_JSON, result)
+    rundir.write_sealed_json(out / rundir.ANALYSIS_JSON, result)
     with rundir.atomic_path(out / rundir.ANALYSIS_NPZ) as tmp, open(tmp, "wb") as f:
         np.savez_compressed(f, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
                             cams=cams.float().cpu().numpy())
@@ -199,6 +199,21 @@ def _selection_disagreement(run: Path, summary: dict, metrics: list[dict]) -> st
         return (f"{rundir.BEST} (epoch {best}, val accuracy {summary['best_val_acc']} in the summary; the checkpoint "
                 f"holds epoch {saved[0]} at {saved[1]})")
     return None
+
+
+def report_is_current(run: Path, tta: str) -> bool:
+    """Whether RUN/report holds the report of the run's best.pt as it is now, with `tta`: what a comparison's report
+    may link without making it again (a report copied from another run, or of an older checkpoint, is not)."""
+    from imgcls.inference.run import file_digest
+
+    path, page = run / rundir.REPORT_DIR / rundir.ANALYSIS_JSON, run / rundir.REPORT_DIR / rundir.REPORT_HTML
+    if not (path.is_file() and page.is_file() and (run / rundir.BEST).is_file()):
+        return False
+    try:
+        analysis = rundir.read_sealed_json(path, "")
+    except UserError:
+        return False
+    return analysis.get("weights") == file_digest(run / rundir.BEST) and analysis.get("tta", {}).get("mode") == tta
 
 
 def _by_index(split: Split) -> Split:

@@ -155,7 +155,7 @@ def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str],
     file stem (a/cat.jpg, b/cat.png) get numbered names, so no overlay overwrites another."""
     make_folder(out)
     paths = []
-    for image, cam, caption, stem in zip(images, cams, captions, _unique(stems), strict=True):
+    for image, cam, caption, path in zip(images, cams, captions, cam_overlay_paths(stems, out), strict=True):
         fig, (left, right) = plt.subplots(1, 2, figsize=(6, 3.3))
         left.imshow(image, interpolation="nearest")
         right.imshow(cam_overlay(image, cam))
@@ -163,8 +163,13 @@ def save_cam_overlays(images: np.ndarray, cams: np.ndarray, captions: list[str],
             ax.axis("off")
         fig.suptitle(caption, fontsize=9)
         fig.tight_layout()
-        paths.append(save_figure(fig, Path(out) / f"{stem}-cam.png"))
+        paths.append(save_figure(fig, path))
     return paths
+
+
+def cam_overlay_paths(stems: list[str], out: Path) -> list[Path]:
+    """Where save_cam_overlays writes each image's overlay: OUT/<stem>-cam.png, repeated stems numbered."""
+    return [Path(out) / f"{stem}-cam.png" for stem in _unique(stems)]
 
 
 def _unique(stems: list[str]) -> list[str]:

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import rundir
-from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.plotting import cam_overlay
 from imgcls.progress import track
 from imgcls.reporting import figures
+from imgcls.reporting.tables import aggregate, to_markdown
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
@@ -110,7 +110,7 @@ def write_run_report(run: Path) -> Path:
     run = Path(run)
     folder = run / rundir.REPORT_DIR
     summary, metrics = training_record(run)
-    a = rundir.read_json(folder / rundir.ANALYSIS_JSON)
+    a = rundir.read_sealed_json(folder / rundir.ANALYSIS_JSON, f"run imgcls report {run} again")
     config = (run / rundir.CONFIG).read_text()
     cal, tta = a["calibration"], a["tta"]
     drawn = _run_figures(folder, metrics, a, np.load(folder / rundir.ANALYSIS_NPZ))
@@ -192,9 +192,9 @@ def _rejection_section(folder: Path, analysis: dict, has_val: bool = True) -> li
 def write_comparison_report(folder: Path, run_reports: dict[str, Path]) -> Path:
     """report.html for an `imgcls compare` folder: the results table, the charts, links to each run's report."""
     folder = Path(folder)
-    if not (folder / "results.md").is_file():
-        raise UserError(f"{folder} has no results.md; rerun imgcls compare with the same --out to write it")
-    markdown = (folder / "results.md").read_text().strip().splitlines()
+    # the table made again from the sealed results.json, as compare made results.md: an edit of either is no row
+    results = rundir.read_sealed_json(folder / "results.json", "rerun imgcls compare with the same --out")
+    markdown = to_markdown(aggregate(results.get("runs") or [])).strip().splitlines()
     header = [c.strip() for c in markdown[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in markdown[2:] if line.startswith("|")]
     note = " ".join(line for line in markdown[2:] if line and not line.startswith("|"))

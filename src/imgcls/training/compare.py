@@ -308,8 +308,8 @@ def run_experiment(exp: Experiment, out: str | Path, data_dir: str | None = None
     vs_first = compare_to_first(predictions) if predictions else {}
     for r in records:
         r["vs_first"] = vs_first.get(r["variant"])
-    rundir.write_json(out / RESULTS, {"experiment": exp.name, "train": exp.train, "seeds": exp.seeds,
-                                      "variants": exp.variants, "fingerprint": fingerprint, "runs": records})
+    rundir.write_sealed_json(out / RESULTS, {"experiment": exp.name, "train": exp.train, "seeds": exp.seeds,
+                                             "variants": exp.variants, "fingerprint": fingerprint, "runs": records})
     return records
 
 
@@ -397,7 +397,7 @@ def comparison_runs(folder: str | Path) -> list[tuple[str, Path]]:
     names runs relative to it (older ones by absolute path, read as FOLDER/<variant>/seed-<n>), so a
     copied comparison is read, and written to, in the copy."""
     folder = Path(folder)
-    results = _read_json(folder / RESULTS, "rerun imgcls compare")
+    results = rundir.read_sealed_json(folder / RESULTS, f"rerun imgcls compare with --out {folder}")
     runs = results.get("runs") if isinstance(results, dict) else None
     if not isinstance(runs, list) or not runs:
         raise UserError(f"{folder / RESULTS} lists no runs; rerun imgcls compare")
