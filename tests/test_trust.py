@@ -185,6 +185,10 @@ def test_an_onnx_graph_with_other_weights_spliced_in_is_refused(export, tmp_path
     onnx.save(model, str(tmp_path / "spliced.onnx"))
     assert "its graph is not the one exported with this metadata" in _one_line(
         lambda: onnx_engine(tmp_path / "spliced.onnx"))
+    model = onnx.load(str(export / "model.onnx"))  # a property no other check reads (int8's note) is pinned too
+    model.metadata_props.add(key="imgcls.quantization", value='{"method": "forged"}')
+    onnx.save(model, str(tmp_path / "noted.onnx"))
+    assert "or a property were changed since" in _one_line(lambda: onnx_engine(tmp_path / "noted.onnx"))
     model = onnx.load(str(export / "model.onnx"))  # the file as export wrote it, saved again, still reads
     onnx.save(model, str(tmp_path / "resaved.onnx"))
     assert onnx_engine(tmp_path / "resaved.onnx").classes == json.loads(
@@ -543,6 +547,15 @@ def test_cam_never_writes_over_its_own_input_or_into_the_runs_training_images(ru
         assert main(argv) == 2, argv
         assert words in capsys.readouterr().err
     assert mine.read_bytes() == kept and not list(train_folder.glob("*-cam.png"))
+
+
+def test_augment_preview_checks_the_crop_padding_as_train_does(tiny_folder, tmp_path, capsys):
+    """--crop-padding 100 on 32 px images drew a preview of padding alone, where train refuses it."""
+    argv = ["augment-preview", "--data", str(tiny_folder), "--img-size", "32", "--crop-padding", "100", "--out",
+            str(tmp_path / "p.png")]
+    assert main(argv) == 2
+    assert "--crop-padding 100 needs a border narrower than the 32px image; give at most 31" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
 
 
 def test_lr_finds_rates_are_checked_in_float32(tiny_folder, tmp_path, capsys):

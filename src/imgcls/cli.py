@@ -535,7 +535,7 @@ def _folders(*paths: str | None) -> tuple[str, ...]:
 
 
 def cmd_augment_preview(args) -> int:
-    from imgcls.config import build_config
+    from imgcls.config import build_config, check_crop_padding
     from imgcls.data import TrainTransform, load_dataset
     from imgcls.data.presets import PixelRecipe
     from imgcls.data.preview import preview_rows
@@ -545,6 +545,7 @@ def cmd_augment_preview(args) -> int:
     cfg = build_config(**{name: getattr(args, name) for name in PREVIEW_FIELDS})  # validates the options
     refuse_run_file(args.out, within=_folders(cfg.data, cfg.data_dir))  # the grid would replace a training image
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size)
+    check_crop_padding(cfg.crop_padding, dataset.img_size)  # as train checks it
     erasing = erasing_probability(cfg.aug, cfg.random_erasing)
     transform = TrainTransform(PixelRecipe.of(cfg), dataset.img_size, dataset.mean, dataset.std, dataset.num_classes,
                                erasing, cfg.mixup, cfg.cutmix, cfg.mix_prob, cfg.mix_switch_prob, cfg.label_smoothing)

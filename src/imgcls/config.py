@@ -529,6 +529,14 @@ KERNEL_FIELDS = ("attention", "eval_attention", "depthwise_precision", "eval_dep
                  "compile", "eval_batch_size")
 
 
+def check_crop_padding(padding: int | None, img_size: int) -> None:
+    """A random crop's padding narrower than the image (else the crop would be padding alone, or, reflected,
+    impossible): what train and augment-preview both check once the image size is known."""
+    if (padding or 0) >= img_size:
+        raise UserError(f"--crop-padding {padding} needs a border narrower than the {img_size}px image; give at most "
+                        f"{img_size - 1} (by default {default_crop_padding(img_size)})")
+
+
 def default_crop_padding(img_size: int) -> int:
     return max(1, img_size // 8)  # 4 pixels at 32x32, the classic CIFAR recipe
 

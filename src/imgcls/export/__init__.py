@@ -9,6 +9,7 @@ failed or killed export leaves nothing at --out.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -130,9 +131,15 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
         rundir.write_sealed_json(stage / PARITY, {"run": str(trained.path), "checkpoint": str(trained.checkpoint),
                                                   "weights": trained.digest, "precision": "fp32", "results": results,
                                                   "card_sha256": hashlib.sha256(card.encode()).hexdigest()})
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        stage.rename(out)
+        try:
+            if out.exists():
+                out.rmdir()  # empty, checked above
+            stage.rename(out)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise UserError(f"another export into {out} finished while this one ran; this one wrote nothing: keep "
+                            "that one, or choose another --out") from None
     except OSError as e:  # a full disk, mostly: say where, and that nothing was left behind
         raise UserError(f"cannot write the export into {out.parent} ({e.strerror}); nothing was written: free some "
                         "space or choose another --out") from None

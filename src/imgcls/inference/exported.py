@@ -65,11 +65,14 @@ def document_digest(document: dict) -> str:
 
 def graph_digest(model) -> str:
     """sha256 of an ONNX model's graph (nodes, weights, inputs and outputs) without its description, which holds
-    the digests: weights of another export spliced into a graph change it."""
+    the digests, and of every metadata property: weights of another export spliced into a graph change it, as
+    does a property no other check reads (int8's quantization note)."""
     graph = type(model.graph)()
     graph.CopyFrom(model.graph)
     graph.doc_string = ""
-    return hashlib.sha256(graph.SerializeToString(deterministic=True)).hexdigest()
+    digest = hashlib.sha256(graph.SerializeToString(deterministic=True))
+    digest.update(json.dumps(sorted((p.key, p.value) for p in model.metadata_props)).encode())
+    return digest.hexdigest()
 
 
 def pinned_description(document: dict, model) -> str:
@@ -91,8 +94,8 @@ def _check_pinned(model, document: dict, where: str) -> None:
         raise UserError(f"{where}: its {ONNX_KEY} metadata is not the document this graph was exported with (a field "
                         "was changed since: classes, preprocessing, calibration...); export the run again")
     if description != pinned_description(document, model):
-        raise UserError(f"{where}: its graph is not the one exported with this metadata (weights or nodes were "
-                        "changed since); export the run again")
+        raise UserError(f"{where}: its graph is not the one exported with this metadata (weights, nodes or a "
+                        "property were changed since); export the run again")
 
 
 def _header_metadata(data: bytes) -> dict:

@@ -17,7 +17,7 @@ from imgcls.config import (
     MONITORS,
     Facts,
     TrainConfig,
-    default_crop_padding,
+    check_crop_padding,
     require_no_validation,
     resolve,
     resolved_strategy,
@@ -106,10 +106,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool)
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)
-    if (cfg.crop_padding or 0) >= dataset.img_size:  # the crop would be padding alone, or (reflect) impossible
-        raise UserError(f"--crop-padding {cfg.crop_padding} needs a border narrower than the {dataset.img_size}px "
-                        f"image; give at most {dataset.img_size - 1} (by default "
-                        f"{default_crop_padding(dataset.img_size)})")
+    check_crop_padding(cfg.crop_padding, dataset.img_size)
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
     kernels = choose_run_kernels(cfg, model, dataset, world, device)
     if kernels.precision_train == NONE:  # cached features: a linear head trains, in fp32 unless told otherwise
