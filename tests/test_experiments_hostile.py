@@ -346,7 +346,7 @@ def test_report_refuses_runs_outside_the_folder(tmp_path, finished, capsys, run)
 
 
 def test_a_comparison_report_shows_only_what_compare_wrote_and_each_runs_own_report(tmp_path, finished, capsys):
-    """results.md edited to 97.00 reached report.html's table; a report.html copied from another run into a run's
+    """results.md edited to 97.00 reached report.html's table; a report.html taken from another run into a run's
     report/ folder was linked as that run's."""
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)

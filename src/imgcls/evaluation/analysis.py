@@ -31,7 +31,7 @@ from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.rejection import number_in, stored_ood
 from imgcls.inference.engine import Engine
 from imgcls.inference.reject import default_rule
-from imgcls.inference.run import TrainedRun, load_run, run_engine
+from imgcls.inference.run import TrainedRun, file_digest, load_run, run_engine
 from imgcls.inference.scaling import Scaling
 from imgcls.models.checkpoint import safe_torch_load
 from imgcls.runtime import resolve_device
@@ -193,7 +193,7 @@ def _selection_disagreement(run: Path, summary: dict, metrics: list[dict]) -> st
             return f"{rundir.METRICS} ({key} {summary[key]}, epoch {line['epoch']}'s val_acc {line.get('val_acc')})"
     if not (run / rundir.BEST).is_file():
         return None
-    ckpt = safe_torch_load(run / rundir.BEST, "checkpoint", "train the run again")
+    ckpt = safe_torch_load(run / rundir.BEST, "checkpoint", "train the run again", mmap=True)  # epoch, val_acc
     saved = (ckpt.get("epoch"), ckpt.get("val_acc")) if isinstance(ckpt, dict) else (None, None)
     if saved[0] is not None and saved != (best, summary["best_val_acc"]):
         return (f"{rundir.BEST} (epoch {best}, val accuracy {summary['best_val_acc']} in the summary; the checkpoint "
@@ -203,9 +203,7 @@ def _selection_disagreement(run: Path, summary: dict, metrics: list[dict]) -> st
 
 def report_is_current(run: Path, tta: str) -> bool:
     """Whether RUN/report holds the report of the run's best.pt as it is now, with `tta`: what a comparison's report
-    may link without making it again (a report copied from another run, or of an older checkpoint, is not)."""
-    from imgcls.inference.run import file_digest
-
+    may link without making it again (a report taken from another run, or of an older checkpoint, is not)."""
     path, page = run / rundir.REPORT_DIR / rundir.ANALYSIS_JSON, run / rundir.REPORT_DIR / rundir.REPORT_HTML
     if not (path.is_file() and page.is_file() and (run / rundir.BEST).is_file()):
         return False

@@ -127,7 +127,7 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
             (require_int8 if kind == "int8" else require_parity)(result)
         card = model_card(trained, spec, _test_metrics(trained), trained.calibration, results,
                           _summary(trained))
-        (stage / CARD).write_text(card)
+        (stage / CARD).write_bytes(card.encode())  # the bytes parity.json's card_sha256 is of, whatever the locale
         rundir.write_sealed_json(stage / PARITY, {"run": str(trained.path), "checkpoint": str(trained.checkpoint),
                                                   "weights": trained.digest, "precision": "fp32", "results": results,
                                                   "card_sha256": hashlib.sha256(card.encode()).hexdigest()})

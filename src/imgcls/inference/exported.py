@@ -89,11 +89,11 @@ def _check_pinned(model, document: dict, where: str) -> None:
     if not description.startswith(DOCUMENT_KEY) or GRAPH_KEY not in description:
         raise UserError(f"{where}: its graph carries no digest of its {ONNX_KEY} metadata and weights (it was removed, "
                         "or an older imgcls exported it), so an edit could not be told; export the run again")
-    document_part = f"{DOCUMENT_KEY} {document_digest(document)} "
-    if not description.startswith(document_part):
+    document_part = f"{DOCUMENT_KEY} {document_digest(document)}"
+    if not description.startswith(document_part + " "):
         raise UserError(f"{where}: its {ONNX_KEY} metadata is not the document this graph was exported with (a field "
                         "was changed since: classes, preprocessing, calibration...); export the run again")
-    if description != pinned_description(document, model):
+    if description != f"{document_part} {GRAPH_KEY} {graph_digest(model)}":
         raise UserError(f"{where}: its graph is not the one exported with this metadata (weights, nodes or a "
                         "property were changed since); export the run again")
 

@@ -123,7 +123,8 @@ class _Bench:
     depthwise, layout, batch); each is built once, and its timings are kept (`memo`) so that every question
     that asks the same case reuses them."""
 
-    def __init__(self, model, shape, device, timer: Timer, thorough: bool = False):
+    def __init__(self, model, shape, device, timer: Timer, thorough: bool = False,
+                 attention_asked: dict[str, str] | None = None):
         self.base = _plain_bn(copy.deepcopy(model))
         self.shape, self.device, self.timer, self.thorough = tuple(shape), device, timer, thorough
         self.repeats = THOROUGH_REPEATS if thorough else REPEATS
@@ -137,7 +138,7 @@ class _Bench:
         # what "not chosen yet" times with: the model as built (the copies are reconfigured by each call)
         self.attention = "sdpa" if uses_attention(model) else NONE
         self.depthwise = "autocast" if has_depthwise(model) else NONE
-        self.attention_asked: dict[str, str] = {}  # per precision question, the attention it is chosen with
+        self.attention_asked = attention_asked or {}  # per precision question, the attention it is chosen with
 
     def _model(self, layout: str) -> torch.nn.Module:
         if layout not in self.copies:
@@ -268,8 +269,8 @@ def choose_kernels(model: torch.nn.Module, shape: tuple[int, ...], device: torch
     entry = entry if isinstance(entry, dict) else {}
     choice, measured = KernelChoice(), []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        bench = _Bench(model, shape, device, timer or time_ms, thorough)
-        bench.attention_asked = {"precision_train": attention, "precision_eval": attention_eval}
+        bench = _Bench(model, shape, device, timer or time_ms, thorough,
+                       {"precision_train": attention, "precision_eval": attention_eval})
         settle = _Settler(choice, entry, bench, batches, train, measured)
         follows = precision not in ("auto", NONE) and precision_eval in (None, "auto")
         settle({"precision_train": precision if train else NONE})

@@ -22,13 +22,14 @@ def save_checkpoint(payload: dict, path: Path) -> None:
     atomic_write_bytes(Path(path), buffer.getvalue())
 
 
-def safe_torch_load(path: Path, what: str, fix: str):
-    """torch.load with weights_only=True: tensors and plain containers only, nothing executed.
+def safe_torch_load(path: Path, what: str, fix: str, mmap: bool = False):
+    """torch.load with weights_only=True: tensors and plain containers only, nothing executed. `mmap`: the
+    tensors are mapped, not read, for a caller that wants the checkpoint's small fields alone.
 
     Refusals are one line: `what` names the file's role ("checkpoint", "weights file"), `fix` says what
     to pass instead."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "GLOBAL" in str(e):  # weights_only met a class or function: a pickle that would run code
             raise UserError(f"{what} {path} holds Python objects other than tensors, which imgcls never unpickles "
