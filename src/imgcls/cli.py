@@ -557,28 +557,65 @@ def cmd_augment_preview(args) -> int:
 
 def _audit_parser(sub, common) -> None:
     aud = sub.add_parser("audit", parents=[common], help="check a dataset before training: imbalance, duplicates, "
-                         "leakage across splits, unreadable and unusual files",
+                         "leakage across splits, unreadable and unusual files; --labels: probably wrong labels",
                          description="Counts per class and split, exact and near-duplicate pairs (across splits: "
                                      "leakage), and for folders unreadable, tiny, extreme-aspect, non-RGB and "
-                                     "EXIF-rotated files; a summary, a JSON file and a suggested train command.")
+                                     "EXIF-rotated files; a summary, a JSON file and a suggested train command. "
+                                     "With --labels, also the images whose label is probably wrong: out-of-fold "
+                                     "probabilities by K-fold cross-validation, ranked by confident learning "
+                                     "(cleanlab), written to a CSV that train --exclude reads.")
     aud.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
     aud.add_argument("--img-size", type=int, help="the size you will train at; folder images under half of it are "
-                                                  "reported as small (64)")
-    aud.add_argument("--out", default="audit.json", help="JSON report (audit.json)")
+                                                  "reported as small (64); with --labels, the size the label "
+                                                  "model sees (default: its own)")
+    aud.add_argument("--out", default="audit.json", help="JSON report (audit.json); --labels adds "
+                                                         "<out>-label-issues.csv")
     add_options(aud, "--data-dir", "--max-distance", "--html", "--quiet")
+    labels = aud.add_argument_group("label errors (--labels; needs imgcls[labels])")
+    labels.add_argument("--labels", action="store_true", help="find the images whose label is probably wrong")
+    labels.add_argument("--folds", type=int, default=5, help="cross-validation folds (5)")
+    labels.add_argument("--label-model", metavar="MODEL", help="the model that scores each fold: one with pretrained "
+                        "weights trains a linear head on its frozen features, any other trains from scratch "
+                        "(default: efficientnet_lite0 features for photos, fastnet_cifar_small for 32 px images)")
+    labels.add_argument("--label-recipe", metavar="YAML", help="train options for each fold's model, as train "
+                        "--recipe takes them (trained from scratch)")
+    labels.add_argument("--label-epochs", type=int, metavar="N", help="epochs of each fold's model trained from "
+                        "scratch (8)")
+    labels.add_argument("--seed", type=int, default=0, help="seed of the folds and of the fold models (0)")
 
 
 def cmd_audit(args) -> int:
     if not args.quiet:
-        _about(f"audit {args.data}: counts, exact and near duplicates, leakage, unusual files; writes {args.out}")
+        what = ", probable label errors" if args.labels else ""
+        _about(f"audit {args.data}: counts, exact and near duplicates, leakage, unusual files{what}; writes {args.out}")
     from imgcls.data.audit import audit
-    from imgcls.reporting.audit_report import check_out, print_audit, write_audit_html, write_audit_json
+    from imgcls.reporting.audit_report import (
+        check_out,
+        label_issues_path,
+        print_audit,
+        write_audit_html,
+        write_audit_json,
+        write_label_issues_csv,
+    )
 
     check_out(Path(args.out), ".json")  # before the work, not after it
+    outputs = [args.out, Path(args.out).with_suffix(".html")]
+    if args.labels:
+        from imgcls.evaluation.label_issues import check_installed
+
+        check_installed()
+        outputs.append(label_issues_path(Path(args.out)))
     result = audit(args.data, args.data_dir, args.img_size, args.max_distance, progress=not args.quiet)
+    if args.labels:
+        from imgcls.training.out_of_fold import label_audit
+
+        result.add_labels(*label_audit(args.data, args.data_dir, args.folds, args.label_model, args.label_recipe,
+                                       args.label_epochs, args.img_size, args.seed, progress=not args.quiet))
     print_audit(result)
-    existed = _existing([args.out, Path(args.out).with_suffix(".html")])
+    existed = _existing(outputs)
     written = [write_audit_json(result, Path(args.out))]
+    if args.labels:
+        written.append(write_label_issues_csv(result, label_issues_path(Path(args.out))))
     if args.html:
         written.append(write_audit_html(result, Path(args.out).with_suffix(".html")))
     print(_wrote(written, existed))

@@ -76,6 +76,9 @@ class TrainConfig:
     data_mode: str = opt("auto", "auto (in memory when it fits in 4 GiB decoded), memory, or stream from disk",
                          choices=("auto", "memory", "stream"))
     workers: int = opt(2, "DataLoader workers when streaming", low=0, high=64)
+    exclude: str | None = opt(None, "leave the images this file names out of train and val: the label-issues CSV "
+                                    "of imgcls audit --labels, or one name per line (train/cat/x.jpg, train/4711)",
+                              metavar="FILE")
     # model
     model: str = opt("resnet18_cifar", "a registered model (see imgcls models) or timm/<name>")
     # transfer learning
@@ -558,6 +561,7 @@ def resolve(cfg: TrainConfig, facts: Facts) -> TrainConfig:
     return cfg.replace(
         data=data_location(cfg.data),
         data_dir=str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else None,
+        exclude=str(Path(cfg.exclude).expanduser().resolve()) if cfg.exclude else None,
         out=str(Path(cfg.out).resolve()) if cfg.out else None,
         img_size=facts.img_size, normalize=facts.normalization, strategy=strategy, aug=aug,
         crop_padding=padding if aug in CROP_RECIPES else None,

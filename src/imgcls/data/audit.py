@@ -51,6 +51,12 @@ class Audit:
     report: dict  # what the JSON file holds
     thumbs: torch.Tensor  # N x 3 x 32 x 32 uint8, in the order of `offsets`
     offsets: dict[str, int] = field(default_factory=dict)  # split -> index of its first image in thumbs
+    suspects: list[np.ndarray] = field(default_factory=list)  # --labels: a picture of each label issue, in order
+
+    def add_labels(self, section: dict, pictures: list[np.ndarray]) -> None:
+        """The probable label errors (training/out_of_fold.label_audit) joined to the report."""
+        self.report["label_issues"] = section
+        self.suspects = pictures
 
     def thumb(self, item: dict) -> np.ndarray:
         return self.thumbs[self.offsets[item["split"]] + item["index"]].permute(1, 2, 0).numpy()

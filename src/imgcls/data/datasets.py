@@ -21,6 +21,7 @@ from PIL import Image
 
 from imgcls.config import FIELDS, MAX_IMG_SIZE, NORMALIZATIONS, data_location
 from imgcls.data import cifar, folder
+from imgcls.data.exclusions import Exclusion, builtin_names, folder_names, split_names
 from imgcls.errors import UserError
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
@@ -184,11 +185,13 @@ def load_dataset(
     download: bool = True,
     normalize: str = "auto",
     crop_pct: float = 1.0,
+    exclude: list[str] | None = None,
 ) -> Dataset:
     """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split (none, `val` None,
     when `val_fraction` is 0 and the data has no val/ of its own).
 
-    `crop_pct` < 1 centre-crops folder images (as a pretrained model's own preprocessing does)."""
+    `crop_pct` < 1 centre-crops folder images (as a pretrained model's own preprocessing does).
+    `exclude`: image names (data/exclusions.py) left out of train and val, before val is carved."""
     if not str(data).strip():
         raise UserError("--data is empty; pass cifar10, cifar10-mini or the path of an image folder")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)
@@ -201,6 +204,13 @@ def load_dataset(
             x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(root, download)
         else:
             x_train, y_train, x_test, y_test, classes = _load_mini()
+        excluded = _builtin_exclusion(exclude, data, len(y_train), len(y_test))
+        if excluded is not None:
+            gone = {int(n.split("/")[1]) for n in excluded.removed}
+            keep = torch.tensor([i not in gone for i in range(len(y_train))])
+            x_train, y_train = x_train[keep], y_train[keep]
+            if len(torch.unique(y_train)) < len(classes):
+                raise UserError(f"--exclude leaves a class of {data} no training image; exclude fewer images")
         size = img_size or 32
         x_train, x_test = _resize(x_train, size), _resize(x_test, size)
         train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed, classes)
@@ -209,8 +219,8 @@ def load_dataset(
     else:
         if data_dir:
             raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
-        train, val, test, classes, size = _load_folder(
-            Path(data), img_size or 64, val_fraction, split_seed, mode, workers, crop_pct
+        train, val, test, classes, size, excluded = _load_folder(
+            Path(data), img_size or 64, val_fraction, split_seed, mode, workers, crop_pct, exclude
         )
         normalization = "imagenet"
     if normalize != "auto":
@@ -225,6 +235,11 @@ def load_dataset(
         "labels_sha256": _labels_hash(train.labels, val.labels if val else None, test.labels if test else None),
         "content_sha256": _content_hash(train, val, test),
     }
+    if excluded is not None:
+        fingerprint.update(excluded.fingerprint())
+        if excluded.kept_test:
+            folder.warn(f"--exclude lists {len(excluded.kept_test)} test image(s) (e.g. {excluded.kept_test[0]}); "
+                        "they stay, so that test scores remain comparable: fix their labels by hand")
     folder_data = data not in BUILTIN_DATA
     name = Path(data).name if folder_data else data
     return Dataset(name, classes, size, mean, std, train, val, test, normalization,
@@ -239,9 +254,33 @@ def normalization_named(mean, std) -> str | None:
     return None
 
 
+def _builtin_exclusion(names: list[str] | None, data: str, n_train: int, n_test: int) -> Exclusion | None:
+    if names is None:
+        return None
+    known = {"train": set(builtin_names("train", n_train)), "test": set(builtin_names("test", n_test))}
+    return split_names(names, known, data)
+
+
+def _folder_exclusion(names: list[str] | None, root: Path, found: dict) -> tuple[Exclusion | None, dict]:
+    """The exclusion, and `found` (split -> (files, labels)) without the excluded train and val files."""
+    if names is None:
+        return None, found
+    named = {split: folder_names(root, split, files) for split, (files, _) in found.items()}
+    excluded = split_names(names, {split: set(n) for split, n in named.items()}, str(root))
+    gone = set(excluded.removed)
+    kept = {}
+    for split, (files, labels) in found.items():
+        keep = [i for i, name in enumerate(named[split]) if name not in gone]
+        kept[split] = ([files[i] for i in keep], [labels[i] for i in keep])
+    if not kept["train"][0] or len(set(kept["train"][1])) < len(set(found["train"][1])):
+        raise UserError(f"--exclude leaves a class of {root} no training image; exclude fewer images")
+    return excluded, kept
+
+
 def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mode: str, workers: int,
-                 crop_pct: float = 1.0):
+                 crop_pct: float = 1.0, exclude: list[str] | None = None):
     classes, found = folder.scan(root)
+    excluded, found = _folder_exclusion(exclude, root, found)
     n_files = sum(len(files) for files, _ in found.values())
     stream = mode == "stream" or (mode == "auto" and n_files * 3 * size * size > MEMORY_LIMIT_BYTES)
     splits: dict[str, Split] = {}
@@ -254,4 +293,59 @@ def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mo
             splits[name] = Split(kept, images=images)
     if "val" not in splits:
         splits["train"], splits["val"] = _carve_val(splits["train"], val_fraction, split_seed, classes)
-    return splits["train"], splits["val"], splits.get("test"), classes, size
+    return splits["train"], splits["val"], splits.get("test"), classes, size, excluded
+
+
+@dataclass
+class Pool:
+    """Every labelled image of a dataset, all splits together, each with its name (data/exclusions.py)."""
+
+    name: str
+    classes: list[str]
+    images: torch.Tensor  # uint8 N x 3 x S x S
+    labels: torch.Tensor  # int64 N
+    names: list[str]
+
+    @property
+    def splits(self) -> list[str]:
+        return [n.split("/", 1)[0] for n in self.names]
+
+
+def pool_dataset(pool: Pool, idx: torch.Tensor, source: str) -> Dataset:
+    """The images `idx` of `pool` as a dataset that trains on all of them (no val, no test), normalised as
+    the same source would be by load_dataset, with a fingerprint of its own (`source` names the subset)."""
+    train = Split(pool.labels[idx], images=pool.images[idx])
+    normalization = "cifar" if pool.name in BUILTIN_DATA else "imagenet"
+    mean, std = NORMALIZATIONS[normalization]
+    fingerprint = {"source": source, "img_size": train.img_size, "val_fraction": 0.0, "split_seed": 0,
+                   "sizes": {"train": len(train)}, "labels_sha256": _labels_hash(train.labels),
+                   "content_sha256": _content_hash(train)}
+    return Dataset(pool.name, pool.classes, train.img_size, mean, std, train, None, None, normalization,
+                   fingerprint=fingerprint)
+
+
+def load_pool(data: str, data_dir: str | None = None, img_size: int | None = None, crop_pct: float = 1.0,
+              threads: int = 2) -> Pool:
+    """Every image of train, val and test (as on disk: nothing carved) in memory at `img_size`, with its name."""
+    if data in BUILTIN_DATA:
+        if data == "cifar10":
+            x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(
+                Path(data_dir) if data_dir else cifar.default_root(), download=True)
+        else:
+            x_train, y_train, x_test, y_test, classes = _load_mini()
+        size = img_size or 32
+        names = builtin_names("train", len(y_train)) + builtin_names("test", len(y_test))
+        return Pool(data, classes, torch.cat([_resize(x_train, size), _resize(x_test, size)]),
+                    torch.cat([y_train, y_test]), names)
+    root = Path(data)
+    size = img_size or 64
+    classes, found = folder.scan(root)
+    files = [f for fs, _ in found.values() for f in fs]
+    labels = [label for _, ls in found.values() for label in ls]
+    names = [n for split, (fs, _) in found.items() for n in folder_names(root, split, fs)]
+    if len(files) * 3 * size * size > MEMORY_LIMIT_BYTES:
+        raise UserError(f"{len(files)} images at {size} px do not fit in {MEMORY_LIMIT_BYTES >> 30} GiB, which "
+                        "checking labels needs; lower --img-size or check a part of the folder")
+    images, kept = folder.decode_readable(files, size, crop_pct, threads, f"decoding {root.name}")
+    return Pool(root.name, classes, images, torch.tensor([labels[i] for i in kept], dtype=torch.int64),
+                [names[i] for i in kept])

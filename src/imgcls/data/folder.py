@@ -150,6 +150,14 @@ def warn(message: str) -> None:
 def decode_all(files: list[Path], labels: list[int], size: int, crop_pct: float = 1.0, threads: int = 2,
                label: str = "decoding"):
     """Decode every file into one uint8 N x 3 x size x size tensor, skipping unreadable ones."""
+    images, kept = decode_readable(files, size, crop_pct, threads, label)
+    return images, torch.tensor([labels[i] for i in kept], dtype=torch.int64)
+
+
+def decode_readable(files: list[Path], size: int, crop_pct: float = 1.0, threads: int = 2,
+                    label: str = "decoding") -> tuple[torch.Tensor, list[int]]:
+    """(uint8 N x 3 x size x size, the indices into `files` of its N images): unreadable files skipped, each
+    with a warning; none readable is a one-line error."""
     # Pillow releases the GIL while decoding, so threads overlap the work without processes.
     with ThreadPoolExecutor(max_workers=threads) as pool:
         results = list(track(pool.map(lambda p: _try_load(p, size, crop_pct), files), len(files), label))
@@ -163,10 +171,9 @@ def decode_all(files: list[Path], labels: list[int], size: int, crop_pct: float 
         warn(f"skipped unreadable image {path} ({reason})")
     if failed:
         warn(f"skipped {len(failed)} unreadable image(s) of {len(files)}")
-    images = [r for r in results if not isinstance(r, str)]
-    kept = [label for label, r in zip(labels, results, strict=True) if not isinstance(r, str)]
-    array = np.stack(images).transpose(0, 3, 1, 2)
-    return torch.from_numpy(np.ascontiguousarray(array)), torch.tensor(kept, dtype=torch.int64)
+    kept = [i for i, r in enumerate(results) if not isinstance(r, str)]
+    array = np.stack([results[i] for i in kept]).transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(array)), kept
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int):

@@ -12,6 +12,7 @@ from imgcls import rundir
 from imgcls.config import NORMALIZATIONS, TrainConfig, config_change, load_config, validate
 from imgcls.data import Split, load_dataset
 from imgcls.data.datasets import BUILTIN_DATA
+from imgcls.data.exclusions import excluded_names
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
@@ -91,7 +92,8 @@ class TrainedRun:
         cfg = self.config
         dataset = load_dataset(data or cfg.data, data_dir if data else (data_dir or cfg.data_dir),
                                self.dataset["img_size"], cfg.val_fraction, cfg.split_seed, cfg.data_mode,
-                               cfg.workers, crop_pct=self.dataset.get("crop_pct", 1.0))
+                               cfg.workers, crop_pct=self.dataset.get("crop_pct", 1.0),
+                               exclude=excluded_names(cfg))
         if dataset.classes != self.classes:
             raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
                             f"{self.classes}; evaluate on data with the same classes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import html
 import io
 import json
@@ -14,12 +15,14 @@ from rich.table import Table
 
 from imgcls import rundir
 from imgcls.data.audit import Audit
-from imgcls.errors import UserError
+from imgcls.errors import UserError, shown
+from imgcls.evaluation.label_issues import CSV_COLUMNS
 from imgcls.reporting.console import console
 from imgcls.reporting.html import html_page, html_table, png_img
 from imgcls.rundir import atomic_write_bytes
 
 SHOWN_PAIRS = 24  # thumbnails per kind of finding in the HTML page; the JSON lists more
+SHOWN_ISSUES = 10  # label issues printed; the CSV, JSON and HTML page list them all
 
 
 def _ratio(r: float) -> str:
@@ -53,6 +56,21 @@ def print_audit(audit: Audit) -> None:
     for w in r["warnings"]:
         console.print(f"[yellow]warning:[/] {w}", soft_wrap=True, highlight=False)
     console.print(f"suggested: {r['suggested_command']}", soft_wrap=True, highlight=False)
+    if "label_issues" in r:
+        _print_label_issues(r["label_issues"])
+
+
+def _print_label_issues(section: dict) -> None:
+    how = (f"{section['folds']}-fold {section['recipe']} {section['model']}" +
+           (f", {section['epochs']} epochs" if "epochs" in section else ""))
+    console.print(f"label issues: {section['count']} of {section['images']} images probably mislabelled "
+                  f"({how}; out-of-fold accuracy {section['out_of_fold_accuracy']:.1%}; "
+                  f"{section['seconds']:.0f} s)", soft_wrap=True, highlight=False)
+    table = Table("image", "given", "suggested", "label quality", title="most certainly wrong first")
+    for issue in section["issues"][:SHOWN_ISSUES]:
+        table.add_row(shown(issue["path"]), issue["given"], issue["suggested"], f"{issue['label_quality']:.4f}")
+    if section["issues"]:
+        console.print(table)
 
 
 def check_out(out: Path, suffix: str) -> Path:
@@ -74,6 +92,38 @@ def write_audit_json(audit: Audit, out: Path) -> Path:
                   else audit.report["imbalance_ratio"])
     atomic_write_bytes(out, (json.dumps(report, indent=1) + "\n").encode())
     return out
+
+
+def label_issues_path(out: Path) -> Path:
+    """Where the label issues of an audit written to `out` go: audit.json -> audit-label-issues.csv."""
+    return Path(out).with_name(f"{Path(out).stem}-label-issues.csv")
+
+
+def write_label_issues_csv(audit: Audit, out: Path) -> Path:
+    """One row per probable label error, most certainly wrong first; `train --exclude` reads its path column."""
+    out = check_out(out, ".csv")
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for issue in audit.report["label_issues"]["issues"]:
+        writer.writerow([issue[c] for c in CSV_COLUMNS])
+    atomic_write_bytes(out, buffer.getvalue().encode())
+    return out
+
+
+def _label_issues_section(audit: Audit) -> str:
+    section = audit.report.get("label_issues")
+    if section is None:
+        return ""
+    rows = [[png_img(_thumb_png(picture, scale=1), "suspect", issue["path"]),
+             html.escape(issue["path"]), html.escape(issue["given"]), html.escape(issue["suggested"]),
+             f"{issue['label_quality']:.4f}"]
+            for issue, picture in zip(section["issues"], audit.suspects, strict=True)]
+    body = _raw_table(["image", "file", "given", "suggested", "label quality"], rows) if rows else "<p>none</p>"
+    return (f"<h2>Probable label errors: {section['count']} of {section['images']} images</h2>"
+            f"<p>{html.escape(section['method'])}; out-of-fold probabilities from {section['folds']} folds of "
+            f"{html.escape(section['recipe'])} {html.escape(section['model'])} (out-of-fold accuracy "
+            f"{section['out_of_fold_accuracy']:.1%}). Lowest label quality first.</p>{body}")
 
 
 def _thumb_png(image: np.ndarray, scale: int = 3) -> bytes:
@@ -122,7 +172,7 @@ def write_audit_html(audit: Audit, out: Path) -> Path:
             f"<p>Imbalance (train): {html.escape(_ratio(r['imbalance_ratio']))}</p>",
             "<ul>" + "".join(f"<li>{html.escape(w)}</li>" for w in r["warnings"]) + "</ul>",
             f"<p>Suggested: <code>{html.escape(r['suggested_command'])}</code></p>",
-            _pairs_section(audit, "exact"), _pairs_section(audit, "near")]
+            _label_issues_section(audit), _pairs_section(audit, "exact"), _pairs_section(audit, "near")]
     for key, finding in (r["files"] or {}).items():
         if isinstance(finding, dict) and "files" in finding and finding["count"]:
             rows = [[f["file"], ", ".join(f"{k} {v}" for k, v in f.items() if k != "file")]

@@ -21,6 +21,7 @@ import yaml
 from imgcls import rundir
 from imgcls.config import FIELDS, TrainConfig, build_config
 from imgcls.data.datasets import data_source, load_dataset
+from imgcls.data.exclusions import excluded_names
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
@@ -374,7 +375,7 @@ def _check_current_data(plans: list[Planned], out: Path) -> None:
     # Loaded as fit() will load it (the mode decides which unreadable files are skipped); this costs one
     # extra read of the data, only when new runs join old ones.
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size, cfg.val_fraction, cfg.split_seed,
-                           cfg.data_mode, cfg.workers, download=False)
+                           cfg.data_mode, cfg.workers, download=False, exclude=excluded_names(cfg))
     now = {k: dataset.fingerprint.get(k) for k in ("sizes", "labels_sha256")}
     for run, found in existing.items():
         if {k: found.get(k) for k in now} != now:

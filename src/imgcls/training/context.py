@@ -24,6 +24,7 @@ from imgcls.config import (
     unresolved,
 )
 from imgcls.data import Dataset, load_dataset, normalize
+from imgcls.data.exclusions import excluded_names
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine
 from imgcls.kernels import cache
@@ -93,17 +94,20 @@ class TrainingContext:
         return self.cfg.seed + 1_000_003 * self.world.rank
 
 
-def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool) -> TrainingContext:
+def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
+                  dataset: Dataset | None = None) -> TrainingContext:
     """The context of a new run (`fresh`: pretrained weights and whitening applied) or of a resumed one
-    (its weights come from last.pt afterwards). Resolves the run plan: `ctx.cfg` holds every value."""
+    (its weights come from last.pt afterwards). Resolves the run plan: `ctx.cfg` holds every value.
+    `dataset`: train on these splits instead of loading cfg.data's (the folds of audit --labels)."""
     device = resolve_device(device_name)
     check_precision(cfg.precision, device)
     check_precision(cfg.eval_precision, device)
     _check_parallel(cfg, world, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
     normalization, crop_pct = pretrained_preprocessing(cfg, spec)
-    dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
-                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct)
+    dataset = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
+                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct,
+                           exclude=excluded_names(cfg))
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)
     check_crop_padding(cfg.crop_padding, dataset.img_size)

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from imgcls import rundir
 from imgcls.config import TrainConfig, load_config, validate
-from imgcls.data import Preprocessing, per_image_transform
+from imgcls.data import Dataset, Preprocessing, per_image_transform
 from imgcls.data.audit import quick_audit
 from imgcls.data.presets import PixelRecipe, TrainTransform
 from imgcls.errors import UserError
@@ -48,16 +48,17 @@ __all__ = ["Diverged", "Interrupted", "fit"]  # what callers of fit catch
 
 
 def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_after_steps: int | None = None, *,
-        quiet: bool | None = None, allow_data_change: bool = False) -> Path:
+        quiet: bool | None = None, allow_data_change: bool = False, dataset: Dataset | None = None) -> Path:
     """Train a new run from `cfg`, or continue the run in `resume`. Returns the run folder.
 
     `stop_after_steps` stops (as Ctrl-C would) once that many micro-batches have run in total (at the
     end of the accumulation window it falls in); used to time-box a job and by the resume tests.
     `quiet` overrides the saved setting on resume. Under torchrun every process calls this; they
-    train one model together and rank 0 writes the run.
+    train one model together and rank 0 writes the run. `dataset`: a new run trains on these splits
+    instead of loading cfg.data's (audit --labels trains its folds so).
     """
-    if (cfg is None) == (resume is None):
-        raise ValueError("fit takes either a config or a run folder to resume")
+    if (cfg is None) == (resume is None) or (dataset is not None and resume is not None):
+        raise ValueError("fit takes either a config (and optionally a dataset) or a run folder to resume")
     if resume is not None:
         cfg = load_config(rundir.require_run(resume) / rundir.CONFIG)
     validate(cfg)  # a resumed run's config too: it may have been edited by hand
@@ -66,13 +67,13 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_a
     world, device_name = distributed.join(cfg.device)
     try:
         with StopOnSignal(announce=world.main and not cfg.quiet) as stop:
-            return _train(cfg, resume, world, device_name, stop, stop_after_steps, allow_data_change)
+            return _train(cfg, resume, world, device_name, stop, stop_after_steps, allow_data_change, dataset)
     finally:
         distributed.leave(world)
 
 
 def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopOnSignal,
-           stop_after_steps: int | None, allow_data_change: bool) -> Path:
+           stop_after_steps: int | None, allow_data_change: bool, dataset: Dataset | None) -> Path:
     # Before the slow part, so the user learns at once; on every rank, so none goes on alone.
     if resume is None and cfg.out:
         rundir.refuse_existing(cfg.out)
@@ -80,8 +81,8 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         check_installed()
     distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
-    ctx = build_context(cfg, world, device_name, fresh=not has_last)  # resolves the plan config.yaml records
-    if world.main and resume is None:
+    ctx = build_context(cfg, world, device_name, fresh=not has_last, dataset=dataset)  # resolves the plan
+    if world.main and resume is None and dataset is None:
         for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
             print(f"warning: {line}", file=sys.stderr, flush=True)
     folder = _open_folder(ctx, resume, allow_data_change)

@@ -1,0 +1,121 @@
+"""Image names that stay put, and `train --exclude FILE`: leaving listed images out of training.
+
+An image's name is its split and its path within the split's folder for folders (`train/cat/cat_00012.jpg`;
+a folder of class folders alone is all train), and
+`split/index` in the files' own order for the built-in sets (`train/4711`: CIFAR's train index counts
+all 50,000, before any validation split is carved). `imgcls audit --labels` names its suspects so, and
+the file it writes (or any list of such names, one per line) is what `--exclude` reads.
+
+Listed images leave train and val (the labels training and model selection see); a listed test image
+stays, with a warning, so that test scores remain comparable with runs that excluded nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from imgcls.errors import UserError, shown
+
+MAX_EXCLUDE_BYTES = 64 * 2**20  # a list of names; far beyond any real dataset's
+NAME_COLUMN = "path"  # the column of the audit's label-issues CSV that names each image
+
+
+def read_exclusions(path: str | Path) -> list[str]:
+    """The image names a file lists: a CSV with a `path` column (the audit's label issues), or one name per
+    line (blank lines and lines starting with # skipped). Each bad row is a one-line error naming it."""
+    path = Path(path).expanduser()
+    where = f"--exclude {shown(str(path))}"
+    if not path.is_file():
+        raise UserError(f"{where} is not a file; pass the label-issues CSV imgcls audit --labels "
+                        "wrote, or a list of image paths, one per line")
+    if path.stat().st_size > MAX_EXCLUDE_BYTES:
+        raise UserError(f"{where} is over {MAX_EXCLUDE_BYTES >> 20} MiB; it should list image paths")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; pass a CSV or a list of image paths") from None
+    lines = text.splitlines()
+    first = lines[0] if lines else ""
+    header = next(csv.reader([first]), [])
+    if NAME_COLUMN in header:
+        names = _csv_names(text, header.index(NAME_COLUMN), where)
+    else:
+        names = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
+    for row, name in names:
+        problem = name_problem(name)
+        if problem:
+            raise UserError(f"{where} row {row}: {problem}; each row names an image as audit "
+                            "--labels does, e.g. train/cat/cat_00012.jpg or train/4711")
+    if not names:
+        raise UserError(f"{where} lists no images; pass the label-issues CSV, or drop --exclude")
+    return list(dict.fromkeys(name for _, name in names))
+
+
+def excluded_names(cfg) -> list[str] | None:
+    """The names a TrainConfig's --exclude file lists, read now (None without --exclude)."""
+    return read_exclusions(cfg.exclude) if cfg.exclude else None
+
+
+def _csv_names(text: str, column: int, where: str) -> list[tuple[int, str]]:
+    out = []
+    for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
+        if n == 1 or not row:
+            continue
+        if len(row) <= column:
+            raise UserError(f"{where} row {n} has {len(row)} field(s) and no '{NAME_COLUMN}'; "
+                            "repair or remove the row")
+        out.append((n, row[column].strip()))
+    return out
+
+
+def folder_names(root: Path, split: str, files: list[Path]) -> list[str]:
+    """The names of a split's files under a data folder `root` (train/, val/, test/ or class folders alone)."""
+    split_root = root / split if (root / "train").is_dir() else root
+    return [f"{split}/{Path(f).relative_to(split_root).as_posix()}" for f in files]
+
+
+def builtin_names(split: str, n: int) -> list[str]:
+    return [f"{split}/{i}" for i in range(n)]
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name an image of a dataset, or None."""
+    parts = name.replace("\\", "/").split("/")
+    if not name:
+        return "the name is empty"
+    if any(ord(c) < 32 for c in name):
+        return f"{name!r} holds a control character"
+    if name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return f"{shown(name)} is not a path inside the data folder"
+    if parts[0] not in ("train", "val", "test") or len(parts) < 2:
+        return f"{shown(name)} does not start with train/, val/ or test/"
+    return None
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """What --exclude removed: the names by split, for the data's fingerprint and the run's record."""
+
+    removed: tuple[str, ...]
+    kept_test: tuple[str, ...]  # listed test images, which stay
+
+    def fingerprint(self) -> dict:
+        digest = hashlib.sha256("\n".join(sorted(self.removed)).encode()).hexdigest()[:16]
+        return {"excluded": len(self.removed), "excluded_sha256": digest}
+
+
+def split_names(names: list[str], known: dict[str, set[str]], source: str) -> Exclusion:
+    """`names` checked against the images the data holds (`known`: split -> names); one unknown name is a
+    one-line error, so that a list of another dataset cannot pass for this one's."""
+    for name in names:
+        split = name.replace("\\", "/").split("/")[0]
+        if name.replace("\\", "/") not in known.get(split, set()):
+            raise UserError(f"--exclude names {shown(name)}, which is no image of {shown(source)}; pass the list "
+                            "audit --labels wrote for this data")
+    normal = [n.replace("\\", "/") for n in names]
+    return Exclusion(tuple(n for n in normal if not n.startswith("test/")),
+                     tuple(n for n in normal if n.startswith("test/")))

@@ -1,0 +1,191 @@
+"""Out-of-fold probabilities: every labelled image scored by a model that never trained on it.
+
+What confident learning (cleanlab, evaluation/label_issues.py) needs to tell a wrong label from a hard
+image. The images are dealt into K folds, stratified by label and seeded (scikit-learn's
+StratifiedKFold); each fold is scored by a model fitted on the other K - 1. Two recipes:
+
+  linear   a pretrained backbone's pooled features of every image, computed once through the inference
+           path training and predict use, then per fold a multinomial logistic regression on the other
+           folds' standardised features (scikit-learn): seconds on a CPU, and the default for photos.
+  scratch  per fold a model trained from scratch on the other folds by `fit`, exactly as `imgcls train`
+           trains (no validation split, so the final weights), then the held-out fold scored by the run's
+           engine: the default for CIFAR-sized images, with fastnet.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgcls.config import build_config
+from imgcls.data import Preprocessing, Split
+from imgcls.data.datasets import Pool, load_pool, pool_dataset
+from imgcls.errors import UserError
+from imgcls.evaluation.label_issues import METHOD, label_issues
+from imgcls.kernels.apply import configure
+from imgcls.kernels.measure import choose_kernels
+from imgcls.models import create_model, model_spec
+from imgcls.progress import Phase
+from imgcls.runtime import resolve_device, seed_everything
+from imgcls.training.transfer import cache_features
+
+DEFAULT_FOLDS = 5
+LINEAR_MODEL = "efficientnet_lite0"  # ImageNet weights from PyPI, so the default works offline
+SCRATCH_MODEL = "fastnet_cifar_small"
+SCRATCH_EPOCHS = 8
+CIFAR_SIZED = 32  # images this small take the scratch recipe: a photo backbone sees little in 32 px
+# The scratch recipe's options, from recipes/cifar10_fast.yaml without label smoothing (which would cap
+# every probability the ranking compares) and with no validation split (every other fold trains).
+SCRATCH_OPTIONS = {"model": SCRATCH_MODEL, "whiten": True, "optimizer": "sgd", "lr": 0.2, "momentum": 0.9,
+                   "weight_decay": 5e-4, "batch_size": 512, "warmup_epochs": 0.5, "aug": "basic"}
+LOGISTIC_C = 1.0  # scikit-learn's default inverse regularisation, on standardised features
+
+
+@dataclass(frozen=True)
+class OutOfFold:
+    pool: Pool
+    probs: np.ndarray  # float64 N x K, each row from the model of the fold that held the image out
+    folds: np.ndarray  # int N: the fold of each image
+    recipe: dict  # how the probabilities were made, for the audit's record
+
+
+def choose_recipe(data: str, model: str | None, recipe_file: str | None, img_size: int | None) -> str:
+    """linear or scratch: scratch for a recipe file, a model without pretrained weights, or CIFAR-sized images."""
+    if recipe_file is not None:
+        return "scratch"
+    if model is not None:
+        return "linear" if model_spec(model).pretrained is not None else "scratch"
+    small = data in ("cifar10", "cifar10-mini") and (img_size or 32) <= CIFAR_SIZED or (img_size or 64) <= CIFAR_SIZED
+    return "scratch" if small else "linear"
+
+
+def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each image's fold, stratified by label; a class with fewer images than folds is refused in one line."""
+    from sklearn.model_selection import StratifiedKFold
+
+    counts = np.bincount(labels)
+    if not 2 <= folds <= 50:
+        raise UserError(f"--folds must be from 2 to 50 (got {folds}); 5 is the usual choice")
+    present = counts[counts > 0]
+    if present.min() < folds:
+        raise UserError(f"a class has only {present.min()} image(s), fewer than --folds {folds}: every fold needs "
+                        "one of each class; lower --folds or add images")
+    out = np.empty(len(labels), dtype=np.int64)
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        out[held] = k
+    return out
+
+
+def out_of_fold(data: str, data_dir: str | None = None, folds: int = DEFAULT_FOLDS, model: str | None = None,
+                recipe_file: str | None = None, epochs: int | None = None, img_size: int | None = None,
+                seed: int = 0, device: str = "auto", progress: bool = True) -> OutOfFold:
+    """Out-of-fold probabilities of every image of `data` (all splits), by the recipe choose_recipe picks."""
+    recipe = choose_recipe(data, model, recipe_file, img_size)
+    if recipe == "linear":
+        if epochs is not None:
+            raise UserError("--label-epochs is for models trained from scratch; the linear recipe fits in one pass: "
+                            "drop it, or pass --label-model fastnet_cifar_small")
+        return _linear(data, data_dir, folds, model or LINEAR_MODEL, img_size, seed, device, progress)
+    return _scratch(data, data_dir, folds, model, recipe_file, epochs or SCRATCH_EPOCHS, img_size, seed, device,
+                    progress)
+
+
+def _linear(data, data_dir, folds, model_name, img_size, seed, device_name, progress) -> OutOfFold:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    spec = model_spec(model_name)
+    native = spec.preprocessing
+    size = img_size or native.img_size
+    pool = load_pool(data, data_dir, size, native.crop_pct)
+    labels = pool.labels.numpy()
+    fold = fold_of(labels, folds, seed)  # before the slow part: a bad --folds fails at once
+    device = resolve_device(device_name)
+    backbone = create_model(model_name, len(pool.classes), pretrained=True).to(device)
+    # Inference kernels measured as for any run's evaluation (precision included), and cached.
+    kernels = choose_kernels(backbone, (64, 3, size, size), device, train=False, name=model_name,
+                             data_size=len(labels))
+    configure(backbone, kernels.attention_eval, kernels.depthwise_eval, kernels.memory_format)
+    prep = Preprocessing(size, native.mean, native.std, native.crop_pct)
+    features = cache_features(backbone, Split(pool.labels, images=pool.images), prep, device, kernels.precision_eval,
+                              kernels.eval_batch_size, f"features: {model_name}", progress).images.double().numpy()
+    probs = np.zeros((len(labels), len(pool.classes)))
+    with Phase("fitting a linear head per fold", folds, enabled=progress) as phase:
+        for k in range(folds):
+            train, held = fold != k, fold == k
+            head = make_pipeline(StandardScaler(), LogisticRegression(C=LOGISTIC_C, max_iter=2000))
+            head.fit(features[train], labels[train])
+            probs[np.ix_(held, head.classes_)] = head.predict_proba(features[held])
+            phase.advance(1)
+    return OutOfFold(pool, probs, fold, {"recipe": "linear", "model": model_name, "pretrained": True,
+                                         "precision": kernels.precision_eval,
+                                         "img_size": size, "folds": folds, "seed": seed,
+                                         "head": f"logistic regression, C={LOGISTIC_C}, standardised features"})
+
+
+def _scratch(data, data_dir, folds, model_name, recipe_file, epochs, img_size, seed, device, progress) -> OutOfFold:
+    from imgcls.inference.run import load_run, run_engine
+    from imgcls.training.train import fit
+
+    options = {} if recipe_file is not None else dict(SCRATCH_OPTIONS)
+    if model_name is not None:
+        options["model"] = model_name
+    cfg = build_config(recipe_file, **options, data=data, data_dir=data_dir, img_size=img_size, epochs=epochs,
+                       val_fraction=0.0, seed=seed, device=device, quiet=True)
+    if cfg.val_fraction != 0 or cfg.patience is not None:
+        cfg = cfg.replace(val_fraction=0.0, patience=None)  # every other fold trains; nothing to stop on
+    size = cfg.img_size or model_spec(cfg.model).img_size
+    pool = load_pool(data, data_dir, size)
+    labels = pool.labels.numpy()
+    fold = fold_of(labels, folds, seed)
+    probs = np.zeros((len(labels), len(pool.classes)))
+    with tempfile.TemporaryDirectory(prefix="imgcls-folds-") as scratch, \
+            Phase(f"training {cfg.model} on {folds} folds", folds, enabled=progress) as phase:
+        for k in range(folds):
+            train, held = torch.from_numpy(fold != k), torch.from_numpy(fold == k)
+            dataset = pool_dataset(pool, torch.nonzero(train).flatten(), f"{data}, all folds but {k + 1} of {folds}")
+            seed_everything(seed + k)
+            run = fit(cfg.replace(out=str(Path(scratch) / f"fold-{k + 1}")), dataset=dataset)
+            engine = run_engine(load_run(run))
+            scores = engine.score(pool.images[held].permute(0, 2, 3, 1), where=f"fold {k + 1}")
+            probs[held.numpy()] = scores.probs.numpy()
+            phase.advance(1)
+    return OutOfFold(pool, probs, fold, {"recipe": "scratch", "model": cfg.model, "pretrained": False,
+                                         "img_size": size, "folds": folds, "seed": seed, "epochs": epochs,
+                                         "options": "recipe file" if recipe_file else "built-in"})
+
+
+SUSPECT_THUMB = 96  # pixels of each suspect's picture in the audit page
+
+
+def label_audit(data: str, data_dir: str | None = None, folds: int = DEFAULT_FOLDS, model: str | None = None,
+                recipe_file: str | None = None, epochs: int | None = None, img_size: int | None = None,
+                seed: int = 0, progress: bool = True) -> tuple[dict, list[np.ndarray]]:
+    """(the audit's label_issues section, a thumbnail per suspect): out-of-fold probabilities, then cleanlab."""
+    start = time.perf_counter()
+    oof = out_of_fold(data, data_dir, folds, model, recipe_file, epochs, img_size, seed, progress=progress)
+    labels = oof.pool.labels.numpy()
+    issues = label_issues(labels, oof.probs, oof.pool.classes, oof.pool.names)
+    accuracy = float((oof.probs.argmax(axis=1) == labels).mean())
+    by_class = {c: sum(i["given"] == c for i in issues) for c in oof.pool.classes}
+    thumbs = [_thumb(oof.pool.images[issue["index"]]) for issue in issues]
+    for issue in issues:
+        del issue["index"]  # a position in this pool; the path names the image
+    section = {"method": METHOD, **oof.recipe, "images": len(labels), "out_of_fold_accuracy": accuracy,
+               "count": len(issues), "by_given_class": by_class, "seconds": time.perf_counter() - start,
+               "issues": issues}
+    return section, thumbs
+
+
+def _thumb(image: torch.Tensor) -> np.ndarray:
+    """H x W x 3 uint8 at SUSPECT_THUMB px, from a 3 x S x S uint8 image."""
+    resized = torch.nn.functional.interpolate(image[None].float(), size=SUSPECT_THUMB, mode="bilinear",
+                                              antialias=True, align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()

@@ -1,0 +1,143 @@
+"""audit --labels (out-of-fold probabilities, cleanlab's ranking) and train --exclude."""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+
+from imgcls.cli import main
+from imgcls.data import load_dataset
+from imgcls.data.exclusions import read_exclusions
+from imgcls.errors import UserError
+from imgcls.evaluation.label_issues import label_issues, precision_recall
+from imgcls.training.out_of_fold import fold_of, label_audit
+from tests.conftest import shared_path, tiny_config
+
+pytest.importorskip("cleanlab")
+
+
+def plant_flips(source, out, per_class: int, fraction: float, seed: int = 0) -> set[str]:
+    """A train/ folder of `per_class` images of each class of `source`/train, linked (not copied), with
+    `fraction` of them filed under the other class; returns the names of the flipped ones."""
+    rng = np.random.default_rng(seed)
+    classes = sorted(p.name for p in (source / "train").iterdir())
+    files = [(c, f) for c in classes for f in sorted((source / "train" / c).iterdir())[:per_class]]
+    flipped = set(rng.choice(len(files), size=round(fraction * len(files)), replace=False).tolist())
+    names = set()
+    for i, (cls, f) in enumerate(files):
+        filed = classes[(classes.index(cls) + 1) % len(classes)] if i in flipped else cls
+        (out / "train" / filed).mkdir(parents=True, exist_ok=True)
+        os.symlink(f, out / "train" / filed / f.name)
+        if i in flipped:
+            names.add(f"train/{filed}/{f.name}")
+    return names
+
+
+def test_planted_flips_are_found_among_real_photos(tmp_path):
+    """5% of 400 Cats-vs-Dogs photos filed under the wrong class: the default recipe (pretrained features, a
+    linear head per fold) must flag most of them and little else. Flagging at random would score ~5%
+    precision; flagging everything 5%; flagging nothing 0 recall."""
+    planted = plant_flips(shared_path("cats-vs-dogs"), tmp_path / "flipped", per_class=200, fraction=0.05)
+    section, pictures = label_audit(str(tmp_path / "flipped"), progress=False)
+    flagged = {issue["path"] for issue in section["issues"]}
+    precision, recall = precision_recall(flagged, planted)
+    assert precision >= 0.6 and recall >= 0.7, (precision, recall, len(flagged))
+    assert len(pictures) == len(section["issues"]) and pictures[0].shape == (96, 96, 3)
+    qualities = [issue["label_quality"] for issue in section["issues"]]
+    assert qualities == sorted(qualities)  # most certainly wrong first
+    assert all(issue["given"] != issue["suggested"] for issue in section["issues"] if issue["path"] in planted)
+
+
+def test_ranking_of_probabilities_flags_the_contradicted_labels():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 100)
+    probs = np.full((300, 3), 0.05)
+    probs[np.arange(300), labels] = 0.9
+    wrong = rng.choice(300, size=12, replace=False)
+    for i in wrong:  # the model is sure of another class
+        probs[i] = 0.05
+        probs[i, (labels[i] + 1) % 3] = 0.9
+    probs += rng.uniform(0, 0.01, probs.shape)
+    names = [f"train/{i}" for i in range(300)]
+    issues = label_issues(labels, probs, ["a", "b", "c"], names)
+    assert {i["path"] for i in issues} == {names[i] for i in wrong}
+    with pytest.raises(ValueError):
+        label_issues(labels, np.full((300, 3), np.nan), ["a", "b", "c"], names)
+
+
+def test_folds_are_stratified_and_too_few_images_are_refused():
+    labels = np.repeat([0, 1], [50, 10])
+    folds = fold_of(labels, 5, seed=1)
+    for k in range(5):
+        assert np.bincount(labels[folds == k]).tolist() == [10, 2]
+    assert not np.array_equal(folds, fold_of(labels, 5, seed=2))
+    with pytest.raises(UserError, match="fewer than --folds 20"):
+        fold_of(labels, 20, seed=0)
+    with pytest.raises(UserError, match="--folds must be from 2"):
+        fold_of(labels, 1, seed=0)
+
+
+def test_audit_labels_writes_a_list_that_train_excludes(tiny_folder, tmp_path, capsys):
+    """The scratch recipe (fit per fold) end to end through the CLI, then train --exclude of its CSV."""
+    out = tmp_path / "audit.json"
+    assert main(["audit", str(tiny_folder), "--labels", "--folds", "2", "--label-model", "fastnet_cifar_small",
+                 "--label-epochs", "1", "--img-size", "32", "--html", "--out", str(out), "--quiet"]) == 0
+    table = tmp_path / "audit-label-issues.csv"
+    rows = list(csv.DictReader(table.open()))
+    assert list(rows[0]) == ["path", "split", "given", "suggested", "label_quality", "p_given", "p_suggested"]
+    assert "Probable label errors" in (tmp_path / "audit.html").read_text()
+    train_rows = [r for r in rows if r["split"] == "train"]
+    assert train_rows, "an untrained 1-epoch model disagrees with many labels"
+    full = load_dataset(str(tiny_folder), img_size=32, val_fraction=0.1)
+    cut = load_dataset(str(tiny_folder), img_size=32, val_fraction=0.1, exclude=read_exclusions(table))
+    assert len(cut.train) + len(cut.val) == len(full.train) + len(full.val) - len(train_rows)
+    assert len(cut.test) == len(full.test)  # test images stay, whatever the list says
+    assert cut.fingerprint["excluded"] == len(train_rows) and "excluded" not in full.fingerprint
+    from imgcls.inference.run import load_run
+    from imgcls.training.train import fit
+
+    run = fit(tiny_config(tiny_folder, tmp_path / "run", epochs=1, exclude=str(table)))
+    assert "exclude" in (run / "config.yaml").read_text()
+    assert len(load_run(run).split("val")) == len(cut.val)  # the run's own data, as it trained on it
+    table.write_text("path\n" + train_rows[0]["path"] + "\n")  # the list changed: the run's data did too
+    with pytest.raises(UserError, match="changed since it was trained"):
+        load_run(run).split("val")
+
+
+def test_exclusion_lists_are_checked_row_by_row(tmp_path):
+    bad = tmp_path / "bad.csv"
+    for text, message in (("path,split\ntrain/1,train\n../etc/passwd,x\n", "row 3"),
+                          ("split,path\ntrain,train/1\nval\n", "row 3 has 1 field"),
+                          ("", "lists no images"),
+                          ("# nothing\n\n", "lists no images"),
+                          ("train/1\nfoo/2\n", "row 2: foo/2 does not start with train/")):
+        bad.write_text(text)
+        with pytest.raises(UserError, match=message):
+            read_exclusions(bad)
+    bad.write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match="not UTF-8"):
+        read_exclusions(bad)
+    with pytest.raises(UserError, match="is not a file"):
+        read_exclusions(tmp_path)
+    with pytest.raises(UserError, match="no image of cifar10-mini"):
+        load_dataset("cifar10-mini", exclude=["train/5000"])
+    with pytest.raises(UserError, match="no image of cifar10-mini"):
+        load_dataset("cifar10-mini", exclude=["val/3"])  # cifar10-mini has no val on disk: train indices name it
+
+
+def test_excluding_cifar_images_drops_them_before_val_is_carved(mini, capsys):
+    cut = load_dataset("cifar10-mini", exclude=["train/0", "train/1", "test/7"])
+    assert len(cut.train) + len(cut.val) == len(mini.train) + len(mini.val) - 2
+    assert len(cut.test) == len(mini.test)
+    assert "test/7" in capsys.readouterr().err
+    everything = [f"train/{i}" for i in range(5000) if mini_label(i) == 0]
+    with pytest.raises(UserError, match="no training image"):
+        load_dataset("cifar10-mini", exclude=everything)
+
+
+def mini_label(i: int) -> int:
+    import json
+    from importlib import resources
+
+    return json.loads((resources.files("imgcls.data") / "cifar10_mini" / "labels.json").read_text())["train"][i]
