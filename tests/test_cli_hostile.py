@@ -156,8 +156,10 @@ CASES = [
     ("cam-out-is-a-file", lambda r, t, p: ["cam", str(r), _image(t), "--out", str(r / rundir.CONFIG)],
      "a file is in the way"),
     # report: damaged or unfinished runs
-    ("report-metrics-line-without-keys", lambda r, t, p: ["report", str(_metrics(r, p, "{}\n"))],
+    ("report-metrics-line-without-keys", lambda r, t, p: ["report", str(_metrics(r, p, rundir.sealed_line({})))],
      "line 1 lacks one of epoch"),
+    ("report-metrics-line-edited", lambda r, t, p: ["report", str(_metrics(r, p, '{"epoch": 1}\n'))],
+     "metrics.jsonl line 1 was edited after imgcls wrote it"),
     ("report-metrics-empty", lambda r, t, p: ["report", str(_metrics(r, p, ""))], "it holds no epochs"),
     ("report-summary-a-list", lambda r, t, p: ["report", str(_summary(r, p, "[1]"))], "summary.json was edited"),
     ("report-summary-without-keys", lambda r, t, p: ["report", str(_summary(r, p, "{}"))], "summary.json was edited"),

@@ -799,7 +799,7 @@ def test_a_summary_edited_in_range_must_still_tell_the_epochs_and_the_checkpoint
     forged = {**summary, "best_val_acc": 0.95, "final_val_acc": 0.95}
     for metrics in (lines, [{**m, "val_acc": 0.95} for m in lines]):  # the summary alone, then both files
         rundir.write_sealed_json(copy_ / rundir.SUMMARY, forged)  # past the seal: the cross-checks behind it
-        (copy_ / rundir.METRICS).write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        (copy_ / rundir.METRICS).write_text("".join(rundir.sealed_line(m) for m in metrics))  # past those seals too
         against = rundir.METRICS if metrics is lines else rundir.BEST
         for argv in (["report", str(copy_), "--tta", "none"], ["export", str(copy_), "--format", "safetensors",
                                                                 "--out", str(tmp_path / "e")]):
@@ -844,6 +844,7 @@ def test_any_edit_of_a_summary_is_refused_by_its_seal(run, tmp_path, capsys):
 
 @pytest.mark.parametrize("edit", ['"val_acc": 1e309', '"train_loss": NaN', '"val_acc": 1.5', '"train_loss": -1'])
 def test_metrics_that_are_not_finite_or_in_range_are_refused(run, tmp_path, edit):
+    """An edited line is refused by its seal; one sealed anew (as no imgcls writes it) by the range checks."""
     from imgcls.evaluation.analysis import training_record
 
     copy_ = tmp_path / "run"
@@ -852,6 +853,9 @@ def test_metrics_that_are_not_finite_or_in_range_are_refused(run, tmp_path, edit
     key = edit.split('"')[1]
     text = json.dumps({**record, key: 0.0}).replace(f'"{key}": 0.0', edit)
     (copy_ / rundir.METRICS).write_text(text + "\n")
+    assert "metrics.jsonl line 1 was edited after imgcls wrote it" in _one_line(lambda: training_record(copy_))
+    forged = {k: v for k, v in json.loads(text).items() if k != rundir.SEAL}
+    (copy_ / rundir.METRICS).write_text(rundir.sealed_line(forged))
     assert "is damaged (line 1 lacks one of" in _one_line(lambda: training_record(copy_))
 
 

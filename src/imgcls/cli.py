@@ -15,7 +15,7 @@ from pathlib import Path
 
 from imgcls.config import FIELDS, TYPES, erasing_probability, flag
 from imgcls.errors import UserError, first_line, shown
-from imgcls.options import OPTIONS, add_options
+from imgcls.options import OPTIONS, add_options, decimal, integer
 
 DESCRIPTION = "Train, evaluate and use image classifiers, offline and fast on a CPU."
 
@@ -75,9 +75,9 @@ def _lr_find_parser(sub, common) -> None:
                                      "suggestions and writes the plot; no run folder, the weights are only read.")
     lrf.add_argument("--recipe", metavar="YAML", help="YAML file of train options (keys as the flags)")
     _add_train_flags(lrf)
-    lrf.add_argument("--start-lr", type=float, default=1e-7, help="the head's rate at the first step (1e-7)")
-    lrf.add_argument("--end-lr", type=float, default=10.0, help="the head's rate at the last step (10)")
-    lrf.add_argument("--steps", type=int, default=None,
+    lrf.add_argument("--start-lr", type=decimal, default=1e-7, help="the head's rate at the first step (1e-7)")
+    lrf.add_argument("--end-lr", type=decimal, default=10.0, help="the head's rate at the last step (10)")
+    lrf.add_argument("--steps", type=integer, default=None,
                      help="steps of the sweep, at most one epoch (default min(100, steps per epoch))")
     lrf.add_argument("--out", default="lr_find.png", help="the plot to write, .png, .svg or .pdf (lr_find.png)")
 
@@ -153,20 +153,20 @@ def _serve_parser(sub, common) -> None:
                                      "/docs (OpenAPI). SIGTERM finishes the requests in flight, then exits 0.")
     srv.add_argument("source", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
-    srv.add_argument("--port", type=int, default=8000, help="TCP port (8000)")
-    srv.add_argument("--max-batch", type=int, default=32, help="images scored together at most; 1 turns "
+    srv.add_argument("--port", type=integer, default=8000, help="TCP port (8000)")
+    srv.add_argument("--max-batch", type=integer, default=32, help="images scored together at most; 1 turns "
                                                                 "micro-batching off (32)")
-    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for more images (5)")
-    srv.add_argument("--max-queue", type=int, default=256, help="images waiting at most; past it 503 (256)")
-    srv.add_argument("--max-bytes", type=int, default=20 << 20, help="largest request body in bytes (20 MiB)")
-    srv.add_argument("--header-timeout", type=float, default=10.0,
+    srv.add_argument("--max-wait-ms", type=decimal, default=5.0, help="how long a batch waits for more images (5)")
+    srv.add_argument("--max-queue", type=integer, default=256, help="images waiting at most; past it 503 (256)")
+    srv.add_argument("--max-bytes", type=integer, default=20 << 20, help="largest request body in bytes (20 MiB)")
+    srv.add_argument("--header-timeout", type=decimal, default=10.0,
                      help="seconds a request's headers may take to arrive; then 408 and the connection closed (10)")
-    srv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a body may take to arrive (30)")
-    srv.add_argument("--drain-timeout", type=int, default=30, help="seconds in-flight requests get on SIGTERM (30)")
-    srv.add_argument("--max-connections", type=int, default=512, help="requests in flight at most; past them 503 "
+    srv.add_argument("--body-timeout", type=decimal, default=30.0, help="seconds a body may take to arrive (30)")
+    srv.add_argument("--drain-timeout", type=integer, default=30, help="seconds in-flight requests get on SIGTERM (30)")
+    srv.add_argument("--max-connections", type=integer, default=512, help="requests in flight at most; past them 503 "
                                                                       "(512)")
-    srv.add_argument("--drift-window", type=int, default=1000, help="served images drift is measured over (1000)")
-    srv.add_argument("--drift-psi", type=float, default=0.25, help="PSI above which drift is logged (0.25)")
+    srv.add_argument("--drift-window", type=integer, default=1000, help="served images drift is measured over (1000)")
+    srv.add_argument("--drift-psi", type=decimal, default=0.25, help="PSI above which drift is logged (0.25)")
     add_options(srv, "--topk", "--checkpoint", "--device", "--reject", "--target-accuracy", "--coverage",
                 "--batch-size")
 
@@ -193,7 +193,7 @@ def _compare_parsers(sub, common) -> None:
     cmp_.add_argument("experiment", nargs="?", help="experiment YAML (see experiments/)")
     cmp_.add_argument("--data", help="flag form: dataset for every variant")
     cmp_.add_argument("--models", help="flag form: comma-separated models, one variant each")
-    cmp_.add_argument("--epochs", type=int, help="flag form: epochs for every variant")
+    cmp_.add_argument("--epochs", type=integer, help="flag form: epochs for every variant")
     cmp_.add_argument("--seeds", default=None, help="comma-separated seeds (default: the file's, else 0)")
     cmp_.add_argument("--out", required=True, help="folder for all runs and the results files")
     add_options(cmp_, "--data-dir", "--quiet")
@@ -201,7 +201,7 @@ def _compare_parsers(sub, common) -> None:
     prev = sub.add_parser("augment-preview", parents=[common], help="draw originals next to augmented versions",
                           description="The augmentation train would apply, drawn: every flag is train's.")
     _add_train_flags(prev, PREVIEW_FIELDS)
-    prev.add_argument("--n", type=int, default=8, help="images per row (8)")
+    prev.add_argument("--n", type=integer, default=8, help="images per row (8)")
     prev.add_argument("--out", default="augment-preview.png", help="PNG file to write (augment-preview.png)")
 
 
@@ -530,8 +530,9 @@ def cmd_compare(args) -> int:
 
 
 def _folders(*paths: str | None) -> tuple[str, ...]:
-    """Those of `paths` that are folders (a dataset's images, --data-dir): what an output may not land in."""
-    return tuple(p for p in paths if p and Path(p).is_dir())
+    from imgcls.rundir import folders
+
+    return folders(*paths)
 
 
 def cmd_augment_preview(args) -> int:
@@ -565,7 +566,7 @@ def _audit_parser(sub, common) -> None:
                                      "probabilities by K-fold cross-validation, ranked by confident learning "
                                      "(cleanlab), written to a CSV that train --exclude reads.")
     aud.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
-    aud.add_argument("--img-size", type=int, help="the size you will train at; folder images under half of it are "
+    aud.add_argument("--img-size", type=integer, help="the size you will train at; folder images under half of it are "
                                                   "reported as small (64); with --labels, the size the label "
                                                   "model sees (default: its own)")
     aud.add_argument("--out", default="audit.json", help="JSON report (audit.json); --labels adds "
@@ -573,15 +574,15 @@ def _audit_parser(sub, common) -> None:
     add_options(aud, "--data-dir", "--max-distance", "--html", "--quiet")
     labels = aud.add_argument_group("label errors (--labels; needs imgcls[labels])")
     labels.add_argument("--labels", action="store_true", help="find the images whose label is probably wrong")
-    labels.add_argument("--folds", type=int, default=5, help="cross-validation folds (5)")
+    labels.add_argument("--folds", type=integer, default=5, help="cross-validation folds (5)")
     labels.add_argument("--label-model", metavar="MODEL", help="the model that scores each fold: one with pretrained "
                         "weights trains a linear head on its frozen features, any other trains from scratch "
                         "(default: efficientnet_lite0 features for photos, fastnet_cifar_small for 32 px images)")
     labels.add_argument("--label-recipe", metavar="YAML", help="train options for each fold's model, as train "
                         "--recipe takes them (trained from scratch)")
-    labels.add_argument("--label-epochs", type=int, metavar="N", help="epochs of each fold's model trained from "
+    labels.add_argument("--label-epochs", type=integer, metavar="N", help="epochs of each fold's model trained from "
                         "scratch (8)")
-    labels.add_argument("--seed", type=int, default=0, help="seed of the folds and of the fold models (0)")
+    labels.add_argument("--seed", type=integer, default=0, help="seed of the folds and of the fold models (0)")
 
 
 def cmd_audit(args) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from imgcls.errors import UserError
-from imgcls.options import DEVICES
+from imgcls.options import DEVICES, decimal, integer
 
 # Defined here (not in data/) so that building the CLI needs no torch.
 AUGMENTATIONS = ("none", "basic", "standard", "randaugment", "trivialaugment", "autoaugment")
@@ -265,14 +265,12 @@ def _number(name: str, value: Any, kind: type) -> int | float:
     try:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ValueError
-        if kind is int:
-            number = int(value) if isinstance(value, int | str) else value
-            if isinstance(number, float):
-                if not number.is_integer():
-                    raise ValueError
-                number = int(number)
+        if kind is int:  # 1e3 is refused as a flag, so it is in a recipe too
+            number = integer(value) if isinstance(value, str) else value
+            if not isinstance(number, int):
+                raise ValueError
         else:
-            number = float(value)
+            number = decimal(value) if isinstance(value, str) else float(value)
             if not math.isfinite(number):
                 raise ValueError
         return number
@@ -416,6 +414,21 @@ def validate(cfg: TrainConfig) -> None:
         require_no_validation(cfg)
     _validate_transfer(cfg)
     _validate_fast_recipe(cfg)
+    _validate_derived_rates(cfg)
+
+
+def _validate_derived_rates(cfg: TrainConfig) -> None:
+    """The rates and decays the optimizer computes from several options, checked in float32 as it uses them:
+    --bn-bias-lr-scale 1e-40 with --decay-all made the BatchNorm biases' decay 5e38, inf, and the run diverged
+    with advice to lower --lr."""
+    scale = cfg.bn_bias_lr_scale
+    derived = {"--lr x --bn-bias-lr-scale": cfg.lr * scale}
+    if cfg.decay_all:
+        derived["--weight-decay / --bn-bias-lr-scale"] = cfg.weight_decay / scale
+    for what, value in derived.items():
+        if not math.isfinite(value) or abs(value) > FLOAT32_MAX or (value != 0 and abs(value) < FLOAT32_TINY / 2):
+            raise UserError(f"{what} is {value:g}, outside float32's range, the precision the optimizer uses; "
+                            "bring --bn-bias-lr-scale nearer 1 (airbench: 64)")
 
 
 def _validate_fast_recipe(cfg: TrainConfig) -> None:
@@ -475,6 +488,12 @@ _NOT_FOR = {  # options that mean nothing under a strategy
     "gradual": ("cache_features",),
     "scratch": ("cache_features", "layer_decay", "group_lrs", "unfreeze_every", "unfreeze_at"),
 }
+
+
+def _absolute_if_file(class_weights: str) -> str:
+    """--class-weights with a file made absolute, so that a resume from another folder still finds it."""
+    parsed = parse_class_weights(class_weights)
+    return str(parsed.expanduser().resolve()) if isinstance(parsed, Path) else class_weights
 
 
 def parse_class_weights(value: str) -> str | float | list[float] | Path:
@@ -562,6 +581,7 @@ def resolve(cfg: TrainConfig, facts: Facts) -> TrainConfig:
         data=data_location(cfg.data),
         data_dir=str(Path(cfg.data_dir).expanduser().resolve()) if cfg.data_dir else None,
         exclude=str(Path(cfg.exclude).expanduser().resolve()) if cfg.exclude else None,
+        class_weights=_absolute_if_file(cfg.class_weights),
         out=str(Path(cfg.out).resolve()) if cfg.out else None,
         img_size=facts.img_size, normalize=facts.normalization, strategy=strategy, aug=aug,
         crop_padding=padding if aug in CROP_RECIPES else None,

@@ -8,6 +8,7 @@ answers at once; the library modules import their defaults from here.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 ONNX_OPSET = 18  # torch's dynamo exporter writes opset 18 and up
@@ -19,6 +20,26 @@ CAM_METHODS = ("gradcam", "gradcam++")
 DEFAULT_TARGET_ACCURACY = 0.95  # --reject auto: the accuracy accepted images keep on validation
 DEFAULT_CONFIDENCE = 0.9  # --reject auto: how sure that accuracy is, given the number of validation images
 EXPORT_BATCH = 64  # images per call for exported files, which carry no measured batch size
+
+
+# Numbers as a person writes them in decimal: Python's int() and float() also read '1_000', '0.5_0', ' 5 ' and
+# full-width digits, which no option means; every numeric flag and recipe value goes through these.
+_INTEGER = re.compile(r"[-+]?[0-9]+")
+_DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")
+
+
+def integer(text: str) -> int:
+    """A whole number in ASCII decimal digits; ValueError otherwise (argparse's type=, the recipe reader)."""
+    if not isinstance(text, str) or not _INTEGER.fullmatch(text):
+        raise ValueError(f"not a decimal integer: {text!r}")
+    return int(text)
+
+
+def decimal(text: str) -> float:
+    """A number written in ASCII decimal (1, 0.5, 1e-3); ValueError otherwise."""
+    if not isinstance(text, str) or not _DECIMAL.fullmatch(text):
+        raise ValueError(f"not a decimal number: {text!r}")
+    return float(text)
 
 
 @dataclass(frozen=True)
@@ -38,7 +59,7 @@ OPTIONS = {o.flag: o for o in (
            {"default": "none", "metavar": "MODE"}),
     Option("--quiet", "no progress bar", {"action": "store_true"}),
     Option("--data-dir", "as in train, for --data cifar10"),
-    Option("--topk", "classes to show per image (3)", {"type": int, "default": 3}),
+    Option("--topk", "classes to show per image (3)", {"type": integer, "default": 3}),
     Option("--json", "print JSON instead of text", {"action": "store_true"}),
     Option("--list", "a text file of image paths, one per line; blank lines and lines starting with # are skipped "
                      "(a missing file is an error row)",
@@ -47,14 +68,14 @@ OPTIONS = {o.flag: o for o in (
                        "val (auto; needs imgcls calibrate); off accepts everything", {"metavar": "auto|P|off"}),
     Option("--target-accuracy", f"--reject auto: accuracy the accepted images keep, shown on val with "
                                 f"{DEFAULT_CONFIDENCE:.0%} confidence ({DEFAULT_TARGET_ACCURACY})",
-           {"type": float}),
-    Option("--coverage", "--reject auto: share of val images to accept instead", {"type": float}),
+           {"type": decimal}),
+    Option("--coverage", "--reject auto: share of val images to accept instead", {"type": decimal}),
     Option("--batch-size", f"images per forward pass (default: the run's measured inference batch, {EXPORT_BATCH} "
-                           "for exports)", {"type": int}),
-    Option("--workers", "DataLoader workers decoding images (2)", {"type": int, "default": 2}),
+                           "for exports)", {"type": integer}),
+    Option("--workers", "DataLoader workers decoding images (2)", {"type": integer, "default": 2}),
     Option("--format", f"export format: {', '.join(EXPORT_FORMATS)} (all)", {"default": "all",
                                                                             "choices": EXPORT_FORMATS}),
-    Option("--opset", f"ONNX opset ({ONNX_OPSET})", {"type": int, "default": ONNX_OPSET}),
+    Option("--opset", f"ONNX opset ({ONNX_OPSET})", {"type": integer, "default": ONNX_OPSET}),
     Option("--quantize", "also write model.int8.onnx: onnxruntime's static int8 quantization, its ranges from "
                          "validation images; refused unless it agrees with fp32 on 99% of validation and loses at "
                          "most 1 point of accuracy", {"choices": ("int8",)}),
@@ -62,7 +83,7 @@ OPTIONS = {o.flag: o for o in (
     Option("--method", f"CAM method: {', '.join(CAM_METHODS)} (gradcam)", {"default": "gradcam",
                                                                          "choices": CAM_METHODS}),
     Option("--max-distance", f"near-duplicates: dHash bits of 64 that may differ ({NEAR_DUPLICATE_BITS})",
-           {"type": int, "default": NEAR_DUPLICATE_BITS}),
+           {"type": integer, "default": NEAR_DUPLICATE_BITS}),
     Option("--html", "also write an HTML page with thumbnails beside --out", {"action": "store_true"}),
 )}
 

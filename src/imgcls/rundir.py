@@ -48,6 +48,9 @@ def cache_dir() -> Path:
 
 
 # What an export folder holds (export/ and inference/exported.py name them; test_trust checks the two agree)
+COMPARISON_RESULTS = "results.json"  # what marks a folder as imgcls compare's
+COMPARISON_FILES = {COMPARISON_RESULTS, "results.csv", "results.md", "accuracy_per_epoch.png", "accuracy_vs_time.png",
+                    REPORT_HTML}
 EXPORT_FILES = {"model.onnx", "model.int8.onnx", "model.safetensors", "model.json", "parity.json", "MODEL_CARD.md"}
 
 
@@ -66,6 +69,11 @@ def refuse_run_file(out: str | Path, flag: str = "--out", inputs: tuple = (), wi
     if owned and is_run(target.parent):
         raise UserError(f"{flag} {out} is {target.name} of the run {target.parent}; write elsewhere, e.g. "
                         f"{flag} {target.parent.parent / target.name}")
+    if target.parent.name == REPORT_DIR and is_run(target.parent.parent):
+        raise UserError(f"{flag} {out} lies in the report folder of the run {target.parent.parent}, which imgcls "
+                        "report writes; write elsewhere")
+    if target.name in COMPARISON_FILES and (target.parent / COMPARISON_RESULTS).is_file():
+        raise UserError(f"{flag} {out} is {target.name} of the comparison {target.parent}; write elsewhere")
     if target.name in EXPORT_FILES and any((target.parent / name).is_file() for name in EXPORT_FILES - {target.name}):
         raise UserError(f"{flag} {out} is {target.name} of the export {target.parent}; write elsewhere")
     if target.exists() and any(target == Path(os.path.realpath(p)) for p in inputs if p):
@@ -260,11 +268,29 @@ def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS
     if not path.exists():
         return []
-    lines = path.read_text().splitlines()
     try:
-        return [json.loads(line) for line in lines if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} has a damaged line ({e}); restore it or train the run again") from None
+        lines = path.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not text; restore it or train the run again") from None
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = strict_json(line)
+        except ValueError as e:
+            raise UserError(f"{path} has a damaged line {n} ({e}); restore it or train the run again") from None
+        if not isinstance(record, dict) or record.get(SEAL) != _seal_of(record):
+            raise UserError(f"{path} line {n} was edited after imgcls wrote it (its {SEAL} no longer matches) or was "
+                            "written by an older imgcls; restore it or train the run again")
+        records.append({k: v for k, v in record.items() if k != SEAL})
+    return records
+
+
+def sealed_line(record: dict) -> str:
+    """A metrics.jsonl line: the record with a digest of it, as the JSON files are sealed (an edited epoch is found)."""
+    record = _finite_or_null(record)
+    return json.dumps({**record, SEAL: _seal_of(record)}, allow_nan=False) + "\n"
 
 
 def append_metrics(run: Path, record: dict) -> None:
@@ -272,7 +298,7 @@ def append_metrics(run: Path, record: dict) -> None:
     path = Path(run) / METRICS
     try:
         with open(path, "a") as f:
-            f.write(json.dumps(_finite_or_null(record), allow_nan=False) + "\n")
+            f.write(sealed_line(record))
     except OSError as e:
         _raise_if_disk_full(e, path, "the epochs before are intact")
         raise
@@ -292,6 +318,11 @@ def keep_metrics(run: Path, epochs: int) -> None:
             seen.add(record["epoch"])  # a line written twice (a kill between log and checkpoint) is kept once
             kept.append(line + "\n")
     atomic_write_bytes(path, "".join(kept).encode())
+
+
+def folders(*paths: str | None) -> tuple[str, ...]:
+    """Those of `paths` that are folders (a dataset's images, --data-dir): what an output may not land in."""
+    return tuple(p for p in paths if p and Path(p).is_dir())
 
 
 def is_run(path: Path) -> bool:
@@ -415,13 +446,17 @@ FINGERPRINT_NAMES = {"content_sha256": "image content", "labels_sha256": "labels
 
 
 def data_changes(recorded: dict, current: dict) -> list[str]:
-    """What differs between a run's recorded data fingerprint and the data found now (keys both have)."""
+    """What differs between a run's recorded data fingerprint and the data found now. A key only one of them
+    has is a difference too: a record that lost its content hash must not pass for any content."""
     changes = []
     old, new = recorded.get("sizes", {}), current.get("sizes", {})
     changes += [f"{s} split {old.get(s, 0)} -> {new.get(s, 0)} images" for s in sorted(set(old) | set(new))
-                if "sizes" in recorded and "sizes" in current and old.get(s) != new.get(s)]
-    for key in sorted(set(recorded) & set(current) - {"sizes"}):
-        if recorded[key] != current[key]:
+                if old.get(s) != new.get(s)]
+    for key in sorted((set(recorded) | set(current)) - {"sizes"}):
+        if key not in recorded or key not in current:
+            where = "the run's record" if key not in recorded else "the data now"
+            changes.append(f"{FINGERPRINT_NAMES.get(key, key)} is missing from {where}")
+        elif recorded[key] != current[key]:
             changes.append(f"{FINGERPRINT_NAMES.get(key, key)} differs")
     return changes
 
@@ -461,6 +496,9 @@ class RunFolder:
         info = self.path / DATASET
         if info.exists():
             check_same_data(self.path, read_json(info).get("fingerprint", {}), current, allow_change)
+        elif (self.path / LAST).exists():  # a checkpoint without the record of its data: nothing to check against
+            raise UserError(f"{self.path} holds {LAST} but no {DATASET}, the record of the data it trained on; "
+                            "restore it from a backup, or train a new run")
 
     def remove(self) -> None:
         self.release()

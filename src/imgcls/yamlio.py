@@ -32,23 +32,24 @@ class _StrictLoader(yaml.SafeLoader):
                 if key_node.tag == MERGE_TAG:
                     continue
                 key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                try:
-                    first = seen.setdefault(key, line)
+                try:  # by node, not by line: `{lr: 0.5, lr: 0.001}` gives both on one line
+                    first = seen.setdefault(key, key_node)
                 except TypeError:  # an unhashable key; PyYAML's own error says so below
                     continue
-                if first != line:
-                    raise _DuplicateKey(key, line, first)
+                if first is not key_node:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first.start_mark.line + 1)
         return super().construct_mapping(node, deep)
 
 
 # Numbers as YAML 1.2 and the command line read them: PyYAML's YAML 1.1 rules read `010` as 8 (octal), `1:00`
 # as 60 (base 60) and `0x2` as 2, where `--seed 010` is 10 and `--lr 0x2` is refused. Decimal only here; the
 # other forms stay text, which the option schema then refuses in one line.
-INT_TAG, FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# Booleans likewise: YAML 1.1 reads `prefetch: off` and `aug: no` as false; only true and false are booleans here.
+INT_TAG, FLOAT_TAG, BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG)]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_StrictLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _StrictLoader.add_implicit_resolver(INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
 _StrictLoader.add_implicit_resolver(
     FLOAT_TAG, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"

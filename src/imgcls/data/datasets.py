@@ -199,22 +199,8 @@ def load_dataset(
         raise UserError(f"--img-size must be a whole number from {MIN_IMG_SIZE} to {MAX_IMG_SIZE} (got {img_size!r}); "
                         "e.g. --img-size 32")
     if data in BUILTIN_DATA:
-        if data == "cifar10":
-            root = Path(data_dir) if data_dir else cifar.default_root()
-            x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(root, download)
-        else:
-            x_train, y_train, x_test, y_test, classes = _load_mini()
-        excluded = _builtin_exclusion(exclude, data, len(y_train), len(y_test))
-        if excluded is not None:
-            gone = {int(n.split("/")[1]) for n in excluded.removed}
-            keep = torch.tensor([i not in gone for i in range(len(y_train))])
-            x_train, y_train = x_train[keep], y_train[keep]
-            if len(torch.unique(y_train)) < len(classes):
-                raise UserError(f"--exclude leaves a class of {data} no training image; exclude fewer images")
-        size = img_size or 32
-        x_train, x_test = _resize(x_train, size), _resize(x_test, size)
-        train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed, classes)
-        test = Split(y_test, images=x_test)
+        train, val, test, classes, size, excluded = _load_builtin(data, data_dir, img_size or 32, val_fraction,
+                                                                  split_seed, download, exclude)
         normalization = "cifar"
     else:
         if data_dir:
@@ -252,6 +238,25 @@ def normalization_named(mean, std) -> str | None:
         if np.allclose(m, mean, atol=1e-4) and np.allclose(s, std, atol=1e-4):
             return name
     return None
+
+
+def _load_builtin(data: str, data_dir: str | None, size: int, val_fraction: float, split_seed: int,
+                  download: bool, exclude: list[str] | None):
+    if data == "cifar10":
+        root = Path(data_dir) if data_dir else cifar.default_root()
+        x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(root, download)
+    else:
+        x_train, y_train, x_test, y_test, classes = _load_mini()
+    excluded = _builtin_exclusion(exclude, data, len(y_train), len(y_test))
+    if excluded is not None:
+        gone = {int(n.split("/")[1]) for n in excluded.removed}
+        keep = torch.tensor([i not in gone for i in range(len(y_train))])
+        x_train, y_train = x_train[keep], y_train[keep]
+        if len(torch.unique(y_train)) < len(classes):
+            raise UserError(f"--exclude leaves a class of {data} no training image; exclude fewer images")
+    x_train, x_test = _resize(x_train, size), _resize(x_test, size)
+    train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed, classes)
+    return train, val, Split(y_test, images=x_test), classes, size, excluded
 
 
 def _builtin_exclusion(names: list[str] | None, data: str, n_train: int, n_test: int) -> Exclusion | None:

@@ -107,6 +107,8 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
     trained.model.float()
     out = Path(out) if out else trained.path / "export"
     _check_out(out)
+    # parity reads the run's images: an export among them would become a class folder
+    rundir.refuse_run_file(out, within=rundir.folders(trained.config.data, trained.config.data_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = export_spec(trained)
     reference = run_engine(trained, precision="fp32")

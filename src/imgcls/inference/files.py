@@ -33,8 +33,8 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str
             why = f" ({problem[1].split(': ', 1)[1]})" if problem[1].startswith("cannot") else ""
             raise UserError(f"{shown(name)} matches no file or folder{why}; check the path or quote the glob")
         for p in found:
-            if p.is_dir():
-                paths += sorted(f for f in p.rglob("*") if f.is_file()
+            if p.is_dir():  # every entry but folders: a broken link or a device becomes an error row, not a gap
+                paths += sorted(f for f in p.rglob("*") if not _is_folder(f)
                                 and not any(part.startswith(".") for part in f.relative_to(p).parts))
             else:
                 paths.append(p)
@@ -56,6 +56,13 @@ def collect_paths(inputs: Iterable[str], list_file: str | None = None, what: str
     return paths
 
 
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a symbolic link loop
+        return False
+
+
 def path_problem(path: Path) -> tuple[str, str] | None:
     """(the error's kind, what is wrong: 'does not exist') when `path` is no image file to open, else None; never
     raises (a name over the file system's 255 bytes makes stat raise where a missing file returns False; a NUL
@@ -63,7 +70,18 @@ def path_problem(path: Path) -> tuple[str, str] | None:
     try:
         if path.is_dir():
             return "IsADirectoryError", "is a folder, not an image file"
-        return None if path.is_file() else ("FileNotFoundError", "does not exist")
+        if path.is_file():
+            return None
+        if path.is_symlink():  # is_file() follows the link: a loop or a missing target
+            try:
+                path.resolve(strict=True)
+            except RuntimeError:
+                return "SymlinkLoopError", "is a symbolic link that loops"
+            except (OSError, ValueError):
+                return "FileNotFoundError", "is a symbolic link to a file that does not exist"
+        if path.exists():
+            return "NotARegularFile", "is not a regular file (a device, pipe or socket)"
+        return "FileNotFoundError", "does not exist"
     except (OSError, ValueError) as e:
         return type(e).__name__, f"cannot be opened: {e.strerror if isinstance(e, OSError) else first_line(e)}"
 

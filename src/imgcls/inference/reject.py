@@ -16,7 +16,7 @@ import torch
 from scipy.stats import beta
 
 from imgcls.errors import UserError
-from imgcls.options import DEFAULT_CONFIDENCE, DEFAULT_TARGET_ACCURACY
+from imgcls.options import DEFAULT_CONFIDENCE, DEFAULT_TARGET_ACCURACY, decimal
 
 
 def curve_problem(curve) -> str | None:
@@ -139,6 +139,13 @@ def resolve_threshold(reject: str | None, curve: dict | None, target_accuracy: f
         if target_accuracy is not None or coverage is not None:
             raise UserError("--target-accuracy and --coverage choose the --reject auto threshold; add --reject auto")
         return None
+    if target_accuracy is not None and coverage is not None:
+        raise UserError("--target-accuracy and --coverage are two ways to choose the --reject auto threshold; give "
+                        "one of them")
+    if reject != "auto" and (target_accuracy is not None or coverage is not None):
+        given = "--target-accuracy" if target_accuracy is not None else "--coverage"
+        raise UserError(f"{given} chooses the --reject auto threshold; --reject {reject} is a threshold already: drop "
+                        f"{given}, or pass --reject auto")
     if reject == "auto":
         if curve is None:
             raise UserError("--reject auto needs the validation risk-coverage curve; run imgcls calibrate RUN "
@@ -146,7 +153,7 @@ def resolve_threshold(reject: str | None, curve: dict | None, target_accuracy: f
                             "with --val-fraction 0 has no validation split, so only a threshold works)")
         return choose_threshold(curve, target_accuracy, coverage)["threshold"]
     try:
-        value = float(reject) if reject.isascii() else -1.0  # float() reads Arabic-Indic and full-width digits
+        value = decimal(reject)  # float() would also read '0.5_0' and full-width digits
     except ValueError:
         value = -1.0
     if not 0 <= value <= 1:

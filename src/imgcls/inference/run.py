@@ -154,6 +154,7 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
         raise UserError(f"{path} has not finished an epoch (no checkpoint yet): continue it with imgcls train "
                         f"--resume {path}, or train it again")
     ckpt = load_checkpoint(ckpt_path, cfg.model, len(info["classes"]))
+    _check_checkpoint_record(ckpt, checkpoint, ckpt_path, path, info, info_path, allow_data_change)
     pinned = ckpt.get("preprocessing")  # checkpoints of older runs carry none
     seen = {"img_size": info["img_size"], "crop_pct": info.get("crop_pct", 1.0), "mean": list(info["mean"]),
             "std": list(info["std"]), "recipe": PixelRecipe.of(cfg).as_dict()}
@@ -177,6 +178,26 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     digest = file_digest(ckpt_path)
     scaling, calibration = _calibration(path, ckpt_path, digest, len(info["classes"])) if calibrated else (None, None)
     return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, calibration, allow_data_change)
+
+
+def _check_checkpoint_record(ckpt: dict, checkpoint: str, ckpt_path: Path, run: Path, info: dict,
+                             info_path: Path, allow_data_change: bool) -> None:
+    """The checkpoint is the one its name says (a last.pt copied over best.pt, or an older best.pt put back, is
+    refused) and was trained on the data dataset.json records (an edit of the record would let other data pass)."""
+    role = ckpt.get("role")  # checkpoints of older runs carry no role, fingerprint or summary check
+    if checkpoint in ("best", "last") and role is not None and role != checkpoint:
+        raise UserError(f"{ckpt_path} is a {role} checkpoint, not the run's {checkpoint}: it was copied over; restore "
+                        f"the run's own {ckpt_path.name}, or train again")
+    changed = ckpt.get("fingerprint") is not None and ckpt["fingerprint"] != info.get("fingerprint")
+    if changed and not allow_data_change:
+        raise UserError(f"{info_path} does not record the data {ckpt_path.name} was trained on (it was edited, or the "
+                        "run was resumed on changed data): restore it, or pass --allow-data-change to use the run")
+    summary = run / rundir.SUMMARY
+    if checkpoint == "best" and role == "best" and summary.is_file():
+        best_epoch = rundir.read_sealed_json(summary, "restore it, or train the run again").get("best_epoch")
+        if best_epoch != ckpt.get("epoch"):
+            raise UserError(f"{ckpt_path} holds epoch {ckpt.get('epoch')}, but {rundir.SUMMARY} chose epoch "
+                            f"{best_epoch}: another best.pt was put back; restore the run's own, or train again")
 
 
 def _check_against_config(info: dict, cfg, info_path: Path) -> None:

@@ -452,8 +452,10 @@ def _measure(c: KernelChoice, todo: list[str], bench: _Bench, batches: list[int]
                 # out, so timed with sdpa alone it kept a ViT in fp32. The attention question reuses these.
                 decide(f, {}, "fp32", pick=lowest_good_precision, timings={p: _best(bench.fastest(
                     f, {a: case(p, attention=a) for a in ATTENTION_KERNELS})) for p in candidates})
-            else:
-                decide(f, {p: case(p) for p in candidates}, "fp32", pick=lowest_good_precision)
+            else:  # with the attention kernel the run was given, if any: a run told `manual` never runs sdpa
+                asked = bench.attention_asked.get(f)
+                given = {"attention": asked} if bench.attention != NONE and asked in ATTENTION_KERNELS else {}
+                decide(f, {p: case(p, **given) for p in candidates}, "fp32", pick=lowest_good_precision)
     # Depthwise precision and attention before the layout: the layout question then compares their winner.
     if "depthwise_train" in todo:
         decide("depthwise_train", {d: _train_case(c, bench, depthwise=d) for d in DEPTHWISE_PRECISIONS}, "autocast")

@@ -157,6 +157,8 @@ class Checkpointer:
         meter = global_meter(ctx, state.meter)
         if ctx.world.main:
             save_checkpoint({
+                "role": "last",  # a last.pt copied over best.pt is then told apart
+                "fingerprint": ctx.dataset.fingerprint,  # the data it trained on, whatever dataset.json says
                 "model_name": ctx.cfg.model,
                 "num_classes": ctx.dataset.num_classes,
                 "classes": ctx.dataset.classes,
@@ -186,17 +188,21 @@ class Checkpointer:
     def save_best(self, state: TrainState, scores: dict) -> None:
         ctx = self.ctx
         if ctx.world.main:
-            save_checkpoint({"model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
+            save_checkpoint({"role": "best", "fingerprint": ctx.dataset.fingerprint,
+                             "model_name": ctx.cfg.model, "num_classes": ctx.dataset.num_classes,
                              "classes": ctx.dataset.classes, "preprocessing": pixels_of(ctx.dataset, ctx.cfg),
                              "config": config_record(ctx.cfg),
                              "model": ctx.evaluated.state_dict(), "epoch": state.epoch,
                              "val_acc": scores.get("val_acc"),  # None: no validation split, the newest epoch
                              "monitor": ctx.cfg.monitor if scores else None, "score": state.best_score}, self.best)
 
-    def restore(self, aug_gen: torch.Generator) -> TrainState:
-        """Load last.pt into the context's model, optimizer and random streams; return where it stopped."""
+    def restore(self, aug_gen: torch.Generator, allow_data_change: bool = False) -> TrainState:
+        """Load last.pt into the context's model, optimizer and random streams; return where it stopped.
+        The data must be what last.pt trained on (its own record of it, not dataset.json's) unless allowed."""
         ctx, world = self.ctx, self.ctx.world
         ckpt = load_checkpoint(self.last, ctx.cfg.model, ctx.dataset.num_classes)
+        if ckpt.get("fingerprint") is not None:  # checkpoints of older runs carry none
+            rundir.check_same_data(self.last.parent, ckpt["fingerprint"], ctx.dataset.fingerprint, allow_data_change)
         changed = config_change(ckpt.get("config"), ctx.cfg)
         if changed:
             raise UserError(f"{self.last.parent / rundir.CONFIG} was edited since the run began ({changed} in "

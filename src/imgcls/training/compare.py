@@ -37,11 +37,10 @@ SET_BY_COMPARE = {"seed": "list seeds under seeds:", "out": "pass --out to imgcl
                   "quiet": "pass --quiet to imgcls compare"}
 TOP_LEVEL = ("name", "data", "train", "seeds", "variants")
 MAX_SEED = 2**63 - 1  # torch seeds its generators with 64-bit integers; larger ones fail deep in training
-RESULTS = "results.json"
+RESULTS = rundir.COMPARISON_RESULTS
 OPTIONS_SUFFIX = ".options.json"  # OUT/<variant>/seed-<n>.options.json: beside the run, which fit() creates
 # A comparison's own files, which a variant's folder would shadow.
-RESERVED = {RESULTS, "results.csv", "results.md", "accuracy_per_epoch.png", "accuracy_vs_time.png",
-            rundir.REPORT_HTML}
+RESERVED = rundir.COMPARISON_FILES
 # A variant name is a folder name: no separators, no leading dot, nothing the shell or HTML must escape.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]{0,99}")
 # Options that do not change what a run learns, so a rerun may differ in them. The data itself

@@ -77,6 +77,8 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
     # Before the slow part, so the user learns at once; on every rank, so none goes on alone.
     if resume is None and cfg.out:
         rundir.refuse_existing(cfg.out)
+        # a run inside the images it trains on would become a class folder, its report figures images
+        rundir.refuse_run_file(cfg.out, within=rundir.folders(cfg.data, cfg.data_dir))
     if cfg.tensorboard:
         check_installed()
     distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
@@ -90,7 +92,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
     state, aug_gen, tb = TrainState(), torch.Generator(), None
     try:
         if has_last:
-            state = Checkpointer(run, ctx).restore(aug_gen)
+            state = Checkpointer(run, ctx).restore(aug_gen, allow_data_change)
         if resume is not None and world.main:  # epochs logged after the last checkpoint are redone
             rundir.keep_metrics(run, state.epoch)
         tb = _tensorboard(ctx, run, state) if cfg.tensorboard and world.main else None
