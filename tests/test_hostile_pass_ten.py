@@ -47,9 +47,8 @@ def test_a_key_deleted_from_the_data_record_is_a_change_not_a_pass(copy_, tmp_pa
 
 def test_resume_without_the_data_record_is_refused(tiny_folder, tmp_path):
     """With dataset.json deleted, --resume trained on other data and recorded it as the run's own."""
-    from imgcls.training.train import fit
-
     from imgcls.training.stops import Interrupted
+    from imgcls.training.train import fit
 
     with pytest.raises(Interrupted):
         fit(tiny_config(tiny_folder, tmp_path / "run", epochs=2), stop_after_steps=5)

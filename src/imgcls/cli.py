@@ -370,6 +370,9 @@ def cmd_predict(args) -> int:
     out = check_out(args.out) if args.out else None
     tta = parse_tta_flag(args.tta)
     engine = open_engine(args.run, args.checkpoint, args.batch_size, resolve_device(args.device))
+    if engine.multilabel and args.reject not in (None, "off"):
+        raise UserError("--reject says 'unknown' below one confidence; a multi-label model decides each label at its "
+                        "own threshold (tuned on val) and may give none: drop --reject")
     threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
     paths = collect_paths(args.images, args.list)
     if out is not None:

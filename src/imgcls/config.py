@@ -41,7 +41,8 @@ CROP_RECIPES = ("basic", "randaugment", "trivialaugment", "autoaugment")
 DEFAULT_ERASING = {"standard": 0.2}
 LEGACY_ATTENTION = ("math", "flash", "efficient")  # pinned SDPA backends of older runs: now "sdpa"
 SAMPLERS = ("uniform", "balanced", "sqrt")
-MONITORS = {"val_acc": "max", "val_loss": "min", "balanced_acc": "max", "macro_f1": "max"}  # name -> better
+MONITORS = {"val_acc": "max", "val_loss": "min", "balanced_acc": "max", "macro_f1": "max",
+            "map": "max"}  # name -> better; map: multi-label runs' mean average precision
 MAX_IMG_SIZE = 1024  # a 1024 px batch of 128 already needs ~1.6 GB as uint8; beyond that is a typo
 BUILTIN_DATA = ("cifar10", "cifar10-mini")
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit integer
@@ -79,6 +80,12 @@ class TrainConfig:
     exclude: str | None = opt(None, "leave the images this file names out of train and val: the label-issues CSV "
                                     "of imgcls audit --labels, or one name per line (train/cat/x.jpg, train/4711)",
                               metavar="FILE")
+    task: str = opt("auto", "multiclass (one label per image) or multilabel (any number: sigmoid outputs, binary "
+                            "cross-entropy, mAP); auto: multilabel for a manifest that gives some image no label or "
+                            "several", choices=("auto", "multiclass", "multilabel"))
+    pos_weight: str = opt("none", "multilabel: weigh each class's positive images in the loss: none, or auto (its "
+                                  "negatives / positives in train, capped at 100: rare labels count)",
+                          choices=("none", "auto"))
     # model
     model: str = opt("resnet18_cifar", "a registered model (see imgcls models) or timm/<name>")
     # transfer learning
@@ -449,6 +456,27 @@ def _validate_fast_recipe(cfg: TrainConfig) -> None:
                         "has none: drop it or choose --aug basic")
 
 
+MULTICLASS_ONLY = (("loss", "ce", "--loss focal"), ("class_weights", "none", "--class-weights"),
+                   ("sampler", "uniform", "--sampler"))
+
+
+def check_task(cfg: TrainConfig, task: str) -> None:
+    """Refuse the options that only one task has, once the data has said which task it is."""
+    if task == "multilabel":
+        given = [what for name, default, what in MULTICLASS_ONLY if getattr(cfg, name) != default]
+        if given:
+            raise UserError(f"{given[0]} weighs or draws images by their one class; a multi-label run has several: "
+                            "use --pos-weight auto for rare labels")
+        if cfg.monitor in ("val_acc", "balanced_acc"):
+            raise UserError(f"--monitor {cfg.monitor} is for one label per image; a multi-label run monitors map "
+                            "(the default), macro_f1 or val_loss")
+    elif cfg.pos_weight != "none":
+        raise UserError("--pos-weight weighs each label's positives in a multi-label run; this data gives one label "
+                        "per image: drop it (--class-weights auto weighs rare classes)")
+    if task == "multiclass" and cfg.monitor == "map":
+        raise UserError("--monitor map is for multi-label runs; use val_acc, balanced_acc, macro_f1 or val_loss")
+
+
 def require_no_validation(cfg: TrainConfig) -> None:
     """Refuse the options that need a validation split, for a run that has none (--val-fraction 0)."""
     needs = [f for f, on in (("--patience", cfg.patience is not None),
@@ -545,6 +573,7 @@ class Facts:
     monitor: str  # a key of MONITORS
     kernels: dict[str, Any]  # attention, eval_attention, depthwise_precision, eval_depthwise_precision,
     #                          memory_format, compile, eval_batch_size: the kernel choice (imgcls.kernels)
+    task: str = "multiclass"  # the data's: multiclass | multilabel
 
 
 KERNEL_FIELDS = ("attention", "eval_attention", "depthwise_precision", "eval_depthwise_precision", "memory_format",
@@ -588,14 +617,14 @@ def resolve(cfg: TrainConfig, facts: Facts) -> TrainConfig:
         random_erasing=erasing_probability(aug, cfg.random_erasing),
         unfreeze_every=gradual_every,
         device=facts.device, precision=facts.precision, eval_precision=facts.eval_precision,
-        data_mode=facts.data_mode, prefetch=facts.prefetch, monitor=facts.monitor,
+        data_mode=facts.data_mode, prefetch=facts.prefetch, monitor=facts.monitor, task=facts.task,
         **{k: facts.kernels[k] for k in KERNEL_FIELDS},
     )
 
 
 # The fields whose "auto" (or None) the plan decides; for the others "auto" is a value (--class-weights auto).
 RESOLVED_FIELDS = ("img_size", "normalize", "strategy", "device", "precision", "eval_precision", "data_mode",
-                   "prefetch", "monitor", *KERNEL_FIELDS)
+                   "prefetch", "monitor", "task", *KERNEL_FIELDS)
 
 
 def unresolved(cfg: TrainConfig) -> list[str]:

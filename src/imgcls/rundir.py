@@ -321,8 +321,10 @@ def keep_metrics(run: Path, epochs: int) -> None:
 
 
 def folders(*paths: str | None) -> tuple[str, ...]:
-    """Those of `paths` that are folders (a dataset's images, --data-dir): what an output may not land in."""
-    return tuple(p for p in paths if p and Path(p).is_dir())
+    """The folders of `paths` (a dataset's images, --data-dir; a manifest's folder, which holds its images): what
+    an output may not land in."""
+    return tuple(p if Path(p).is_dir() else str(Path(p).parent) for p in paths
+                 if p and (Path(p).is_dir() or Path(p).is_file()))
 
 
 def is_run(path: Path) -> bool:

@@ -357,6 +357,13 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
 FEW_VAL_IMAGES = 20  # validation images of a class below which choosing an epoch on them is noise
 
 
+def images_per_class(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images of each class: class indices counted, or multi-hot rows summed (a multi-label run's)."""
+    if labels.dim() == 2:
+        return labels.long().sum(dim=0)
+    return torch.bincount(labels, minlength=num_classes)
+
+
 def quick_audit(dataset: Dataset) -> list[str]:
     """One-line warnings about what training should not start on unawares: the same image (same decoded
     pixels) in two splits, training classes more than 3:1 apart, and classes with fewer than FEW_VAL_IMAGES
@@ -377,13 +384,14 @@ def quick_audit(dataset: Dataset) -> list[str]:
             warnings.append(f"leakage: {n} image(s) of {b} also appear in {a}; run imgcls audit "
                             f"{dataset.name} to list them and remove them from {b}")
     labels = [s.labels for s in (dataset.train, dataset.val) if s is not None]
-    counts = torch.bincount(torch.cat(labels), minlength=dataset.num_classes)
+    counts = images_per_class(torch.cat(labels), dataset.num_classes)
     ratio = imbalance(dict(zip(dataset.classes, counts.tolist(), strict=True)))
     if ratio > WEIGHTS_RATIO:
         smallest = dataset.classes[int(counts.argmin())]
+        fix = ("--pos-weight auto" if dataset.multilabel else
+               "--class-weights auto or --sampler balanced, and --monitor balanced_acc")
         warnings.append(f"imbalance: the largest class has {ratio:.1f}x the training images of the smallest "
-                        f"({smallest}); consider --class-weights auto or --sampler balanced, and --monitor "
-                        "balanced_acc")
+                        f"({smallest}); consider {fix}")
     return warnings + _few_val_images(dataset)
 
 
@@ -392,7 +400,7 @@ def _few_val_images(dataset: Dataset) -> list[str]:
     the epoch the validation score chooses as best rests on noise."""
     if dataset.val is None:
         return []
-    counts = torch.bincount(dataset.val.labels, minlength=dataset.num_classes).tolist()
+    counts = images_per_class(dataset.val.labels, dataset.num_classes).tolist()
     few = sorted((n, c) for c, n in zip(dataset.classes, counts, strict=True) if n < FEW_VAL_IMAGES)
     if not few:
         return []

@@ -22,6 +22,7 @@ from PIL import Image
 from imgcls.config import FIELDS, MAX_IMG_SIZE, NORMALIZATIONS, data_location
 from imgcls.data import cifar, folder
 from imgcls.data.exclusions import Exclusion, builtin_names, folder_names, split_names
+from imgcls.data.manifest import is_manifest, read_manifest
 from imgcls.errors import UserError
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
@@ -87,6 +88,11 @@ class Dataset:
     crop_pct: float = 1.0  # folders: centre crop of the shorter side before resizing
     # What a comparison must agree on: source, split rules, sizes and a hash of the labels.
     fingerprint: dict = field(default_factory=dict)
+    task: str = "multiclass"  # or multilabel: labels are then uint8 N x C multi-hot rows
+
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
 
     @property
     def num_classes(self) -> int:
@@ -186,12 +192,15 @@ def load_dataset(
     normalize: str = "auto",
     crop_pct: float = 1.0,
     exclude: list[str] | None = None,
+    task: str = "auto",
 ) -> Dataset:
     """Load `cifar10`, `cifar10-mini` or an image folder, with a validation split (none, `val` None,
     when `val_fraction` is 0 and the data has no val/ of its own).
 
     `crop_pct` < 1 centre-crops folder images (as a pretrained model's own preprocessing does).
-    `exclude`: image names (data/exclusions.py) left out of train and val, before val is carved."""
+    `exclude`: image names (data/exclusions.py) left out of train and val, before val is carved.
+    A manifest (data/manifest.py) is multi-label when some image has other than one label, or when `task`
+    says so; everything else is multiclass."""
     if not str(data).strip():
         raise UserError("--data is empty; pass cifar10, cifar10-mini or the path of an image folder")
     if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int)
@@ -202,6 +211,13 @@ def load_dataset(
         train, val, test, classes, size, excluded = _load_builtin(data, data_dir, img_size or 32, val_fraction,
                                                                   split_seed, download, exclude)
         normalization = "cifar"
+    elif is_manifest(data):
+        if exclude is not None:
+            raise UserError("--exclude names images of folders and the built-in sets; for a manifest, delete their "
+                            "rows from it")
+        train, val, test, classes, size, task = _load_manifest(Path(data), img_size or 64, val_fraction, split_seed,
+                                                               crop_pct, task)
+        excluded, normalization = None, "imagenet"
     else:
         if data_dir:
             raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
@@ -209,9 +225,23 @@ def load_dataset(
             Path(data), img_size or 64, val_fraction, split_seed, mode, workers, crop_pct, exclude
         )
         normalization = "imagenet"
+    if task == "multilabel" and (data in BUILTIN_DATA or not is_manifest(data)):
+        raise UserError("--task multilabel needs a manifest of the labels of each image (a .csv or .jsonl file); "
+                        "a folder of class folders, or a built-in set, gives each image one class")
+    task = "multiclass" if task == "auto" else task
     if normalize != "auto":
         normalization = normalize
     mean, std = NORMALIZATIONS[normalization]
+    fingerprint = _fingerprint(data, size, val_fraction, split_seed, (train, val, test), excluded, task)
+    folder_data = data not in BUILTIN_DATA
+    name = Path(data).name if folder_data else data
+    return Dataset(name, classes, size, mean, std, train, val, test, normalization,
+                   crop_pct if folder_data else 1.0, fingerprint, task)
+
+
+def _fingerprint(data: str, size: int, val_fraction: float, split_seed: int, splits: tuple,
+                 excluded: Exclusion | None, task: str) -> dict:
+    train, val, test = splits
     fingerprint = {
         "source": data_source(data),
         "img_size": size,
@@ -226,10 +256,9 @@ def load_dataset(
         if excluded.kept_test:
             folder.warn(f"--exclude lists {len(excluded.kept_test)} test image(s) (e.g. {excluded.kept_test[0]}); "
                         "they stay, so that test scores remain comparable: fix their labels by hand")
-    folder_data = data not in BUILTIN_DATA
-    name = Path(data).name if folder_data else data
-    return Dataset(name, classes, size, mean, std, train, val, test, normalization,
-                   crop_pct if folder_data else 1.0, fingerprint)
+    if task == "multilabel":
+        fingerprint["task"] = task
+    return fingerprint
 
 
 def normalization_named(mean, std) -> str | None:
@@ -257,6 +286,31 @@ def _load_builtin(data: str, data_dir: str | None, size: int, val_fraction: floa
     x_train, x_test = _resize(x_train, size), _resize(x_test, size)
     train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed, classes)
     return train, val, Split(y_test, images=x_test), classes, size, excluded
+
+
+def _load_manifest(path: Path, size: int, val_fraction: float, split_seed: int, crop_pct: float, task: str):
+    """(train, val, test, classes, size, task) of a manifest, decoded in memory; a split column's val and test,
+    or val carved from train at random (seeded): stratifying by label sets would leave most sets alone."""
+    manifest = read_manifest(path)
+    if task == "multiclass" and manifest.multilabel:
+        raise UserError(f"{path} gives some images no label or several; --task multiclass needs exactly one each: "
+                        "drop --task for a multi-label run")
+    task = "multilabel" if task == "multilabel" or manifest.multilabel else "multiclass"
+    images, kept = folder.decode_readable(manifest.files, size, crop_pct, label=f"decoding {path.name}")
+    targets = torch.from_numpy(manifest.targets[kept])
+    labels = targets if task == "multilabel" else targets.argmax(dim=1)
+    splits = np.array(manifest.splits)[kept]
+    parts = {name: Split(labels[torch.from_numpy(splits == name)], images=images[torch.from_numpy(splits == name)])
+             for name in ("train", "val", "test") if (splits == name).any()}
+    if "val" not in parts and val_fraction > 0:
+        train = parts["train"]
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
+        held = max(1, round(val_fraction * len(train)))
+        if held >= len(train):
+            raise UserError(f"--val-fraction {val_fraction:g} leaves no training image of {path}; lower it")
+        parts["val"] = train.subset(order[:held].sort().values)
+        parts["train"] = train.subset(order[held:].sort().values)
+    return parts["train"], parts.get("val"), parts.get("test"), manifest.classes, size, task
 
 
 def _builtin_exclusion(names: list[str] | None, data: str, n_train: int, n_test: int) -> Exclusion | None:

@@ -21,12 +21,15 @@ def beta(alpha: float, n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def soft_targets(labels_a, labels_b, lam: torch.Tensor, num_classes: int, smoothing: float = 0.0):
-    """lam * onehot(a) + (1 - lam) * onehot(b), then smoothed once: (1 - eps) * t + eps / K."""
-    a = F.one_hot(labels_a, num_classes).float()
-    b = F.one_hot(labels_b, num_classes).float()
+    """lam * onehot(a) + (1 - lam) * onehot(b), then smoothed once: (1 - eps) * t + eps / K. Multi-hot rows
+    (N x K, a multi-label run's labels) mix alike, each class a binary target: smoothed towards 1/2,
+    (1 - eps) * t + eps / 2."""
+    multilabel = labels_a.dim() == 2
+    a = labels_a.float() if multilabel else F.one_hot(labels_a, num_classes).float()
+    b = labels_b.float() if multilabel else F.one_hot(labels_b, num_classes).float()
     lam = lam.to(a.device).view(-1, 1)
     mixed = lam * a + (1 - lam) * b
-    return mixed * (1 - smoothing) + smoothing / num_classes
+    return mixed * (1 - smoothing) + smoothing / (2 if multilabel else num_classes)
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     """Compute the report's contents for a trained run; returns the report folder."""
     training_record(run)  # a damaged summary or metrics file is refused before minutes of inference
     trained = load_run(run, "best", resolve_device(device), allow_data_change)
+    trained.require_multiclass("imgcls report")
     # figures inside the images the run trains on would become training images of the next run
     rundir.refuse_run_file(trained.path / rundir.REPORT_DIR, "the report folder",
                            within=rundir.folders(trained.config.data, trained.config.data_dir))

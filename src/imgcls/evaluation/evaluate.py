@@ -97,6 +97,7 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     computed from (checkpoint digest, data, split, TTA, scaling, precision)."""
     tta_mode = parse_tta_flag(tta)
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
+    trained.require_multiclass("imgcls eval")
     engine = run_engine(trained)
     images = trained.split(split, data, data_dir)
     where = f"the {split} split"
@@ -123,6 +124,7 @@ def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str 
     the run for eval and predict, with the validation risk-coverage curve `--reject auto` reads; report
     the metrics on validation and test before and after."""
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change, calibrated=False)
+    trained.require_multiclass("imgcls calibrate")
     trained.require_split("val", "calibrate (it fits on the validation split, never on test)")
     engine = run_engine(trained)  # uncalibrated: it fits on the raw logits
     report = {"method": method, "fitted_on": "val", "checkpoint": str(trained.checkpoint), "weights": trained.digest,

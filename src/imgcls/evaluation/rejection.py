@@ -100,6 +100,7 @@ def evaluate_ood(run: str | Path, ood: str | Path, split: str = "test", checkpoi
     through of each. Added as "ood" to `eval_json` when given."""
     paths = ood_paths(ood, run)  # one line, before any inference
     trained = load_run(run, checkpoint, resolve_device(device))
+    trained.require_multiclass("imgcls eval --ood")
     engine = run_engine(trained)
     inside, labels = engine.score_split(trained.split(split), where=f"the {split} split")
     outside, unreadable = score_all(engine, paths)

@@ -112,6 +112,7 @@ def run_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | Non
     if why is not None:
         print(f"warning: {path} is not usable ({why}); computing the test predictions again", file=sys.stderr)
     trained = load_run(run, "best", calibrated=False)  # as training scored them: uncalibrated
+    trained.require_multiclass("imgcls compare")
     if not trained.has_split("test"):
         return None
     scores, labels = run_engine(trained).score_split(trained.split("test"), where="the test split")

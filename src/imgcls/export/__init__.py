@@ -104,6 +104,7 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
     if fmt in ("onnx", "all"):
         check_opset(opset)
     trained = load_run(run, checkpoint, torch.device("cpu"))
+    trained.require_multiclass("imgcls export")
     trained.model.float()
     out = Path(out) if out else trained.path / "export"
     _check_out(out)

@@ -71,6 +71,11 @@ class Engine:
     identity: dict = field(default_factory=dict)  # model name, data fingerprint, weights digest
     module: torch.nn.Module | None = None  # the bare PyTorch model (Grad-CAM); None for ONNX
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    thresholds: torch.Tensor | None = None  # a multi-label model's, one per class: sigmoid outputs, not softmax
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -86,9 +91,10 @@ class Engine:
         return logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated softmax in float64."""
+        """Calibrated softmax in float64 (a multi-label model's: each class's sigmoid)."""
         logits = logits.double()
-        return (self.scaling.apply(logits) if self.scaling is not None else logits).softmax(dim=1)
+        scaled = self.scaling.apply(logits) if self.scaling is not None else logits
+        return scaled.sigmoid() if self.multilabel else scaled.softmax(dim=1)
 
     def score(self, images: torch.Tensor, tta: str | int = "none", gen: torch.Generator | None = None,
               where: str = "these images") -> Scores:

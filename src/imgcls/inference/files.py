@@ -147,13 +147,20 @@ def score_files(engine: Engine, paths: list[Path], tta: str | int = "none", work
 
 
 def row(path: Path, classes: list[str], probs: torch.Tensor | None, logits: torch.Tensor | None, topk: int,
-        threshold: float | None, error: str | None = None) -> dict:
+        threshold: float | None, error: str | None = None, thresholds: torch.Tensor | None = None) -> dict:
     """One prediction: the top-k classes with calibrated probabilities, the decision (a class, or `unknown`
-    when the top-1 probability is under `threshold`), the max-softmax and energy scores; or the error."""
+    when the top-1 probability is under `threshold`), the max-softmax and energy scores; or the error. A
+    multi-label model (`thresholds`, one per class) decides every class at or above its own threshold:
+    `label` joins them with ';' (empty: none), `labels` lists them."""
     if probs is None:
         return {"path": str(path), "label": None, "confidence": None, "rejected": None, "energy": None, "top": [],
                 "error": error}
     order = torch.argsort(probs, descending=True, stable=True)[:topk].tolist()
+    if thresholds is not None:  # multi-label: every class at or above its threshold, in order of probability
+        chosen = [i for i in torch.argsort(probs, descending=True, stable=True).tolist() if probs[i] >= thresholds[i]]
+        return {"path": str(path), "label": ";".join(classes[i] for i in chosen), "confidence": float(probs[order[0]]),
+                "rejected": False, "energy": None, "labels": [classes[i] for i in chosen],
+                "top": [{"class": classes[i], "probability": float(probs[i])} for i in order], "error": None}
     confidence = float(probs[order[0]])
     rejected = threshold is not None and confidence < threshold
     return {"path": str(path), "label": "unknown" if rejected else classes[order[0]], "confidence": confidence,
@@ -170,7 +177,7 @@ def predict_rows(engine: Engine, paths: list[Path], topk: int = 3, tta: str | in
         for i, error in zip(indices, errors, strict=True):
             j = next(readable) if error is None else None
             yield row(paths[i], engine.classes, scores.probs[j] if j is not None else None,
-                      scores.logits[j] if j is not None else None, k, threshold, error)
+                      scores.logits[j] if j is not None else None, k, threshold, error, engine.thresholds)
 
 
 def score_all(engine: Engine, paths: list[Path], workers: int = 2) -> tuple[Scores | None, int]:

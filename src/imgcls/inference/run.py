@@ -62,6 +62,28 @@ class TrainedRun:
         return PixelRecipe.of(self.config)
 
     @property
+    def multilabel(self) -> bool:
+        return self.config.task == "multilabel"
+
+    def require_multiclass(self, command: str) -> None:
+        """Refuse, in one line, a command that does not handle multi-label runs yet."""
+        if self.multilabel:
+            raise UserError(f"{command} does not take multi-label runs yet; {self.path}'s test mAP and F1 are in its "
+                            f"{rundir.SUMMARY}, and imgcls predict applies its per-class thresholds")
+
+    def thresholds(self) -> torch.Tensor | None:
+        """A multi-label run's per-class thresholds, tuned on val for the best.pt summary.json scores (0.5 each
+        before the run has finished or for another checkpoint); None for a multiclass run."""
+        if not self.multilabel:
+            return None
+        summary = self.path / rundir.SUMMARY
+        if self.checkpoint == self.path / rundir.BEST and summary.is_file():
+            found = rundir.read_sealed_json(summary, "restore it, or train the run again").get("thresholds")
+            if isinstance(found, list) and len(found) == len(self.classes):
+                return torch.tensor(found, dtype=torch.float64)
+        return torch.full((len(self.classes),), 0.5, dtype=torch.float64)
+
+    @property
     def risk_coverage(self) -> dict | None:
         """The validation curve `imgcls calibrate` stored, for --reject auto; a damaged one is refused."""
         path = self.path / rundir.CALIBRATION
@@ -93,7 +115,7 @@ class TrainedRun:
         dataset = load_dataset(data or cfg.data, data_dir if data else (data_dir or cfg.data_dir),
                                self.dataset["img_size"], cfg.val_fraction, cfg.split_seed, cfg.data_mode,
                                cfg.workers, crop_pct=self.dataset.get("crop_pct", 1.0),
-                               exclude=excluded_names(cfg))
+                               exclude=excluded_names(cfg), task=cfg.task)
         if dataset.classes != self.classes:
             raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
                             f"{self.classes}; evaluate on data with the same classes")
@@ -285,4 +307,5 @@ def run_engine(trained: TrainedRun, precision: str | None = None, batch_size: in
     graph = InferenceModel(model, trained.preprocessing, memory_format=layout_of(kernels.memory_format))
     return Engine(TorchBackend(graph, device, precision), trained.classes, trained.preprocessing,
                   batch_size or kernels.eval_batch_size, trained.recipe, trained.scaling, trained.risk_coverage,
-                  precision, kernels, str(trained.path), trained.identity, model, device)
+                  precision, kernels, str(trained.path), trained.identity, model, device,
+                  trained.thresholds())

@@ -35,11 +35,14 @@ def check_out(out: str | Path) -> Path:
 
 
 def format_row(row: dict) -> str:
-    """One console line: 'path: cat 0.912, dog 0.051', 'path: unknown (cat 0.41, ...)' or 'path: error: ...'."""
+    """One console line: 'path: cat 0.912, dog 0.051', 'path: unknown (cat 0.41, ...)', multi-label
+    'path: [cat;dog] (cat 0.91, dog 0.62, ...)', or 'path: error: ...'."""
     if row["error"]:
         return f"{shown(row['path'])}: error: {row['error']}"
     ranked = ", ".join(f"{t['class']} {t['probability']:.3f}" for t in row["top"])
     path = shown(row["path"], limit=4096)  # a file that was read: its name is whole, but never raw control bytes
+    if "labels" in row:  # multi-label: the labels decided, then the ranking
+        return f"{path}: [{';'.join(row['labels']) or 'no label'}] ({ranked})"
     return f"{path}: unknown ({ranked})" if row["rejected"] else f"{path}: {ranked}"
 
 

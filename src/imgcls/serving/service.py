@@ -140,6 +140,7 @@ def build_service(source: str | Path, settings: ServeSettings) -> Service:
     device = resolve_device(settings.device)
     if rundir.is_run(path):  # a run is loaded here, not in open_engine, for its validation split
         trained = load_run(path, settings.checkpoint, device)
+        trained.require_multiclass("imgcls serve")
         engine = run_engine(trained, batch_size=settings.batch_size)
         references, origin = _run_reference(trained, engine)
     else:

@@ -37,7 +37,7 @@ class EpochMeter:
     steps: int = 0
     images: int = 0
     loss_sum: float = 0.0
-    correct: int = 0
+    correct: float = 0  # images right (a count), or for a multi-label run the sum of their shares of labels right
     seconds: float = 0.0  # wall time of the steps, waiting for data included
     data_seconds: float = 0.0  # of which waiting for the next batch
     compute_seconds: float = 0.0  # of which the step: transfer, inline augmentation, forward, backward, optimizer
@@ -53,12 +53,17 @@ class EpochMeter:
             self.live = torch.tensor([self.loss_sum, self.correct, self.grad_norm_sum, self.grad_norm_max],
                                      dtype=torch.float64, device=device)
 
-    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """One micro-batch's mean loss and hits (the dominant label when mixed), added on the device.
-        float64 as the Python sums were, so a read gives exactly what `loss.item() * n` summed to."""
+    def add_batch(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                  multilabel: bool = False) -> None:
+        """One micro-batch's mean loss and hits (the dominant label when mixed; multi-label: the share of an
+        image's labels decided right at 0.5), added on the device. float64 as the Python sums were, so a
+        read gives exactly what `loss.item() * n` summed to."""
         n = len(targets)
         self.live[0].add_(loss.detach().double() * n)
-        self.live[1].add_((logits.detach().argmax(1) == targets.argmax(1)).sum())
+        if multilabel:
+            self.live[1].add_(((logits.detach() > 0) == (targets > 0.5)).double().mean(dim=1).sum())
+        else:
+            self.live[1].add_((logits.detach().argmax(1) == targets.argmax(1)).sum())
         self.steps += 1
         self.images += n
 
@@ -83,7 +88,7 @@ class EpochMeter:
         if self.live is not None:
             loss_sum, correct, norm_sum, norm_max = self.live.tolist()
             self.loss_sum, self.correct, self.grad_norm_sum, self.grad_norm_max = \
-                loss_sum, int(correct), norm_sum, norm_max
+                loss_sum, int(correct) if correct.is_integer() else correct, norm_sum, norm_max
             if not math.isfinite(loss_sum) and self.nonfinite_loss is None:
                 self.nonfinite_loss = loss_sum
         return self

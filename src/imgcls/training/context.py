@@ -18,6 +18,7 @@ from imgcls.config import (
     Facts,
     TrainConfig,
     check_crop_padding,
+    check_task,
     require_no_validation,
     resolve,
     resolved_strategy,
@@ -40,7 +41,7 @@ from imgcls.runtime import check_precision, resolve_device, seed_everything
 from imgcls.training import distributed
 from imgcls.training.distributed import World
 from imgcls.training.feeders import prefetch_default
-from imgcls.training.imbalance import Loss, class_weights, make_loss
+from imgcls.training.imbalance import Loss, class_weights, make_loss, positive_weights
 from imgcls.training.lookahead import Lookahead
 from imgcls.training.transfer import LayerGroup, optimizer_param_groups, plan_groups
 from imgcls.training.validation import engine_for
@@ -107,7 +108,8 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
     normalization, crop_pct = pretrained_preprocessing(cfg, spec)
     dataset = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct,
-                           exclude=excluded_names(cfg))
+                           exclude=excluded_names(cfg), task=cfg.task)
+    check_task(cfg, dataset.task)
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)
     check_crop_padding(cfg.crop_padding, dataset.img_size)
@@ -120,7 +122,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
                              "stream" if dataset.train.stream is not None else "memory",
                              prefetch_default(device.type) if cfg.prefetch == "auto" else cfg.prefetch,
                              default_monitor(dataset) if cfg.monitor == "auto" else cfg.monitor,
-                             {f: getattr(kernels, KERNEL_SOURCES[f]) for f in KERNEL_FIELDS}))
+                             {f: getattr(kernels, KERNEL_SOURCES[f]) for f in KERNEL_FIELDS}, dataset.task))
     if unresolved(cfg):  # a field added to the schema with an "auto" that resolve() does not decide
         raise RuntimeError(f"the run plan left {', '.join(unresolved(cfg))} undecided")
     configure(model, cfg.attention, cfg.depthwise_precision, cfg.memory_format)
@@ -135,7 +137,10 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
                                                              threshold_mode="abs")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
+    if dataset.multilabel:
+        weights = positive_weights(dataset.train.labels) if cfg.pos_weight == "auto" else None
+    else:
+        weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
     lookahead = Lookahead(model, cfg.epochs * per_epoch) if cfg.lookahead else None
     ctx = TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
                           steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau, lookahead, kernels)
@@ -175,6 +180,8 @@ IMBALANCED = 1.5  # largest over smallest training class from which --monitor au
 def default_monitor(dataset: Dataset) -> str:
     """--monitor auto: balanced accuracy when the training classes are imbalanced, where plain accuracy can
     barely move (a small class is a few images of the val split) and would keep an early epoch; else val_acc."""
+    if dataset.multilabel:
+        return "map"
     counts = torch.bincount(dataset.train.labels, minlength=dataset.num_classes).double()
     return "balanced_acc" if counts.min() == 0 or counts.max() / counts.min() >= IMBALANCED else "val_acc"
 

@@ -99,8 +99,27 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float,
     return per_class.sum(dim=1).mean()
 
 
+MAX_POS_WEIGHT = 100.0  # a label on 1 image in 10,000 would otherwise weigh its positives 10,000 times
+
+
+def positive_weights(targets: torch.Tensor) -> torch.Tensor:
+    """--pos-weight auto: per class, its negative images over its positive ones in train (capped; 1 for a class
+    with no positive image, which has nothing to weigh)."""
+    positives = targets.double().sum(dim=0)
+    negatives = len(targets) - positives
+    ratio = torch.where(positives > 0, negatives / positives.clamp(min=1), torch.ones_like(positives))
+    return ratio.clamp(min=1.0 / MAX_POS_WEIGHT, max=MAX_POS_WEIGHT).float()
+
+
 def make_loss(cfg: TrainConfig, weights: torch.Tensor | None) -> Loss:
-    """The training loss of a run: cross-entropy or focal, with its class weights."""
+    """The training loss of a run: cross-entropy or focal with its class weights; for a multi-label run binary
+    cross-entropy per class (averaged over classes and images), `weights` then weighing each class's positives."""
+    if cfg.task == "multilabel":
+        def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            w = None if weights is None else weights.to(logits.device)
+            return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=w)
+
+        return binary_cross_entropy
     if cfg.loss == "focal":
         return lambda logits, targets: focal_loss(logits, targets, cfg.focal_gamma, weights)
 

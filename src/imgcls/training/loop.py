@@ -34,7 +34,7 @@ from imgcls.training.transfer import apply_schedule, train_mode
 from imgcls.training.validation import validate
 
 MONITOR_KEYS = {"val_acc": "val_acc", "val_loss": "val_loss", "balanced_acc": "val_balanced_acc",
-                "macro_f1": "val_macro_f1"}  # --monitor -> its key in metrics.jsonl
+                "macro_f1": "val_macro_f1", "map": "val_map"}  # --monitor -> its key in metrics.jsonl
 
 
 @dataclass
@@ -124,7 +124,7 @@ def train_one_epoch(ctx: TrainingContext, trainee: torch.nn.Module, batches, tra
             loss, logits, norm = micro_step(ctx, trainee, x.contiguous(memory_format=layout) if x.dim() == 4 else x,
                                             targets, meter.steps)
             source.launched()
-            meter.add_batch(loss, logits, targets)
+            meter.add_batch(loss, logits, targets, ctx.dataset.multilabel)
             if norm is not None:
                 meter.add_grad_norm(norm)
             meter.add_time(fetched - start, time.perf_counter() - fetched)

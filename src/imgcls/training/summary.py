@@ -14,12 +14,15 @@ import imgcls
 from imgcls import rundir
 from imgcls.evaluation.calibration import expected_calibration_error
 from imgcls.evaluation.metrics import balanced_accuracy, confusion_matrix, per_class_report
+from imgcls.evaluation.multilabel import DEFAULT_THRESHOLD, best_f1_thresholds, multilabel_metrics
 from imgcls.evaluation.significance import write_test_predictions
 from imgcls.models import count_parameters
 from imgcls.models.checkpoint import load_checkpoint
 from imgcls.models.flops import forward_gflops
 from imgcls.training.checkpointer import TrainState
 from imgcls.training.context import TrainingContext
+
+MULTILABEL_KEYS = ("task", "thresholds", "test_map", "test_micro_f1", "test_hamming_loss", "test_per_class_ap")
 
 
 def versions() -> dict:
@@ -37,6 +40,8 @@ def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) ->
     inference speed; without a test split, only the speed, measured on (part of) val (train when there
     is no val either)."""
     cfg, dataset, model = ctx.cfg, ctx.dataset, ctx.evaluated
+    if dataset.multilabel:
+        return _multilabel_test_scores(ctx, run, state, predict)
     if dataset.test is None:
         timed = dataset.val if dataset.val is not None else dataset.train
         _, _, ips = predict(timed.subset(torch.arange(min(len(timed), 512))))
@@ -55,6 +60,32 @@ def _test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) ->
             "test_acc_final": (final_logits.argmax(1) == labels).float().mean().item(),
             "test_ece": expected_calibration_error(logits.softmax(dim=1), labels),
             "inference_images_per_s": ips}
+
+
+def _multilabel_test_scores(ctx: TrainingContext, run: Path, state: TrainState, predict) -> dict:
+    """A multi-label run's test scores at per-class thresholds tuned on val (each class's best F1 there; 0.5
+    without val), which predict and the export apply; test_acc is subset accuracy (every label right)."""
+    cfg, dataset, model = ctx.cfg, ctx.dataset, ctx.evaluated
+    final = predict(dataset.test)[0] if dataset.test is not None else None
+    if state.best_epoch != state.epoch:
+        model.load_state_dict(load_checkpoint(run / rundir.BEST, cfg.model, dataset.num_classes)["model"])
+    thresholds = torch.full((dataset.num_classes,), DEFAULT_THRESHOLD, dtype=torch.float64)
+    if dataset.val is not None:
+        val_logits, val_targets, _ = predict(dataset.val)
+        thresholds = best_f1_thresholds(val_logits.sigmoid(), val_targets.float())
+    out = {"task": "multilabel", "thresholds": thresholds.tolist(), "test_balanced_acc": None, "test_ece": None}
+    if dataset.test is None:
+        timed = dataset.val if dataset.val is not None else dataset.train
+        _, _, ips = predict(timed.subset(torch.arange(min(len(timed), 512))))
+        return {**out, "test_acc": None, "test_macro_f1": None, "test_acc_final": None, "test_map": None,
+                "inference_images_per_s": ips}
+    logits, targets, ips = predict(dataset.test)
+    found = multilabel_metrics(logits.sigmoid(), targets.float(), dataset.classes, thresholds)
+    final_found = multilabel_metrics(final.sigmoid(), targets.float(), dataset.classes, thresholds)
+    return {**out, "test_acc": found["subset_accuracy"], "test_macro_f1": found["macro_f1"],
+            "test_acc_final": final_found["subset_accuracy"], "test_map": found["map"],
+            "test_micro_f1": found["micro_f1"], "test_hamming_loss": found["hamming_loss"],
+            "test_per_class_ap": {r["class"]: r["ap"] for r in found["per_class"]}, "inference_images_per_s": ips}
 
 
 def _selection(cfg, dataset) -> str:
@@ -124,5 +155,6 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
                                 for n in g.params),
         "feature_cache_s": cache_seconds,
         "processes": ctx.world.size,
+        **{k: scores[k] for k in MULTILABEL_KEYS if k in scores},
     }
 

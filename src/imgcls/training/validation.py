@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from imgcls.data import Preprocessing, Split
 from imgcls.evaluation.metrics import balanced_accuracy, confusion_matrix, per_class_report
+from imgcls.evaluation.multilabel import multilabel_metrics
 from imgcls.inference.engine import Engine, TorchBackend
 from imgcls.inference.graph import InferenceModel
 from imgcls.kernels.apply import inference_copy
@@ -38,6 +39,8 @@ def validate(ctx, val: Split | None, features: bool = False, head: torch.nn.Modu
     else:
         scores, labels = ctx.validator.score_split(val, where="the validation split", progress=False)
         logits = scores.logits
+    if ctx.dataset.multilabel:
+        return _multilabel_scores(ctx, logits, labels)
     k = ctx.dataset.num_classes
     cm = confusion_matrix(logits.argmax(1), labels, k).flatten().tolist()
     loss, *cm = distributed.all_sum(ctx.world, [F.cross_entropy(logits.float(), labels, reduction="sum").item(), *cm])
@@ -45,6 +48,18 @@ def validate(ctx, val: Split | None, features: bool = False, head: torch.nn.Modu
     report = per_class_report(cm, ctx.dataset.classes)
     return {"val_loss": loss / cm.sum().item(), "val_acc": cm.diag().sum().item() / cm.sum().item(),
             "val_balanced_acc": balanced_accuracy(cm), "val_macro_f1": sum(r["f1"] for r in report) / k}
+
+
+def _multilabel_scores(ctx, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """A multi-label run's validation: binary cross-entropy, mAP, macro-F1 at 0.5 and subset accuracy (as
+    val_acc: every label of an image right), over every rank's share (gathered: AP needs all the scores)."""
+    shares = distributed.gather(ctx.world, (logits.float().cpu(), targets.cpu()))
+    logits = torch.cat([s[0] for s in shares])
+    targets = torch.cat([s[1] for s in shares]).float()
+    found = multilabel_metrics(logits.sigmoid(), targets, ctx.dataset.classes)
+    return {"val_loss": F.binary_cross_entropy_with_logits(logits, targets).item(),
+            "val_acc": found["subset_accuracy"], "val_map": found["map"], "val_macro_f1": found["macro_f1"],
+            "val_micro_f1": found["micro_f1"], "val_hamming_loss": found["hamming_loss"]}
 
 
 @torch.inference_mode()

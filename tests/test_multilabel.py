@@ -1,0 +1,230 @@
+"""Multi-label data, training, metrics and prediction (issue 24, part 1)."""
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from imgcls.cli import main
+from imgcls.config import build_config
+from imgcls.data import load_dataset
+from imgcls.data.manifest import read_manifest
+from imgcls.data.mixing import soft_targets
+from imgcls.errors import UserError
+from imgcls.evaluation.multilabel import average_precision, best_f1_thresholds, mean_ap, multilabel_metrics
+from imgcls.inference.files import row
+from imgcls.training.imbalance import positive_weights
+
+sklearn_metrics = pytest.importorskip("sklearn.metrics")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mosaics(out: Path, train: int, test: int) -> Path:
+    spec = importlib.util.spec_from_file_location("make_mosaics", ROOT / "scripts" / "make_mosaics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import sys
+
+    argv, sys.argv = sys.argv, ["make_mosaics.py", str(out), "--train", str(train), "--test", str(test)]
+    try:
+        module.main()
+    finally:
+        sys.argv = argv
+    return out / "manifest.csv"
+
+
+@pytest.fixture(scope="module")
+def mosaics(tmp_path_factory) -> Path:
+    return _mosaics(tmp_path_factory.mktemp("mosaics") / "set", train=1000, test=200)
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(mosaics, tmp_path_factory) -> Path:
+    from imgcls.training.train import fit
+
+    cfg = build_config(data=str(mosaics), model="fastnet_cifar_small", img_size=32, epochs=8, lr=3e-3, batch_size=64,
+                       precision="fp32", memory_format="channels_last", quiet=True,
+                       out=str(tmp_path_factory.mktemp("ml") / "run"))
+    return fit(cfg)
+
+
+def _image(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (120, 30, 200)).save(path)
+
+
+# ---------------------------------------------------------------- manifests
+
+def test_both_manifest_layouts_and_jsonl_read_the_same_labels(tmp_path):
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / "img" / name)
+    (tmp_path / "listed.csv").write_text("path,labels,split\nimg/a.png,cat;dog,train\nimg/b.png,dog,train\n"
+                                         "img/c.png,,test\n")
+    (tmp_path / "spaced.csv").write_text("path,labels\nimg/a.png,dog cat\nimg/b.png, dog \nimg/c.png,\n")
+    (tmp_path / "columns.csv").write_text("path,cat,dog,split\nimg/a.png,1,1,train\nimg/b.png,0,1,train\n"
+                                          "img/c.png,0,0,test\n")
+    (tmp_path / "lines.jsonl").write_text('{"path": "img/a.png", "labels": ["cat", "dog"]}\n'
+                                          '{"path": "img/b.png", "labels": "dog"}\n'
+                                          '{"path": "img/c.png", "labels": []}\n')
+    expected = [[1, 1], [0, 1], [0, 0]]
+    for name in ("listed.csv", "spaced.csv", "columns.csv", "lines.jsonl"):
+        m = read_manifest(tmp_path / name)
+        assert m.classes == ["cat", "dog"] and m.targets.tolist() == expected, name
+        assert m.multilabel
+    assert read_manifest(tmp_path / "listed.csv").splits == ["train", "train", "test"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("path,labels\nimg/a.png,cat;dog\nimg/b.png,dog,extra\n", "row 3 has 3 field"),
+    ("path,labels\nimg/a.png,cat;dog\nimg/a.png,dog\n", "row 3: img/a.png is listed again"),
+    ("path,labels\nimg/a.png,cat\nimg/nope.png,dog\n", "row 3: img/nope.png does not exist"),
+    ("path,labels\n/etc/passwd.png,cat;dog\n", "row 2: /etc/passwd.png is not a path inside"),
+    ("path,labels\nimg/../img/a.png,cat;dog\n", "is not a path inside"),
+    ("path,labels\nimg/a.txt,cat;dog\n", "is not an image file name"),
+    ("path,cat,dog\nimg/a.png,1,-1\n", "row 2 column dog: '-1' is not 0 or 1"),
+    ("path,cat,dog\nimg/a.png,1,\n", "row 2 column dog: '' is not 0 or 1"),
+    ("path,labels,split\nimg/a.png,cat;dog,valid\n", "row 2: split valid is not train, val or test"),
+    ("path,labels,split\nimg/a.png,cat;dog,test\n", "has no train rows"),
+    ("path,labels\nimg/a.png,cat\n", "names 1 label"),
+    ("path,labels\nimg/a.png,cat;cat;dog\n", "row 2 names a label twice"),
+    ("name,labels\nimg/a.png,cat\n", "has no path column"),
+    ("path,labels\n", "lists no images"),
+    ("path,path\nimg/a.png,x\n", "names a column twice"),
+])
+def test_a_bad_manifest_row_is_one_line_naming_the_row(tmp_path, text, message):
+    _image(tmp_path / "img" / "a.png")
+    (tmp_path / "m.csv").write_text(text)
+    with pytest.raises(UserError, match=message) as e:
+        read_manifest(tmp_path / "m.csv")
+    assert "\n" not in str(e.value)
+
+
+def test_a_bad_jsonl_line_is_named(tmp_path):
+    _image(tmp_path / "img" / "a.png")
+    (tmp_path / "m.jsonl").write_text('{"path": "img/a.png", "labels": ["a", "b"]}\n[1]\n')
+    with pytest.raises(UserError, match="line 2 is not a JSON object"):
+        read_manifest(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").write_text('{"path": "img/a.png", "labels": ["a", "b"]}\n{"path": "img/a.png"}\n')
+    with pytest.raises(UserError, match="line 2 has keys"):
+        read_manifest(tmp_path / "m.jsonl")
+
+
+def test_a_manifest_of_one_label_each_is_multiclass_unless_told(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        _image(tmp_path / name)
+    (tmp_path / "m.csv").write_text("path,labels\na.png,cat\nb.png,dog\nc.png,cat\nd.png,dog\n")
+    plain = load_dataset(str(tmp_path / "m.csv"), img_size=8, val_fraction=0.25)
+    assert plain.task == "multiclass" and plain.train.labels.dim() == 1
+    forced = load_dataset(str(tmp_path / "m.csv"), img_size=8, val_fraction=0.25, task="multilabel")
+    assert forced.task == "multilabel" and forced.train.labels.shape[1] == 2
+    with pytest.raises(UserError, match="needs a manifest"):
+        load_dataset("cifar10-mini", task="multilabel")
+
+
+# ---------------------------------------------------------------- metrics against scikit-learn
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_average_precision_is_scikit_learns(ties):
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(400, 7, generator=g) < 0.3
+    scores = torch.rand(400, 7, generator=g) * 0.6 + 0.4 * truth.double()
+    if ties:
+        scores = (scores * 8).round() / 8
+    for k in range(7):
+        expected = sklearn_metrics.average_precision_score(truth[:, k].numpy(), scores[:, k].numpy())
+        assert average_precision(scores[:, k], truth[:, k]) == pytest.approx(expected, abs=1e-12)
+    assert mean_ap(scores, truth.double()) == pytest.approx(
+        sklearn_metrics.average_precision_score(truth.numpy(), scores.numpy(), average="macro"), abs=1e-12)
+    assert average_precision(scores[:, 0], torch.zeros(400, dtype=torch.bool)) is None
+
+
+def test_thresholded_metrics_are_scikit_learns_and_best_f1_is_best():
+    g = torch.Generator().manual_seed(1)
+    truth = torch.rand(300, 5, generator=g) < 0.4
+    scores = torch.rand(300, 5, generator=g) * 0.7 + 0.3 * truth.double()
+    thresholds = best_f1_thresholds(scores, truth.double())
+    found = multilabel_metrics(scores, truth.double(), list("abcde"), thresholds)
+    predicted = (scores >= thresholds).numpy()
+    y = truth.numpy()
+    assert found["micro_f1"] == pytest.approx(sklearn_metrics.f1_score(y, predicted, average="micro"))
+    assert found["macro_f1"] == pytest.approx(sklearn_metrics.f1_score(y, predicted, average="macro"))
+    assert found["hamming_loss"] == pytest.approx(sklearn_metrics.hamming_loss(y, predicted))
+    assert found["subset_accuracy"] == pytest.approx(sklearn_metrics.accuracy_score(y, predicted))
+    for k in range(5):  # no threshold among the class's own scores does better
+        best = max(sklearn_metrics.f1_score(y[:, k], (scores[:, k] >= t).numpy()) for t in scores[:, k].unique())
+        assert found["per_class"][k]["f1"] == pytest.approx(best)
+
+
+# ---------------------------------------------------------------- training
+
+def test_multi_hot_targets_mix_and_smooth_as_binary_targets():
+    a = torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.uint8)
+    b = torch.tensor([[0, 0, 1], [1, 1, 1]], dtype=torch.uint8)
+    mixed = soft_targets(a, b, torch.tensor([0.25, 1.0]), 3, smoothing=0.1)
+    assert torch.allclose(mixed[0], torch.tensor([0.25, 0.0, 1.0]) * 0.9 + 0.05)
+    assert torch.allclose(mixed[1], torch.tensor([0.0, 1.0, 0.0]) * 0.9 + 0.05)
+
+
+def test_pos_weight_auto_is_negatives_over_positives():
+    targets = torch.tensor([[1, 0, 0], [1, 0, 1], [0, 0, 1], [1, 0, 0]])
+    assert positive_weights(targets).tolist() == pytest.approx([1 / 3, 1.0, 1.0])
+
+
+def test_bce_on_mosaics_reaches_a_map_well_above_chance(multilabel_run, mosaics):
+    summary = json.loads((multilabel_run / "summary.json").read_text())
+    test = [r for r in csv.DictReader(mosaics.open()) if r["split"] == "test"]
+    prevalence = np.mean([len(r["labels"].split(";")) for r in test]) / 10  # the AP of random scores, about
+    assert summary["task"] == "multilabel" and summary["monitor"] == "map"
+    assert summary["test_map"] > prevalence + 0.12, (summary["test_map"], prevalence)
+    assert len(summary["thresholds"]) == 10 and all(0 < t < 1 for t in summary["thresholds"])
+    metrics = [json.loads(line) for line in (multilabel_run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["val_map"] > metrics[0]["val_map"]
+
+
+def test_predict_applies_the_runs_thresholds(multilabel_run, mosaics, capsys, tmp_path):
+    test = [r for r in csv.DictReader(mosaics.open()) if r["split"] == "test"][:20]
+    paths = [str(mosaics.parent / r["path"]) for r in test]
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", str(multilabel_run), *paths, "--out", str(out), "--topk", "10", "--quiet"]) == 0
+    thresholds = json.loads((multilabel_run / "summary.json").read_text())["thresholds"]
+    classes = json.loads((multilabel_run / "dataset.json").read_text())["classes"]
+    for line in out.read_text().splitlines():
+        r = json.loads(line)
+        probs = {t["class"]: t["probability"] for t in r["top"]}
+        assert r["labels"] == sorted((c for c in classes if probs[c] >= thresholds[classes.index(c)]),
+                                     key=lambda c: -probs[c])
+        assert r["label"] == ";".join(r["labels"])
+    assert main(["predict", str(multilabel_run), paths[0], "--reject", "0.5"]) == 2
+    assert "decides each label at its own threshold" in capsys.readouterr().err
+
+
+def test_a_row_decides_each_class_at_its_threshold():
+    probs = torch.tensor([0.9, 0.2, 0.55], dtype=torch.float64)
+    found = row(Path("x.png"), ["a", "b", "c"], probs, None, 3, None, thresholds=torch.tensor([0.5, 0.1, 0.6]))
+    assert found["labels"] == ["a", "b"] and found["label"] == "a;b"
+    none = row(Path("x.png"), ["a", "b", "c"], probs, None, 3, None, thresholds=torch.tensor([0.95, 0.95, 0.95]))
+    assert none["labels"] == [] and none["label"] == ""
+
+
+def test_options_of_one_task_are_refused_for_the_other(mosaics, multilabel_run, tmp_path, capsys):
+    from imgcls.training.train import fit
+
+    for options, message in (({"class_weights": "auto"}, "--class-weights weighs"),
+                             ({"sampler": "balanced"}, "--sampler weighs"),
+                             ({"monitor": "val_acc"}, "--monitor val_acc is for one label")):
+        with pytest.raises(UserError, match=message):
+            fit(build_config(data=str(mosaics), model="fastnet_cifar_small", img_size=32, epochs=1, quiet=True,
+                             out=str(tmp_path / "r"), **options))
+    with pytest.raises(UserError, match="--pos-weight weighs"):
+        fit(build_config(data="cifar10-mini", model="fastnet_cifar_small", epochs=1, quiet=True,
+                         out=str(tmp_path / "r"), pos_weight="auto"))
+    for argv in (["export", str(multilabel_run), "--out", str(tmp_path / "e")], ["eval", str(multilabel_run)],
+                 ["calibrate", str(multilabel_run)]):
+        assert main(argv) == 2
+        assert "does not take multi-label runs yet" in capsys.readouterr().err
