@@ -100,8 +100,12 @@ def test_audit_labels_writes_a_list_that_train_excludes(tiny_folder, tmp_path, c
     run = fit(tiny_config(tiny_folder, tmp_path / "run", epochs=1, exclude=str(table)))
     assert "exclude" in (run / "config.yaml").read_text()
     assert len(load_run(run).split("val")) == len(cut.val)  # the run's own data, as it trained on it
-    table.write_text("path\n" + train_rows[0]["path"] + "\n")  # the list changed: the run's data did too
-    with pytest.raises(UserError, match="changed since it was trained"):
+    table.write_text("path\n" + train_rows[0]["path"] + "\n")  # a new audit over the list the run read
+    assert len(load_run(run).split("val")) == len(cut.val)  # the run keeps its own copy of the names
+    table.unlink()
+    assert len(load_run(run).split("val")) == len(cut.val)
+    (run / "excluded.json").write_text('{"names": []}')
+    with pytest.raises(UserError, match="excluded.json was edited"):
         load_run(run).split("val")
 
 
@@ -141,3 +145,71 @@ def mini_label(i: int) -> int:
     from importlib import resources
 
     return json.loads((resources.files("imgcls.data") / "cifar10_mini" / "labels.json").read_text())["train"][i]
+
+
+def test_audit_options_are_checked_before_any_work_in_their_own_names(tiny_folder, tmp_path, capsys):
+    out = str(tmp_path / "a.json")
+    for argv, message in ((["--folds", "3"], "--folds is an option of --labels"),
+                          (["--labels", "--label-epochs", "0"], "--label-epochs must be from 1"),
+                          (["--labels", "--label-epochs", "1000000000"], "--label-epochs must be from 1"),
+                          (["--labels", "--seed", "-1"], "--seed must be from 0"),
+                          (["--labels", "--seed", "99999999999"], "--seed must be from 0"),
+                          (["--labels", "--folds", "0"], "--folds must be from 2")):
+        assert main(["audit", str(tiny_folder), *argv, "--out", out, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, (argv, err)
+    (tmp_path / "b-label-issues.csv").mkdir()  # the CSV's place is taken: refused before the folds train
+    assert main(["audit", str(tiny_folder), "--labels", "--out", str(tmp_path / "b.json"), "--quiet"]) == 2
+    assert "(--out" in capsys.readouterr().err and not (tmp_path / "b.json").exists()
+    assert main(["audit", str(tiny_folder), "--out", str(tiny_folder / "train" / "audit.json"), "--quiet"]) == 2
+    assert "lies inside" in capsys.readouterr().err
+
+
+def test_a_label_recipe_is_used_as_given_or_refused(tiny_folder, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: fastnet_cifar_small\nepochs: 1\nbatch-size: 32\nprecision: fp32\nlabel-smoothing: 0.3\n")
+    with pytest.raises(UserError, match="sets label_smoothing, which audit --labels decides"):
+        label_audit(str(tiny_folder), folds=2, recipe_file=str(recipe), img_size=32, progress=False)
+    recipe.write_text("model: resnet18_cifar\nepochs: 1\nbatch-size: 32\nprecision: fp32\n")
+    section, _ = label_audit(str(tiny_folder), folds=2, recipe_file=str(recipe), img_size=32, progress=False)
+    assert (section["model"], section["epochs"]) == ("resnet18_cifar", 1)  # the recipe's epochs, not the default
+    section, _ = label_audit(str(tiny_folder), folds=2, model="resnet18_cifar", epochs=1, img_size=32,
+                             progress=False)  # another model than fastnet trains without fastnet's stem
+    assert section["model"] == "resnet18_cifar"
+
+
+def test_a_list_of_other_data_is_refused_by_its_given_labels(tmp_path, tiny_folder):
+    table = tmp_path / "other.csv"
+    table.write_text("path,split,given\ntrain/0,train,cat\n")  # cifar10-mini's train/0 is no cat
+    from imgcls.data.datasets import load_dataset as load
+
+    label = load("cifar10-mini", val_fraction=0.0).classes[mini_label(0)]
+    assert label != "cat"
+    with pytest.raises(UserError, match="as cat, but it is"):
+        load("cifar10-mini", exclude=read_exclusions(table))
+    table.write_text(f"path,split,given\ntrain/0,train,{label}\n")
+    assert len(load("cifar10-mini", exclude=read_exclusions(table), val_fraction=0.0).train) == 4999
+    everything = [f"val/{p.parent.name}/{p.name}" for p in (tiny_folder / "test").rglob("*.*")]
+    with pytest.raises(UserError):
+        load(str(tiny_folder), exclude=everything)  # no val/ there: the names are of no image
+
+
+def test_compare_keys_an_exclusion_list_by_its_content(tmp_path):
+    from imgcls.training.compare import EXCLUDE_DIGEST, _keyed
+
+    listed = tmp_path / "x.txt"
+    listed.write_text("train/1\n")
+    first = _keyed({"exclude": str(listed), "model": "fastnet_cifar_small"})
+    listed.write_text("train/2\n")
+    assert _keyed({"exclude": str(listed), "model": "fastnet_cifar_small"})[EXCLUDE_DIGEST] != first[EXCLUDE_DIGEST]
+
+
+def test_excluding_every_val_image_says_so(tiny_folder, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder / "train", data / "train")
+    shutil.copytree(tiny_folder / "test", data / "val")
+    every = [f"val/{p.parent.name}/{p.name}" for p in sorted((data / "val").rglob("*.*"))]
+    with pytest.raises(UserError, match="lists every image of .*val; exclude fewer, or remove the val/ folder"):
+        load_dataset(str(data), img_size=32, exclude=every)

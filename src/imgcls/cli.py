@@ -577,7 +577,7 @@ def _audit_parser(sub, common) -> None:
     add_options(aud, "--data-dir", "--max-distance", "--html", "--quiet")
     labels = aud.add_argument_group("label errors (--labels; needs imgcls[labels])")
     labels.add_argument("--labels", action="store_true", help="find the images whose label is probably wrong")
-    labels.add_argument("--folds", type=integer, default=5, help="cross-validation folds (5)")
+    labels.add_argument("--folds", type=integer, help="cross-validation folds (5)")
     labels.add_argument("--label-model", metavar="MODEL", help="the model that scores each fold: one with pretrained "
                         "weights trains a linear head on its frozen features, any other trains from scratch "
                         "(default: efficientnet_lite0 features for photos, fastnet_cifar_small for 32 px images)")
@@ -585,7 +585,7 @@ def _audit_parser(sub, common) -> None:
                         "--recipe takes them (trained from scratch)")
     labels.add_argument("--label-epochs", type=integer, metavar="N", help="epochs of each fold's model trained from "
                         "scratch (8)")
-    labels.add_argument("--seed", type=integer, default=0, help="seed of the folds and of the fold models (0)")
+    labels.add_argument("--seed", type=integer, help="seed of the folds and of the fold models (0)")
 
 
 def cmd_audit(args) -> int:
@@ -602,21 +602,33 @@ def cmd_audit(args) -> int:
         write_label_issues_csv,
     )
 
-    check_out(Path(args.out), ".json")  # before the work, not after it
-    outputs = [args.out, Path(args.out).with_suffix(".html")]
+    label_flags = {"--folds": args.folds, "--label-model": args.label_model, "--label-recipe": args.label_recipe,
+                   "--label-epochs": args.label_epochs, "--seed": args.seed}
+    given = [flag for flag, value in label_flags.items() if value is not None]
+    if given and not args.labels:
+        raise UserError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of --labels; add "
+                        "--labels, or drop them")
+    out = Path(args.out)
+    targets = {out: ".json", **({out.with_suffix(".html"): ".html"} if args.html else {}),
+               **({label_issues_path(out): ".csv"} if args.labels else {})}
+    for target, suffix in targets.items():  # every output checked before the work, never after it
+        check_out(target, suffix, within=_folders(args.data, args.data_dir),
+                  flag="--out" if target == out else f"--out {args.out} (its {suffix[1:]} file)")
     if args.labels:
         from imgcls.evaluation.label_issues import check_installed
+        from imgcls.training.out_of_fold import check_label_options
 
         check_installed()
-        outputs.append(label_issues_path(Path(args.out)))
+        folds, seed = 5 if args.folds is None else args.folds, 0 if args.seed is None else args.seed
+        check_label_options(folds, args.label_epochs, seed)
     result = audit(args.data, args.data_dir, args.img_size, args.max_distance, progress=not args.quiet)
     if args.labels:
         from imgcls.training.out_of_fold import label_audit
 
-        result.add_labels(*label_audit(args.data, args.data_dir, args.folds, args.label_model, args.label_recipe,
-                                       args.label_epochs, args.img_size, args.seed, progress=not args.quiet))
+        result.add_labels(*label_audit(args.data, args.data_dir, folds, args.label_model, args.label_recipe,
+                                       args.label_epochs, args.img_size, seed, progress=not args.quiet))
     print_audit(result)
-    existed = _existing(outputs)
+    existed = _existing(targets)
     written = [write_audit_json(result, Path(args.out))]
     if args.labels:
         written.append(write_label_issues_csv(result, label_issues_path(Path(args.out))))

@@ -37,7 +37,8 @@ REPORT_HTML = "report.html"  # in REPORT_DIR of a run, or at the top of a compar
 # What a run folder holds before its first checkpoint: nothing a user could lose by starting over.
 UNSTARTED_FILES = {CONFIG, PLAN, DATASET, METRICS, LOCK}
 TMP_MARK = ".tmp-"
-RUN_FILES = {CONFIG, PLAN, DATASET, METRICS, SUMMARY, LAST, BEST, TEST_PREDICTIONS, LOCK, CALIBRATION}
+EXCLUDED = "excluded.json"  # train --exclude: the names as the run read them, so a later edit of the list is seen
+RUN_FILES = {CONFIG, PLAN, DATASET, METRICS, SUMMARY, LAST, BEST, TEST_PREDICTIONS, LOCK, CALIBRATION, EXCLUDED}
 
 
 def cache_dir() -> Path:
@@ -325,6 +326,21 @@ def folders(*paths: str | None) -> tuple[str, ...]:
     an output may not land in."""
     return tuple(p if Path(p).is_dir() else str(Path(p).parent) for p in paths
                  if p and (Path(p).is_dir() or Path(p).is_file()))
+
+
+def run_exclusions(run: Path, cfg) -> list[str] | None:
+    """The names a run trained without (train --exclude), from its own copy: the user's list may have been
+    edited, moved or overwritten since (a new audit); None for a run without --exclude."""
+    if not getattr(cfg, "exclude", None):
+        return None
+    path = Path(run) / EXCLUDED
+    if not path.is_file():
+        raise UserError(f"{run} was trained with --exclude but lacks {EXCLUDED}, its copy of the list; restore it, or "
+                        "train again")
+    names = read_sealed_json(path, "restore it, or train again").get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UserError(f"{path} is damaged; restore it, or train again")
+    return names
 
 
 def is_run(path: Path) -> bool:

@@ -89,6 +89,7 @@ class Dataset:
     # What a comparison must agree on: source, split rules, sizes and a hash of the labels.
     fingerprint: dict = field(default_factory=dict)
     task: str = "multiclass"  # or multilabel: labels are then uint8 N x C multi-hot rows
+    excluded: tuple[str, ...] | None = None  # --exclude: the names given (test ones stay in test)
 
     @property
     def multilabel(self) -> bool:
@@ -236,7 +237,8 @@ def load_dataset(
     folder_data = data not in BUILTIN_DATA
     name = Path(data).name if folder_data else data
     return Dataset(name, classes, size, mean, std, train, val, test, normalization,
-                   crop_pct if folder_data else 1.0, fingerprint, task)
+                   crop_pct if folder_data else 1.0, fingerprint, task,
+                   None if excluded is None else (*excluded.removed, *excluded.kept_test))
 
 
 def _fingerprint(data: str, size: int, val_fraction: float, split_seed: int, splits: tuple,
@@ -276,7 +278,7 @@ def _load_builtin(data: str, data_dir: str | None, size: int, val_fraction: floa
         x_train, y_train, x_test, y_test, classes = cifar.load_cifar10(root, download)
     else:
         x_train, y_train, x_test, y_test, classes = _load_mini()
-    excluded = _builtin_exclusion(exclude, data, len(y_train), len(y_test))
+    excluded = _builtin_exclusion(exclude, data, y_train, y_test, classes)
     if excluded is not None:
         gone = {int(n.split("/")[1]) for n in excluded.removed}
         keep = torch.tensor([i not in gone for i in range(len(y_train))])
@@ -313,19 +315,25 @@ def _load_manifest(path: Path, size: int, val_fraction: float, split_seed: int, 
     return parts["train"], parts.get("val"), parts.get("test"), manifest.classes, size, task
 
 
-def _builtin_exclusion(names: list[str] | None, data: str, n_train: int, n_test: int) -> Exclusion | None:
+def _builtin_exclusion(names: list[str] | None, data: str, y_train: torch.Tensor, y_test: torch.Tensor,
+                       classes: list[str]) -> Exclusion | None:
     if names is None:
         return None
-    known = {"train": set(builtin_names("train", n_train)), "test": set(builtin_names("test", n_test))}
+    known = {"train": dict(zip(builtin_names("train", len(y_train)), (classes[y] for y in y_train.tolist()),
+                               strict=True)),
+             "test": dict(zip(builtin_names("test", len(y_test)), (classes[y] for y in y_test.tolist()), strict=True))}
     return split_names(names, known, data)
 
 
-def _folder_exclusion(names: list[str] | None, root: Path, found: dict) -> tuple[Exclusion | None, dict]:
+def _folder_exclusion(names: list[str] | None, root: Path, classes: list[str],
+                      found: dict) -> tuple[Exclusion | None, dict]:
     """The exclusion, and `found` (split -> (files, labels)) without the excluded train and val files."""
     if names is None:
         return None, found
     named = {split: folder_names(root, split, files) for split, (files, _) in found.items()}
-    excluded = split_names(names, {split: set(n) for split, n in named.items()}, str(root))
+    known = {split: {name: classes[label] for name, label in zip(named[split], found[split][1], strict=True)}
+             for split in found}
+    excluded = split_names(names, known, str(root))
     gone = set(excluded.removed)
     kept = {}
     for split, (files, labels) in found.items():
@@ -333,13 +341,16 @@ def _folder_exclusion(names: list[str] | None, root: Path, found: dict) -> tuple
         kept[split] = ([files[i] for i in keep], [labels[i] for i in keep])
     if not kept["train"][0] or len(set(kept["train"][1])) < len(set(found["train"][1])):
         raise UserError(f"--exclude leaves a class of {root} no training image; exclude fewer images")
+    if "val" in kept and not kept["val"][0]:
+        raise UserError(f"--exclude lists every image of {root / 'val'}; exclude fewer, or remove the val/ folder "
+                        "(validation is then carved from train)")
     return excluded, kept
 
 
 def _load_folder(root: Path, size: int, val_fraction: float, split_seed: int, mode: str, workers: int,
                  crop_pct: float = 1.0, exclude: list[str] | None = None):
     classes, found = folder.scan(root)
-    excluded, found = _folder_exclusion(exclude, root, found)
+    excluded, found = _folder_exclusion(exclude, root, classes, found)
     n_files = sum(len(files) for files, _ in found.values())
     stream = mode == "stream" or (mode == "auto" and n_files * 3 * size * size > MEMORY_LIMIT_BYTES)
     splits: dict[str, Split] = {}

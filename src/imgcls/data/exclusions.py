@@ -22,6 +22,8 @@ from imgcls.errors import UserError, shown
 
 MAX_EXCLUDE_BYTES = 64 * 2**20  # a list of names; far beyond any real dataset's
 NAME_COLUMN = "path"  # the column of the audit's label-issues CSV that names each image
+GIVEN_COLUMN = "given"  # and the label it had then: a list of other data (train/4711 of cifar10-mini) is refused
+GIVEN_MARK = "\x00"  # name + GIVEN_MARK + label: no name holds a NUL (name_problem refuses control characters)
 
 
 def read_exclusions(path: str | Path) -> list[str]:
@@ -42,17 +44,19 @@ def read_exclusions(path: str | Path) -> list[str]:
     first = lines[0] if lines else ""
     header = next(csv.reader([first]), [])
     if NAME_COLUMN in header:
-        names = _csv_names(text, header.index(NAME_COLUMN), where)
+        given = header.index(GIVEN_COLUMN) if GIVEN_COLUMN in header else None
+        names = _csv_names(text, header.index(NAME_COLUMN), given, where)
     else:
-        names = [(n, line.strip()) for n, line in enumerate(lines, 1) if line.strip() and not line.startswith("#")]
-    for row, name in names:
+        names = [(n, line.strip(), None) for n, line in enumerate(lines, 1)
+                 if line.strip() and not line.startswith("#")]
+    for row, name, _ in names:
         problem = name_problem(name)
         if problem:
             raise UserError(f"{where} row {row}: {problem}; each row names an image as audit "
                             "--labels does, e.g. train/cat/cat_00012.jpg or train/4711")
     if not names:
         raise UserError(f"{where} lists no images; pass the label-issues CSV, or drop --exclude")
-    return list(dict.fromkeys(name for _, name in names))
+    return list(dict.fromkeys(f"{name}{GIVEN_MARK}{label}" if label else name for _, name, label in names))
 
 
 def excluded_names(cfg) -> list[str] | None:
@@ -60,15 +64,14 @@ def excluded_names(cfg) -> list[str] | None:
     return read_exclusions(cfg.exclude) if cfg.exclude else None
 
 
-def _csv_names(text: str, column: int, where: str) -> list[tuple[int, str]]:
+def _csv_names(text: str, column: int, given: int | None, where: str) -> list[tuple[int, str, str | None]]:
     out = []
     for n, row in enumerate(csv.reader(io.StringIO(text)), 1):
         if n == 1 or not row:
             continue
-        if len(row) <= column:
-            raise UserError(f"{where} row {n} has {len(row)} field(s) and no '{NAME_COLUMN}'; "
-                            "repair or remove the row")
-        out.append((n, row[column].strip()))
+        if len(row) <= max(column, given or 0):
+            raise UserError(f"{where} row {n} has {len(row)} field(s), fewer than its header; repair or remove the row")
+        out.append((n, row[column].strip(), row[given].strip() if given is not None else None))
     return out
 
 
@@ -108,14 +111,22 @@ class Exclusion:
         return {"excluded": len(self.removed), "excluded_sha256": digest}
 
 
-def split_names(names: list[str], known: dict[str, set[str]], source: str) -> Exclusion:
-    """`names` checked against the images the data holds (`known`: split -> names); one unknown name is a
-    one-line error, so that a list of another dataset cannot pass for this one's."""
-    for name in names:
-        split = name.replace("\\", "/").split("/")[0]
-        if name.replace("\\", "/") not in known.get(split, set()):
+def split_names(names: list[str], known: dict[str, dict[str, str]], source: str) -> Exclusion:
+    """`names` checked against the images the data holds (`known`: split -> name -> class); an unknown name, or
+    one the list says had another label, is a one-line error, so that a list of another dataset cannot pass
+    for this one's."""
+    normal = []
+    for entry in names:
+        name, _, given = entry.partition(GIVEN_MARK)
+        name = name.replace("\\", "/")
+        label = known.get(name.split("/")[0], {}).get(name)
+        if label is None:
             raise UserError(f"--exclude names {shown(name)}, which is no image of {shown(source)}; pass the list "
                             "audit --labels wrote for this data")
-    normal = [n.replace("\\", "/") for n in names]
+        if given and given != label:
+            raise UserError(f"--exclude lists {shown(name)} as {shown(given)}, but it is {shown(label)} in "
+                            f"{shown(source)}: the list is of other data (or the labels changed); audit this data "
+                            "again")
+        normal.append(name)
     return Exclusion(tuple(n for n in normal if not n.startswith("test/")),
                      tuple(n for n in normal if n.startswith("test/")))

@@ -12,7 +12,6 @@ from imgcls import rundir
 from imgcls.config import NORMALIZATIONS, TrainConfig, config_change, load_config, validate
 from imgcls.data import Split, load_dataset
 from imgcls.data.datasets import BUILTIN_DATA
-from imgcls.data.exclusions import excluded_names
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import PixelRecipe
 from imgcls.errors import UserError
@@ -115,7 +114,7 @@ class TrainedRun:
         dataset = load_dataset(data or cfg.data, data_dir if data else (data_dir or cfg.data_dir),
                                self.dataset["img_size"], cfg.val_fraction, cfg.split_seed, cfg.data_mode,
                                cfg.workers, crop_pct=self.dataset.get("crop_pct", 1.0),
-                               exclude=excluded_names(cfg), task=cfg.task)
+                               exclude=rundir.run_exclusions(self.path, cfg) if data is None else None, task=cfg.task)
         if dataset.classes != self.classes:
             raise UserError(f"{dataset.name} has classes {dataset.classes}, but the run was trained on "
                             f"{self.classes}; evaluate on data with the same classes")

@@ -73,15 +73,16 @@ def _print_label_issues(section: dict) -> None:
         console.print(table)
 
 
-def check_out(out: Path, suffix: str) -> Path:
-    """`out`, or a one-line error when it has the wrong suffix or cannot be written."""
+def check_out(out: Path, suffix: str, within: tuple = (), flag: str = "--out") -> Path:
+    """`out`, or a one-line error when it has the wrong suffix, cannot be written, or lies inside `within`
+    (the data audited: a file there could become a training image). `flag`: how the message names it."""
     out = Path(out)
     if out.suffix.lower() != suffix:
         raise UserError(f"--out {out} should end in {suffix}; e.g. --out audit{suffix}")
     if out.is_dir() or not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: {'it is a folder' if out.is_dir() else 'its folder does not exist'}; "
-                        "pass a file path in an existing folder")
-    rundir.refuse_run_file(out)
+        why = "it is a folder" if out.is_dir() else "its folder does not exist"
+        raise UserError(f"cannot write {out} ({flag}): {why}; pass a file path in an existing folder")
+    rundir.refuse_run_file(out, flag, within=within)
     return out
 
 

@@ -47,6 +47,7 @@ SAFE_NAME = re.compile(r"[A-Za-z0-9_+=,-][A-Za-z0-9_.+=,-]{0,99}")
 # is guarded by the dataset fingerprint instead of data_dir.
 UNKEYED = {"out", "quiet", "data_dir"}
 WEIGHTS_DIGEST = "class_weights_sha256"  # a keyed option that is no flag: the --class-weights file's content
+EXCLUDE_DIGEST = "exclude_sha256"  # and the --exclude file's
 
 
 @dataclass
@@ -198,7 +199,8 @@ def _build(overrides: dict, where: str) -> TrainConfig:
 
 def _keyed(options: dict) -> dict:
     """The options that key a run: JSON-plain, minus UNKEYED, with the data named as fingerprints name it, and
-    a --class-weights FILE by its content too (the path alone would key an edited file as the same run)."""
+    a --class-weights or --exclude FILE by its content too (the path alone would key an edited file as the same
+    run)."""
     options = json.loads(json.dumps(options, default=str))
     options = {k: v for k, v in options.items() if k not in UNKEYED}
     if isinstance(options.get("data"), str):
@@ -206,6 +208,9 @@ def _keyed(options: dict) -> dict:
     weights = options.get("class_weights")
     if isinstance(weights, str) and weights.endswith(".json") and Path(weights).expanduser().is_file():
         options[WEIGHTS_DIGEST] = file_digest(Path(weights).expanduser())
+    exclude = options.get("exclude")
+    if isinstance(exclude, str) and Path(exclude).expanduser().is_file():
+        options[EXCLUDE_DIGEST] = file_digest(Path(exclude).expanduser())
     return options
 
 
@@ -234,7 +239,7 @@ def _differences(recorded: dict, planned: dict, legacy: bool) -> list[str]:
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     changes = []
     for key in sorted(set(planned) | set(recorded)):
-        if (key not in FIELDS or key in UNKEYED) and key != WEIGHTS_DIGEST:
+        if (key not in FIELDS or key in UNKEYED) and key not in (WEIGHTS_DIGEST, EXCLUDE_DIGEST):
             continue
         new, old = planned.get(key, defaults.get(key)), recorded.get(key, defaults.get(key))
         if legacy and (new in (None, "auto") or key == "aug" and planned.get("cache_features")):
@@ -375,7 +380,7 @@ def _check_current_data(plans: list[Planned], out: Path) -> None:
     # extra read of the data, only when new runs join old ones.
     dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size, cfg.val_fraction, cfg.split_seed,
                            cfg.data_mode, cfg.workers, download=False, exclude=excluded_names(cfg))
-    now = {k: dataset.fingerprint.get(k) for k in ("sizes", "labels_sha256")}
+    now = {k: dataset.fingerprint.get(k) for k in ("sizes", "labels_sha256", "excluded_sha256")}
     for run, found in existing.items():
         if {k: found.get(k) for k in now} != now:
             raise UserError(f"the data in {cfg.data} has changed since {run} was trained (images added, removed or "

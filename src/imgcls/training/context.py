@@ -96,10 +96,11 @@ class TrainingContext:
 
 
 def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
-                  dataset: Dataset | None = None) -> TrainingContext:
+                  dataset: Dataset | None = None, exclude: list[str] | None = None) -> TrainingContext:
     """The context of a new run (`fresh`: pretrained weights and whitening applied) or of a resumed one
     (its weights come from last.pt afterwards). Resolves the run plan: `ctx.cfg` holds every value.
-    `dataset`: train on these splits instead of loading cfg.data's (the folds of audit --labels)."""
+    `dataset`: train on these splits instead of loading cfg.data's (the folds of audit --labels); `exclude`:
+    the names to leave out instead of those cfg.exclude's file lists now (a resumed run's own copy)."""
     device = resolve_device(device_name)
     check_precision(cfg.precision, device)
     check_precision(cfg.eval_precision, device)
@@ -108,7 +109,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
     normalization, crop_pct = pretrained_preprocessing(cfg, spec)
     dataset = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct,
-                           exclude=excluded_names(cfg), task=cfg.task)
+                           exclude=exclude if exclude is not None else excluded_names(cfg), task=cfg.task)
     check_task(cfg, dataset.task)
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgcls.config import build_config
+from imgcls.config import build_config, read_recipe
 from imgcls.data import Preprocessing, Split
 from imgcls.data.datasets import Pool, load_pool, pool_dataset
 from imgcls.errors import UserError
@@ -48,6 +48,22 @@ SCRATCH_OPTIONS = {"model": SCRATCH_MODEL, "whiten": True, "optimizer": "sgd", "
 # The head's inverse regularisation C, chosen per fold by log-loss on the fold's own training images: on
 # Cats vs Dogs with 5% of labels flipped the fixed default C=1 fitted the flips (precision of the flagged
 # images 55%), the chosen C=0.001 did not (89%, recall 98%; bench/label_errors.py, docs/results.md).
+# What a --label-recipe may not set: the audit decides it (see the refusal in _scratch).
+AUDIT_DECIDES = ("data", "data_dir", "out", "val_fraction", "patience", "exclude", "seed", "label_smoothing", "task",
+                 "quiet", "device")
+MAX_SEED = 2**32 - 1  # scikit-learn's StratifiedKFold takes a 32-bit seed
+
+
+def check_label_options(folds: int, epochs: int | None, seed: int) -> None:
+    """The audit's own options, checked before any work, in their own names."""
+    if not 2 <= folds <= 50:
+        raise UserError(f"--folds must be from 2 to 50 (got {folds}); 5 is the usual choice")
+    if epochs is not None and not 1 <= epochs <= 100_000:
+        raise UserError(f"--label-epochs must be from 1 to 100000 (got {epochs}); e.g. --label-epochs {SCRATCH_EPOCHS}")
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed must be from 0 to {MAX_SEED} (got {seed}); e.g. --seed 0")
+
+
 LOGISTIC_CS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -91,14 +107,14 @@ def out_of_fold(data: str, data_dir: str | None = None, folds: int = DEFAULT_FOL
                 recipe_file: str | None = None, epochs: int | None = None, img_size: int | None = None,
                 seed: int = 0, device: str = "auto", progress: bool = True) -> OutOfFold:
     """Out-of-fold probabilities of every image of `data` (all splits), by the recipe choose_recipe picks."""
+    check_label_options(folds, epochs, seed)
     recipe = choose_recipe(data, model, recipe_file, img_size)
     if recipe == "linear":
         if epochs is not None:
             raise UserError("--label-epochs is for models trained from scratch; the linear recipe fits in one pass: "
                             "drop it, or pass --label-model fastnet_cifar_small")
         return _linear(data, data_dir, folds, model or LINEAR_MODEL, img_size, seed, device, progress)
-    return _scratch(data, data_dir, folds, model, recipe_file, epochs or SCRATCH_EPOCHS, img_size, seed, device,
-                    progress)
+    return _scratch(data, data_dir, folds, model, recipe_file, epochs, img_size, seed, device, progress)
 
 
 def _linear(data, data_dir, folds, model_name, img_size, seed, device_name, progress) -> OutOfFold:
@@ -143,13 +159,22 @@ def _scratch(data, data_dir, folds, model_name, recipe_file, epochs, img_size, s
     from imgcls.inference.run import load_run, run_engine
     from imgcls.training.train import fit
 
-    options = {} if recipe_file is not None else dict(SCRATCH_OPTIONS)
+    if recipe_file is not None:
+        decided = sorted(set(read_recipe(recipe_file)) & set(AUDIT_DECIDES))
+        if decided:
+            raise UserError(f"--label-recipe {recipe_file} sets {', '.join(decided)}, which audit --labels decides "
+                            "(every fold but one trains, with no validation split; --seed seeds the folds; label "
+                            "smoothing would cap the probabilities it ranks): remove them from the recipe")
+        options = {}
+    else:  # the built-in recipe is fastnet's; another model trains with its own defaults
+        options = dict(SCRATCH_OPTIONS) if model_name in (None, SCRATCH_MODEL) else {}
     if model_name is not None:
         options["model"] = model_name
-    cfg = build_config(recipe_file, **options, data=data, data_dir=data_dir, img_size=img_size, epochs=epochs,
-                       val_fraction=0.0, seed=seed, device=device, quiet=True)
-    if cfg.val_fraction != 0 or cfg.patience is not None:
-        cfg = cfg.replace(val_fraction=0.0, patience=None)  # every other fold trains; nothing to stop on
+    if epochs is not None or recipe_file is None:
+        options["epochs"] = SCRATCH_EPOCHS if epochs is None else epochs
+    cfg = build_config(recipe_file, **options, data=data, data_dir=data_dir, img_size=img_size, val_fraction=0.0,
+                       seed=seed, device=device, quiet=True)
+    epochs = cfg.epochs
     size = cfg.img_size or model_spec(cfg.model).img_size
     pool = load_pool(data, data_dir, size)
     labels = pool.labels.numpy()

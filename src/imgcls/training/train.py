@@ -83,7 +83,8 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         check_installed()
     distributed.barrier(world)  # every rank has checked before rank 0 can create the folder
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
-    ctx = build_context(cfg, world, device_name, fresh=not has_last, dataset=dataset)  # resolves the plan
+    kept = rundir.run_exclusions(resume, cfg) if resume is not None else None  # the list as the run began
+    ctx = build_context(cfg, world, device_name, fresh=not has_last, dataset=dataset, exclude=kept)  # the plan
     if world.main and resume is None and dataset is None:
         for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -164,6 +165,8 @@ def _create_or_reopen(ctx: TrainingContext, resume, allow_data_change: bool) -> 
             rundir.atomic_write_bytes(folder.path / rundir.CONFIG,
                                       yaml.safe_dump(written.to_dict(), sort_keys=False).encode())
             rundir.write_json(folder.path / rundir.PLAN, ctx.plan)
+            if dataset.excluded is not None:
+                rundir.write_sealed_json(folder.path / rundir.EXCLUDED, {"names": list(dataset.excluded)})
         if resume is None or not (folder.path / rundir.DATASET).exists():
             rundir.write_json(folder.path / rundir.DATASET, {
                 "name": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
