@@ -204,6 +204,16 @@ def test_predict_applies_the_runs_thresholds(multilabel_run, mosaics, capsys, tm
     assert "decides each label at its own threshold" in capsys.readouterr().err
 
 
+def test_eval_scores_a_multilabel_run_as_its_summary_did(multilabel_run, tmp_path, capsys):
+    out = tmp_path / "ev.json"
+    assert main(["eval", str(multilabel_run), "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    summary = json.loads((multilabel_run / "summary.json").read_text())
+    assert ev["task"] == "multilabel" and ev["map"] == pytest.approx(summary["test_map"], abs=1e-6)
+    assert [r["threshold"] for r in ev["per_class"]] == pytest.approx(summary["thresholds"])
+    assert "mAP" in capsys.readouterr().out
+
+
 def test_a_row_decides_each_class_at_its_threshold():
     probs = torch.tensor([0.9, 0.2, 0.55], dtype=torch.float64)
     found = row(Path("x.png"), ["a", "b", "c"], probs, None, 3, None, thresholds=torch.tensor([0.5, 0.1, 0.6]))
@@ -224,7 +234,7 @@ def test_options_of_one_task_are_refused_for_the_other(mosaics, multilabel_run, 
     with pytest.raises(UserError, match="--pos-weight weighs"):
         fit(build_config(data="cifar10-mini", model="fastnet_cifar_small", epochs=1, quiet=True,
                          out=str(tmp_path / "r"), pos_weight="auto"))
-    for argv in (["export", str(multilabel_run), "--out", str(tmp_path / "e")], ["eval", str(multilabel_run)],
-                 ["calibrate", str(multilabel_run)]):
+    for argv in (["export", str(multilabel_run), "--out", str(tmp_path / "e")], ["calibrate", str(multilabel_run)],
+                 ["report", str(multilabel_run)]):
         assert main(argv) == 2
         assert "does not take multi-label runs yet" in capsys.readouterr().err

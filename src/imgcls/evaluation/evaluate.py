@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch.nn.functional as F
+
 from imgcls import rundir
 from imgcls.data.presets import parse_tta
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import calibration_metrics, check_calibration_data, check_scaling, fit_scaling
 from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.multilabel import multilabel_metrics
 from imgcls.evaluation.rejection import number_in, risk_coverage
 from imgcls.inference.run import load_run, run_engine
 from imgcls.runtime import resolve_device
@@ -97,13 +100,19 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     computed from (checkpoint digest, data, split, TTA, scaling, precision)."""
     tta_mode = parse_tta_flag(tta)
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
-    trained.require_multiclass("imgcls eval")
+    if trained.multilabel and tta_mode != "none":
+        raise UserError("--tta is not for multi-label runs yet; evaluate without it")
     engine = run_engine(trained)
     images = trained.split(split, data, data_dir)
     where = f"the {split} split"
     scores, labels = engine.score_split(images, where=where)
-    result = classification_metrics(scores.probs, labels, trained.classes)
-    result["calibration"] = calibration_metrics(scores.probs, labels)
+    if trained.multilabel:  # at the run's per-class thresholds, as predict decides
+        result = multilabel_metrics(scores.probs, labels.float(), trained.classes, engine.thresholds)
+        loss = F.binary_cross_entropy_with_logits(scores.logits.double(), labels.double()).item()
+        result.update(task="multilabel", classes=trained.classes, loss=loss)
+    else:
+        result = classification_metrics(scores.probs, labels, trained.classes)
+        result["calibration"] = calibration_metrics(scores.probs, labels)
     if tta_mode != "none":
         tta_scores, _ = engine.score_split(images, tta_mode, where=where)
         mode = f"{tta_mode} random views of '{trained.config.aug}'" if isinstance(tta_mode, int) else tta_mode

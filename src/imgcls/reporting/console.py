@@ -72,7 +72,23 @@ def _balanced_rows(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _print_multilabel_eval(result: dict, split: str, run: str) -> None:
+    console.print(f"{run} on {split} ({result['n']} images): mAP {_pct(result['map'])}, macro-F1 "
+                  f"{_pct(result['macro_f1'])}, micro-F1 {_pct(result['micro_f1'])}, subset accuracy "
+                  f"{_pct(result['subset_accuracy'])}, Hamming loss {result['hamming_loss']:.4f}, loss "
+                  f"{result['loss']:.4f} (each label at its threshold tuned on val)", soft_wrap=True)
+    table = Table("class", "AP", "threshold", "precision", "recall", "F1", "support")
+    for row in result["per_class"]:
+        ap = "-" if row["ap"] is None else f"{row['ap']:.3f}"
+        table.add_row(row["class"], ap, f"{row['threshold']:.3f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}",
+                      f"{row['f1']:.3f}", str(row["support"]))
+    console.print(table)
+
+
 def print_eval(result: dict, split: str, run: str) -> None:
+    if result.get("task") == "multilabel":
+        _print_multilabel_eval(result, split, run)
+        return
     head = f"{run} on {split} ({result['n']} images): accuracy {_pct(result['accuracy'])}"
     if "balanced_accuracy" in result:
         head += f", balanced accuracy {_pct(result['balanced_accuracy'])}"
