@@ -234,7 +234,41 @@ def test_options_of_one_task_are_refused_for_the_other(mosaics, multilabel_run, 
     with pytest.raises(UserError, match="--pos-weight weighs"):
         fit(build_config(data="cifar10-mini", model="fastnet_cifar_small", epochs=1, quiet=True,
                          out=str(tmp_path / "r"), pos_weight="auto"))
-    for argv in (["export", str(multilabel_run), "--out", str(tmp_path / "e")], ["calibrate", str(multilabel_run)],
-                 ["report", str(multilabel_run)]):
+    for argv in (["calibrate", str(multilabel_run)], ["report", str(multilabel_run)]):
         assert main(argv) == 2
         assert "does not take multi-label runs yet" in capsys.readouterr().err
+
+
+def test_a_multilabel_export_carries_sigmoid_outputs_and_thresholds_with_parity(multilabel_run, mosaics, tmp_path):
+    import onnx
+    import onnxruntime
+
+    from imgcls.inference.exported import open_engine
+    from imgcls.inference.metadata import parse_spec
+
+    out = tmp_path / "export"
+    assert main(["export", str(multilabel_run), "--out", str(out)]) == 0
+    parity = json.loads((out / "parity.json").read_text())["results"]
+    assert all(r["passed"] and r["top1_agreement"] == 1.0 for r in parity.values())
+    thresholds = json.loads((multilabel_run / "summary.json").read_text())["thresholds"]
+    document = json.loads((out / "model.json").read_text())
+    assert document["task"] == "multilabel" and document["thresholds"] == pytest.approx(thresholds)
+    props = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert json.loads(props["imgcls.thresholds"]) == pytest.approx(thresholds)
+    test = [r for r in csv.DictReader(mosaics.open()) if r["split"] == "test"][:16]
+    from imgcls.inference.files import load_images
+
+    engine = open_engine(str(out / "model.onnx"))
+    images = load_images([mosaics.parent / r["path"] for r in test], engine.preprocessing)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"))
+    logits, probs = session.run(["logits", "probabilities"], {"images": images.numpy()})
+    assert np.allclose(probs, 1 / (1 + np.exp(-logits)), atol=1e-6)  # per class, not a softmax
+    assert not np.allclose(probs.sum(axis=1), 1.0)
+    for source in (out / "model.onnx", out):  # both exported forms decide as the run does in fp32
+        exported = open_engine(str(source))
+        assert torch.equal(exported.thresholds, torch.tensor(thresholds, dtype=torch.float64))
+    for bad, message in (({"thresholds": thresholds[:3]}, "is not a list of 10"),
+                         ({"thresholds": [2.0] * 10}, "outside"), ({"task": "multiclass"}, "multiclass export"),
+                         ({"task": "several"}, "task")):
+        with pytest.raises(UserError, match=message):
+            parse_spec({**document, **bad}, "model.json")

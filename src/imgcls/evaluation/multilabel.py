@@ -77,8 +77,9 @@ def multilabel_metrics(probs: torch.Tensor, targets: torch.Tensor, classes: list
 
 
 def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per class, the threshold (one of its scores, or 0.5 for a class with no positive) that maximises its
-    F1 on these images; a tie takes the highest such threshold (fewer false positives)."""
+    """Per class, a threshold that maximises its F1 on these images (0.5 for a class with no positive); a tie
+    takes the highest (fewer false positives). It lies midway between the lowest score it accepts and the next
+    lower one, never on a score: a copy of the model that rounds differently (an export) then decides alike."""
     out = torch.full((probs.shape[1],), DEFAULT_THRESHOLD, dtype=torch.float64)
     for k in range(probs.shape[1]):
         truth = targets[:, k] > 0.5
@@ -92,5 +93,5 @@ def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
         last_of_tie[:-1] = s[1:] != s[:-1]
         f1 = torch.where(last_of_tie, 2 * tp / (2 * tp + fp + (y.sum() - tp)), torch.full_like(tp, -1.0))
         best = int(torch.nonzero(f1 == f1.max()).flatten()[0])  # the first max: the highest threshold
-        out[k] = s[best]
+        out[k] = (s[best] + s[best + 1]) / 2 if best + 1 < len(s) else s[best] / 2
     return out

@@ -79,9 +79,10 @@ def export_spec(trained: TrainedRun) -> ExportSpec:
     --reject auto threshold at the default target (when reachable on val) and curve, and provenance."""
     curve = trained.risk_coverage
     rule = default_rule(curve)  # None when the default target is out of reach on val: no threshold exported
+    thresholds = trained.thresholds()
     return ExportSpec(trained.config.model, trained.config.head, trained.classes, trained.preprocessing,
                       trained.recipe, trained.scaling, trained.dataset["fingerprint"], trained.digest, rule, curve,
-                      versions())
+                      versions(), None if thresholds is None else thresholds.tolist())
 
 
 def _check_out(out: Path) -> None:
@@ -104,7 +105,9 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
     if fmt in ("onnx", "all"):
         check_opset(opset)
     trained = load_run(run, checkpoint, torch.device("cpu"))
-    trained.require_multiclass("imgcls export")
+    if quantize is not None and trained.multilabel:
+        raise UserError("--quantize int8 proves itself by top-1 accuracy, which a multi-label run has not; export it "
+                        "without --quantize")
     trained.model.float()
     out = Path(out) if out else trained.path / "export"
     _check_out(out)
@@ -155,7 +158,7 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
 def _write_formats(trained, spec, reference, batches, fmt, stage, opset, timing) -> dict:
     results = {}
     if fmt in ("onnx", "all"):
-        graph = InferenceModel(trained.model, spec.preprocessing, spec.scaling)
+        graph = InferenceModel(trained.model, spec.preprocessing, spec.scaling, multilabel=spec.multilabel)
         exported = onnx_engine(export_onnx(graph, spec, stage, opset))
         session = exported.backend.session
         graph_probs = torch.cat([torch.from_numpy(session.run(["probabilities"], {"images": b.contiguous().numpy()})[0])

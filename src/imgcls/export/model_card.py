@@ -24,9 +24,23 @@ NOTHING_HELD_OUT = ("no held-out metrics: the data has no test split and the run
                     "(trained with --val-fraction 0)")
 
 
+def _multilabel_metrics_section(ev: dict) -> list[str]:
+    lines = [f"## Test metrics ({ev['split']} split, {ev['n']} images; multi-label)", "",
+             f"- mAP: {pct(ev['map'])}", f"- macro F1: {ev['macro_f1']:.4f}, micro F1: {ev['micro_f1']:.4f}",
+             f"- subset accuracy (every label right): {pct(ev['subset_accuracy'])}",
+             f"- Hamming loss: {ev['hamming_loss']:.4f}; binary cross-entropy: {ev['loss']:.4f}", "",
+             "Each label is decided at its own threshold, tuned on val (the best F1 there); the thresholds are in "
+             "model.json and the ONNX metadata (`imgcls.thresholds`).", ""]
+    rows = [[r["class"], "-" if r["ap"] is None else f"{r['ap']:.4f}", f"{r['threshold']:.4f}",
+             f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]] for r in ev["per_class"]]
+    return lines + _table(["class", "AP", "threshold", "precision", "recall", "F1", "images with it"], rows)
+
+
 def _metrics_section(ev: dict | None) -> list[str]:
     if ev is None:
         return ["## Test metrics", "", NOTHING_HELD_OUT]
+    if ev.get("task") == "multilabel":
+        return _multilabel_metrics_section(ev)
     lines = [f"## Test metrics ({ev['split']} split, {ev['n']} images)", "",
              f"- accuracy: {pct(ev['accuracy'])}", f"- macro F1: {ev['macro_f1']:.4f}", f"- NLL: {ev['loss']:.4f}"]
     if "top5_accuracy" in ev:
@@ -77,7 +91,7 @@ def _parity_section(parity: dict, split: str = "val") -> list[str]:
         rows.append([r["format"], r["images"], pct(r["top1_agreement"]), f"{r['max_abs_prob_diff']:.2e}",
                      f"{lat['pytorch']['batch1']:.2f}", f"{lat[r['format']]['batch1']:.2f}",
                      f"{lat['pytorch']['batch64']:.2f}", f"{lat[r['format']]['batch64']:.2f}"])
-    header = ["format", f"{split} images", "top-1 agreement", "max abs prob diff", "pytorch ms/img b1",
+    header = ["format", f"{split} images", "agreement", "max abs prob diff", "pytorch ms/img b1",
               "export ms/img b1", "pytorch ms/img b64", "export ms/img b64"]
     few = [r["images"] for r in parity.values() if r.get("images", FEW_IMAGES) < FEW_IMAGES]
     caveat = ([f"Only {few[0]} {split} images: one disagreement moves the agreement by {1 / few[0]:.1%}, so the "

@@ -43,6 +43,10 @@ def parity(reference: Engine, exported: Engine, batches: list[torch.Tensor], nam
     ref = probabilities(reference, batches, f"parity {name}: scoring with the run")
     got = probabilities(exported, batches, f"parity {name}: scoring with the export")
     agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+    if reference.multilabel:  # what a multi-label model decides: every label at its threshold, all alike
+        t = reference.thresholds.numpy()  # (a probability within the tolerance of its threshold may go either way)
+        alike = ((ref >= t) == (got >= t)) | (np.abs(ref - t) <= MAX_PROB_DIFF)
+        agreement = min(agreement, float(alike.all(axis=1).mean()))
     max_diff = float(np.abs(ref - got).max())
     if graph_probs is not None:
         max_diff = max(max_diff, float(np.abs(ref - graph_probs).max()))

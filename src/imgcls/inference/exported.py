@@ -146,14 +146,16 @@ def _load_export(path: str | Path) -> tuple[torch.nn.Module, ExportSpec]:
 
 
 def _engine_from_spec(spec: ExportSpec, backend, source: str, module=None, batch_size: int | None = None) -> Engine:
+    thresholds = torch.tensor(spec.thresholds, dtype=torch.float64) if spec.multilabel else None
     return Engine(backend, spec.classes, spec.preprocessing, batch_size or EXPORT_BATCH, spec.recipe, spec.scaling,
-                  spec.risk_coverage, "fp32", None, source, spec.identity, module)
+                  spec.risk_coverage, "fp32", None, source, spec.identity, module, thresholds=thresholds)
 
 
 def safetensors_engine(path: str | Path, batch_size: int | None = None) -> Engine:
     """An exported safetensors folder as an engine (fp32, CPU)."""
     model, spec = _load_export(path)
-    return _engine_from_spec(spec, TorchBackend(InferenceModel(model, spec.preprocessing), torch.device("cpu"),
+    return _engine_from_spec(spec, TorchBackend(InferenceModel(model, spec.preprocessing,
+                                                               multilabel=spec.multilabel), torch.device("cpu"),
                                                 "fp32"), str(path), model, batch_size)
 
 
@@ -185,7 +187,8 @@ def _check_calibration(session, spec: ExportSpec, where: str, tolerance: float) 
     scaled = torch.from_numpy(logits).double()
     if spec.scaling is not None:
         scaled = spec.scaling.apply(scaled)
-    gap = (scaled.softmax(dim=1) - torch.from_numpy(graph_probs).double()).abs().max().item()
+    expected = scaled.sigmoid() if spec.multilabel else scaled.softmax(dim=1)
+    gap = (expected - torch.from_numpy(graph_probs).double()).abs().max().item()
     if not gap <= tolerance:
         raise UserError(f"{where}: the calibration in its metadata ({'none' if spec.scaling is None else 'scaling'}) "
                         f"is not the one in the graph (probabilities differ by {gap:.3g}); export the run again")

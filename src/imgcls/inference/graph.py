@@ -1,6 +1,7 @@
 """The model as one graph over what a user has: uint8 RGB images, N x H x W x 3, in; logits and
-calibrated probabilities out. `imgcls export` writes this module to ONNX, and the engine's PyTorch
-backend runs its `logits`, so a run and its exported file compute the same thing."""
+calibrated probabilities out (softmax; each class's sigmoid for a multi-label model). `imgcls export`
+writes this module to ONNX, and the engine's PyTorch backend runs its `logits`, so a run and its
+exported file compute the same thing."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from imgcls.inference.scaling import Scaling
 
 class InferenceModel(nn.Module):
     def __init__(self, model: nn.Module, preprocessing: Preprocessing, scaling: Scaling | None = None,
-                 memory_format: torch.memory_format = torch.channels_last):
+                 memory_format: torch.memory_format = torch.channels_last, multilabel: bool = False):
         super().__init__()
-        self.model, self.memory_format = model, memory_format
+        self.model, self.memory_format, self.multilabel = model, memory_format, multilabel
         self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32))
         self.register_buffer("std", torch.tensor(preprocessing.std, dtype=torch.float32))
         scale, bias = (scaling.scale, scaling.bias) if scaling is not None else ([1.0], [0.0])
@@ -30,4 +31,5 @@ class InferenceModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.logits(images)
-        return logits, (logits * self.scale + self.bias).softmax(dim=1)
+        scaled = logits * self.scale + self.bias
+        return logits, scaled.sigmoid() if self.multilabel else scaled.softmax(dim=1)  # multi-label: per class

@@ -47,6 +47,11 @@ class ExportSpec:
     reject_rule: dict | None = None  # --reject auto's threshold at the default target, when it was reachable
     risk_coverage: dict | None = None
     versions: dict | None = None  # of imgcls, torch and timm that wrote it
+    thresholds: list[float] | None = None  # a multi-label model's per-class thresholds (tuned on val); else None
+
+    @property
+    def multilabel(self) -> bool:
+        return self.thresholds is not None
 
     @property
     def identity(self) -> dict:
@@ -57,7 +62,8 @@ class ExportSpec:
                 "preprocessing": self.preprocessing.as_dict(), "recipe": self.recipe.as_dict(),
                 "scaling": self.scaling.as_dict() if self.scaling is not None else None,
                 "fingerprint": self.fingerprint, "weights": self.weights, "reject_rule": self.reject_rule,
-                "risk_coverage": self.risk_coverage, "versions": self.versions}
+                "risk_coverage": self.risk_coverage, "versions": self.versions,
+                "task": "multilabel" if self.multilabel else "multiclass", "thresholds": self.thresholds}
 
     def onnx_properties(self) -> dict[str, str]:
         """metadata_props (strings only): the document, and flat keys for readers without imgcls."""
@@ -66,7 +72,8 @@ class ExportSpec:
                 "imgcls.img_size": str(prep.img_size), "imgcls.crop_pct": str(prep.crop_pct),
                 "imgcls.resize": RESIZE_RULE, "imgcls.input": INPUT_LAYOUT,
                 "imgcls.mean": json.dumps(list(prep.mean)), "imgcls.std": json.dumps(list(prep.std)),
-                "imgcls.model": self.model}
+                "imgcls.model": self.model, "imgcls.task": "multilabel" if self.multilabel else "multiclass",
+                **({"imgcls.thresholds": json.dumps(self.thresholds)} if self.multilabel else {})}
 
 
 EXPORT_FIX = "the export is damaged or edited: export the run again"
@@ -160,6 +167,18 @@ def _classes(r: _Reader, v) -> list[str]:
     return list(v)
 
 
+def _thresholds(r: _Reader, task, thresholds, k: int) -> list[float] | None:
+    """A multi-label export's one threshold per class in [0, 1]; a multiclass export has none."""
+    task = r.text("task", task, ("multiclass", "multilabel"))
+    if task == "multiclass":
+        if thresholds is not None:
+            r.fail("thresholds", "are given for a multiclass export, which decides by the largest probability")
+        return None
+    if not isinstance(thresholds, list) or len(thresholds) != k:
+        r.fail("thresholds", f"is not a list of {k} numbers, one per class")
+    return [r.number(f"thresholds[{i}]", t, 0.0, 1.0) for i, t in enumerate(thresholds)]
+
+
 def parse_spec(d, where: str) -> ExportSpec:
     """The checked ExportSpec of a model.json document or of an ONNX file's `imgcls.export` property."""
     r = _Reader(where)
@@ -180,10 +199,11 @@ def parse_spec(d, where: str) -> ExportSpec:
     if not isinstance(weights, str) or (weights and not re.fullmatch(r"[0-9a-f]{16,64}", weights)):
         r.fail("weights", f"is {weights!r:.40}, not a sha256 digest")
     prep = _preprocessing(r, d.get("preprocessing"))
+    thresholds = _thresholds(r, d.get("task", "multiclass"), d.get("thresholds"), len(classes))
     return ExportSpec(r.text("model", d.get("model")), r.text("head", d.get("head", "linear"), ("linear", "mlp")),
                       classes, prep, _recipe(r, d.get("recipe"), d.get("aug"), prep.img_size),
                       scaling, fingerprint, weights, rule, _curve(r, d.get("risk_coverage")),
-                      d.get("versions") if isinstance(d.get("versions"), dict) else None)
+                      d.get("versions") if isinstance(d.get("versions"), dict) else None, thresholds)
 
 
 def read_onnx_spec(properties: dict[str, str], where: str) -> ExportSpec:
