@@ -28,7 +28,7 @@ import numpy as np
 
 # A recipe per dataset whose accuracy wrong labels can move: fine-tuning all layers, or training from scratch.
 TRAIN = {"cats-vs-dogs": ["--model", "efficientnet_lite0", "--pretrained", "--img-size", "128", "--epochs", "5"],
-         "cifar10-mini": ["--recipe", "recipes/cifar10_fast.yaml", "--epochs", "15", "--val-fraction", "0.1"]}
+         "cifar10-mini": ["--recipe", "recipes/quickstart.yaml", "--epochs", "15"]}
 
 
 def imgcls(*args: str) -> None:

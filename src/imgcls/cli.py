@@ -584,7 +584,7 @@ def _audit_parser(sub, common) -> None:
     labels.add_argument("--label-recipe", metavar="YAML", help="train options for each fold's model, as train "
                         "--recipe takes them (trained from scratch)")
     labels.add_argument("--label-epochs", type=integer, metavar="N", help="epochs of each fold's model trained from "
-                        "scratch (8)")
+                        "scratch (10)")
     labels.add_argument("--seed", type=integer, help="seed of the folds and of the fold models (0)")
 
 
