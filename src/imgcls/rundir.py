@@ -242,6 +242,17 @@ def npz_problem(path: Path) -> str | None:
     return None
 
 
+def read_text(path: Path, where: str, limit: int, hint: str) -> str:
+    """A UTF-8 text file a user gave (a byte-order mark dropped), refused in one line naming it as `where` when
+    it is over `limit` bytes or not UTF-8 (`hint`: what it should be)."""
+    if path.stat().st_size > limit:
+        raise UserError(f"{where} is over {limit >> 20} MiB; {hint}")
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text; {hint}") from None
+
+
 def read_json(path: Path):
     path = Path(path)
     try:

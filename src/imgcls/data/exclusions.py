@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imgcls.errors import UserError, shown
+from imgcls.rundir import read_text
 
 MAX_EXCLUDE_BYTES = 64 * 2**20  # a list of names; far beyond any real dataset's
 NAME_COLUMN = "path"  # the column of the audit's label-issues CSV that names each image
@@ -34,12 +35,7 @@ def read_exclusions(path: str | Path) -> list[str]:
     if not path.is_file():
         raise UserError(f"{where} is not a file; pass the label-issues CSV imgcls audit --labels "
                         "wrote, or a list of image paths, one per line")
-    if path.stat().st_size > MAX_EXCLUDE_BYTES:
-        raise UserError(f"{where} is over {MAX_EXCLUDE_BYTES >> 20} MiB; it should list image paths")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{where} is not UTF-8 text; pass a CSV or a list of image paths") from None
+    text = read_text(path, where, MAX_EXCLUDE_BYTES, "pass a CSV or a list of image paths")
     lines = text.splitlines()
     first = lines[0] if lines else ""
     header = next(csv.reader([first]), [])

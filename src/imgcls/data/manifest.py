@@ -23,6 +23,7 @@ import numpy as np
 
 from imgcls.data.folder import IMG_EXTS, SPLIT_NAMES, class_name_problem
 from imgcls.errors import UserError, shown
+from imgcls.rundir import read_text
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 PATH_COLUMNS = ("path", "image", "file", "filename")
@@ -52,12 +53,7 @@ def is_manifest(data: str) -> bool:
 def read_manifest(path: str | Path) -> Manifest:
     path = Path(path)
     where = shown(str(path))
-    if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise UserError(f"manifest {where} is over {MAX_MANIFEST_BYTES >> 20} MiB; split it")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"manifest {where} is not UTF-8 text; save it as UTF-8") from None
+    text = read_text(path, f"manifest {where}", MAX_MANIFEST_BYTES, "save it as UTF-8 text, split if large")
     rows = _jsonl_rows(text, where) if path.suffix.lower() == ".jsonl" else _csv_rows(text, where)
     if not rows:
         raise UserError(f"manifest {where} lists no images; add a row per image")

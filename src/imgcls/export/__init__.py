@@ -85,7 +85,12 @@ def export_spec(trained: TrainedRun) -> ExportSpec:
                       versions(), None if thresholds is None else thresholds.tolist())
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, trained: TrainedRun, quantize: str | None) -> None:
+    if quantize is not None and trained.multilabel:
+        raise UserError("--quantize int8 proves itself by top-1 accuracy, which a multi-label run has not; export it "
+                        "without --quantize")
+    # parity reads the run's images: an export among them would become a class folder
+    rundir.refuse_run_file(out, within=rundir.folders(trained.config.data, trained.config.data_dir))
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder for the export")
     if out.exists() and any(out.iterdir()):
@@ -105,14 +110,9 @@ def export_run(run: str | Path, fmt: str = "all", out: str | Path | None = None,
     if fmt in ("onnx", "all"):
         check_opset(opset)
     trained = load_run(run, checkpoint, torch.device("cpu"))
-    if quantize is not None and trained.multilabel:
-        raise UserError("--quantize int8 proves itself by top-1 accuracy, which a multi-label run has not; export it "
-                        "without --quantize")
     trained.model.float()
     out = Path(out) if out else trained.path / "export"
-    _check_out(out)
-    # parity reads the run's images: an export among them would become a class folder
-    rundir.refuse_run_file(out, within=rundir.folders(trained.config.data, trained.config.data_dir))
+    _check_out(out, trained, quantize)
     out.parent.mkdir(parents=True, exist_ok=True)
     spec = export_spec(trained)
     reference = run_engine(trained, precision="fp32")
