@@ -262,7 +262,8 @@ def test_an_onnx_document_whose_calibration_is_not_the_graphs_is_refused(export,
 FLAT_EDITS = {"imgcls.classes": lambda v: json.dumps(json.loads(v)[:-1]), "imgcls.img_size": lambda v: str(int(v) * 2),
               "imgcls.crop_pct": lambda v: "0.5" if v != "0.5" else "0.75", "imgcls.resize": lambda v: "nearest",
               "imgcls.input": lambda v: "NCHW float32", "imgcls.model": lambda v: v + "_x",
-              "imgcls.mean": lambda v: "[0.1, 0.1, 0.1]", "imgcls.std": lambda v: "[0.9, 0.9, 0.9]"}
+              "imgcls.mean": lambda v: "[0.1, 0.1, 0.1]", "imgcls.std": lambda v: "[0.9, 0.9, 0.9]",
+              "imgcls.task": lambda v: "multilabel" if v == "multiclass" else "multiclass"}
 
 
 def test_every_flat_onnx_key_must_agree_with_the_document(export, tmp_path):
