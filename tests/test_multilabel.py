@@ -234,9 +234,12 @@ def test_options_of_one_task_are_refused_for_the_other(mosaics, multilabel_run, 
     with pytest.raises(UserError, match="--pos-weight weighs"):
         fit(build_config(data="cifar10-mini", model="fastnet_cifar_small", epochs=1, quiet=True,
                          out=str(tmp_path / "r"), pos_weight="auto"))
-    for argv in (["calibrate", str(multilabel_run)], ["report", str(multilabel_run)]):
+    for argv in (["report", str(multilabel_run)],):
         assert main(argv) == 2
         assert "does not take multi-label runs yet" in capsys.readouterr().err
+    assert main(["calibrate", str(multilabel_run), "--method", "vector"]) == 2
+    assert "use --method temperature (one per label) or platt" in capsys.readouterr().err
+    assert not (multilabel_run / "calibration.json").exists()
 
 
 def test_a_multilabel_export_carries_sigmoid_outputs_and_thresholds_with_parity(multilabel_run, mosaics, tmp_path):
@@ -272,3 +275,102 @@ def test_a_multilabel_export_carries_sigmoid_outputs_and_thresholds_with_parity(
                          ({"task": "several"}, "task")):
         with pytest.raises(UserError, match=message):
             parse_spec({**document, **bad}, "model.json")
+
+
+# ---------------------------------------------------------------- calibration, per label
+
+def test_a_per_label_fit_finds_each_labels_temperature():
+    from imgcls.evaluation.calibration import fit_multilabel_scaling, multilabel_calibration_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    true_temperature = torch.tensor([0.5, 1.0, 2.0, 4.0], dtype=torch.float64)
+    logits = torch.randn(20_000, 4, generator=gen, dtype=torch.float64) * 3
+    targets = (torch.rand(20_000, 4, generator=gen, dtype=torch.float64) < (logits / true_temperature).sigmoid())
+    scaling = fit_multilabel_scaling(logits, targets.double(), "temperature")
+    assert [1 / s for s in scaling.scale] == pytest.approx(true_temperature.tolist(), rel=0.08)
+    assert scaling.bias == [0.0] * 4 and scaling.temperature is None
+    shifted = fit_multilabel_scaling(logits + 1.5, targets.double(), "platt")  # Platt also removes an offset
+    assert [b / s for s, b in zip(shifted.scale, shifted.bias, strict=True)] == pytest.approx([-1.5] * 4, abs=0.2)
+    before = multilabel_calibration_metrics(logits.sigmoid(), targets)
+    after = multilabel_calibration_metrics(scaling.apply(logits).sigmoid(), targets)
+    assert after["nll"] < before["nll"] and after["ece"] < before["ece"] / 2 and len(after["per_class_ece"]) == 4
+    # the per-label ECE is scikit-learn-free but checkable by hand: a label scored 0.9 that holds 60% of the time
+    probs, truth = torch.full((10, 1), 0.9, dtype=torch.float64), torch.tensor([[1.0]] * 6 + [[0.0]] * 4)
+    assert multilabel_calibration_metrics(probs, truth)["ece"] == pytest.approx(0.3)
+
+
+def test_a_per_label_fit_refuses_labels_it_cannot_fit():
+    from imgcls.evaluation.calibration import check_multilabel_calibration_data
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(100, 2, generator=gen)
+    targets = torch.zeros(100, 2)
+    targets[:30, 0], targets[:5, 1] = 1, 1
+    with pytest.raises(UserError, match="5 images with 'b' and 95 without"):
+        check_multilabel_calibration_data(logits, targets, ["a", "b"], "temperature")
+    targets[:30, 1] = 1
+    logits[:, 1] = targets[:, 1] * 10 - 5  # b's positives all score above its negatives
+    with pytest.raises(UserError, match="separates every validation image with 'b'"):
+        check_multilabel_calibration_data(logits, targets, ["a", "b"], "temperature")
+    with pytest.raises(UserError, match="30 images with 'a' and 10 without"):  # Platt needs 20 of each
+        check_multilabel_calibration_data(logits[:40], targets[:40], ["a", "b"], "platt")
+
+
+def test_calibrating_a_multilabel_run_moves_probabilities_not_labels(multilabel_run, mosaics, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(multilabel_run, run)
+    test = [r for r in csv.DictReader(mosaics.open()) if r["split"] == "test"][:40]
+    paths = [str(mosaics.parent / r["path"]) for r in test]
+
+    def predicted(name):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["predict", str(run), *paths, "--out", str(out), "--topk", "10", "--quiet"]) == 0
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+    before = predicted("before")
+    assert main(["calibrate", str(run)]) == 0
+    assert "a temperature per label" in capsys.readouterr().out
+    report = json.loads((run / "calibration.json").read_text())
+    assert report["task"] == "multilabel" and len(report["scaling"]["scale"]) == 10
+    assert report["scaling"]["temperature"] is None and "risk_coverage" not in report
+    val = report["splits"]["val"]
+    assert val["after"]["nll"] <= val["before"]["nll"] + 1e-9  # fitted there: it cannot be worse
+    assert len(val["after"]["per_class_ece"]) == 10 and "test" in report["splits"]
+    after = predicted("after")  # the same labels, listed by their calibrated probabilities
+    assert [sorted(r["labels"]) for r in after] == [sorted(r["labels"]) for r in before]
+    assert any(a["top"] != b["top"] for a, b in zip(after, before, strict=True))
+    ev = tmp_path / "ev.json"
+    assert main(["eval", str(run), "--out", str(ev)]) == 0
+    scored = json.loads(ev.read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert scored["map"] == pytest.approx(summary["test_map"], abs=1e-6)  # the ranking is each label's own
+    assert scored["macro_f1"] == pytest.approx(summary["test_macro_f1"], abs=1e-6)  # the decisions did not move
+    assert scored["scaling"]["method"] == "temperature"
+    export = tmp_path / "export"
+    assert main(["export", str(run), "--out", str(export)]) == 0
+    from imgcls.inference.exported import open_engine
+
+    exported = open_engine(str(export / "model.onnx"))
+    assert exported.scaling.scale == pytest.approx(report["scaling"]["scale"])
+    out = tmp_path / "onnx.jsonl"
+    assert main(["predict", str(export / "model.onnx"), *paths, "--out", str(out), "--topk", "10", "--quiet"]) == 0
+    assert [json.loads(line)["labels"] for line in out.read_text().splitlines()] == [r["labels"] for r in after]
+    # a calibration.json that is not a multi-label run's is refused in one line
+    edited = {**report, "scaling": {"method": "temperature", "temperature": 1.5, "scale": [1 / 1.5],
+                                    "bias": [0.0] * 10}}
+    from imgcls import rundir
+
+    rundir.write_sealed_json(run / "calibration.json", edited)
+    assert main(["eval", str(run), "--out", str(ev)]) == 2
+    assert "another method or number of classes" in capsys.readouterr().err
+
+
+def test_eval_tta_on_a_multilabel_run_compares_map_and_calibration(multilabel_run, tmp_path, capsys):
+    out = tmp_path / "ev.json"
+    assert main(["eval", str(multilabel_run), "--tta", "flip", "--out", str(out)]) == 0
+    tta = json.loads(out.read_text())["tta"]
+    assert tta["mode"] == "flip" and set(tta["with"]) >= {"map", "macro_f1", "ece", "nll"}
+    assert tta["with"]["map"] != tta["without"]["map"]
+    assert "test-time augmentation (flip)" in capsys.readouterr().out

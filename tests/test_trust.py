@@ -766,8 +766,19 @@ def test_a_temperature_scaling_is_one_scale_no_bias_and_its_own_temperature():
         message = _one_line(lambda change=change: parse_scaling({**good, **change}, 3, "calibration.json", "fix"))
         assert message.startswith("the scaling in calibration.json ") and "temperature" in message, why
     vector = {"method": "vector", "temperature": 2.0, "scale": [1.0] * 3, "bias": [0.0] * 3}
-    assert "vector scaling with a temperature" in _one_line(lambda: parse_scaling(vector, 3, "c.json", "fix"))
+    assert "vector scaling with one temperature" in _one_line(lambda: parse_scaling(vector, 3, "c.json", "fix"))
     assert parse_scaling({**vector, "temperature": None}, 3, "c.json", "fix").method == "vector"
+    # a multi-label run's: a temperature per label (no bias, no one temperature) or Platt; never the softmax kinds
+    per_label = {"method": "temperature", "temperature": None, "scale": [0.8, 1.0, 2.0], "bias": [0.0] * 3}
+    assert parse_scaling(per_label, 3, "c.json", "fix", multilabel=True).scale == [0.8, 1.0, 2.0]
+    for bad, message in (({"bias": [0.0, 0.5, 0.0]}, "non-zero bias"), ({"temperature": 1.25}, "one temperature"),
+                         ({"scale": [0.8]}, "another method or number of classes"),
+                         ({"method": "vector", "bias": [0.1] * 3}, "another method")):
+        assert message in _one_line(lambda bad=bad: parse_scaling({**per_label, **bad}, 3, "c.json", "fix",
+                                                                   multilabel=True)), bad
+    platt = {"method": "platt", "scale": [1.0] * 3, "bias": [0.3] * 3}
+    assert parse_scaling(platt, 3, "c.json", "fix", multilabel=True).bias == [0.3] * 3
+    assert "another method" in _one_line(lambda: parse_scaling(platt, 3, "c.json", "fix"))
 
 
 @pytest.mark.parametrize("change, field", [

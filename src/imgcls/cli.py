@@ -99,9 +99,10 @@ def _eval_parsers(sub, common) -> None:
                                      "per class) by L-BFGS on the validation split, store it in the run "
                                      "(calibration.json) and print validation and test metrics before and after.")
     cal.add_argument("run", help="run folder")
-    cal.add_argument("--method", default="temperature", choices=["temperature", "vector"],
+    cal.add_argument("--method", default="temperature", choices=["temperature", "vector", "platt"],
                      help="temperature (one scale; never changes a prediction) or vector (a scale and bias "
-                          "per class) (temperature)")
+                          "per class); for a multi-label run, temperature (one per label) or platt (a scale and "
+                          "bias per label); neither changes which labels it predicts (temperature)")
     add_options(cal, "--checkpoint", "--device", "--allow-data-change")
 
 

@@ -149,3 +149,68 @@ def fit_scaling(logits: torch.Tensor, labels: torch.Tensor, method: str = "tempe
     optimizer.step(closure)
     scale = log_scale.detach().exp()
     return Scaling(method, scale.tolist(), bias.detach().tolist() if method == "vector" else [0.0] * classes)
+
+
+# ---------------------------------------------------------------- multi-label: each label its own sigmoid
+# The per-label fits, each on one label's validation positives and negatives: a per-label temperature
+# fits one parameter per label and Platt scaling two (a scale and a bias), so by the same ten-outcomes
+# rule each label needs ten (twenty) validation images with it and as many without it.
+MIN_PER_LABEL = {"temperature": 10, "platt": 20}
+MULTILABEL_METHODS = tuple(MIN_PER_LABEL)
+
+
+def multilabel_calibration_metrics(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> dict:
+    """Each label's sigmoid probability against whether the image has that label: its ECE (equal-width bins),
+    their mean and largest; the NLL (binary cross-entropy) and Brier score (squared error), both averaged over
+    every image and label."""
+    probs, truth = probs.double(), targets > 0.5
+    per_class = []
+    for k in range(probs.shape[1]):
+        gap, weight = _calibration_gaps(probs[:, k], truth[:, k], bins)
+        per_class.append((gap * weight).sum().item())
+    p = probs.clamp(1e-12, 1 - 1e-12)
+    nll = -torch.where(truth, p.log(), (1 - p).log()).mean().item()
+    return {"ece": sum(per_class) / len(per_class), "max_class_ece": max(per_class), "nll": nll,
+            "brier": ((probs - truth.double()) ** 2).mean().item(), "per_class_ece": per_class}
+
+
+def check_multilabel_calibration_data(logits: torch.Tensor, targets: torch.Tensor, classes: list[str],
+                                      method: str) -> None:
+    """Refuse (UserError) a per-label fit on validation labels where some label has fewer than
+    MIN_PER_LABEL[method] images with it or without it, or where the logits separate one label's images
+    perfectly (its temperature would fall towards 0 without end)."""
+    truth = targets > 0.5
+    least = MIN_PER_LABEL[method]
+    fix = (f"per-label {method} scaling needs at least {least} validation images with and {least} without every "
+           "label: give the data more validation images (a larger --val-fraction, or more rows with split val)")
+    for k, name in enumerate(classes):
+        with_it, without = int(truth[:, k].sum()), int((~truth[:, k]).sum())
+        if min(with_it, without) < least:
+            raise UserError(f"the validation split has {with_it} images with '{name}' and {without} without it; {fix}")
+        if logits[truth[:, k], k].min() > logits[~truth[:, k], k].max():
+            raise UserError(f"the model separates every validation image with '{name}' from every one without it, so "
+                            "no temperature fits that label (it falls towards 0); calibrate on a larger validation "
+                            "split that holds some mistakes, or use the run uncalibrated")
+
+
+def fit_multilabel_scaling(logits: torch.Tensor, targets: torch.Tensor, method: str = "temperature") -> Scaling:
+    """Per label, minimise the binary cross-entropy of `logits` (validation, never test) over a scale (a per-label
+    temperature, `temperature`) or a scale and a bias (Platt scaling, `platt`), by L-BFGS; the labels are
+    independent, so one optimisation over all of them finds each one's own optimum."""
+    logits, targets = logits.detach().double().clone(), targets.detach().double().clone()
+    classes = logits.shape[1]
+    log_scale = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=method == "platt")
+    params = [log_scale, bias] if method == "platt" else [log_scale]
+    optimizer = torch.optim.LBFGS(params, lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        # summed over labels, averaged over images: each label's gradient is its own mean loss's
+        loss = F.binary_cross_entropy_with_logits(logits * log_scale.exp() + bias, targets, reduction="none")
+        loss = loss.mean(0).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return Scaling(method, log_scale.detach().exp().tolist(), bias.detach().tolist())

@@ -10,7 +10,16 @@ import torch.nn.functional as F
 from imgcls import rundir
 from imgcls.data.presets import parse_tta
 from imgcls.errors import UserError
-from imgcls.evaluation.calibration import calibration_metrics, check_calibration_data, check_scaling, fit_scaling
+from imgcls.evaluation.calibration import (
+    MULTILABEL_METHODS,
+    calibration_metrics,
+    check_calibration_data,
+    check_multilabel_calibration_data,
+    check_scaling,
+    fit_multilabel_scaling,
+    fit_scaling,
+    multilabel_calibration_metrics,
+)
 from imgcls.evaluation.metrics import classification_metrics
 from imgcls.evaluation.multilabel import multilabel_metrics
 from imgcls.evaluation.rejection import number_in, risk_coverage
@@ -100,8 +109,6 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     computed from (checkpoint digest, data, split, TTA, scaling, precision)."""
     tta_mode = parse_tta_flag(tta)
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change)
-    if trained.multilabel and tta_mode != "none":
-        raise UserError("--tta is not for multi-label runs yet; evaluate without it")
     engine = run_engine(trained)
     images = trained.split(split, data, data_dir)
     where = f"the {split} split"
@@ -109,15 +116,16 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     if trained.multilabel:  # at the run's per-class thresholds, as predict decides
         result = multilabel_metrics(scores.probs, labels.float(), trained.classes, engine.thresholds)
         loss = F.binary_cross_entropy_with_logits(scores.logits.double(), labels.double()).item()
-        result.update(task="multilabel", classes=trained.classes, loss=loss)
+        result.update(task="multilabel", classes=trained.classes, loss=loss,
+                      calibration=multilabel_calibration_metrics(scores.probs, labels))
     else:
         result = classification_metrics(scores.probs, labels, trained.classes)
         result["calibration"] = calibration_metrics(scores.probs, labels)
     if tta_mode != "none":
         tta_scores, _ = engine.score_split(images, tta_mode, where=where)
         mode = f"{tta_mode} random views of '{trained.config.aug}'" if isinstance(tta_mode, int) else tta_mode
-        result["tta"] = {"mode": mode, "without": result["calibration"],
-                         "with": calibration_metrics(tta_scores.probs, labels)}
+        result["tta"] = {"mode": mode, "without": _tta_side(result, scores.probs, labels, engine.thresholds),
+                         "with": _tta_side(result, tta_scores.probs, labels, engine.thresholds)}
     result.update(split=split, data=data or trained.config.data, checkpoint=str(trained.checkpoint),
                   weights=trained.digest, scaling=trained.scaling.as_dict() if trained.scaling else None,
                   precision=engine.precision)
@@ -127,21 +135,39 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     return result
 
 
+def _tta_side(result: dict, probs, labels, thresholds) -> dict:
+    """One side of eval --tta's before/after: the calibration figures, and for a multi-label run its mAP and
+    macro-F1 at the run's thresholds (averaging over views moves both)."""
+    if result.get("task") != "multilabel":
+        return calibration_metrics(probs, labels)
+    ranked = multilabel_metrics(probs, labels.float(), result["classes"], thresholds)
+    return {"map": ranked["map"], "macro_f1": ranked["macro_f1"], **multilabel_calibration_metrics(probs, labels)}
+
+
 def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str = "best",
                   device: str = "auto", allow_data_change: bool = False) -> dict:
-    """Fit a temperature (or vector scaling) on the validation split, never on test; store it in
-    the run for eval and predict, with the validation risk-coverage curve `--reject auto` reads; report
-    the metrics on validation and test before and after."""
+    """Fit a temperature (or vector scaling; for a multi-label run, a temperature per label or Platt scaling)
+    on the validation split, never on test; store it in the run for eval, predict and export, with the
+    validation risk-coverage curve `--reject auto` reads (multiclass); report the metrics on validation and test
+    before and after."""
     trained = load_run(run, checkpoint, resolve_device(device), allow_data_change, calibrated=False)
-    trained.require_multiclass("imgcls calibrate")
+    check_method(method, trained.multilabel)
     trained.require_split("val", "calibrate (it fits on the validation split, never on test)")
     engine = run_engine(trained)  # uncalibrated: it fits on the raw logits
     report = {"method": method, "fitted_on": "val", "checkpoint": str(trained.checkpoint), "weights": trained.digest,
-              "splits": {}}
+              "task": "multilabel" if trained.multilabel else "multiclass", "splits": {}}
     scaling = None
     for name in ["val"] + (["test"] if trained.has_split("test") else []):
         scores, labels = engine.score_split(trained.split(name), where=f"the {name} split")
         logits = scores.logits.double()
+        if trained.multilabel:
+            if scaling is None:
+                check_multilabel_calibration_data(logits, labels, trained.classes, method)
+                scaling = fit_multilabel_scaling(logits, labels, method)
+                check_scaling(scaling)
+            report["splits"][name] = {"before": multilabel_calibration_metrics(logits.sigmoid(), labels),
+                                      "after": multilabel_calibration_metrics(scaling.apply(logits).sigmoid(), labels)}
+            continue
         if scaling is None:  # the first split is val: too little of it gives a temperature that is noise
             check_calibration_data(labels, len(trained.classes), trained.classes, logits, method)
             scaling = fit_scaling(logits, labels, method)
@@ -152,3 +178,13 @@ def calibrate_run(run: str | Path, method: str = "temperature", checkpoint: str 
     report["scaling"] = scaling.as_dict()
     rundir.write_sealed_json(trained.path / rundir.CALIBRATION, report)
     return report
+
+
+def check_method(method: str, multilabel: bool) -> None:
+    """Refuse a calibration method that is not for the run's kind of output: softmax or one sigmoid per label."""
+    if multilabel and method not in MULTILABEL_METHODS:
+        raise UserError(f"--method {method} scales a softmax; a multi-label run's labels are each calibrated alone: "
+                        "use --method temperature (one per label) or platt")
+    if not multilabel and method not in ("temperature", "vector"):
+        raise UserError(f"--method {method} calibrates each label of a multi-label run alone; for this run's one "
+                        "label per image use --method temperature or vector")

@@ -188,7 +188,8 @@ def parse_spec(d, where: str) -> ExportSpec:
     classes = _classes(r, d.get("classes"))
     scaling = d.get("scaling")
     if scaling is not None:
-        scaling = parse_scaling(scaling, len(classes), f"{where} (field scaling)", "export the run again")
+        scaling = parse_scaling(scaling, len(classes), f"{where} (field scaling)", "export the run again",
+                                multilabel=d.get("task") == "multilabel")
     rule = d.get("reject_rule")
     if rule is not None:
         r.number("reject_rule.threshold", r.mapping("reject_rule", rule).get("threshold"), 0.0, 1.0)

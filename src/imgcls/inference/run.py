@@ -72,15 +72,20 @@ class TrainedRun:
 
     def thresholds(self) -> torch.Tensor | None:
         """A multi-label run's per-class thresholds, tuned on val for the best.pt summary.json scores (0.5 each
-        before the run has finished or for another checkpoint); None for a multiclass run."""
+        before the run has finished or for another checkpoint), in the probabilities its engine gives: carried
+        through the run's calibration, which moves each label's probabilities but never which labels are
+        predicted. None for a multiclass run."""
         if not self.multilabel:
             return None
+        tuned = torch.full((len(self.classes),), 0.5, dtype=torch.float64)
         summary = self.path / rundir.SUMMARY
         if self.checkpoint == self.path / rundir.BEST and summary.is_file():
             found = rundir.read_sealed_json(summary, "restore it, or train the run again").get("thresholds")
             if isinstance(found, list) and len(found) == len(self.classes):
-                return torch.tensor(found, dtype=torch.float64)
-        return torch.full((len(self.classes),), 0.5, dtype=torch.float64)
+                tuned = torch.tensor(found, dtype=torch.float64)
+        if self.scaling is None:
+            return tuned
+        return self.scaling.apply(torch.logit(tuned, eps=1e-12).view(1, -1)).sigmoid().view(-1)
 
     @property
     def risk_coverage(self) -> dict | None:
@@ -197,7 +202,8 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     restore_weights(model, ckpt, ckpt_path)
     model = model.to(device or torch.device("cpu")).eval()
     digest = file_digest(ckpt_path)
-    scaling, calibration = _calibration(path, ckpt_path, digest, len(info["classes"])) if calibrated else (None, None)
+    scaling, calibration = (_calibration(path, ckpt_path, digest, len(info["classes"]), cfg.task == "multilabel")
+                            if calibrated else (None, None))
     return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, calibration, allow_data_change)
 
 
@@ -245,7 +251,8 @@ def read_calibration(run: Path) -> dict | None:
                                          "uncalibrated")
 
 
-def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) -> tuple[Scaling | None, dict | None]:
+def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int,
+                 multilabel: bool) -> tuple[Scaling | None, dict | None]:
     """The run's calibration and the file it came from, refused unless it was fitted on `checkpoint` (the file
     records the digest of the checkpoint it was fitted on): another epoch's temperature is not this model's."""
     calibration = path / rundir.CALIBRATION
@@ -253,7 +260,7 @@ def _calibration(path: Path, checkpoint: Path, digest: str, num_classes: int) ->
     if stored is None:
         return None, None
     scaling = parse_scaling(stored.get("scaling"), num_classes, str(calibration),
-                            "delete it to use the run uncalibrated, or run imgcls calibrate again")
+                            "delete it to use the run uncalibrated, or run imgcls calibrate again", multilabel)
     if stored.get("weights") != digest:
         raise UserError(f"{calibration} was fitted on another checkpoint than {checkpoint.name} (or by an older "
                         f"imgcls): calibrate this one with imgcls calibrate {path} --checkpoint "

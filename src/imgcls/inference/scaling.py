@@ -19,15 +19,17 @@ TEMPERATURE_RANGE = (0.05, 20.0)
 @dataclass
 class Scaling:
     """logits -> logits * scale + bias, with one scale (temperature scaling: scale = 1/T, no bias)
-    or one scale and bias per class (vector scaling)."""
+    or one scale and bias per class (vector scaling). A multi-label model's sigmoids are scaled per label:
+    one temperature per label (`temperature` with a scale per class, no bias) or Platt scaling (`platt`)."""
 
-    method: str  # "temperature" or "vector"
+    method: str  # "temperature", "vector" or (multi-label) "platt"
     scale: list[float]
     bias: list[float]
 
     @property
     def temperature(self) -> float | None:
-        return 1.0 / self.scale[0] if self.method == "temperature" else None
+        """The one temperature of a temperature scaling; None for the other kinds (per-label ones included)."""
+        return 1.0 / self.scale[0] if self.method == "temperature" and len(self.scale) == 1 else None
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         scale = torch.tensor(self.scale, dtype=logits.dtype, device=logits.device)
@@ -57,14 +59,15 @@ def scaling_problem(scaling: Scaling) -> str | None:
     return None
 
 
-def parse_scaling(d, num_classes: int, where: str, fix: str) -> Scaling:
-    """A stored scaling ({method, scale, bias}) for `num_classes` classes, checked as when it was fitted;
-    one line naming `where` and `fix` otherwise."""
+def parse_scaling(d, num_classes: int, where: str, fix: str, multilabel: bool = False) -> Scaling:
+    """A stored scaling ({method, scale, bias}) for `num_classes` classes of a multiclass (softmax) or a
+    `multilabel` (sigmoid) model, checked as when it was fitted; one line naming `where` and `fix` otherwise."""
     try:
         scaling = Scaling(d["method"], list(d["scale"]), list(d["bias"]))
     except (KeyError, TypeError):  # not a dict, a key missing, or numbers where lists belong
         raise UserError(f"{where} holds no valid scaling (method, scale, bias); {fix}") from None
-    expected = {"temperature": (1, num_classes), "vector": (num_classes, num_classes)}.get(scaling.method)
+    expected = ({"temperature": (num_classes, num_classes), "platt": (num_classes, num_classes)} if multilabel else
+                {"temperature": (1, num_classes), "vector": (num_classes, num_classes)}).get(scaling.method)
     if (len(scaling.scale), len(scaling.bias)) != expected:
         raise UserError(f"{where} holds a scaling for another method or number of classes than the model's "
                         f"{num_classes}; {fix}")
@@ -75,12 +78,14 @@ def parse_scaling(d, num_classes: int, where: str, fix: str) -> Scaling:
 
 
 def _method_problem(scaling: Scaling, temperature) -> str | None:
-    """A temperature scaling is one scale and no bias (a bias would change predictions, which a temperature
-    never does), and its stored temperature, when there is one, is 1/scale; a vector scaling has none."""
-    if scaling.method == "vector":
-        return None if temperature is None else "is a vector scaling with a temperature: it has none"
-    if any(b != 0 for b in scaling.bias):
+    """A temperature scaling (one, or one per label) has no bias (a bias would change predictions, which a
+    temperature never does), and its stored temperature, when there is one, is 1/scale; the per-class kinds
+    (vector, Platt, per-label temperatures) store none."""
+    if scaling.method == "temperature" and any(b != 0 for b in scaling.bias):
         return "is a temperature scaling with a non-zero bias: a temperature has none"
+    if scaling.temperature is None:
+        return None if temperature is None else f"is a per-class {scaling.method} scaling with one temperature: " \
+                                                "it has none"
     if temperature is None:  # not written by every imgcls: then the scale alone says it
         return None
     if isinstance(temperature, bool) or not isinstance(temperature, int | float) or \

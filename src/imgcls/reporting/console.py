@@ -83,6 +83,15 @@ def _print_multilabel_eval(result: dict, split: str, run: str) -> None:
         table.add_row(row["class"], ap, f"{row['threshold']:.3f}", f"{row['precision']:.3f}", f"{row['recall']:.3f}",
                       f"{row['f1']:.3f}", str(row["support"]))
     console.print(table)
+    if result.get("scaling"):
+        console.print(f"calibrated: {_scaling(result['scaling'])} (fitted on val by imgcls calibrate)")
+    if "tta" in result:
+        console.print(_before_after(f"test-time augmentation ({result['tta']['mode']}) on {split}", "no TTA", "TTA",
+                                    result["tta"]["without"], result["tta"]["with"]))
+    elif "calibration" in result:
+        cal = result["calibration"]
+        console.print(f"per label: NLL {cal['nll']:.4f}, ECE {_pct(cal['ece'])} (worst label "
+                      f"{_pct(cal['max_class_ece'])}), Brier {cal['brier']:.4f}", soft_wrap=True)
 
 
 def print_eval(result: dict, split: str, run: str) -> None:
@@ -124,17 +133,27 @@ METRIC_ROWS = (("accuracy", "accuracy", _pct), ("NLL", "nll", lambda v: f"{v:.4f
                ("MCE", "mce", _pct), ("classwise ECE", "classwise_ece", _pct), ("Brier", "brier", lambda v: f"{v:.4f}"))
 
 
+MULTILABEL_METRIC_ROWS = (("mAP", "map", _pct), ("macro-F1", "macro_f1", _pct), ("NLL (per label)", "nll",
+                          lambda v: f"{v:.4f}"), ("ECE (mean over labels)", "ece", _pct),
+                          ("ECE (worst label)", "max_class_ece", _pct), ("Brier (per label)", "brier",
+                                                                        lambda v: f"{v:.4f}"))
+
+
 def _before_after(title: str, left: str, right: str, a: dict, b: dict) -> Table:
     table = Table("metric", left, right, title=title)
-    for label, key, fmt in METRIC_ROWS:
+    rows = METRIC_ROWS if "accuracy" in a else MULTILABEL_METRIC_ROWS
+    for label, key, fmt in (r for r in rows if r[1] in a and r[1] in b):
         table.add_row(label, fmt(a[key]), fmt(b[key]))
     return table
 
 
 def _scaling(scaling: dict) -> str:
-    if scaling["method"] == "temperature":
+    if scaling.get("temperature") is not None:
         return f"temperature {scaling['temperature']:.3f}"
-    return f"vector scaling (scales {min(scaling['scale']):.2f}-{max(scaling['scale']):.2f})"
+    if scaling["method"] == "temperature":  # a multi-label run's, one per label
+        temperatures = [1 / s for s in scaling["scale"]]
+        return f"a temperature per label ({min(temperatures):.2f}-{max(temperatures):.2f})"
+    return f"{scaling['method']} scaling (scales {min(scaling['scale']):.2f}-{max(scaling['scale']):.2f})"
 
 
 def print_calibration(report: dict, run: str) -> None:
