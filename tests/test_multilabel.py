@@ -374,3 +374,50 @@ def test_eval_tta_on_a_multilabel_run_compares_map_and_calibration(multilabel_ru
     assert tta["mode"] == "flip" and set(tta["with"]) >= {"map", "macro_f1", "ece", "nll"}
     assert tta["with"]["map"] != tta["without"]["map"]
     assert "test-time augmentation (flip)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- compare: mAP with a paired bootstrap
+
+def test_the_bootstraps_map_is_scikit_learns_and_its_interval_finds_a_known_gap():
+    from imgcls.evaluation.significance import compare_to_first, mean_average_precision
+
+    rng = np.random.default_rng(0)
+    truth = (rng.random((300, 6)) < 0.3).astype(np.int64)
+    truth[:, 5] = 0  # a label without a positive is left out, as mean_ap leaves it
+    coarse = np.round(rng.random((300, 6)) + truth * 0.4, 1).astype(np.float32)  # many ties
+    expected = np.mean([sklearn_metrics.average_precision_score(truth[:, k], coarse[:, k]) for k in range(5)])
+    assert mean_average_precision(coarse, truth) == pytest.approx(expected, abs=1e-9)
+    assert mean_average_precision(coarse, truth) == pytest.approx(
+        mean_ap(torch.from_numpy(coarse).double(), torch.from_numpy(truth).double()), abs=1e-9)
+    weak = {s: (truth, (rng.random((300, 6)) + truth * 0.3).astype(np.float32)) for s in (0, 1)}
+    strong = {s: (truth, (rng.random((300, 6)) + truth * 0.9).astype(np.float32)) for s in (0, 1)}
+    twin = {s: (truth, (rng.random((300, 6)) + truth * 0.3).astype(np.float32)) for s in (0, 1)}
+    found = compare_to_first({"weak": weak, "strong": strong, "twin": twin})
+    gap = np.mean([mean_average_precision(strong[s][1], truth) - mean_average_precision(weak[s][1], truth)
+                   for s in (0, 1)])
+    assert found["strong"]["metric"] == "map" and found["strong"]["map_diff"] == pytest.approx(gap)
+    assert 0 < found["strong"]["ci_low"] < gap < found["strong"]["ci_high"] and found["strong"]["significant"]
+    assert found["twin"]["ci_low"] < 0 < found["twin"]["ci_high"] and not found["twin"]["significant"]
+    assert found["strong"]["mcnemar_p"] is None
+
+
+def test_compare_on_a_multilabel_set_gives_map_mean_std_and_its_interval(mosaics, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--data", str(mosaics), "--models", "fastnet_cifar_small,vit_cifar_tiny", "--epochs", "1",
+            "--seeds", "0,1", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test mAP %" in printed and "Δ vs first [95% CI]" in printed
+    results = json.loads((out / "results.json").read_text())
+    runs = results["runs"]
+    assert len(runs) == 4 and all(r["test"]["map"] == pytest.approx(r["summary"]["test_map"], abs=1e-3)
+                                  for r in runs)
+    vs = runs[2]["vs_first"]
+    assert vs["metric"] == "map" and vs["seeds"] == [0, 1] and vs["ci_low"] <= vs["map_diff"] <= vs["ci_high"]
+    table = (out / "results.md").read_text()
+    assert "test mAP % (val-selected)" in table and "Δ mAP vs fastnet_cifar_small [95% CI]" in table
+    assert " ± " in table and "McNemar" not in table.split("\n\n")[0]
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"test_map", "test_map_std", "map_diff", "map_diff_ci_low"} <= set(header) and "acc_diff" not in header
+    with np.load(out / "fastnet_cifar_small" / "seed-0" / "test_predictions.npz") as stored:
+        assert stored["labels"].shape == stored["probs"].shape == (200, 10)  # multi-hot, one sigmoid per class

@@ -1,13 +1,18 @@
 """Is a difference between two variants real? Per-image test predictions, a paired bootstrap and McNemar's test.
 
 Each run keeps its test predictions (RUN/test_predictions.npz: int64 `labels`, float32 `probs` N x K, from the
-checkpoint selected on validation). Two variants are compared image by image, run against run of the same seed:
+checkpoint selected on validation; a multi-label run's labels are N x K 0/1 and its probs each label's sigmoid).
+Two variants are compared image by image, run against run of the same seed:
 
 - the paired bootstrap resamples test images (the same images for both variants) and seeds, and gives a 95%
   percentile interval for the difference in accuracy (variant - first);
 - McNemar's exact test counts the discordant images, b (first right, variant wrong) and c (first wrong,
   variant right), pooled over seeds, and gives the two-sided binomial probability of a split at least as
   uneven as b : c if either variant were as likely to be the one that is right.
+
+Multi-label runs are compared on mAP, which is a ranking over all test images rather than a sum of per-image
+hits: the same paired bootstrap recomputes both variants' mAP on each resample of images and seeds. McNemar's
+test counts right and wrong images, which mAP has not, so it is not given.
 """
 
 from __future__ import annotations
@@ -30,12 +35,17 @@ BOOTSTRAP_RESAMPLES = 2000
 ALPHA = 0.05
 
 
+def _shapes_agree(labels: np.ndarray, probs: np.ndarray) -> bool:
+    """N labels (one class each) or N x K 0/1 labels (multi-label) for N x K probabilities."""
+    return probs.ndim == 2 and labels.shape in ((len(probs),), probs.shape)
+
+
 def write_test_predictions(run: str | Path, labels, probs) -> Path:
-    """RUN/test_predictions.npz, written atomically: int64 labels (N), float32 probabilities (N x K), and the
-    sha256 of the best.pt they were computed with (empty when there is none), which readers check."""
+    """RUN/test_predictions.npz, written atomically: int64 labels (N, or N x K multi-hot), float32 probabilities
+    (N x K), and the sha256 of the best.pt they were computed with (empty when there is none), which readers check."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float32)
-    if probs.ndim != 2 or labels.shape != (len(probs),):
+    if not _shapes_agree(labels, probs):
         raise ValueError(f"labels {labels.shape} and probs {probs.shape} do not describe the same N images")
     best = Path(run) / rundir.BEST
     weights = file_digest(best) if best.is_file() else ""
@@ -78,7 +88,7 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, str] | None:
     if sealed != _seal(labels, probs, weights):
         raise UserError(f"{path} was edited after imgcls wrote it, or an older imgcls did (its sha256 does not "
                         "match what it holds); delete it and rerun to compute it again")
-    if probs.ndim != 2 or labels.shape != (len(probs),):
+    if not _shapes_agree(labels, probs):
         raise UserError(f"{path} holds {labels.shape} labels for {probs.shape} probabilities; delete it and rerun")
     return labels.astype(np.int64), probs.astype(np.float32), weights
 
@@ -91,8 +101,12 @@ def stale_reason(run: Path, labels: np.ndarray, probs: np.ndarray, weights: str)
         return "they were computed with another best.pt"
     if probs.shape[1] != len(classes) or len(labels) == 0:
         return f"they hold {probs.shape[1]} classes for the run's {len(classes)}, or no image"
-    if labels.min() < 0 or labels.max() >= len(classes) or not np.isfinite(probs).all() or probs.min() < 0 or \
-            np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
+    if not np.isfinite(probs).all() or probs.min() < 0:
+        return "they are not labels and probabilities of the run's classes"
+    if labels.ndim == 2:  # multi-label: 0/1 per class, a sigmoid probability per class
+        return "they are not 0/1 labels and probabilities of the run's classes" \
+            if labels.min() < 0 or labels.max() > 1 or probs.max() > 1 else None
+    if labels.min() < 0 or labels.max() >= len(classes) or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
         return "they are not labels and probabilities of the run's classes"
     return None
 
@@ -112,7 +126,6 @@ def run_test_predictions(run: str | Path) -> tuple[np.ndarray, np.ndarray] | Non
     if why is not None:
         print(f"warning: {path} is not usable ({why}); computing the test predictions again", file=sys.stderr)
     trained = load_run(run, "best", calibrated=False)  # as training scored them: uncalibrated
-    trained.require_multiclass("imgcls compare")
     if not trained.has_split("test"):
         return None
     scores, labels = run_engine(trained).score_split(trained.split("test"), where="the test split")
@@ -157,10 +170,52 @@ def _correct(preds: dict[int, tuple[np.ndarray, np.ndarray]], seeds: list[int]) 
     return np.stack([preds[s][1].argmax(axis=1) == preds[s][0] for s in seeds])
 
 
+def mean_average_precision(probs: np.ndarray, truth: np.ndarray) -> float:
+    """mAP of N x K scores against N x K 0/1 labels, as evaluation/multilabel.py defines it (ties share the
+    precision at the end of their run, as scikit-learn's average_precision_score does; classes without a
+    positive are left out), for all classes at once: the bootstrap computes it thousands of times."""
+    order = np.argsort(-probs, axis=0, kind="stable")
+    s = np.take_along_axis(probs, order, axis=0)
+    y = np.take_along_axis(truth, order, axis=0).astype(np.float64)
+    n = len(s)
+    precision = np.cumsum(y, axis=0) / np.arange(1, n + 1)[:, None]
+    last_of_tie = np.ones(s.shape, dtype=bool)
+    last_of_tie[:-1] = s[1:] != s[:-1]
+    # each position's run of ties ends at the first last-of-tie at or below it: a reversed running minimum
+    end = np.where(last_of_tie, np.arange(n)[:, None], n - 1)
+    end = np.minimum.accumulate(end[::-1], axis=0)[::-1]
+    positives = y.sum(axis=0)
+    present = positives > 0
+    if not present.any():
+        return 0.0
+    ap = (y * np.take_along_axis(precision, end, axis=0)).sum(axis=0)[present] / positives[present]
+    return float(ap.mean())
+
+
+def paired_bootstrap_map(first: list[tuple[np.ndarray, np.ndarray]], other: list[tuple[np.ndarray, np.ndarray]],
+                         resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float, float]:
+    """(difference, low, high): mAP of `other` minus `first`, averaged over seeds, and its 95% percentile
+    interval. `first[s]` and `other[s]` are seed s's (labels, probs) on the same N images; each resample draws
+    N images and S seeds with replacement, the same for both, and recomputes every mAP on them."""
+    s, n = len(first), len(first[0][0])
+    rng = np.random.default_rng(seed)
+    stats = np.empty(resamples)
+    for m in range(resamples):
+        images = rng.integers(0, n, size=n)
+        per_seed = [mean_average_precision(o[1][images], o[0][images]) -
+                    mean_average_precision(f[1][images], f[0][images]) for f, o in zip(first, other, strict=True)]
+        stats[m] = np.mean(np.asarray(per_seed)[rng.integers(0, s, size=s)])
+    diff = float(np.mean([mean_average_precision(o[1], o[0]) - mean_average_precision(f[1], f[0])
+                          for f, o in zip(first, other, strict=True)]))
+    low, high = np.quantile(stats, [ALPHA / 2, 1 - ALPHA / 2])
+    return diff, float(low), float(high)
+
+
 def compare_to_first(predictions: dict[str, dict[int, tuple[np.ndarray, np.ndarray]]]) -> dict[str, dict | None]:
-    """For each variant after the first: the paired difference in accuracy against the first variant with
-    its bootstrap interval, and McNemar's p-value, over the seeds both have. `predictions`: variant ->
-    seed -> (labels, probs), in variant order. The first variant (and any without shared seeds) gets None."""
+    """For each variant after the first: the paired difference in accuracy (multi-label: in mAP) against the first
+    variant with its bootstrap interval, and McNemar's p-value (not for mAP), over the seeds both have.
+    `predictions`: variant -> seed -> (labels, probs), in variant order. The first variant (and any without shared
+    seeds) gets None."""
     names = list(predictions)
     base = predictions[names[0]]
     out: dict[str, dict | None] = {names[0]: None}
@@ -173,6 +228,12 @@ def compare_to_first(predictions: dict[str, dict[int, tuple[np.ndarray, np.ndarr
             if not np.array_equal(base[s][0], predictions[name][s][0]):
                 raise UserError(f"variant {name} seed {s} was tested on other images than variant {names[0]}; "
                                 "use a fresh --out so that every run sees the same test split")
+        if base[seeds[0]][0].ndim == 2:  # multi-label
+            diff, low, high = paired_bootstrap_map([base[s] for s in seeds], [predictions[name][s] for s in seeds])
+            out[name] = {"vs": names[0], "seeds": seeds, "images": len(base[seeds[0]][0]), "metric": "map",
+                         "map_diff": diff, "ci_low": low, "ci_high": high, "mcnemar_p": None,
+                         "significant": bool(low > 0 or high < 0)}
+            continue
         a, b = _correct(base, seeds), _correct(predictions[name], seeds)
         diff, low, high = paired_bootstrap(a, b)
         first_only, other_only = int((a & ~b).sum()), int((~a & b).sum())
@@ -183,12 +244,18 @@ def compare_to_first(predictions: dict[str, dict[int, tuple[np.ndarray, np.ndarr
     return out
 
 
-def test_scores(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Accuracy, balanced accuracy and macro-F1 of one run's test predictions."""
+def test_scores(labels: np.ndarray, probs: np.ndarray, thresholds: list[float] | None = None) -> dict:
+    """Accuracy, balanced accuracy and macro-F1 of one run's test predictions; a multi-label run's mAP, and its
+    macro-F1 and subset accuracy at its `thresholds` (0.5 each when not given)."""
     import torch
 
     from imgcls.evaluation.metrics import classification_metrics
+    from imgcls.evaluation.multilabel import multilabel_metrics
 
     names = [str(i) for i in range(probs.shape[1])]
+    if labels.ndim == 2:
+        t = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float64)
+        m = multilabel_metrics(torch.from_numpy(probs).double(), torch.from_numpy(labels).double(), names, t)
+        return {"n": m["n"], "map": m["map"], "macro_f1": m["macro_f1"], "subset_accuracy": m["subset_accuracy"]}
     m = classification_metrics(torch.from_numpy(probs).double(), torch.from_numpy(labels), names)
     return {key: m[key] for key in ("n", "accuracy", "balanced_accuracy", "macro_f1")}

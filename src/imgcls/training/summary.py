@@ -80,6 +80,7 @@ def _multilabel_test_scores(ctx: TrainingContext, run: Path, state: TrainState, 
         return {**out, "test_acc": None, "test_macro_f1": None, "test_acc_final": None, "test_map": None,
                 "inference_images_per_s": ips}
     logits, targets, ips = predict(dataset.test)
+    write_test_predictions(run, targets.numpy(), logits.sigmoid().numpy())  # for paired comparisons
     found = multilabel_metrics(logits.sigmoid(), targets.float(), dataset.classes, thresholds)
     final_found = multilabel_metrics(final.sigmoid(), targets.float(), dataset.classes, thresholds)
     return {**out, "test_acc": found["subset_accuracy"], "test_macro_f1": found["macro_f1"],
