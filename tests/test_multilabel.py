@@ -234,9 +234,6 @@ def test_options_of_one_task_are_refused_for_the_other(mosaics, multilabel_run, 
     with pytest.raises(UserError, match="--pos-weight weighs"):
         fit(build_config(data="cifar10-mini", model="fastnet_cifar_small", epochs=1, quiet=True,
                          out=str(tmp_path / "r"), pos_weight="auto"))
-    for argv in (["report", str(multilabel_run)],):
-        assert main(argv) == 2
-        assert "does not take multi-label runs yet" in capsys.readouterr().err
     assert main(["calibrate", str(multilabel_run), "--method", "vector"]) == 2
     assert "use --method temperature (one per label) or platt" in capsys.readouterr().err
     assert not (multilabel_run / "calibration.json").exists()
@@ -421,3 +418,42 @@ def test_compare_on_a_multilabel_set_gives_map_mean_std_and_its_interval(mosaics
     assert {"test_map", "test_map_std", "map_diff", "map_diff_ci_low"} <= set(header) and "acc_diff" not in header
     with np.load(out / "fastnet_cifar_small" / "seed-0" / "test_predictions.npz") as stored:
         assert stored["labels"].shape == stored["probs"].shape == (200, 10)  # multi-hot, one sigmoid per class
+
+
+# ---------------------------------------------------------------- report
+
+def test_a_multilabel_report_has_ap_pr_curves_label_errors_calibration_and_cams_per_label(multilabel_run, tmp_path,
+                                                                                            capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(multilabel_run, run)
+    assert main(["report", str(run)]) == 0
+    a = json.loads((run / "report" / "analysis.json").read_text())
+    ev = tmp_path / "ev.json"
+    assert main(["eval", str(run), "--out", str(ev)]) == 0
+    scored = json.loads(ev.read_text())
+    assert a["task"] == "multilabel" and a["map"] == pytest.approx(scored["map"], abs=1e-9)
+    # the report fitted a temperature per label on val; the decisions stay those eval makes uncalibrated
+    assert a["calibration"]["where"].startswith("a temperature per label")
+    assert a["macro_f1"] == pytest.approx(scored["macro_f1"], abs=1e-9)
+    assert a["calibration"]["after"]["nll"] != a["calibration"]["before"]["nll"]
+    for label in a["per_class"]:  # the misses the pair tables come from agree with each label's recall
+        errors = next(r for r in a["label_errors"]["per_class"] if r["class"] == label["class"])
+        assert errors["missed"] == round(label["support"] * (1 - label["recall"]))
+        curve = a["pr_curves"][label["class"]]
+        assert curve["recall"][-1] == pytest.approx(1.0) and len(curve["recall"]) <= 101
+    pairs = a["label_errors"]["confused"]
+    assert pairs and all(p["true"] != p["predicted"] and p["count"] > 0 for p in pairs)
+    assert [p["count"] for p in pairs] == sorted((p["count"] for p in pairs), reverse=True)
+    items = a["cam"]["per_label"]
+    arrays = np.load(run / "report" / "analysis.npz")
+    assert len(items) == len(arrays["cam_images"]) == 4
+    assert len(arrays["cams"]) == sum(len(i["labels"]) for i in items) >= 4
+    assert max(len(i["labels"]) for i in items) >= 2  # several labels explained on one image
+    assert a["tta"]["mode"] == "flip" and "map" in a["tta"]["with"]
+    page = (run / "report" / "report.html").read_text()
+    for heading in ("Precision-recall curves", "Labels confused and missed", "Calibration per label",
+                    "Grad-CAM per predicted label", "Top losses", "(multi-label)"):
+        assert heading in page
+    assert page.count("<img") >= 5

@@ -1,5 +1,6 @@
 """Everything a run's report shows, computed once: metrics, calibration before and after temperature
-scaling, test-time augmentation, the top losses, and Grad-CAM on right and wrong predictions.
+scaling, test-time augmentation, the top losses, and Grad-CAM on right and wrong predictions (a multi-label
+run's contents come from multilabel_analysis.py).
 
 Writes report/analysis.json (numbers) and report/analysis.npz (gallery images and heat-maps) into
 the run; reporting/ turns them into figures and one HTML page.
@@ -15,8 +16,6 @@ import numpy as np
 import torch
 
 from imgcls import rundir
-from imgcls.data import Split
-from imgcls.data.folder import StreamingImages
 from imgcls.errors import UserError
 from imgcls.evaluation.calibration import (
     calibration_metrics,
@@ -27,7 +26,9 @@ from imgcls.evaluation.calibration import (
 )
 from imgcls.evaluation.cam import explain
 from imgcls.evaluation.evaluate import parse_tta_flag
+from imgcls.evaluation.gallery import by_index, gallery_pixels, hwc
 from imgcls.evaluation.metrics import classification_metrics
+from imgcls.evaluation.multilabel_analysis import analyze_multilabel
 from imgcls.evaluation.rejection import number_in, stored_ood
 from imgcls.inference.engine import Engine
 from imgcls.inference.reject import default_rule
@@ -42,7 +43,6 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     """Compute the report's contents for a trained run; returns the report folder."""
     training_record(run)  # a damaged summary or metrics file is refused before minutes of inference
     trained = load_run(run, "best", resolve_device(device), allow_data_change)
-    trained.require_multiclass("imgcls report")
     # figures inside the images the run trains on would become training images of the next run
     rundir.refuse_run_file(trained.path / rundir.REPORT_DIR, "the report folder",
                            within=rundir.folders(trained.config.data, trained.config.data_dir))
@@ -55,13 +55,28 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
     split = trained.split(split_name)
     # Labelled by index, the pass says which images it saw: a streamed file that became unreadable
     # after scanning is dropped, and every position after it would otherwise point at its neighbour.
-    scores, seen = engine.score_split(_by_index(split), where=f"the {split_name} split")
+    scores, seen = engine.score_split(by_index(split), where=f"the {split_name} split")
     logits, labels = scores.logits.double(), split.labels[seen]
+    analyze = analyze_multilabel if trained.multilabel else _analyze_multiclass
+    result, loss_pixels, cam_pixels, cams = analyze(trained, engine, split, seen, logits, labels, split_name, tta,
+                                                    gallery)
+    result["ood"] = ood
+    out = trained.path / rundir.REPORT_DIR
+    out.mkdir(exist_ok=True)
+    rundir.write_sealed_json(out / rundir.ANALYSIS_JSON, result)
+    with rundir.atomic_path(out / rundir.ANALYSIS_NPZ) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, loss_images=hwc(loss_pixels), cam_images=hwc(cam_pixels),
+                            cams=cams.float().cpu().numpy())
+    return out
+
+
+def _analyze_multiclass(trained: TrainedRun, engine: Engine, split, seen: torch.Tensor, logits: torch.Tensor,
+                        labels: torch.Tensor, split_name: str, tta: str, gallery: int):
+    """(analysis, loss-gallery pixels, CAM pixels, heat-maps) of a one-label-per-image run scored on `split`."""
     scaling, where = _report_scaling(trained, engine)
     before, after = logits.softmax(1), scaling.apply(logits).softmax(1)
     tta_scores, tta_labels = replace(engine, scaling=scaling).score_split(split, parse_tta_flag(tta),
                                                                     where=f"the {split_name} split")
-
     after_metrics = calibration_metrics(after, labels)
     result = classification_metrics(after, labels, trained.classes)
     result.update(
@@ -70,17 +85,10 @@ def analyze_run(run: str | Path, tta: str = "flip", gallery: int = 8, device: st
                      "before": calibration_metrics(before, labels), "after": after_metrics,
                      "bins_before": reliability_bins(before, labels), "bins_after": reliability_bins(after, labels)},
         tta={"mode": tta, "without": after_metrics, "with": calibration_metrics(tta_scores.probs, tta_labels)},
-        risk_coverage=trained.risk_coverage, reject_rule=default_rule(trained.risk_coverage), ood=ood,
+        risk_coverage=trained.risk_coverage, reject_rule=default_rule(trained.risk_coverage),
     )
-
     loss_pixels, cam_pixels, cams = _galleries(engine, split, seen, after, labels, gallery, result)
-    out = trained.path / rundir.REPORT_DIR
-    out.mkdir(exist_ok=True)
-    rundir.write_sealed_json(out / rundir.ANALYSIS_JSON, result)
-    with rundir.atomic_path(out / rundir.ANALYSIS_NPZ) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, loss_images=_hwc(loss_pixels), cam_images=_hwc(cam_pixels),
-                            cams=cams.float().cpu().numpy())
-    return out
+    return result, loss_pixels, cam_pixels, cams
 
 
 def _report_scaling(trained: TrainedRun, engine: Engine) -> tuple[Scaling, str]:
@@ -114,9 +122,9 @@ def _galleries(engine: Engine, split, seen, after, labels, gallery: int, result:
     wrong = torch.nonzero(predicted != labels).flatten()
     right = right[confidence[right].argsort(descending=True)][: gallery // 2]
     wrong = wrong[confidence[wrong].argsort(descending=True)][: gallery // 2]
-    top_losses, loss_pixels = _gallery(split, seen, top_losses)
-    right, right_pixels = _gallery(split, seen, right)
-    wrong, wrong_pixels = _gallery(split, seen, wrong)
+    top_losses, loss_pixels = gallery_pixels(split, seen, top_losses)
+    right, right_pixels = gallery_pixels(split, seen, right)
+    wrong, wrong_pixels = gallery_pixels(split, seen, wrong)
     cam_idx, cam_pixels = torch.cat([right, wrong]), torch.cat([right_pixels, wrong_pixels])
     cams = explain(engine, cam_pixels.permute(0, 2, 3, 1))[0] if len(cam_idx) else torch.zeros(0, 1, 1)
 
@@ -216,30 +224,3 @@ def report_is_current(run: Path, tta: str) -> bool:
     except UserError:
         return False
     return analysis.get("weights") == file_digest(run / rundir.BEST) and analysis.get("tta", {}).get("mode") == tta
-
-
-def _by_index(split: Split) -> Split:
-    """`split` with each image labelled by its own index, so a pass over it returns which images it read."""
-    index = torch.arange(len(split))
-    if split.images is not None:
-        return Split(index, images=split.images)
-    s = split.stream
-    return Split(index, stream=StreamingImages(s.files, index.tolist(), s.size, crop_pct=s.crop_pct),
-                 workers=split.workers)
-
-
-def _gallery(split: Split, seen: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, pixels) of the images at `positions` of the predictions (split indices seen[positions]),
-    without any whose file is unreadable by now: each caption stays with its own pixels."""
-    wanted = _by_index(split).subset(seen[positions])
-    batches = [b for b in wanted.batches(torch.arange(len(wanted)), max(1, len(wanted))) if len(b[0])]
-    if not batches:
-        return positions[:0], torch.zeros(0, 3, split.img_size, split.img_size, dtype=torch.uint8)
-    pixels = torch.cat([images for images, _ in batches])
-    got = torch.cat([index for _, index in batches])  # the split indices that decoded
-    position_of = {index: pos for pos, index in zip(positions.tolist(), seen[positions].tolist(), strict=True)}
-    return torch.tensor([position_of[i] for i in got.tolist()], dtype=torch.long), pixels
-
-
-def _hwc(images: torch.Tensor) -> np.ndarray:
-    return images.permute(0, 2, 3, 1).contiguous().numpy()

@@ -214,3 +214,12 @@ def fit_multilabel_scaling(logits: torch.Tensor, targets: torch.Tensor, method: 
 
     optimizer.step(closure)
     return Scaling(method, log_scale.detach().exp().tolist(), bias.detach().tolist())
+
+
+def label_reliability_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = BINS) -> dict:
+    """reliability_bins for a multi-label model, every (image, label) pair pooled: per bin of the predicted
+    probability, the count, the mean probability and the share of pairs where the image has the label."""
+    p, truth = probs.double().flatten(), (targets > 0.5).flatten()
+    count, conf_sum, hit_sum = _bin_sums(p, truth, bins)
+    return {"edges": torch.linspace(0, 1, bins + 1).tolist(), "count": count.long().tolist(),
+            "confidence": (conf_sum / count).tolist(), "accuracy": (hit_sum / count).tolist()}

@@ -124,8 +124,8 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     if tta_mode != "none":
         tta_scores, _ = engine.score_split(images, tta_mode, where=where)
         mode = f"{tta_mode} random views of '{trained.config.aug}'" if isinstance(tta_mode, int) else tta_mode
-        result["tta"] = {"mode": mode, "without": _tta_side(result, scores.probs, labels, engine.thresholds),
-                         "with": _tta_side(result, tta_scores.probs, labels, engine.thresholds)}
+        result["tta"] = {"mode": mode, "without": tta_side(scores.probs, labels, trained.classes, engine.thresholds),
+                         "with": tta_side(tta_scores.probs, labels, trained.classes, engine.thresholds)}
     result.update(split=split, data=data or trained.config.data, checkpoint=str(trained.checkpoint),
                   weights=trained.digest, scaling=trained.scaling.as_dict() if trained.scaling else None,
                   precision=engine.precision)
@@ -135,12 +135,12 @@ def evaluation(run: str | Path, split: str = "test", data: str | None = None, da
     return result
 
 
-def _tta_side(result: dict, probs, labels, thresholds) -> dict:
-    """One side of eval --tta's before/after: the calibration figures, and for a multi-label run its mAP and
-    macro-F1 at the run's thresholds (averaging over views moves both)."""
-    if result.get("task") != "multilabel":
+def tta_side(probs, labels, classes: list[str], thresholds=None) -> dict:
+    """One side of a before/after of test-time augmentation: the calibration figures, and for a multi-label
+    model (`thresholds`, one per class) its mAP and macro-F1 at them (averaging over views moves both)."""
+    if thresholds is None:
         return calibration_metrics(probs, labels)
-    ranked = multilabel_metrics(probs, labels.float(), result["classes"], thresholds)
+    ranked = multilabel_metrics(probs, labels.float(), classes, thresholds)
     return {"map": ranked["map"], "macro_f1": ranked["macro_f1"], **multilabel_calibration_metrics(probs, labels)}
 
 

@@ -95,3 +95,42 @@ def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
         best = int(torch.nonzero(f1 == f1.max()).flatten()[0])  # the first max: the highest threshold
         out[k] = (s[best] + s[best + 1]) / 2 if best + 1 < len(s) else s[best] / 2
     return out
+
+
+def precision_recall_curve(scores: torch.Tensor, positives: torch.Tensor, points: int = 101) -> dict | None:
+    """One class's precision and recall at every threshold that changes them (the end of each run of tied
+    scores), thinned to at most `points` evenly spaced along the ranking; None when no image is positive."""
+    positives = positives.bool()
+    if not bool(positives.any()):
+        return None
+    order = torch.argsort(scores.double(), descending=True, stable=True)
+    s, y = scores.double()[order], positives[order].double()
+    last_of_tie = torch.ones(len(s), dtype=torch.bool)
+    last_of_tie[:-1] = s[1:] != s[:-1]
+    hits = torch.cumsum(y, 0)[last_of_tie]
+    seen = torch.arange(1, len(s) + 1, dtype=torch.float64)[last_of_tie]
+    keep = torch.linspace(0, len(hits) - 1, min(points, len(hits))).round().long().unique()
+    return {"precision": (hits / seen)[keep].tolist(), "recall": (hits / y.sum())[keep].tolist(),
+            "threshold": s[last_of_tie][keep].tolist()}
+
+
+def label_errors(predicted: torch.Tensor, truth: torch.Tensor, classes: list[str], top: int = 10) -> dict:
+    """The label pairs a multi-label model gets wrong most often, from N x K boolean decisions and truth:
+    `confused`, label a missed on an image where label b was predicted without being there (a taken for b);
+    `missed_alongside`, a missed on an image where b was rightly found (b hides a); the `top` of each, most
+    frequent first, and each label's misses and false alarms."""
+    missed, spurious, found = truth & ~predicted, predicted & ~truth, truth & predicted
+    confused = missed.double().T @ spurious.double()  # K x K: images with a missed and b spurious
+    alongside = missed.double().T @ found.double()  # its diagonal is 0: a label is missed or found, not both
+
+    def ranked(counts: torch.Tensor, a: str, b: str) -> list[dict]:
+        flat = counts.flatten()
+        order = torch.argsort(flat, descending=True, stable=True)[:top]
+        k = counts.shape[1]
+        return [{a: classes[int(i) // k], b: classes[int(i) % k], "count": int(flat[i])} for i in order
+                if flat[i] > 0]
+
+    return {"confused": ranked(confused, "true", "predicted"),
+            "missed_alongside": ranked(alongside, "missed", "alongside"),
+            "per_class": [{"class": c, "missed": int(m), "false_alarms": int(f)}
+                          for c, m, f in zip(classes, missed.sum(0), spurious.sum(0), strict=True)]}

@@ -70,11 +70,11 @@ class TrainedRun:
             raise UserError(f"{command} does not take multi-label runs yet; {self.path}'s test mAP and F1 are in its "
                             f"{rundir.SUMMARY}, and imgcls predict applies its per-class thresholds")
 
-    def thresholds(self) -> torch.Tensor | None:
+    def thresholds(self, calibrated: bool = True) -> torch.Tensor | None:
         """A multi-label run's per-class thresholds, tuned on val for the best.pt summary.json scores (0.5 each
         before the run has finished or for another checkpoint), in the probabilities its engine gives: carried
-        through the run's calibration, which moves each label's probabilities but never which labels are
-        predicted. None for a multiclass run."""
+        through the run's calibration (unless not `calibrated`), which moves each label's probabilities but never
+        which labels are predicted. None for a multiclass run."""
         if not self.multilabel:
             return None
         tuned = torch.full((len(self.classes),), 0.5, dtype=torch.float64)
@@ -83,9 +83,7 @@ class TrainedRun:
             found = rundir.read_sealed_json(summary, "restore it, or train the run again").get("thresholds")
             if isinstance(found, list) and len(found) == len(self.classes):
                 tuned = torch.tensor(found, dtype=torch.float64)
-        if self.scaling is None:
-            return tuned
-        return self.scaling.apply(torch.logit(tuned, eps=1e-12).view(1, -1)).sigmoid().view(-1)
+        return tuned if self.scaling is None or not calibrated else self.scaling.carry(tuned)
 
     @property
     def risk_coverage(self) -> dict | None:

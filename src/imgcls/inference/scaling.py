@@ -36,6 +36,12 @@ class Scaling:
         bias = torch.tensor(self.bias, dtype=logits.dtype, device=logits.device)
         return logits * scale + bias
 
+    def carry(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """Per-label thresholds on a multi-label model's uncalibrated probabilities, carried into this scaling's:
+        each label's scale is positive, so an image is above its carried threshold exactly when it was above the
+        original one."""
+        return self.apply(torch.logit(thresholds.double(), eps=1e-12).view(1, -1)).sigmoid().view(-1)
+
     def as_dict(self) -> dict:
         return {"method": self.method, "temperature": self.temperature, "scale": self.scale, "bias": self.bias}
 

@@ -18,7 +18,7 @@ from imgcls.data.audit import Audit
 from imgcls.errors import UserError, shown
 from imgcls.evaluation.label_issues import CSV_COLUMNS
 from imgcls.reporting.console import console
-from imgcls.reporting.html import html_page, html_table, png_img
+from imgcls.reporting.page import html_page, html_table, png_img
 from imgcls.rundir import atomic_write_bytes
 
 SHOWN_PAIRS = 24  # thumbnails per kind of finding in the HTML page; the JSON lists more

@@ -121,9 +121,11 @@ def risk_coverage_plot(curve: dict, threshold: float | None, out: Path) -> Path:
     return save_figure(fig, out)
 
 
-def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> Path:
+def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path, x_label: str = "confidence",
+                         y_label: str = "accuracy") -> Path:
     """One panel per (title, reliability_bins(...), ECE): accuracy against confidence per bin, the gap to
-    the diagonal shaded, the bin counts printed above the bars."""
+    the diagonal shaded, the bin counts printed above the bars (a multi-label model's: the share of (image,
+    label) pairs that hold against their predicted probability, with the labels given)."""
     fig, axes = plt.subplots(1, len(diagrams), figsize=(4.2 * len(diagrams), 4.2), squeeze=False)
     for ax, (title, bins, ece) in zip(axes[0], diagrams, strict=True):
         edges = np.asarray(bins["edges"])
@@ -132,7 +134,7 @@ def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> 
         acc = np.nan_to_num(np.asarray(bins["accuracy"], dtype=float))
         conf = np.asarray(bins["confidence"], dtype=float)
         filled = np.asarray(bins["count"]) > 0
-        ax.bar(centres[filled], acc[filled], width=width, edgecolor="black", linewidth=0.5, label="accuracy")
+        ax.bar(centres[filled], acc[filled], width=width, edgecolor="black", linewidth=0.5, label=y_label)
         gap_low, gap_high = np.minimum(acc, conf), np.maximum(acc, conf)
         ax.bar(centres[filled], (gap_high - gap_low)[filled], bottom=gap_low[filled], width=width,
                color="red", alpha=0.3, hatch="//", label="gap to confidence")
@@ -141,10 +143,26 @@ def reliability_diagrams(diagrams: list[tuple[str, dict, float]], out: Path) -> 
             ax.text(x, min(a, 1.0) + 0.02, str(n), ha="center", fontsize=6, rotation=90)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.12)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
         ax.set_title(f"{title}: ECE {100 * ece:.2f}%", fontsize=10)
         ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def precision_recall_curves(curves: dict[str, dict], aps: dict[str, float], out: Path) -> Path:
+    """Each class's precision against recall (evaluation/multilabel.precision_recall_curve), its AP in the legend."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    for name, curve in curves.items():
+        ax.step(curve["recall"], curve["precision"], where="post", linewidth=1.2,
+                label=f"{name} (AP {aps[name]:.2f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(curves) > 6 else 1, loc="lower left")
     fig.tight_layout()
     return save_figure(fig, out)
 

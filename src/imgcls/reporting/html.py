@@ -6,7 +6,6 @@ wrote; draws the figures with reporting/figures.py; never trains or infers.
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 
@@ -17,58 +16,12 @@ from imgcls.evaluation.analysis import training_record
 from imgcls.plotting import cam_overlay
 from imgcls.progress import track
 from imgcls.reporting import figures
+from imgcls.reporting.multilabel_page import multilabel_body
+from imgcls.reporting.page import html_page, html_table, img_file, pct
 from imgcls.reporting.tables import aggregate, to_markdown
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 2em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
-td, th { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-img { max-width: 100%; } pre { background: #f6f6f6; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
-.note { color: #666; font-size: 0.9em; }
-"""
-
-# Marks the page once every image has decoded; a broken image is named on the page.
-CHECK_IMAGES = """
-window.addEventListener("load", () => {
-  const images = [...document.images];
-  const broken = images.filter(img => !(img.complete && img.naturalWidth > 0));
-  document.body.dataset.imagesDecoded = `${images.length - broken.length}/${images.length}`;
-  for (const img of broken) img.insertAdjacentText("afterend", `[image ${img.alt} failed to load]`);
-});
-"""
-
-
-def _img(path: Path, alt: str) -> str:
-    return png_img(Path(path).read_bytes(), alt)
-
-
-def png_img(png: bytes, alt: str, title: str = "") -> str:
-    """An <img> holding PNG bytes inline, with an optional tooltip."""
-    data = base64.b64encode(png).decode()
-    tip = f' title="{html.escape(title)}"' if title else ""
-    return f'<img alt="{html.escape(alt)}"{tip} src="data:image/png;base64,{data}">'
-
-
-def html_table(header: list[str] | None, rows: list[list]) -> str:
-    """A table; `header` None for a list of name-value rows, which has no header row."""
-    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header) + "</tr>"
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
-
-
-def html_page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style><script>{CHECK_IMAGES}</script></head><body>{body}</body></html>")
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
-METRICS = (("accuracy", "accuracy", _pct), ("NLL", "nll", lambda v: f"{v:.4f}"), ("ECE", "ece", _pct),
-           ("MCE", "mce", _pct), ("classwise ECE", "classwise_ece", _pct), ("Brier", "brier", lambda v: f"{v:.4f}"))
+METRICS = (("accuracy", "accuracy", pct), ("NLL", "nll", lambda v: f"{v:.4f}"), ("ECE", "ece", pct),
+           ("MCE", "mce", pct), ("classwise ECE", "classwise_ece", pct), ("Brier", "brier", lambda v: f"{v:.4f}"))
 
 
 def _compare_table(left: str, right: str, a: dict, b: dict) -> str:
@@ -112,6 +65,9 @@ def write_run_report(run: Path) -> Path:
     summary, metrics = training_record(run)
     a = rundir.read_sealed_json(folder / rundir.ANALYSIS_JSON, f"run imgcls report {run} again")
     config = (run / rundir.CONFIG).read_text()
+    if a.get("task") == "multilabel":
+        curves = figures.training_curves(metrics, folder / "curves.png")
+        return _write_page(folder, run, multilabel_body(run, folder, summary, curves, a, config))
     cal, tta = a["calibration"], a["tta"]
     drawn = _run_figures(folder, metrics, a, np.load(folder / rundir.ANALYSIS_NPZ))
     curves, confusion, reliability = drawn["curves"], drawn["confusion"], drawn["reliability"]
@@ -126,16 +82,16 @@ def write_run_report(run: Path) -> Path:
         html_table(None, [
             ["parameters", f"{summary['params'] / 1e6:.2f}M"],
             *([["best epoch (val)", f"{summary['best_epoch']} of {summary['epochs']}"],
-               ["best val accuracy", _pct(summary["best_val_acc"])],
-               [f"{split} accuracy (val-selected checkpoint)", _pct(a["accuracy"])]]
+               ["best val accuracy", pct(summary["best_val_acc"])],
+               [f"{split} accuracy (val-selected checkpoint)", pct(a["accuracy"])]]
               if summary.get("val_split", True) else  # --val-fraction 0: best.pt is the final epoch
               [["checkpoint", f"final epoch ({summary['best_epoch']} of {summary['epochs']}): no validation split"],
-               [f"{split} accuracy (final epoch)", _pct(a["accuracy"])]]),
-            *[[f"{split} {label}", _pct(a[key])] for label, key in (("balanced accuracy", "balanced_accuracy"),
+               [f"{split} accuracy (final epoch)", pct(a["accuracy"])]]),
+            *[[f"{split} {label}", pct(a[key])] for label, key in (("balanced accuracy", "balanced_accuracy"),
                                                                       ("macro-F1", "macro_f1")) if key in a],
             ["training time", f"{summary['train_time_s']:.0f} s ({summary['train_images_per_s']:.0f} img/s)"],
             ["device", f"{summary['device']} {summary['precision']}"]]),
-        "<h2>Training curves</h2>", _img(curves, "training curves"),
+        "<h2>Training curves</h2>", img_file(curves, "training curves"),
         f"<h2>Metrics on {split} ({a['n']} images)</h2>",
         _compare_table("before temperature scaling", f"after (T = {cal['temperature']:.3f})", cal["before"],
                        cal["after"]),
@@ -144,19 +100,23 @@ def write_run_report(run: Path) -> Path:
         html_table(["class", "precision", "recall", "F1", "support"],
                [[r["class"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
                 for r in a["per_class"]]),
-        "<h2>Confusion matrix</h2>", _img(confusion, "confusion matrix"),
+        "<h2>Confusion matrix</h2>", img_file(confusion, "confusion matrix"),
         "<p>Most confused: " + html.escape(", ".join(f"{p['true']} taken for {p['predicted']} ({p['count']})"
                                                      for p in a["most_confused"]) or "none") + "</p>",
-        "<h2>Reliability</h2>", _img(reliability, "reliability diagrams"),
+        "<h2>Reliability</h2>", img_file(reliability, "reliability diagrams"),
         f"<h2>Test-time augmentation ({html.escape(tta['mode'])})</h2>",
         _compare_table("no TTA", "TTA", tta["without"], tta["with"]),
         *_rejection_section(folder, a, summary.get("val_split", True)),
-        "<h2>Grad-CAM</h2>", "".join(_img(g, g.stem) for g in galleries) or "<p>no images</p>",
+        "<h2>Grad-CAM</h2>", "".join(img_file(g, g.stem) for g in galleries) or "<p>no images</p>",
         "<p class=note>The most confident right and wrong predictions; the heat-map explains the predicted "
         "class.</p>",
-        "<h2>Top losses</h2>", _img(losses, "top losses") if losses else "<p>no images</p>",
+        "<h2>Top losses</h2>", img_file(losses, "top losses") if losses else "<p>no images</p>",
         "<h2>Configuration</h2>", f"<pre>{html.escape(config)}</pre>",
     ]
+    return _write_page(folder, run, body)
+
+
+def _write_page(folder: Path, run: Path, body: list[str]) -> Path:
     out = folder / rundir.REPORT_HTML
     rundir.atomic_write_bytes(out, html_page(f"imgcls report: {run.name}", "".join(body)).encode())
     return out
@@ -173,7 +133,7 @@ def _rejection_section(folder: Path, analysis: dict, has_val: bool = True) -> li
         return ["<h2>Rejection</h2>", "<p class=note>Run imgcls calibrate to get the risk-coverage curve and the "
                 "--reject auto threshold.</p>"]
     plot = figures.risk_coverage_plot(curve, rule["threshold"] if rule else None, folder / "risk_coverage.png")
-    body = ["<h2>Rejection</h2>", _img(plot, "risk-coverage")]
+    body = ["<h2>Rejection</h2>", img_file(plot, "risk-coverage")]
     ood = analysis.get("ood")  # checked by the analysis: this checkpoint's, numbers in range
     if ood and "stale" in ood:
         body.append(f"<p class=note>No OOD table: {html.escape(ood['stale'])}.</p>")
@@ -184,8 +144,8 @@ def _rejection_section(folder: Path, analysis: dict, has_val: bool = True) -> li
                  f"{ood['split']} ({ood['n_in']})</h3>", html_table(["score", "AUROC", "FPR at 95% TPR"], rows)]
         if ood.get("reject_auto"):
             r = ood["reject_auto"]
-            body.append(f"<p>--reject auto (threshold {r['threshold']:.3f}) accepts {_pct(r['ood_accepted'])} of "
-                        f"the OOD images and {_pct(r['in_coverage'])} of {ood['split']}.</p>")
+            body.append(f"<p>--reject auto (threshold {r['threshold']:.3f}) accepts {pct(r['ood_accepted'])} of "
+                        f"the OOD images and {pct(r['in_coverage'])} of {ood['split']}.</p>")
     return body
 
 
@@ -200,7 +160,7 @@ def write_comparison_report(folder: Path, run_reports: dict[str, Path]) -> Path:
     note = " ".join(line for line in markdown[2:] if line and not line.startswith("|"))
     links = "".join(f'<li><a href="{html.escape(str(path.relative_to(folder)))}">{html.escape(name)}</a></li>'
                     for name, path in run_reports.items())
-    charts = "".join(_img(p, p.stem) for p in (folder / "accuracy_per_epoch.png", folder / "accuracy_vs_time.png")
+    charts = "".join(img_file(p, p.stem) for p in (folder / "accuracy_per_epoch.png", folder / "accuracy_vs_time.png")
                      if p.is_file())
     body = (f"<h1>Comparison: {html.escape(folder.name)}</h1>{html_table(header, rows)}"
             f"<p class=note>{html.escape(note)}</p><h2>Curves</h2>{charts}<h2>Runs</h2><ul>{links}</ul>")
