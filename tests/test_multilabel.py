@@ -457,3 +457,45 @@ def test_a_multilabel_report_has_ap_pr_curves_label_errors_calibration_and_cams_
                     "Grad-CAM per predicted label", "Top losses", "(multi-label)"):
         assert heading in page
     assert page.count("<img") >= 5
+
+
+# ---------------------------------------------------------------- audit and fingerprint of a manifest
+
+def _noise_image(path: Path, seed: int) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def test_audit_of_a_manifest_counts_labels_and_finds_copies_with_other_labels(tmp_path):
+    import shutil
+
+    from imgcls.data.audit import audit
+
+    for i in range(6):
+        _noise_image(tmp_path / f"{i}.png", i)
+    shutil.copy(tmp_path / "0.png", tmp_path / "copy.png")
+    rows = [f"{i}.png,{'a;b' if i == 0 else 'a'},train" for i in range(6)] + ["copy.png,b,test"]
+    (tmp_path / "m.csv").write_text("path,labels,split\n" + "\n".join(rows) + "\n")
+    report = audit(str(tmp_path / "m.csv"), progress=False).report
+    assert report["task"] == "multilabel" and report["counts"] == {"train": {"a": 6, "b": 1}, "test": {"a": 0, "b": 1}}
+    pair = report["exact_duplicates"]["pairs"][0]
+    assert pair["cross_split"] and not pair["same_label"] and {pair["a"]["class"], pair["b"]["class"]} == {"a;b", "b"}
+    assert report["imbalance_ratio"] == 6.0 and report["suggested_command"].endswith("--pos-weight auto")
+    assert any("different labels" in w for w in report["warnings"])
+
+
+def test_a_manifests_fingerprint_changes_with_its_labels_and_its_pixels(tmp_path):
+    for i in range(4):
+        _noise_image(tmp_path / f"{i}.png", i)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,labels\n0.png,a;b\n1.png,a\n2.png,b\n3.png,\n")
+    first = load_dataset(str(manifest), img_size=16, val_fraction=0.0).fingerprint
+    assert load_dataset(str(manifest), img_size=16, val_fraction=0.0).fingerprint == first
+    manifest.write_text("path,labels\n0.png,a\n1.png,a\n2.png,b\n3.png,\n")  # one label dropped
+    relabelled = load_dataset(str(manifest), img_size=16, val_fraction=0.0).fingerprint
+    assert relabelled["labels_sha256"] != first["labels_sha256"] and relabelled["task"] == "multilabel"
+    _noise_image(tmp_path / "1.png", 99)  # another picture under the same name
+    assert load_dataset(str(manifest), img_size=16, val_fraction=0.0).fingerprint["content_sha256"] != \
+        relabelled["content_sha256"]

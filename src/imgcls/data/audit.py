@@ -8,9 +8,11 @@
   the hash is cut into `max_distance + 1` bands, and two hashes within `max_distance` bits must agree on at
   least one band exactly (pigeonhole), so only images sharing a band value are compared, vectorised.
   Pairs across splits are leakage: the held-out score then partly measures memory.
-- Folders only, from each file's header (Pillow reads it without decoding the pixels): unreadable files,
-  images much smaller than the training size, extreme aspect ratios, channel modes other than RGB, EXIF
-  rotations. Each file is decoded once, by the one decoder (data/decode.py), at a reduced JPEG scale.
+- Folders and manifests, from each file's header (Pillow reads it without decoding the pixels): unreadable
+  files, images much smaller than the training size, extreme aspect ratios, channel modes other than RGB,
+  EXIF rotations. Each file is decoded once, by the one decoder (data/decode.py), at a reduced JPEG scale.
+  A manifest's images may have several labels each: its counts are then images with each label, and two
+  copies carry the same labels only when their whole label sets agree.
 
 `quick_audit(dataset)` is the cheap part that `imgcls train` runs on data already in memory.
 """
@@ -32,6 +34,7 @@ from PIL import Image
 from imgcls.data import folder
 from imgcls.data.datasets import BUILTIN_DATA, Dataset, load_dataset
 from imgcls.data.decode import FORMATS, DecodeError, open_rgb
+from imgcls.data.manifest import is_manifest, read_manifest
 from imgcls.errors import UserError
 from imgcls.options import NEAR_DUPLICATE_BITS
 from imgcls.progress import track
@@ -160,7 +163,7 @@ class _Images:
     classes: list[str]
     split: list[str]
     index: list[int]
-    labels: np.ndarray
+    labels: np.ndarray  # int64 N, or (a multi-label manifest) uint8 N x K multi-hot
     hashes: list[str]
     dhashes: np.ndarray  # uint64, 0 for an unreadable file
     thumbs: torch.Tensor
@@ -168,8 +171,18 @@ class _Images:
     files: list[str] | None = None
     infos: list[dict] | None = None
 
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def label(self, i: int) -> str:
+        """Image i's class, or its labels joined by ';' (a multi-label manifest's)."""
+        if self.multilabel:
+            return ";".join(c for c, on in zip(self.classes, self.labels[i], strict=True) if on)
+        return self.classes[self.labels[i]]
+
     def item(self, i: int) -> dict:
-        out = {"split": self.split[i], "index": self.index[i], "class": self.classes[self.labels[i]]}
+        out = {"split": self.split[i], "index": self.index[i], "class": self.label(i)}
         if self.files is not None:
             out["file"] = self.files[i]
         return out
@@ -194,9 +207,38 @@ def _folder_images(root: Path, threads: int, progress: bool) -> _Images:
     names = [n for n, (fs, _) in found.items() for _ in fs]
     index = [i for fs, _ in found.values() for i in range(len(fs))]
     labels = np.array([label for _, ls in found.values() for label in ls], dtype=np.int64)
+    return _file_images(classes, files, names, index, labels, root.name, threads, progress)
+
+
+def _manifest_images(path: Path, threads: int, progress: bool) -> _Images:
+    """A manifest's images grouped by their split column (train when it has none: val is carved at training);
+    one class index each, or multi-hot rows when some image has other than one label."""
+    manifest = read_manifest(path)
+    order = sorted(range(len(manifest.files)), key=lambda i: ("train", "val", "test").index(manifest.splits[i]))
+    names = [manifest.splits[i] for i in order]
+    index = _positions_within(names)
+    targets = manifest.targets[order]
+    labels = targets.astype(np.uint8) if manifest.multilabel else targets.argmax(axis=1).astype(np.int64)
+    return _file_images(manifest.classes, [manifest.files[i] for i in order], names, index, labels, path.name,
+                        threads, progress)
+
+
+def _positions_within(splits: list[str]) -> list[int]:
+    """Each entry's position among the entries of its own split, in order."""
+    seen: dict[str, int] = {}
+    out = []
+    for s in splits:
+        out.append(seen.get(s, 0))
+        seen[s] = out[-1] + 1
+    return out
+
+
+def _file_images(classes: list[str], files: list[Path], names: list[str], index: list[int], labels: np.ndarray,
+                 what: str, threads: int, progress: bool) -> _Images:
+    """Hashes, thumbnails and header facts of image files, read in `threads` threads."""
     # Pillow and hashlib release the GIL on large buffers, so threads overlap reading, hashing and decoding.
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        infos = list(track(pool.map(_inspect, files), len(files), f"audit: hashing {root.name}", enabled=progress))
+        infos = list(track(pool.map(_inspect, files), len(files), f"audit: hashing {what}", enabled=progress))
     blank = np.zeros((THUMB, THUMB, 3), dtype=np.uint8)
     thumbs = np.stack([info.get("thumb", blank) for info in infos]) if infos else np.zeros((0, THUMB, THUMB, 3))
     readable = np.array(["thumb" in info for info in infos], dtype=bool)
@@ -209,7 +251,7 @@ def _folder_images(root: Path, threads: int, progress: bool) -> _Images:
 
 def _pair(images: _Images, i: int, j: int, **extra) -> dict:
     return {"a": images.item(i), "b": images.item(j), "cross_split": images.split[i] != images.split[j],
-            "same_label": bool(images.labels[i] == images.labels[j]), **extra}
+            "same_label": bool(np.array_equal(images.labels[i], images.labels[j])), **extra}
 
 
 def _duplicates(images: _Images, max_distance: int) -> tuple[list[dict], list[dict]]:
@@ -233,7 +275,8 @@ def _counts(images: _Images) -> dict[str, dict[str, int]]:
     counts = {}
     for split in dict.fromkeys(images.split):
         mask = np.array([s == split for s in images.split]) & images.readable
-        per_class = np.bincount(images.labels[mask], minlength=len(images.classes))
+        per_class = images.labels[mask].astype(np.int64).sum(axis=0) if images.multilabel else \
+            np.bincount(images.labels[mask], minlength=len(images.classes))
         counts[split] = dict(zip(images.classes, per_class.tolist(), strict=True))
     return counts
 
@@ -267,11 +310,14 @@ def _file_issues(images: _Images, min_side: int) -> dict:
             **{k: {"count": len(v), "files": v[:MAX_PAIRS]} for k, v in found.items()}}
 
 
-def suggest_command(data: str, data_dir: str | None, ratio: float) -> str:
+def suggest_command(data: str, data_dir: str | None, ratio: float, multilabel: bool = False) -> str:
     """The train command this audit points to: class weights beyond 3:1, a balanced sampler beyond 10:1
-    (not both: they would correct the imbalance twice), and a checkpoint chosen by balanced accuracy."""
+    (not both: they would correct the imbalance twice), and a checkpoint chosen by balanced accuracy; for
+    multi-label data beyond 3:1, each label's positives weighed by its negatives (--pos-weight auto)."""
     parts = ["imgcls train", f"--data {shlex.quote(data)}"] + ([f"--data-dir {shlex.quote(data_dir)}"] if data_dir
                                                                 else [])
+    if multilabel:
+        return " ".join(parts + (["--pos-weight auto"] if ratio > WEIGHTS_RATIO else []))
     if ratio > SAMPLER_RATIO:
         parts.append("--sampler balanced")
     elif ratio > WEIGHTS_RATIO:
@@ -314,8 +360,8 @@ def _pair_summary(pairs: list[dict]) -> dict:
 
 def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
           max_distance: int = NEAR_DISTANCE, threads: int = 2, progress: bool = True) -> Audit:
-    """Audit `data` (cifar10, cifar10-mini or an image folder). `img_size`: the training size, below half
-    of which a folder image counts as small (default 64, as in train)."""
+    """Audit `data` (cifar10, cifar10-mini, an image folder or a manifest). `img_size`: the training size, below
+    half of which a folder image counts as small (default 64, as in train)."""
     from imgcls.config import MAX_IMG_SIZE
     from imgcls.data.datasets import MIN_IMG_SIZE
 
@@ -329,7 +375,12 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     if data_dir and not builtin:
         raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
     start = time.perf_counter()
-    images = _builtin_images(data, data_dir) if builtin else _folder_images(Path(data), threads, progress)
+    if builtin:
+        images = _builtin_images(data, data_dir)
+    elif is_manifest(data):
+        images = _manifest_images(Path(data), threads, progress)
+    else:
+        images = _folder_images(Path(data), threads, progress)
     loaded = time.perf_counter()
     exact, near = _duplicates(images, max_distance)
     elapsed = time.perf_counter() - start
@@ -337,6 +388,7 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     ratio = imbalance(counts["train"])
     report = {
         "data": data, "images": len(images.labels), "classes": images.classes, "counts": counts,
+        "task": "multilabel" if images.multilabel else "multiclass",
         "imbalance_ratio": ratio,
         "smallest_classes": sorted(counts["train"].items(), key=lambda kv: kv[1])[:3],
         "exact_duplicates": _pair_summary(exact), "near_duplicates": _pair_summary(near),
@@ -346,7 +398,7 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     }
     report["images_per_s"] = len(images.labels) / max(report["seconds"]["read_and_hash"], 1e-9)
     report["warnings"] = _warnings(report)
-    report["suggested_command"] = suggest_command(data, data_dir, ratio)
+    report["suggested_command"] = suggest_command(data, data_dir, ratio, images.multilabel)
     offsets, n = {}, 0
     for split in dict.fromkeys(images.split):
         offsets[split] = n

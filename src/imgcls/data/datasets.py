@@ -213,12 +213,9 @@ def load_dataset(
                                                                   split_seed, download, exclude)
         normalization = "cifar"
     elif is_manifest(data):
-        if exclude is not None:
-            raise UserError("--exclude names images of folders and the built-in sets; for a manifest, delete their "
-                            "rows from it")
-        train, val, test, classes, size, task = _load_manifest(Path(data), img_size or 64, val_fraction, split_seed,
-                                                               crop_pct, task)
-        excluded, normalization = None, "imagenet"
+        train, val, test, classes, size, task, excluded = _load_manifest(Path(data), img_size or 64, val_fraction,
+                                                                         split_seed, crop_pct, task, exclude)
+        normalization = "imagenet"
     else:
         if data_dir:
             raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
@@ -290,18 +287,23 @@ def _load_builtin(data: str, data_dir: str | None, size: int, val_fraction: floa
     return train, val, Split(y_test, images=x_test), classes, size, excluded
 
 
-def _load_manifest(path: Path, size: int, val_fraction: float, split_seed: int, crop_pct: float, task: str):
-    """(train, val, test, classes, size, task) of a manifest, decoded in memory; a split column's val and test,
-    or val carved from train at random (seeded): stratifying by label sets would leave most sets alone."""
+def _load_manifest(path: Path, size: int, val_fraction: float, split_seed: int, crop_pct: float, task: str,
+                   exclude: list[str] | None = None):
+    """(train, val, test, classes, size, task, exclusion) of a manifest, decoded in memory; a split column's val
+    and test, or val carved from train at random (seeded): stratifying by label sets would leave most sets alone.
+    `exclude`: row names (Manifest.names) left out of train and val, before val is carved."""
     manifest = read_manifest(path)
     if task == "multiclass" and manifest.multilabel:
         raise UserError(f"{path} gives some images no label or several; --task multiclass needs exactly one each: "
                         "drop --task for a multi-label run")
     task = "multilabel" if task == "multilabel" or manifest.multilabel else "multiclass"
-    images, kept = folder.decode_readable(manifest.files, size, crop_pct, label=f"decoding {path.name}")
-    targets = torch.from_numpy(manifest.targets[kept])
+    rows, excluded = _manifest_exclusion(manifest, exclude, path)
+    images, kept = folder.decode_readable([manifest.files[i] for i in rows], size, crop_pct,
+                                          label=f"decoding {path.name}")
+    rows = rows[kept]
+    targets = torch.from_numpy(manifest.targets[rows])
     labels = targets if task == "multilabel" else targets.argmax(dim=1)
-    splits = np.array(manifest.splits)[kept]
+    splits = np.array(manifest.splits)[rows]
     parts = {name: Split(labels[torch.from_numpy(splits == name)], images=images[torch.from_numpy(splits == name)])
              for name in ("train", "val", "test") if (splits == name).any()}
     if "val" not in parts and val_fraction > 0:
@@ -312,7 +314,23 @@ def _load_manifest(path: Path, size: int, val_fraction: float, split_seed: int, 
             raise UserError(f"--val-fraction {val_fraction:g} leaves no training image of {path}; lower it")
         parts["val"] = train.subset(order[:held].sort().values)
         parts["train"] = train.subset(order[held:].sort().values)
-    return parts["train"], parts.get("val"), parts.get("test"), manifest.classes, size, task
+    return parts["train"], parts.get("val"), parts.get("test"), manifest.classes, size, task, excluded
+
+
+def _manifest_exclusion(manifest, names: list[str] | None, path: Path) -> tuple[np.ndarray, Exclusion | None]:
+    """(the rows that stay, the exclusion): `names` checked against the manifest's rows and their labels."""
+    every = np.arange(len(manifest.files))
+    if names is None:
+        return every, None
+    known: dict[str, dict[str, str]] = {}
+    for i, name in enumerate(manifest.names):
+        known.setdefault(manifest.splits[i], {})[name] = manifest.given(i)
+    excluded = split_names(names, known, str(path))
+    gone = set(excluded.removed)
+    rows = np.array([i for i, name in enumerate(manifest.names) if name not in gone], dtype=np.int64)
+    if not any(manifest.splits[i] == "train" for i in rows):
+        raise UserError(f"--exclude lists every training row of {path}; exclude fewer images")
+    return rows, excluded
 
 
 def _builtin_exclusion(names: list[str] | None, data: str, y_train: torch.Tensor, y_test: torch.Tensor,
@@ -373,8 +391,12 @@ class Pool:
     name: str
     classes: list[str]
     images: torch.Tensor  # uint8 N x 3 x S x S
-    labels: torch.Tensor  # int64 N
+    labels: torch.Tensor  # int64 N, or uint8 N x K multi-hot (a multi-label manifest)
     names: list[str]
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.dim() == 2
 
     @property
     def splits(self) -> list[str]:
@@ -390,8 +412,17 @@ def pool_dataset(pool: Pool, idx: torch.Tensor, source: str) -> Dataset:
     fingerprint = {"source": source, "img_size": train.img_size, "val_fraction": 0.0, "split_seed": 0,
                    "sizes": {"train": len(train)}, "labels_sha256": _labels_hash(train.labels),
                    "content_sha256": _content_hash(train)}
+    task = "multilabel" if pool.multilabel else "multiclass"
+    if pool.multilabel:
+        fingerprint["task"] = task
     return Dataset(pool.name, pool.classes, train.img_size, mean, std, train, None, None, normalization,
-                   fingerprint=fingerprint)
+                   fingerprint=fingerprint, task=task)
+
+
+def _check_pool_memory(count: int, size: int) -> None:
+    if count * 3 * size * size > MEMORY_LIMIT_BYTES:
+        raise UserError(f"{count} images at {size} px do not fit in {MEMORY_LIMIT_BYTES >> 30} GiB, which "
+                        "checking labels needs; lower --img-size or check a part of the data")
 
 
 def load_pool(data: str, data_dir: str | None = None, img_size: int | None = None, crop_pct: float = 1.0,
@@ -407,15 +438,20 @@ def load_pool(data: str, data_dir: str | None = None, img_size: int | None = Non
         names = builtin_names("train", len(y_train)) + builtin_names("test", len(y_test))
         return Pool(data, classes, torch.cat([_resize(x_train, size), _resize(x_test, size)]),
                     torch.cat([y_train, y_test]), names)
-    root = Path(data)
     size = img_size or 64
+    if is_manifest(data):
+        manifest = read_manifest(data)
+        _check_pool_memory(len(manifest.files), size)
+        images, kept = folder.decode_readable(manifest.files, size, crop_pct, threads, f"decoding {Path(data).name}")
+        targets = torch.from_numpy(manifest.targets[kept])
+        return Pool(Path(data).name, manifest.classes, images, targets if manifest.multilabel else targets.argmax(1),
+                    [manifest.names[i] for i in kept])
+    root = Path(data)
     classes, found = folder.scan(root)
     files = [f for fs, _ in found.values() for f in fs]
     labels = [label for _, ls in found.values() for label in ls]
     names = [n for split, (fs, _) in found.items() for n in folder_names(root, split, fs)]
-    if len(files) * 3 * size * size > MEMORY_LIMIT_BYTES:
-        raise UserError(f"{len(files)} images at {size} px do not fit in {MEMORY_LIMIT_BYTES >> 30} GiB, which "
-                        "checking labels needs; lower --img-size or check a part of the folder")
+    _check_pool_memory(len(files), size)
     images, kept = folder.decode_readable(files, size, crop_pct, threads, f"decoding {root.name}")
     return Pool(root.name, classes, images, torch.tensor([labels[i] for i in kept], dtype=torch.int64),
                 [names[i] for i in kept])

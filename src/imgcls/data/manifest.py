@@ -45,6 +45,16 @@ class Manifest:
         """Whether some image has other than exactly one label: then only a multi-label task fits."""
         return bool((self.targets.sum(axis=1) != 1).any())
 
+    @property
+    def names(self) -> list[str]:
+        """Each row's image name (data/exclusions.py): its split and its path as the manifest gives it."""
+        return [f"{split}/{file.relative_to(self.root).as_posix()}" for split, file in zip(self.splits, self.files,
+                                                                                            strict=True)]
+
+    def given(self, i: int) -> str:
+        """Row i's labels, joined by ';' in class order: what an exclusion list records as the given label."""
+        return ";".join(c for c, on in zip(self.classes, self.targets[i], strict=True) if on)
+
 
 def is_manifest(data: str) -> bool:
     return Path(data).suffix.lower() in MANIFEST_SUFFIXES and Path(data).is_file()

@@ -16,7 +16,7 @@ from rich.table import Table
 from imgcls import rundir
 from imgcls.data.audit import Audit
 from imgcls.errors import UserError, shown
-from imgcls.evaluation.label_issues import CSV_COLUMNS
+from imgcls.evaluation.label_issues import CSV_COLUMNS, MULTILABEL_CSV_COLUMNS
 from imgcls.reporting.console import console
 from imgcls.reporting.page import html_page, html_table, png_img
 from imgcls.rundir import atomic_write_bytes
@@ -60,15 +60,25 @@ def print_audit(audit: Audit) -> None:
         _print_label_issues(r["label_issues"])
 
 
+def _out_of_fold_score(section: dict) -> str:
+    """How good the out-of-fold model was: accuracy, or a multi-label audit's mAP."""
+    if "out_of_fold_map" in section:
+        return f"out-of-fold mAP {section['out_of_fold_map']:.1%}"
+    return f"out-of-fold accuracy {section['out_of_fold_accuracy']:.1%}"
+
+
 def _print_label_issues(section: dict) -> None:
     how = (f"{section['folds']}-fold {section['recipe']} {section['model']}" +
            (f", {section['epochs']} epochs" if "epochs" in section else ""))
     console.print(f"label issues: {section['count']} of {section['images']} images probably mislabelled "
-                  f"({how}; out-of-fold accuracy {section['out_of_fold_accuracy']:.1%}; "
-                  f"{section['seconds']:.0f} s)", soft_wrap=True, highlight=False)
-    table = Table("image", "given", "suggested", "label quality", title="most certainly wrong first")
+                  f"({how}; {_out_of_fold_score(section)}; {section['seconds']:.0f} s)", soft_wrap=True,
+                  highlight=False)
+    multilabel = "out_of_fold_map" in section
+    table = Table("image", "given", "suggested", *(["doubtful"] if multilabel else []), "label quality",
+                  title="most certainly wrong first")
     for issue in section["issues"][:SHOWN_ISSUES]:
-        table.add_row(shown(issue["path"]), issue["given"], issue["suggested"], f"{issue['label_quality']:.4f}")
+        table.add_row(shown(issue["path"]), issue["given"], issue["suggested"],
+                      *([issue["doubtful"]] if multilabel else []), f"{issue['label_quality']:.4f}")
     if section["issues"]:
         console.print(table)
 
@@ -105,9 +115,11 @@ def write_label_issues_csv(audit: Audit, out: Path) -> Path:
     out = check_out(out, ".csv")
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
-    for issue in audit.report["label_issues"]["issues"]:
-        writer.writerow([issue[c] for c in CSV_COLUMNS])
+    section = audit.report["label_issues"]
+    columns = MULTILABEL_CSV_COLUMNS if "out_of_fold_map" in section else CSV_COLUMNS
+    writer.writerow(columns)
+    for issue in section["issues"]:
+        writer.writerow([issue[c] for c in columns])
     atomic_write_bytes(out, buffer.getvalue().encode())
     return out
 
@@ -116,15 +128,17 @@ def _label_issues_section(audit: Audit) -> str:
     section = audit.report.get("label_issues")
     if section is None:
         return ""
+    multilabel = "out_of_fold_map" in section
     rows = [[png_img(_thumb_png(picture, scale=1), "suspect", issue["path"]),
              html.escape(issue["path"]), html.escape(issue["given"]), html.escape(issue["suggested"]),
-             f"{issue['label_quality']:.4f}"]
+             *([html.escape(issue["doubtful"])] if multilabel else []), f"{issue['label_quality']:.4f}"]
             for issue, picture in zip(section["issues"], audit.suspects, strict=True)]
-    body = _raw_table(["image", "file", "given", "suggested", "label quality"], rows) if rows else "<p>none</p>"
+    header = ["image", "file", "given", "suggested", *(["doubtful labels"] if multilabel else []), "label quality"]
+    body = _raw_table(header, rows) if rows else "<p>none</p>"
     return (f"<h2>Probable label errors: {section['count']} of {section['images']} images</h2>"
             f"<p>{html.escape(section['method'])}; out-of-fold probabilities from {section['folds']} folds of "
-            f"{html.escape(section['recipe'])} {html.escape(section['model'])} (out-of-fold accuracy "
-            f"{section['out_of_fold_accuracy']:.1%}). Lowest label quality first.</p>{body}")
+            f"{html.escape(section['recipe'])} {html.escape(section['model'])} ({_out_of_fold_score(section)}). "
+            f"Lowest label quality first.</p>{body}")
 
 
 def _thumb_png(image: np.ndarray, scale: int = 3) -> bytes:

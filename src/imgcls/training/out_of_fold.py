@@ -28,7 +28,8 @@ from imgcls.config import build_config, read_recipe
 from imgcls.data import Preprocessing, Split
 from imgcls.data.datasets import Pool, load_pool, pool_dataset
 from imgcls.errors import UserError
-from imgcls.evaluation.label_issues import METHOD, label_issues
+from imgcls.evaluation.label_issues import METHOD, MULTILABEL_METHOD, label_issues, multilabel_label_issues
+from imgcls.evaluation.multilabel import mean_ap
 from imgcls.kernels.apply import configure
 from imgcls.kernels.measure import choose_kernels
 from imgcls.models import create_model, model_spec
@@ -86,10 +87,12 @@ def choose_recipe(data: str, model: str | None, recipe_file: str | None, img_siz
 
 
 def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each image's fold, stratified by label; a class with fewer images than folds is refused in one line."""
-    from sklearn.model_selection import StratifiedKFold
+    """Each image's fold, stratified by label (multi-hot labels: dealt at random, seeded, as label sets are too
+    many to stratify by); a class with fewer images than folds is refused in one line."""
+    from sklearn.model_selection import KFold, StratifiedKFold
 
-    counts = np.bincount(labels)
+    multilabel = labels.ndim == 2
+    counts = labels.sum(axis=0) if multilabel else np.bincount(labels)
     if not 2 <= folds <= 50:
         raise UserError(f"--folds must be from 2 to 50 (got {folds}); 5 is the usual choice")
     present = counts[counts > 0]
@@ -97,10 +100,39 @@ def fold_of(labels: np.ndarray, folds: int, seed: int) -> np.ndarray:
         raise UserError(f"a class has only {present.min()} image(s), fewer than --folds {folds}: every fold needs "
                         "one of each class; lower --folds or add images")
     out = np.empty(len(labels), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+    splitter = (KFold if multilabel else StratifiedKFold)(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, held) in enumerate(splitter.split(np.zeros(len(labels)), None if multilabel else labels)):
         out[held] = k
     return out
+
+
+def _linear_head():
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=LOGISTIC_CS, cv=3, scoring="neg_log_loss",
+                                                                max_iter=3000))
+
+
+def _fit_fold(features: np.ndarray, labels: np.ndarray, train: np.ndarray, held: np.ndarray,
+              probs: np.ndarray) -> list[float]:
+    """Fit the linear head on the `train` images and write its probabilities of the `held` ones into `probs`;
+    returns the C chosen (one per label for multi-hot labels, each label its own binary head)."""
+    if labels.ndim == 1:
+        head = _linear_head().fit(features[train], labels[train])
+        probs[np.ix_(held, head.classes_)] = head.predict_proba(features[held])
+        return [float(head[-1].C_[0])]
+    chosen = []
+    for k in range(labels.shape[1]):
+        y = labels[train, k]
+        if y.min() == y.max():  # the label on every training image of the fold, or on none: nothing to fit
+            probs[held, k] = float(y[0])
+            continue
+        head = _linear_head().fit(features[train], y)
+        probs[held, k] = head.predict_proba(features[held])[:, list(head.classes_).index(1)]
+        chosen.append(float(head[-1].C_[0]))
+    return chosen
 
 
 def out_of_fold(data: str, data_dir: str | None = None, folds: int = DEFAULT_FOLDS, model: str | None = None,
@@ -118,10 +150,6 @@ def out_of_fold(data: str, data_dir: str | None = None, folds: int = DEFAULT_FOL
 
 
 def _linear(data, data_dir, folds, model_name, img_size, seed, device_name, progress) -> OutOfFold:
-    from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     spec = model_spec(model_name)
     native = spec.preprocessing
     size = img_size or native.img_size
@@ -141,18 +169,15 @@ def _linear(data, data_dir, folds, model_name, img_size, seed, device_name, prog
     with Phase("fitting a linear head per fold", folds, enabled=progress) as phase, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # scikit-learn's notices of coming API changes
         for k in range(folds):
-            train, held = fold != k, fold == k
-            head = make_pipeline(StandardScaler(), LogisticRegressionCV(Cs=LOGISTIC_CS, cv=3, scoring="neg_log_loss",
-                                                                        max_iter=3000))
-            head.fit(features[train], labels[train])
-            probs[np.ix_(held, head.classes_)] = head.predict_proba(features[held])
-            chosen.append(float(head[-1].C_[0]))
+            chosen += _fit_fold(features, labels, fold != k, fold == k, probs)
             phase.advance(1)
     return OutOfFold(pool, probs, fold, {"recipe": "linear", "model": model_name, "pretrained": True,
                                          "precision": kernels.precision_eval,
                                          "img_size": size, "folds": folds, "seed": seed,
-                                         "head": "logistic regression on standardised features, C by 3-fold "
-                                                 f"log-loss within each fold's training images: {chosen}"})
+                                         "head": "logistic regression on standardised features"
+                                                 f"{' (one binary head per label)' if labels.ndim == 2 else ''}, "
+                                                 "C by 3-fold log-loss within each fold's training images: "
+                                                 f"{chosen}"})
 
 
 def _scratch(data, data_dir, folds, model_name, recipe_file, epochs, img_size, seed, device, progress) -> OutOfFold:
@@ -206,14 +231,20 @@ def label_audit(data: str, data_dir: str | None = None, folds: int = DEFAULT_FOL
     start = time.perf_counter()
     oof = out_of_fold(data, data_dir, folds, model, recipe_file, epochs, img_size, seed, progress=progress)
     labels = oof.pool.labels.numpy()
-    issues = label_issues(labels, oof.probs, oof.pool.classes, oof.pool.names)
-    accuracy = float((oof.probs.argmax(axis=1) == labels).mean())
-    by_class = {c: sum(i["given"] == c for i in issues) for c in oof.pool.classes}
+    if oof.pool.multilabel:
+        issues = multilabel_label_issues(labels, oof.probs, oof.pool.classes, oof.pool.names)
+        quality = {"out_of_fold_map": mean_ap(torch.from_numpy(oof.probs), torch.from_numpy(labels).double())}
+        by_class = {"by_doubtful_label": {c: sum(c in i["doubtful"].split(";") for i in issues)
+                                          for c in oof.pool.classes}}
+    else:
+        issues = label_issues(labels, oof.probs, oof.pool.classes, oof.pool.names)
+        quality = {"out_of_fold_accuracy": float((oof.probs.argmax(axis=1) == labels).mean())}
+        by_class = {"by_given_class": {c: sum(i["given"] == c for i in issues) for c in oof.pool.classes}}
     thumbs = [_thumb(oof.pool.images[issue["index"]]) for issue in issues]
     for issue in issues:
         del issue["index"]  # a position in this pool; the path names the image
-    section = {"method": METHOD, **oof.recipe, "images": len(labels), "out_of_fold_accuracy": accuracy,
-               "count": len(issues), "by_given_class": by_class, "seconds": time.perf_counter() - start,
+    section = {"method": MULTILABEL_METHOD if oof.pool.multilabel else METHOD, **oof.recipe, "images": len(labels),
+               **quality, "count": len(issues), **by_class, "seconds": time.perf_counter() - start,
                "issues": issues}
     return section, thumbs
 
