@@ -564,12 +564,13 @@ def _audit_parser(sub, common) -> None:
     aud = sub.add_parser("audit", parents=[common], help="check a dataset before training: imbalance, duplicates, "
                          "leakage across splits, unreadable and unusual files; --labels: probably wrong labels",
                          description="Counts per class and split, exact and near-duplicate pairs (across splits: "
-                                     "leakage), and for folders unreadable, tiny, extreme-aspect, non-RGB and "
-                                     "EXIF-rotated files; a summary, a JSON file and a suggested train command. "
+                                     "leakage), and for folders and manifests unreadable, tiny, extreme-aspect, "
+                                     "non-RGB and EXIF-rotated files; a summary, a JSON file and a suggested train command. "
                                      "With --labels, also the images whose label is probably wrong: out-of-fold "
                                      "probabilities by K-fold cross-validation, ranked by confident learning "
                                      "(cleanlab), written to a CSV that train --exclude reads.")
-    aud.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
+    aud.add_argument("data", help="cifar10, cifar10-mini, an image folder or a manifest (.csv/.jsonl, one or "
+                                  "several labels per image), as --data in train")
     aud.add_argument("--img-size", type=integer, help="the size you will train at; folder images under half of it are "
                                                   "reported as small (64); with --labels, the size the label "
                                                   "model sees (default: its own)")
