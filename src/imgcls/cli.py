@@ -565,10 +565,10 @@ def _audit_parser(sub, common) -> None:
                          "leakage across splits, unreadable and unusual files; --labels: probably wrong labels",
                          description="Counts per class and split, exact and near-duplicate pairs (across splits: "
                                      "leakage), and for folders and manifests unreadable, tiny, extreme-aspect, "
-                                     "non-RGB and EXIF-rotated files; a summary, a JSON file and a suggested train command. "
-                                     "With --labels, also the images whose label is probably wrong: out-of-fold "
-                                     "probabilities by K-fold cross-validation, ranked by confident learning "
-                                     "(cleanlab), written to a CSV that train --exclude reads.")
+                                     "non-RGB and EXIF-rotated files; a summary, a JSON file and a suggested train "
+                                     "command. With --labels, also the images whose label is probably wrong: "
+                                     "out-of-fold probabilities by K-fold cross-validation, ranked by confident "
+                                     "learning (cleanlab), written to a CSV that train --exclude reads.")
     aud.add_argument("data", help="cifar10, cifar10-mini, an image folder or a manifest (.csv/.jsonl, one or "
                                   "several labels per image), as --data in train")
     aud.add_argument("--img-size", type=integer, help="the size you will train at; folder images under half of it are "
