@@ -59,8 +59,11 @@ def _train_parser(sub, common) -> None:
     train = sub.add_parser("train", parents=[common], help="train a model; writes a run folder",
                            description="Train a model. Flags override the --recipe file, which overrides defaults.")
     train.add_argument("--recipe", metavar="YAML", help="YAML file of train options (keys as the flags)")
-    train.add_argument("--resume", metavar="RUN", help="continue an interrupted run with its saved config "
-                                                       "(only --quiet and --allow-data-change may be given with it)")
+    train.add_argument("--resume", metavar="RUN|auto",
+                       help="continue an interrupted run with its saved config (only --quiet and --allow-data-change "
+                            "may be given with it); auto, with --out RUN and the run's options (for a cluster that "
+                            "restarts the same command): start RUN if it does not exist, continue it if it was begun "
+                            "with the same options and data, refuse otherwise")
     add_options(train, "--allow-data-change")
     _add_train_flags(train)
 
@@ -210,7 +213,15 @@ def cmd_train(args) -> int:
     from imgcls.config import build_config
 
     flags = {name: getattr(args, name) for name in FIELDS}
-    if args.resume:
+    auto = args.resume == "auto"
+    if auto:
+        if args.allow_data_change:
+            raise UserError("--resume auto continues a run only on the data it was trained on; drop "
+                            "--allow-data-change (or continue it with --resume RUN --allow-data-change)")
+        cfg = build_config(args.recipe, **flags)
+        if not cfg.out:
+            raise UserError("--resume auto needs --out RUN: the run folder to start, or to continue when it exists")
+    elif args.resume:
         given = sorted(k for k, v in flags.items() if v is not None and k != "quiet")
         if given or args.recipe:
             names = ", ".join(map(flag, given)) or "--recipe"
@@ -224,14 +235,14 @@ def cmd_train(args) -> int:
     if not quiet and "RANK" not in os.environ:  # under torchrun rank 0's run header is the first line
         _about(f"train: resuming {args.resume}" if cfg is None else
                f"train: {cfg.model} on {cfg.data}, {cfg.epochs} epoch{'s' * (cfg.epochs != 1)}; "
-               f"writes {cfg.out or 'a new folder under runs/'}")
+               + (f"starts or continues {cfg.out}" if auto else f"writes {cfg.out or 'a new folder under runs/'}"))
     from imgcls.reporting.console import print_summary
     from imgcls.rundir import SUMMARY, read_json
     from imgcls.training.distributed import launched_rank
     from imgcls.training.train import fit
 
-    run = fit(cfg) if cfg is not None else fit(resume=args.resume, quiet=args.quiet,
-                                               allow_data_change=args.allow_data_change)
+    run = fit(cfg, auto_resume=auto) if cfg is not None else fit(resume=args.resume, quiet=args.quiet,
+                                                                 allow_data_change=args.allow_data_change)
     if launched_rank() == 0:  # under torchrun the others stay quiet
         print_summary(read_json(run / SUMMARY))
     return 0
@@ -689,12 +700,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupted(e) -> int:
-    """Ctrl-C or SIGTERM stopped training after saving: say how to continue; exit as the signal would."""
+    """Ctrl-C, SIGTERM or SIGUSR1 stopped training after saving: say how to continue; exit as the signal would."""
     import signal
 
     from imgcls.training.distributed import launched_rank
 
     if launched_rank() == 0:
         print(f"imgcls: {e}; continue with: imgcls train --resume {e.run_dir} (under torchrun: the same "
-              "torchrun command with these arguments)", file=sys.stderr)
+              "torchrun command with these arguments; with --resume auto: the same command)", file=sys.stderr)
     return 128 + (e.signum or signal.SIGINT)

@@ -394,6 +394,29 @@ def refuse_existing(out: str | Path) -> None:
         )
 
 
+def auto_resume_target(out: str | Path, options: dict) -> Path | None:
+    """`train --resume auto --out RUN`, the rule for a cluster that restarts the same command line: None to
+    start RUN as a new run (it does not exist, or is empty, or never reached its first checkpoint), RUN to
+    continue it (or to find it finished) when it was begun with the same `options` (config_record of the
+    options as given), else a one-line refusal. Its data is checked afterwards, as for every resume."""
+    path = Path(out)
+    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or is_unstarted(path))):
+        return None
+    if not is_run(path):
+        raise UserError(f"--resume auto: {path} holds other files, not an imgcls run; choose another --out")
+    recorded = (read_plan(path) or {}).get("options")
+    if not isinstance(recorded, dict):
+        raise UserError(f"--resume auto: {path} has no record of the options it was started with (an older run); "
+                        f"continue it with imgcls train --resume {path}")
+    changed = sorted(k for k in recorded.keys() | options.keys() if recorded.get(k) != options.get(k))
+    if changed:
+        said = "; ".join(f"--{k.replace('_', '-')} {recorded.get(k)} there, {options.get(k)} now" for k in changed[:4])
+        raise UserError(f"--resume auto: {path} was started with other options ({said}"
+                        f"{f'; {len(changed) - 4} more' if len(changed) > 4 else ''}); give its options, or another "
+                        "--out for a new run")
+    return path
+
+
 def new_run_dir(out: str | None, data: str, model: str) -> Path:
     """The folder for a new run: --out if free, else runs/<data>-<model> with a numeric suffix if taken."""
     if out:

@@ -1,7 +1,8 @@
 """Data-parallel training under `torchrun`: PyTorch's own DistributedDataParallel, nothing else.
 
-`torchrun --nproc_per_node=K -m imgcls train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; `fit`
-then joins the process group (gloo on CPU, NCCL on GPUs). `--batch-size` stays the global batch:
+`torchrun --nproc_per_node=K -m imgcls train ...` sets RANK, WORLD_SIZE and LOCAL_RANK (and, across
+machines, GROUP_WORLD_SIZE: the number of nodes); `fit` then joins the process group (gloo on CPU, NCCL
+on GPUs). `--batch-size` stays the global batch:
 every rank draws the same permutation each epoch and takes its share of every global batch, so
 K processes take the optimizer steps one process would. Only rank 0 logs and writes files.
 """
@@ -24,6 +25,8 @@ class World:
     size: int = 1
     local_rank: int = 0
     device: str = "cpu"  # where collectives' tensors live: NCCL takes CUDA tensors only
+    nodes: int = 1  # torchrun's agents, one per machine
+    restarts: int = 0  # how often torchrun restarted the workers before this attempt (--max-restarts)
 
     @property
     def main(self) -> bool:
@@ -32,6 +35,9 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+
+JOIN_TIMEOUT = timedelta(hours=2)  # generous: ranks > 0 wait while rank 0 alone tests and writes the summary
 
 
 def launched_rank() -> int:
@@ -50,10 +56,20 @@ def join(device_name: str) -> tuple[World, str]:
     if cuda:
         torch.cuda.set_device(local_rank)
         device_name = f"cuda:{local_rank}"
-    world = World(int(os.environ["RANK"]), size, local_rank, device_name if cuda else "cpu")
+    world = World(int(os.environ["RANK"]), size, local_rank, device_name if cuda else "cpu",
+                  int(os.environ.get("GROUP_WORLD_SIZE", "1")), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
     if not dist.is_initialized():
-        # Generous: ranks > 0 wait while rank 0 alone evaluates on test and writes the summary.
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+        backend = "nccl" if cuda else "gloo"
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # torchrun's agent keeps one store across worker restarts (--max-restarts), so a restarted
+            # group would read the keys of the attempt before, a dead worker's address among them, and
+            # hang connecting to it (pytorch/pytorch#135712): each attempt gets keys of its own.
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size, is_master=False,
+                                  timeout=JOIN_TIMEOUT)
+            store = dist.PrefixStore(f"imgcls/attempt-{world.restarts}", store)
+            dist.init_process_group(backend, store=store, rank=world.rank, world_size=size, timeout=JOIN_TIMEOUT)
+        else:
+            dist.init_process_group(backend, timeout=JOIN_TIMEOUT)
         _joined.append(True)
     return world, device_name
 

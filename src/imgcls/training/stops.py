@@ -1,4 +1,5 @@
-"""How training stops before its last epoch: Ctrl-C or SIGTERM (finish the step, save, `Interrupted`),
+"""How training stops before its last epoch: Ctrl-C, SIGTERM or SIGUSR1 (finish the step, save, `Interrupted`;
+SIGTERM and SIGUSR1 are what clusters send before preempting a job),
 or a non-finite loss or weight (`Diverged`: stop without saving, the last good checkpoint stays). Stops
 are decided at step boundaries, together by every rank (loop.py)."""
 
@@ -13,7 +14,7 @@ from imgcls.errors import UserError
 
 
 class Interrupted(Exception):
-    """Training stopped early (Ctrl-C, SIGTERM or a step limit); last.pt holds the resumable state."""
+    """Training stopped early (Ctrl-C, SIGTERM, SIGUSR1 or a step limit); last.pt holds the resumable state."""
 
     def __init__(self, run_dir, epoch: int, step: int, signum: int | None = None):
         super().__init__(f"stopped in epoch {epoch + 1} after step {step}")
@@ -25,9 +26,9 @@ class Diverged(UserError):
 
 
 class StopOnSignal:
-    """First Ctrl-C or SIGTERM: finish the current step, save, stop. A second one: stop at once."""
+    """First Ctrl-C, SIGTERM or SIGUSR1: finish the current step, save, stop. A second one: stop at once."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self, announce: bool = True):
         self.signum: int | None = None

@@ -156,6 +156,8 @@ def summarize(ctx: TrainingContext, run: Path, state: TrainState, cache_seconds:
                                 for n in g.params),
         "feature_cache_s": cache_seconds,
         "processes": ctx.world.size,
+        "nodes": ctx.world.nodes,
+        "restarts": ctx.world.restarts,  # torchrun's worker restarts before the attempt that finished
         **{k: scores[k] for k in MULTILABEL_KEYS if k in scores},
     }
 

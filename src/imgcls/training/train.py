@@ -13,6 +13,7 @@ use; one killed outright (kill -9) before then is continued from scratch by --re
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from imgcls import rundir
-from imgcls.config import TrainConfig, load_config, validate
+from imgcls.config import TrainConfig, config_record, load_config, validate
 from imgcls.data import Dataset, Preprocessing, per_image_transform
 from imgcls.data.audit import quick_audit
 from imgcls.data.presets import PixelRecipe, TrainTransform
@@ -48,8 +49,12 @@ __all__ = ["Diverged", "Interrupted", "fit"]  # what callers of fit catch
 
 
 def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_after_steps: int | None = None, *,
-        quiet: bool | None = None, allow_data_change: bool = False, dataset: Dataset | None = None) -> Path:
+        quiet: bool | None = None, allow_data_change: bool = False, dataset: Dataset | None = None,
+        auto_resume: bool = False) -> Path:
     """Train a new run from `cfg`, or continue the run in `resume`. Returns the run folder.
+
+    `auto_resume` (with `cfg`, whose `out` names the run): start cfg.out, or continue it when it was begun
+    with the same options, by rundir.auto_resume_target's rule; a run found finished is returned as it is.
 
     `stop_after_steps` stops (as Ctrl-C would) once that many micro-batches have run in total (at the
     end of the accumulation window it falls in); used to time-box a job and by the resume tests.
@@ -59,21 +64,49 @@ def fit(cfg: TrainConfig | None = None, resume: str | Path | None = None, stop_a
     """
     if (cfg is None) == (resume is None) or (dataset is not None and resume is not None):
         raise ValueError("fit takes either a config (and optionally a dataset) or a run folder to resume")
+    if auto_resume and (cfg is None or not cfg.out or dataset is not None):
+        raise ValueError("auto_resume needs a config that names its run folder (out)")
     if resume is not None:
         cfg = load_config(rundir.require_run(resume) / rundir.CONFIG)
     validate(cfg)  # a resumed run's config too: it may have been edited by hand
     if quiet is not None:
         cfg = cfg.replace(quiet=quiet)
+    options = json.loads(json.dumps(config_record(cfg)))  # as given, in plan.json's types; auto resume compares
     world, device_name = distributed.join(cfg.device)
     try:
+        if auto_resume:
+            resume = _auto_resume_target(cfg, options, world)
+            if resume is not None and (resume / rundir.SUMMARY).exists():
+                if world.main:  # also when quiet: a requeued job should say why it trained nothing
+                    print(f"run {resume} already finished training with these options; nothing to do",
+                          file=sys.stderr, flush=True)
+                return resume
+            if resume is not None:
+                cfg = load_config(resume / rundir.CONFIG).replace(quiet=cfg.quiet)
+                validate(cfg)
         with StopOnSignal(announce=world.main and not cfg.quiet) as stop:
-            return _train(cfg, resume, world, device_name, stop, stop_after_steps, allow_data_change, dataset)
+            return _train(cfg, resume, world, device_name, stop, stop_after_steps, allow_data_change, dataset, options)
     finally:
         distributed.leave(world)
 
 
+def _auto_resume_target(cfg: TrainConfig, options: dict, world: World) -> Path | None:
+    """Rank 0 decides whether cfg.out is started or continued (one decision, before anyone writes), and every
+    rank learns it, or its one-line refusal."""
+    target, error = None, None
+    if world.main:
+        try:
+            target = rundir.auto_resume_target(cfg.out, options)
+        except UserError as e:
+            error = str(e)
+    target, error = distributed.from_main(world, (target, error))
+    if error:
+        raise UserError(error)
+    return target
+
+
 def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopOnSignal,
-           stop_after_steps: int | None, allow_data_change: bool, dataset: Dataset | None) -> Path:
+           stop_after_steps: int | None, allow_data_change: bool, dataset: Dataset | None, options: dict) -> Path:
     # Before the slow part, so the user learns at once; on every rank, so none goes on alone.
     if resume is None and cfg.out:
         rundir.refuse_existing(cfg.out)
@@ -85,6 +118,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
     has_last = resume is not None and (Path(resume) / rundir.LAST).exists()
     kept = rundir.run_exclusions(resume, cfg) if resume is not None else None  # the list as the run began
     ctx = build_context(cfg, world, device_name, fresh=not has_last, dataset=dataset, exclude=kept)  # the plan
+    ctx.plan["options"] = options  # a new run records what was asked, beside what the plan made of it
     if world.main and resume is None and dataset is None:
         for line in quick_audit(ctx.dataset):  # same images in two splits, strong imbalance: one line each
             print(f"warning: {line}", file=sys.stderr, flush=True)
@@ -100,7 +134,8 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
         cache_seconds = _train_epochs(ctx, run, state, aug_gen, stop, stop_after_steps, tb)
         if world.main:
             summary = summarize(ctx, run, state, cache_seconds)
-            summary["kernels"] = rundir.read_plan(run)  # how the plan was made, also for a resumed run
+            plan = rundir.read_plan(run)  # how the plan was made, also for a resumed run
+            summary["kernels"] = plan and {k: v for k, v in plan.items() if k != "options"}  # config.yaml has them
             rundir.write_sealed_json(run / rundir.SUMMARY, summary)  # the card, report and compare read it
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
@@ -264,7 +299,8 @@ def _val_share(val, world: World):
 def _announce(ctx: TrainingContext, run: Path) -> None:
     """The run's one-paragraph header, printed once Ctrl-C is handled (a caller may interrupt from here on)."""
     cfg, dataset, world = ctx.cfg, ctx.dataset, ctx.world
-    where = f"{ctx.device.type} {ctx.precision}" + (f", {world.size} processes" if world.distributed else "")
+    where = (f"{ctx.device.type} {ctx.precision}" + (f", {world.size} processes" if world.distributed else "")
+             + (f" on {world.nodes} nodes" if world.nodes > 1 else ""))
     print(f"run {run}: {cfg.model} ({count_parameters(ctx.model) / 1e6:.2f}M params) on {dataset.name} "
           f"{dataset.img_size}px, train/val/test {len(dataset.train)}/{len(dataset.val) if dataset.val else 0}/"
           f"{len(dataset.test) if dataset.test else 0}, {where}"
