@@ -361,6 +361,7 @@ DIRECT_WRITES = {
     "imgcls.reporting.predictions": "rows streamed into the temporary path write_rows' atomic_path gives",
     "imgcls.evaluation.analysis": "np.savez_compressed into the temporary path of rundir.atomic_path",
     "imgcls.plotting": "fig.savefig into the temporary path of rundir.atomic_path",
+    "imgcls.data.shards": "a PNG into a buffer for a tar member; the tars into a staging folder, renamed whole",
 }
 
 

@@ -120,13 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     _use_parsers(sub, common)
     _compare_parsers(sub, common)
     _audit_parser(sub, common)
+    _shard_parser(sub, common)
     return parser
 
 
 def _use_parsers(sub, common) -> None:
     pr = sub.add_parser("predict", parents=[common], help="classify image files with a run or an export")
     pr.add_argument("run", help="run folder, a .onnx file or a safetensors folder written by imgcls export")
-    pr.add_argument("images", nargs="*", help="image files, folders (recursive) and globs, mixed")
+    pr.add_argument("images", nargs="*", help="image files, folders (recursive) and globs, mixed; or one shard set "
+                    "(a folder written by imgcls shard, or a brace pattern of its tar files)")
     pr.add_argument("--out", help="write rows to a .csv, .jsonl or .parquet file (with a progress bar)")
     add_options(pr, "--topk", "--json", "--checkpoint", "--device", "--list", "--tta", "--reject", "--target-accuracy",
                 "--coverage", "--batch-size", "--workers", "--quiet")
@@ -371,9 +373,10 @@ def cmd_predict(args) -> int:
         what = args.list or (args.images[0] if len(args.images) == 1 else f"{len(args.images)} paths")
         _about(f"predict: {what} with {args.run}; writes {args.out}")
     from imgcls import rundir
+    from imgcls.data.shards import is_shards
     from imgcls.evaluation.evaluate import parse_tta_flag
     from imgcls.inference.exported import open_engine
-    from imgcls.inference.files import collect_paths, predict_rows
+    from imgcls.inference.files import collect_paths, predict_rows, shard_rows
     from imgcls.progress import track
     from imgcls.reporting.predictions import check_out, format_row, write_rows
     from imgcls.runtime import resolve_device
@@ -386,10 +389,16 @@ def cmd_predict(args) -> int:
         raise UserError("--reject says 'unknown' below one confidence; a multi-label model decides each label at its "
                         "own threshold (tuned on val) and may give none: drop --reject")
     threshold = engine.threshold(args.reject, args.target_accuracy, args.coverage)
-    paths = collect_paths(args.images, args.list)
+    shards = [name for name in args.images if is_shards(name)]
+    if shards and (len(args.images) > 1 or args.list):
+        raise UserError(f"{shards[0]} is a shard set; predict one shard set at a time, without other files or --list")
+    paths = [Path(shards[0])] if shards else collect_paths(args.images, args.list)
     if out is not None:
         rundir.refuse_run_file(out, inputs=(args.list, *paths))
-    rows = predict_rows(engine, paths, args.topk, tta, threshold, args.workers)
+    if shards:
+        count, rows = shard_rows(engine, shards[0], args.topk, tta, threshold)
+    else:
+        count, rows = len(paths), predict_rows(engine, paths, args.topk, tta, threshold, args.workers)
     if out is None:
         rows = list(rows)
         if args.json:
@@ -398,7 +407,7 @@ def cmd_predict(args) -> int:
             print("\n".join(format_row(r) for r in rows))
         return 0
     start = time.perf_counter()
-    counts = write_rows(track(rows, len(paths), "predict", enabled=not args.quiet), out, args.topk)
+    counts = write_rows(track(rows, count, "predict", enabled=not args.quiet), out, args.topk)
     rule = "" if threshold is None else f", {counts['rejected']} rejected below {threshold:.4f}"
     replaced = f" (replaced the existing {_replaced_name(Path(out))})" if counts["replaced"] else ""
     print(f"wrote {out}{replaced}: {counts['images']} files, {counts['errors']} unreadable{rule}; "
@@ -580,8 +589,8 @@ def _audit_parser(sub, common) -> None:
                                      "command. With --labels, also the images whose label is probably wrong: "
                                      "out-of-fold probabilities by K-fold cross-validation, ranked by confident "
                                      "learning (cleanlab), written to a CSV that train --exclude reads.")
-    aud.add_argument("data", help="cifar10, cifar10-mini, an image folder or a manifest (.csv/.jsonl, one or "
-                                  "several labels per image), as --data in train")
+    aud.add_argument("data", help="cifar10, cifar10-mini, an image folder, a manifest (.csv/.jsonl, one or "
+                                  "several labels per image) or shards written by imgcls shard, as --data in train")
     aud.add_argument("--img-size", type=integer, help="the size you will train at; folder images under half of it are "
                                                   "reported as small (64); with --labels, the size the label "
                                                   "model sees (default: its own)")
@@ -628,9 +637,13 @@ def cmd_audit(args) -> int:
         check_out(target, suffix, within=_folders(args.data, args.data_dir),
                   flag="--out" if target == out else f"--out {args.out} (its {suffix[1:]} file)")
     if args.labels:
+        from imgcls.data.shards import is_shards
         from imgcls.evaluation.label_issues import check_installed
         from imgcls.training.out_of_fold import check_label_options
 
+        if is_shards(args.data):
+            raise UserError("--labels trains K models on images held in memory, which shards are written not to be; "
+                            "audit --labels the folder or manifest the shards were written from")
         check_installed()
         folds, seed = 5 if args.folds is None else args.folds, 0 if args.seed is None else args.seed
         check_label_options(folds, args.label_epochs, seed)
@@ -651,10 +664,53 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _shard_parser(sub, common) -> None:
+    sh = sub.add_parser("shard", parents=[common], help="write a dataset as WebDataset tar shards that train, eval "
+                        "and audit stream", description="Every split of DATA (val carved as train would carve it), "
+                        "resized once to --img-size, written as WebDataset tar shards (SPLIT-NNNNNN.tar: .cls and "
+                        ".png per sample, in a seeded random order) with shards.json (classes, counts, sizes, "
+                        "labels, digests). train --data DIR (or a brace pattern of its tar files) then streams them.")
+    sh.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
+    sh.add_argument("--out", required=True, help="the new folder of shards (must not exist)")
+    sh.add_argument("--shard-size", type=integer, default=1000, help="samples per shard (1000)")
+    sh.add_argument("--img-size", type=integer, help="the size every image is resized to, once (64; 32 for the "
+                                                      "built-in sets)")
+    sh.add_argument("--val-fraction", type=decimal, default=0.1, help="of train held out as val when DATA has no val/ "
+                                                                     "(0.1)")
+    sh.add_argument("--split-seed", type=integer, default=0, help="seed of that split and of the shards' order (0)")
+    add_options(sh, "--data-dir", "--quiet")
+
+
+def cmd_shard(args) -> int:
+    if not 1 <= args.shard_size <= 1_000_000:
+        raise UserError(f"--shard-size must be from 1 to 1000000 samples (got {args.shard_size}); e.g. 1000")
+    if not 0 <= args.val_fraction < 1:
+        raise UserError(f"--val-fraction must be in [0, 1) (got {args.val_fraction:g}); e.g. 0.1")
+    if not args.quiet:
+        _about(f"shard {args.data}: every split resized once and written as tar shards of {args.shard_size}; "
+               f"writes {args.out}")
+    from imgcls.data import load_dataset
+    from imgcls.data.manifest import is_manifest
+    from imgcls.data.shards import is_shards, write_shards
+    from imgcls.rundir import refuse_run_file
+
+    if is_manifest(args.data) or is_shards(args.data):
+        raise UserError(f"{args.data}: shards are written from cifar10, cifar10-mini or an image folder of class "
+                        "folders (one class per image)")
+    refuse_run_file(args.out, within=_folders(args.data, args.data_dir))
+    dataset = load_dataset(args.data, args.data_dir, args.img_size, args.val_fraction, args.split_seed, workers=2)
+    manifest = write_shards(dataset, Path(args.out), args.shard_size, seed=args.split_seed,
+                            say=None if args.quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    counts = ", ".join(f"{name} {p['count']} in {len(p['shards'])} shard{'s' * (len(p['shards']) != 1)}"
+                       for name, p in manifest["splits"].items())
+    print(f"wrote {args.out}: {counts}, {manifest['img_size']} px")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "lr-find": cmd_lr_find, "eval": cmd_eval, "calibrate": cmd_calibrate,
             "predict": cmd_predict, "cam": cmd_cam, "report": cmd_report, "models": cmd_models, "compare": cmd_compare,
             "augment-preview": cmd_augment_preview, "export": cmd_export, "audit": cmd_audit,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "shard": cmd_shard}
 
 
 def parse(argv: list[str] | None):

@@ -63,7 +63,9 @@ def opt(default: Any, help: str, *, choices: tuple | None = None, low: float | N
 @dataclass(frozen=True)
 class TrainConfig:
     # data
-    data: str = opt("cifar10-mini", "cifar10, cifar10-mini (bundled, the default) or a path to an image folder")
+    data: str = opt("cifar10-mini", "cifar10, cifar10-mini (bundled, the default), a path to an image folder, a "
+                    "manifest (.csv/.jsonl) or WebDataset shards written by imgcls shard (their folder, or a brace "
+                    "pattern of their tar files)")
     data_dir: str | None = opt(None, "for cifar10: the folder that holds cifar-10-batches-py/ (default "
                                      "$IMGCLS_DATA/cifar10, else ~/.cache/imgcls/cifar10)")
     img_size: int | None = opt(None, "input size in pixels (default: the model's native size, 32 for the CIFAR "

@@ -1,13 +1,14 @@
 """`imgcls audit DATA`: what is wrong with a dataset before anything trains on it.
 
 - Counts per class and split, the imbalance ratio (largest / smallest training class) and the smallest classes.
-- Exact duplicates: the same file bytes (folders) or the same pixels (CIFAR). Near-duplicates: a difference
-  hash (dHash) of every image, computed on whole batches of tensors: the image in gray at 9 x 8, one bit per
-  pair of horizontal neighbours (is the right one brighter?), 64 bits. A re-encoded or resized copy keeps
-  nearly every bit; two different photos agree on about half. Pairs are found without comparing all n^2:
-  the hash is cut into `max_distance + 1` bands, and two hashes within `max_distance` bits must agree on at
-  least one band exactly (pigeonhole), so only images sharing a band value are compared, vectorised.
-  Pairs across splits are leakage: the held-out score then partly measures memory.
+- Exact duplicates: the same file bytes (folders) or the same pixels (CIFAR, WebDataset shards).
+  Near-duplicates: a difference hash (dHash) of every image, computed on whole batches of tensors: the image
+  in gray at 9 x 8, one bit per pair of horizontal neighbours (is the right one brighter?), 64 bits. A
+  re-encoded or resized copy keeps nearly every bit; two different photos agree on about half. Pairs are
+  found without comparing all n^2: the hash is cut into `max_distance + 1` bands, and two hashes within
+  `max_distance` bits must agree on at least one band exactly (pigeonhole), so only images sharing a band
+  value are compared, vectorised. Pairs across splits are leakage: the held-out score then partly measures
+  memory.
 - Folders and manifests, from each file's header (Pillow reads it without decoding the pixels): unreadable
   files, images much smaller than the training size, extreme aspect ratios, channel modes other than RGB,
   EXIF rotations. Each file is decoded once, by the one decoder (data/decode.py), at a reduced JPEG scale.
@@ -35,6 +36,7 @@ from imgcls.data import folder
 from imgcls.data.datasets import BUILTIN_DATA, Dataset, load_dataset
 from imgcls.data.decode import FORMATS, DecodeError, open_rgb
 from imgcls.data.manifest import is_manifest, read_manifest
+from imgcls.data.shards import is_shards
 from imgcls.errors import UserError
 from imgcls.options import NEAR_DUPLICATE_BITS
 from imgcls.progress import track
@@ -188,16 +190,25 @@ class _Images:
         return out
 
 
-def _builtin_images(data: str, data_dir: str | None) -> _Images:
-    """CIFAR-10 or cifar10-mini as training splits it (val carved from train as `imgcls train` does)."""
-    ds = load_dataset(data, data_dir)
+def _decoded_images(data: str, data_dir: str | None) -> _Images:
+    """CIFAR-10 or cifar10-mini as training splits it (val carved from train as `imgcls train` does), or
+    WebDataset shards as written: images already decoded at one size, hashed from their pixels."""
+    shards = is_shards(data)
+    ds = load_dataset(data, data_dir, val_fraction=0 if shards else 0.1)
     splits = [(n, s) for n, s in (("train", ds.train), ("val", ds.val), ("test", ds.test)) if s is not None]
-    thumbs = torch.cat([s.images for _, s in splits])
+    hashes, dhashes, thumbs = [], [], []
+    for _, split in splits:  # a shard split is read in order, a batch at a time: memory holds the thumbnails
+        for images, _ in split.batches(torch.arange(len(split)), 256):
+            hashes += _pixel_hashes(images)
+            dhashes += [difference_hash(Image.fromarray(t.permute(1, 2, 0).numpy())) for t in images]
+            if images.shape[-1] != THUMB:
+                images = torch.nn.functional.interpolate(images.float(), size=(THUMB, THUMB), mode="area")
+                images = images.round().clamp(0, 255).to(torch.uint8)
+            thumbs.append(images)
     names = [n for n, s in splits for _ in range(len(s))]
     index = [i for _, s in splits for i in range(len(s))]
     labels = torch.cat([s.labels for _, s in splits]).numpy()
-    dhashes = np.array([difference_hash(Image.fromarray(t.permute(1, 2, 0).numpy())) for t in thumbs], np.uint64)
-    return _Images(ds.classes, names, index, labels, _pixel_hashes(thumbs), dhashes, thumbs,
+    return _Images(ds.classes, names, index, labels, hashes, np.array(dhashes, np.uint64), torch.cat(thumbs),
                    np.ones(len(labels), bool))
 
 
@@ -310,15 +321,17 @@ def _file_issues(images: _Images, min_side: int) -> dict:
             **{k: {"count": len(v), "files": v[:MAX_PAIRS]} for k, v in found.items()}}
 
 
-def suggest_command(data: str, data_dir: str | None, ratio: float, multilabel: bool = False) -> str:
+def suggest_command(data: str, data_dir: str | None, ratio: float, multilabel: bool = False,
+                    sampler: bool = True) -> str:
     """The train command this audit points to: class weights beyond 3:1, a balanced sampler beyond 10:1
-    (not both: they would correct the imbalance twice), and a checkpoint chosen by balanced accuracy; for
-    multi-label data beyond 3:1, each label's positives weighed by its negatives (--pos-weight auto)."""
+    (not both: they would correct the imbalance twice; shards, read in their own order, take the weights),
+    and a checkpoint chosen by balanced accuracy; for multi-label data beyond 3:1, each label's positives
+    weighed by its negatives (--pos-weight auto)."""
     parts = ["imgcls train", f"--data {shlex.quote(data)}"] + ([f"--data-dir {shlex.quote(data_dir)}"] if data_dir
                                                                 else [])
     if multilabel:
         return " ".join(parts + (["--pos-weight auto"] if ratio > WEIGHTS_RATIO else []))
-    if ratio > SAMPLER_RATIO:
+    if ratio > SAMPLER_RATIO and sampler:
         parts.append("--sampler balanced")
     elif ratio > WEIGHTS_RATIO:
         parts.append("--class-weights auto")
@@ -360,8 +373,9 @@ def _pair_summary(pairs: list[dict]) -> dict:
 
 def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
           max_distance: int = NEAR_DISTANCE, threads: int = 2, progress: bool = True) -> Audit:
-    """Audit `data` (cifar10, cifar10-mini, an image folder or a manifest). `img_size`: the training size, below
-    half of which a folder image counts as small (default 64, as in train)."""
+    """Audit `data` (cifar10, cifar10-mini, an image folder, a manifest, or shards written by imgcls shard).
+    `img_size`: the training size, below half of which a folder image counts as small (default 64, as in
+    train)."""
     from imgcls.config import MAX_IMG_SIZE
     from imgcls.data.datasets import MIN_IMG_SIZE
 
@@ -374,9 +388,10 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     builtin = data in BUILTIN_DATA
     if data_dir and not builtin:
         raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
+    decoded = builtin or is_shards(data)  # no files of their own: no header facts, no unreadable files
     start = time.perf_counter()
-    if builtin:
-        images = _builtin_images(data, data_dir)
+    if decoded:
+        images = _decoded_images(data, data_dir)
     elif is_manifest(data):
         images = _manifest_images(Path(data), threads, progress)
     else:
@@ -393,12 +408,13 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
         "smallest_classes": sorted(counts["train"].items(), key=lambda kv: kv[1])[:3],
         "exact_duplicates": _pair_summary(exact), "near_duplicates": _pair_summary(near),
         "near_duplicate_max_distance": max_distance,
-        "files": None if builtin else _file_issues(images, max(1, (img_size or 64) // 2)),
+        "files": None if decoded else _file_issues(images, max(1, (img_size or 64) // 2)),
         "seconds": {"read_and_hash": elapsed if not builtin else elapsed - (loaded - start), "total": elapsed},
     }
     report["images_per_s"] = len(images.labels) / max(report["seconds"]["read_and_hash"], 1e-9)
     report["warnings"] = _warnings(report)
-    report["suggested_command"] = suggest_command(data, data_dir, ratio, images.multilabel)
+    report["suggested_command"] = suggest_command(data, data_dir, ratio, images.multilabel,
+                                                  sampler=not is_shards(data))
     offsets, n = {}, 0
     for split in dict.fromkeys(images.split):
         offsets[split] = n

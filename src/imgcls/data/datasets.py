@@ -23,6 +23,7 @@ from imgcls.config import FIELDS, MAX_IMG_SIZE, NORMALIZATIONS, data_location
 from imgcls.data import cifar, folder
 from imgcls.data.exclusions import Exclusion, builtin_names, folder_names, split_names
 from imgcls.data.manifest import is_manifest, read_manifest
+from imgcls.data.shards import ShardSplit, is_shards, read_shards
 from imgcls.errors import UserError
 
 MEMORY_LIMIT_BYTES = 4 * 2**30  # folders that decode to more than this stream from disk
@@ -36,12 +37,15 @@ class Split:
     images: torch.Tensor | None = None  # uint8 N x 3 x H x W, in memory
     stream: folder.StreamingImages | None = None  # or decoded on demand
     workers: int = 0
+    shards: ShardSplit | None = None  # or read from WebDataset shards (data/shards.py)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     @property
     def img_size(self) -> int:
+        if self.shards is not None:
+            return self.shards.size
         return self.images.shape[-1] if self.images is not None else self.stream.size
 
     def batches(self, order: torch.Tensor, batch_size: int, seed: int = 0, first: int = 0):
@@ -54,6 +58,12 @@ class Split:
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
                 yield self.images[idx], self.labels[idx]
+            return
+        if self.shards is not None:  # in shard order (training takes shards.chunk_batches instead)
+            at = 0
+            for images in self.shards.in_order(self.shards.ids(order), batch_size):
+                yield images, self.labels[order[at : at + len(images)]]
+                at += len(images)
             return
         loader = torch.utils.data.DataLoader(
             self.stream,
@@ -68,6 +78,8 @@ class Split:
     def subset(self, idx: torch.Tensor) -> Split:
         if self.images is not None:
             return Split(self.labels[idx], images=self.images[idx])
+        if self.shards is not None:
+            return Split(self.labels[idx], shards=self.shards.subset(idx), workers=self.workers)
         files = [self.stream.files[i] for i in idx.tolist()]
         labels = [self.stream.labels[i] for i in idx.tolist()]
         stream = folder.StreamingImages(files, labels, self.stream.size, crop_pct=self.stream.crop_pct)
@@ -136,6 +148,10 @@ def _content_hash(*splits: Split | None) -> str:
             continue
         if split.images is not None:
             h.update(split.images.numpy().tobytes())
+        elif split.shards is not None:  # the digests the manifest records, and which samples are taken
+            h.update(";".join(f.sha256 for f in split.shards.files).encode())
+            if split.shards.keep is not None:
+                h.update(split.shards.keep.numpy().tobytes())
         else:
             for path in split.stream.files:
                 h.update(f"{Path(path).parent.name}/{Path(path).name}:{Path(path).stat().st_size};".encode())
@@ -212,6 +228,10 @@ def load_dataset(
         train, val, test, classes, size, excluded = _load_builtin(data, data_dir, img_size or 32, val_fraction,
                                                                   split_seed, download, exclude)
         normalization = "cifar"
+    elif is_shards(data):
+        train, val, test, classes, size = _load_shards(data, img_size, val_fraction, split_seed, workers, exclude,
+                                                       task)
+        normalization, excluded = "imagenet", None
     elif is_manifest(data):
         train, val, test, classes, size, task, excluded = _load_manifest(Path(data), img_size or 64, val_fraction,
                                                                          split_seed, crop_pct, task, exclude)
@@ -285,6 +305,27 @@ def _load_builtin(data: str, data_dir: str | None, size: int, val_fraction: floa
     x_train, x_test = _resize(x_train, size), _resize(x_test, size)
     train, val = _carve_val(Split(y_train, images=x_train), val_fraction, split_seed, classes)
     return train, val, Split(y_test, images=x_test), classes, size, excluded
+
+
+def _load_shards(data: str, img_size: int | None, val_fraction: float, split_seed: int, workers: int,
+                 exclude: list[str] | None, task: str):
+    """(train, val, test, classes, size) of WebDataset shards written by imgcls shard: their splits as written
+    and at the size they were written at. Training reads whole shards, so val is never carved from them."""
+    manifest, parts = read_shards(data)
+    size = manifest["img_size"]
+    if img_size is not None and img_size != size:
+        raise UserError(f"{data} holds {size} px images; pass --img-size {size} (or write shards at {img_size} px)")
+    if exclude is not None:
+        raise UserError("--exclude names images of a folder or manifest; shards have none of their names: exclude "
+                        "the images before writing the shards")
+    if task == "multilabel":
+        raise UserError("shards hold one class per image; --task multilabel needs a manifest")
+    splits = {name: Split(part.labels.clone(), shards=part, workers=workers) for name, part in parts.items()}
+    if "val" not in splits and val_fraction > 0:
+        raise UserError(f"{data} has no val shards, and training reads whole shards, so none can be carved; name "
+                        "the val shards too, write the shards with a val split (imgcls shard --val-fraction), or "
+                        "pass --val-fraction 0")
+    return splits["train"], splits.get("val"), splits.get("test"), manifest["classes"], size
 
 
 def _load_manifest(path: Path, size: int, val_fraction: float, split_seed: int, crop_pct: float, task: str,

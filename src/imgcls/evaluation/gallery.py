@@ -14,6 +14,8 @@ def by_index(split: Split) -> Split:
     index = torch.arange(len(split))
     if split.images is not None:
         return Split(index, images=split.images)
+    if split.shards is not None:
+        return Split(index, shards=split.shards, workers=split.workers)
     s = split.stream
     return Split(index, stream=StreamingImages(s.files, index.tolist(), s.size, crop_pct=s.crop_pct),
                  workers=split.workers)

@@ -1,6 +1,7 @@
 """Image files through an engine: the paths a user names, decoded in DataLoader workers with the
 engine's preprocessing, scored a batch at a time. Memory stays flat however many files there are, and a
-file that cannot be read becomes a row with an error, never a crash."""
+file that cannot be read becomes a row with an error, never a crash. WebDataset shards (data/shards.py)
+are scored a shard at a time."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from imgcls.data.decode import FORMAT_NAMES, DecodeError
+from imgcls.data.folder import fit
 from imgcls.data.preprocessing import Preprocessing
 from imgcls.data.presets import tta_view_count
 from imgcls.errors import UserError, first_line, shown
@@ -178,6 +181,36 @@ def predict_rows(engine: Engine, paths: list[Path], topk: int = 3, tta: str | in
             j = next(readable) if error is None else None
             yield row(paths[i], engine.classes, scores.probs[j] if j is not None else None,
                       scores.logits[j] if j is not None else None, k, threshold, error, engine.thresholds)
+
+
+def shard_rows(engine: Engine, data: str, topk: int = 3, tta: str | int = "none",
+               threshold: float | None = None) -> tuple[int, Iterator[dict]]:
+    """(how many, one row per sample) of the shards `data` names (a folder written by imgcls shard: every
+    split; a brace pattern: the splits it names), in shard order, a shard decoded at a time; a row's `path`
+    is SHARD#KEY, the tar file and the sample's WebDataset key. Samples at a size other than the model's go
+    through its resize rule, as a PNG file of them would."""
+    from imgcls.data.shards import read_shards
+
+    _, splits = read_shards(data, need_train=False)
+    prep, k = engine.preprocessing, min(topk, len(engine.classes))
+    batch = max(1, engine.batch_size // tta_view_count(tta))
+
+    def rows() -> Iterator[dict]:
+        gen = torch.Generator().manual_seed(0)
+        for split in splits.values():
+            for shard, f in enumerate(split.files):
+                pixels = split.read(shard, 0, f.count).permute(0, 2, 3, 1)  # N x S x S x 3, as files load
+                if split.size != prep.img_size or prep.crop_pct != 1.0:
+                    pixels = torch.from_numpy(np.stack([fit(Image.fromarray(p.numpy()), prep.img_size,
+                                                            prep.crop_pct) for p in pixels]))
+                for start in range(0, f.count, batch):
+                    scores = engine.score(pixels[start : start + batch], tta, gen)
+                    for j in range(len(scores.probs)):
+                        name = f"{f.path}#{split.name}-{f.first + start + j:08d}"
+                        yield row(Path(name), engine.classes, scores.probs[j], scores.logits[j], k, threshold,
+                                  None, engine.thresholds)
+
+    return sum(len(s.labels) for s in splits.values()), rows()
 
 
 def score_all(engine: Engine, paths: list[Path], workers: int = 2) -> tuple[Scores | None, int]:

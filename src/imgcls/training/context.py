@@ -24,7 +24,7 @@ from imgcls.config import (
     resolved_strategy,
     unresolved,
 )
-from imgcls.data import Dataset, load_dataset, normalize
+from imgcls.data import Dataset, load_dataset, normalize, shards
 from imgcls.data.exclusions import excluded_names
 from imgcls.errors import UserError
 from imgcls.inference.engine import Engine
@@ -120,7 +120,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
         kernels.precision_train = "fp32" if cfg.precision == "auto" else cfg.precision
     precision = kernels.precision_train
     cfg = resolve(cfg, Facts(device.type, precision, kernels.precision_eval, dataset.img_size, dataset.normalization,
-                             "stream" if dataset.train.stream is not None else "memory",
+                             "memory" if dataset.train.images is not None else "stream",
                              prefetch_default(device.type) if cfg.prefetch == "auto" else cfg.prefetch,
                              default_monitor(dataset) if cfg.monitor == "auto" else cfg.monitor,
                              {f: getattr(kernels, KERNEL_SOURCES[f]) for f in KERNEL_FIELDS}, dataset.task))
@@ -128,7 +128,11 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
         raise RuntimeError(f"the run plan left {', '.join(unresolved(cfg))} undecided")
     configure(model, cfg.attention, cfg.depthwise_precision, cfg.memory_format)
     groups = plan_groups(model, cfg)
-    steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
+    if dataset.train.shards is not None and not cfg.cache_features:
+        check_shard_options(cfg)
+        steps_per_epoch = shards.steps_per_epoch(dataset.train.shards, cfg.batch_size // world.size, world.size)
+    else:
+        steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
     per_epoch = optimizer_steps(steps_per_epoch, cfg.accum_steps)
     optimizer, scheduler = build_optimizer(model, cfg, per_epoch, groups)
     plateau = None
@@ -288,6 +292,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: i
               "plateau": lambda: warmup_constant(warmup, start)}[cfg.schedule]()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, scheduler
+
+
+def check_shard_options(cfg: TrainConfig) -> None:
+    """The options that need to pick training images by index, which shards read in their own order refuse."""
+    given = [f for f, on in (("--sampler", cfg.sampler != "uniform"), ("--alt-flip", cfg.alt_flip)) if on]
+    if given:
+        raise UserError(f"{' and '.join(given)} choose{'s' * (len(given) == 1)} training images by index; shards "
+                        "are read a shard at a time in a shuffled order: drop it, or train on the image folder")
 
 
 def steps_in_epoch(n: int, batch_size: int, world: World) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from imgcls.data import Split
+from imgcls.data import Split, shards
 from imgcls.training import distributed
 from imgcls.training.context import TrainingContext
 from imgcls.training.imbalance import epoch_order
@@ -22,6 +22,13 @@ def epoch_batches(ctx: TrainingContext, train: Split, done_steps: int, epoch: in
     one seeded order shared by every rank (a permutation, or a class-rebalancing draw with --sampler), each
     rank taking its share of every global batch, skipping the `done_steps` a resumed run already took."""
     cfg, world = ctx.cfg, ctx.world
+    if train.shards is not None:  # shards are read a chunk at a time, each rank its own range (data/shards.py)
+        if done_steps == 0:
+            aug_gen.manual_seed(stream_seed(ctx.rank_seed, epoch, 1))
+        local_batch = cfg.batch_size // world.size
+        chunks = shards.epoch_chunks(train.shards, stream_seed(cfg.seed, epoch, 0), world.rank, world.size,
+                                     done_steps * local_batch)
+        return shards.chunk_batches(train.shards, chunks, train.labels, local_batch, train.workers)
     order = epoch_order(cfg.sampler, ctx.dataset.train.labels, torch.Generator().manual_seed(
         stream_seed(cfg.seed, epoch, 0)))[: ctx.steps_per_epoch * cfg.batch_size]
     if done_steps == 0:
