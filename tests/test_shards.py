@@ -222,3 +222,17 @@ def test_a_killed_shard_command_leaves_no_folder_and_the_next_one_clears_its_sta
     assert subprocess.run(cmd, capture_output=True, timeout=600).returncode == 0
     assert [p.name for p in tmp_path.iterdir()] == ["mini"]  # the stale stage removed
     assert load_dataset(str(out), val_fraction=0.0).train.labels.shape == (4500,)
+
+
+def test_jpeg_shards_hold_the_images_to_within_a_few_levels(tiny_folder, folder_data, tmp_path):
+    out = tmp_path / "jpg"
+    assert main(["shard", str(tiny_folder), "--out", str(out), "--img-size", "32", "--image-format", "jpg",
+                 "--quiet"]) == 0
+    data = load_dataset(str(out))
+    assert json.loads((out / MANIFEST).read_text())["image_format"] == "jpg"
+    order = torch.randperm(30, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([x for x, _ in data.test.batches(torch.arange(30), 8)])
+    error = (images.float() - folder_data.test.images[order].float()).abs()
+    assert 0 < error.mean() < 2.0 and torch.equal(data.test.labels, folder_data.test.labels[order])
+    assert [s["__key__"] for s in wds.WebDataset(str(out / "test-000000.tar"), shardshuffle=False)
+            if "jpg" in s][:2] == ["test-00000000", "test-00000001"]

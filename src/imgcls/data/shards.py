@@ -3,8 +3,11 @@ one folder walk or one machine's memory, read the same way on every rank of a cl
 
     DIR/shards.json             classes, image size, per split its shards (name, samples, bytes, sha256) and
                                 labels in shard order, a content digest; sealed
-    DIR/{split}-{k:06d}.tar     samples `{split}-{i:08d}.cls` (the class index) and `.png` (S x S RGB), the
-                                layout timm's and OpenCLIP's WebDataset readers take
+    DIR/{split}-{k:06d}.tar     samples `{split}-{i:08d}.cls` (the class index) and `.png` or `.jpg` (S x S
+                                RGB), the layout timm's and OpenCLIP's WebDataset readers take
+
+PNG (the default) keeps exactly the pixels a folder run trains on; JPEG at quality 95 (4:4:4) is smaller and
+decodes faster (bench/shard_throughput.py, docs/results.md).
 
 Samples are written in a seeded random order, so every shard mixes the classes. Training reads them a
 chunk at a time (data/shards.py `epoch_chunks`): each epoch the shards are shuffled (seeded), the sequence
@@ -37,6 +40,8 @@ from imgcls.errors import UserError
 MANIFEST = "shards.json"
 FORMAT = "imgcls-shards/1"
 SPLITS = ("train", "val", "test")
+IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # the member's extension: Pillow's format name
+JPEG_QUALITY = 95
 MAX_OUT_OF_ORDER = 4096  # samples read in an order other than the shards' (a report's gallery) held at once
 
 
@@ -57,6 +62,7 @@ class ShardSplit:
     files: list[ShardFile]
     labels: torch.Tensor  # int64, the manifest's, in shard order
     size: int
+    ext: str  # of the image members, a key of IMAGE_FORMATS
     keep: torch.Tensor | None = None  # a subset: the split indices it holds, in its order
 
     def __len__(self) -> int:
@@ -75,7 +81,7 @@ class ShardSplit:
         f = self.files[shard]
         out = np.empty((stop - start, self.size, self.size, 3), dtype=np.uint8)
         with tarfile.open(f.path, "r:") as tar:
-            for i, (cls, png) in enumerate(_samples(tar, f, self.name)):
+            for i, (cls, encoded) in enumerate(_samples(tar, f, self.name, self.ext)):
                 if i >= stop:
                     break
                 if i < start:
@@ -84,7 +90,7 @@ class ShardSplit:
                 if int(cls) != int(self.labels[index]):
                     raise _damaged(f.path, f"sample {index} has class {cls.decode(errors='replace')!r}, the manifest "
                                            f"{int(self.labels[index])}")
-                out[i - start] = _pixels(png, self.size, f.path, index)
+                out[i - start] = _pixels(encoded, self.ext, self.size, f.path, index)
             else:
                 if i + 1 < stop:
                     raise _damaged(f.path, f"it holds {i + 1} samples, the manifest {f.count}")
@@ -128,26 +134,27 @@ class ShardSplit:
             yield torch.cat(pending)
 
 
-def _samples(tar: tarfile.TarFile, f: ShardFile, split: str):
-    """(class bytes, PNG bytes) of each sample of one shard, its members checked to be the expected pairs."""
+def _samples(tar: tarfile.TarFile, f: ShardFile, split: str, ext: str):
+    """(class bytes, image bytes) of each sample of one shard, its members checked to be the expected pairs."""
     members = iter(tar)
     for i in range(f.count):
         key = f"{split}-{f.first + i:08d}"
         pair = {}
-        for ext in ("cls", "png"):
+        for part in ("cls", ext):
             member = next(members, None)
-            if member is None or member.name != f"{key}.{ext}" or not member.isfile():
+            if member is None or member.name != f"{key}.{part}" or not member.isfile():
                 found = "nothing" if member is None else repr(member.name)
-                raise _damaged(f.path, f"expected {key}.{ext}, found {found}")
-            pair[ext] = tar.extractfile(member).read()
-        yield pair["cls"], pair["png"]
+                raise _damaged(f.path, f"expected {key}.{part}, found {found}")
+            pair[part] = tar.extractfile(member).read()
+        yield pair["cls"], pair[ext]
 
 
-def _pixels(png: bytes, size: int, path: Path, index: int) -> np.ndarray:
+def _pixels(encoded: bytes, ext: str, size: int, path: Path, index: int) -> np.ndarray:
+    kind = IMAGE_FORMATS[ext]
     try:
-        with Image.open(io.BytesIO(png)) as img:
-            if img.format != "PNG" or img.size != (size, size) or img.mode != "RGB":
-                raise _damaged(path, f"sample {index} is not a {size} x {size} RGB PNG")
+        with Image.open(io.BytesIO(encoded)) as img:
+            if img.format != kind or img.size != (size, size) or img.mode != "RGB":
+                raise _damaged(path, f"sample {index} is not a {size} x {size} RGB {kind}")
             return np.asarray(img, dtype=np.uint8)
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise _damaged(path, f"sample {index} does not decode ({e})") from None
@@ -222,19 +229,23 @@ def chunk_batches(split: ShardSplit, chunks: list[Chunk], labels: torch.Tensor, 
     are the Split's, indexed by split index."""
     loader = torch.utils.data.DataLoader(_ChunkReader(split, chunks), batch_size=None, num_workers=workers,
                                          prefetch_factor=1 if workers else None)
-    images, ids = [], []
-    held = 0
+    rest_x, rest_i = None, None  # the samples of earlier chunks that did not fill a batch
     for pixels, index in loader:
-        images.append(pixels)
-        ids.append(index)
-        held += len(index)
-        while held >= batch_size:
-            x, i = torch.cat(images), torch.cat(ids)
-            yield x[:batch_size], labels[i[:batch_size]]
-            images, ids, held = [x[batch_size:]], [i[batch_size:]], held - batch_size
-    if held:
-        i = torch.cat(ids)
-        yield torch.cat(images), labels[i]
+        if rest_x is not None:  # only the tail is joined to the next chunk, never the whole chunk again
+            take = min(batch_size - len(rest_i), len(index))
+            rest_x, rest_i = torch.cat([rest_x, pixels[:take]]), torch.cat([rest_i, index[:take]])
+            pixels, index = pixels[take:], index[take:]
+            if len(rest_i) < batch_size:
+                continue
+            yield rest_x, labels[rest_i]
+            rest_x, rest_i = None, None
+        full = len(index) - len(index) % batch_size
+        for start in range(0, full, batch_size):
+            yield pixels[start : start + batch_size], labels[index[start : start + batch_size]]
+        if full < len(index):
+            rest_x, rest_i = pixels[full:].clone(), index[full:].clone()
+    if rest_x is not None:
+        yield rest_x, labels[rest_i]
 
 
 # ---------------------------------------------------------------- reading a shard set
@@ -277,7 +288,8 @@ def read_shards(data: str, need_train: bool = True) -> tuple[dict, dict[str, Sha
                 raise UserError(f"shard {f.path} is missing; restore it, or write the shards again with imgcls shard")
             if f.path.stat().st_size != f.bytes:
                 raise _damaged(f.path, f"it has {f.path.stat().st_size} bytes, the manifest {f.bytes}")
-        splits[name] = ShardSplit(name, files, torch.tensor(part["labels"], dtype=torch.int64), manifest["img_size"])
+        splits[name] = ShardSplit(name, files, torch.tensor(part["labels"], dtype=torch.int64), manifest["img_size"],
+                                  manifest["image_format"])
     if chosen is not None:
         unknown = chosen - {Path(e["name"]).name for p in manifest["splits"].values() for e in p["shards"]}
         if unknown:
@@ -292,6 +304,7 @@ def _check_manifest(m: dict, folder: Path) -> None:
     ok = (m.get("format") == FORMAT and isinstance(m.get("classes"), list) and len(m["classes"]) >= 2
           and len(set(m["classes"])) == len(m["classes"]) and all(isinstance(c, str) for c in m["classes"])
           and isinstance(m.get("img_size"), int) and 8 <= m["img_size"] <= 1024
+          and m.get("image_format") in IMAGE_FORMATS
           and isinstance(m.get("splits"), dict) and set(m["splits"]) <= set(SPLITS))
     if not ok:
         raise UserError(f"{where} is not an imgcls shard manifest ({FORMAT}); write the shards again with imgcls shard")
@@ -311,9 +324,10 @@ def _check_manifest(m: dict, folder: Path) -> None:
 # ---------------------------------------------------------------- writing a shard set
 
 
-def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None) -> dict:
-    """Every split of `dataset` (images already at its size) as shards in `out`, written into a staging
-    folder beside it and renamed into place whole. Returns the manifest."""
+def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None, image_format: str = "png") -> dict:
+    """Every split of `dataset` (images already at its size) as shards in `out`, each image a PNG or a JPEG
+    (`image_format`: png or jpg), written into a staging folder beside it and renamed into place whole.
+    Returns the manifest."""
     import webdataset as wds
 
     from imgcls.rundir import TMP_MARK, remove_stale_temps, write_sealed_json
@@ -325,8 +339,12 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None) -
         raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it or name another")
     remove_stale_temps(out)
     stage = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+    if image_format not in IMAGE_FORMATS:
+        raise UserError(f"--image-format must be png or jpg (got {image_format!r})")
+    encode = {"format": "PNG"} if image_format == "png" else {"format": "JPEG", "quality": JPEG_QUALITY,
+                                                               "subsampling": 0}
     manifest = {"format": FORMAT, "source": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
-                "splits": {}}
+                "image_format": image_format, "splits": {}}
     try:
         stage.mkdir()
         for name in SPLITS:
@@ -343,8 +361,9 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None) -
                         shard_path = stage / f"{name}-{len(shards):06d}.tar"
                         writer, count = wds.TarWriter(str(shard_path)), 0
                     buffer = io.BytesIO()
-                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, format="PNG")
-                    writer.write({"__key__": f"{name}-{written:08d}", "cls": str(int(y)), "png": buffer.getvalue()})
+                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, **encode)
+                    writer.write({"__key__": f"{name}-{written:08d}", "cls": str(int(y)),
+                                  image_format: buffer.getvalue()})
                     labels.append(int(y))
                     written, count = written + 1, count + 1
                     if count == shard_size:
