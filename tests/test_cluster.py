@@ -1,5 +1,6 @@
 """Past one machine: two torchrun launchers standing in for two nodes, `--resume auto` (the rule that lets a
-cluster restart the same command line), torchrun's elastic restart after kill -9 of a worker, and SIGUSR1."""
+cluster restart the same command line), torchrun's elastic restart after kill -9 of a worker, SIGUSR1, and
+recipes/slurm.sbatch run with stand-ins for srun, scancel and scontrol."""
 
 import json
 import os
@@ -189,3 +190,73 @@ def test_kill_9_of_a_worker_is_restarted_by_torchrun_and_ends_as_uninterrupted(t
     assert summary["restarts"] == 1 and summary["processes"] == 2  # torchrun restarted it once, and it resumed
     assert [m["epoch"] for m in rundir.read_metrics(out)] == list(range(1, 7))
     assert losses(out) == pytest.approx(losses(single), rel=1e-5)
+
+
+# ---------------------------------------------------------------- the SLURM recipe, on one machine
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "slurm.sbatch"
+
+# Stand-ins for SLURM's commands: srun starts the command once per node, here, each in its own process
+# group as slurmstepd would; scancel signals those groups (the job's steps, never the batch script);
+# scontrol names this machine as every node and logs a requeue.
+SHIMS = {
+    "srun": """#!/bin/bash
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((node = 0; node < SLURM_NNODES; node++)); do
+    SLURM_NODEID=$node SLURM_PROCID=$node setsid "$@" &
+    pids+=($!)
+    echo $! >> "$SHIM_DIR/tasks"
+done
+status=0
+for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+exit $status
+""",
+    "scancel": """#!/bin/bash
+signal=${1#--signal=}
+while read -r pid; do kill -s "$signal" -- "-$pid" 2>/dev/null; done < "$SHIM_DIR/tasks"
+""",
+    "scontrol": """#!/bin/bash
+case $1 in
+    show) echo 127.0.0.1 ;;
+    requeue) echo "requeue $2" >> "$SHIM_DIR/log" ;;
+esac
+""",
+}
+
+
+def slurm_job(tmp_path: Path, run: Path, train_args: list[str]) -> subprocess.Popen:
+    shims = tmp_path / "shims"
+    shims.mkdir(exist_ok=True)
+    for name, text in SHIMS.items():
+        (shims / name).write_text(text)
+        (shims / name).chmod(0o755)
+    (shims / "tasks").write_text("")
+    env = dict(os.environ, PATH=f"{shims}:{Path(sys.executable).parent}:{os.environ['PATH']}", SHIM_DIR=str(shims),
+               SLURM_JOB_ID="4242", SLURM_JOB_NAME="imgcls", SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]",
+               SLURM_GPUS_ON_NODE="1", SLURM_CPUS_PER_TASK="1", RUN=str(run), PORT=str(free_port()))
+    return subprocess.Popen(["bash", str(RECIPE), *train_args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+
+
+@gloo
+def test_the_slurm_recipe_trains_on_two_nodes_requeues_on_sigusr1_and_continues(tiny_folder, tmp_path):
+    options = dict(OPTIONS, epochs=4, data=tiny_folder)
+    single = fit(build_config(out=str(tmp_path / "single"), quiet=True, **options))
+    run = tmp_path / "runs" / "job"
+    job = slurm_job(tmp_path, run, flags(options))
+    while job.poll() is None and not (run / rundir.LAST).exists():  # past epoch 1: the time limit is near
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)
+    out, err = job.communicate(timeout=600)
+    if (run / rundir.SUMMARY).exists():
+        pytest.skip("the job finished before SIGUSR1 arrived")
+    assert job.returncode == 0, err[-3000:]
+    assert "saving" in out and (tmp_path / "shims" / "log").read_text() == "requeue 4242\n"
+    requeued = slurm_job(tmp_path, run, flags(options))  # SLURM starts the same script again
+    out, err = requeued.communicate(timeout=600)
+    assert requeued.returncode == 0, err[-3000:]
+    summary = json.loads((run / rundir.SUMMARY).read_text())
+    assert (summary["nodes"], summary["processes"]) == (2, 2)
+    assert [m["epoch"] for m in rundir.read_metrics(run)] == [1, 2, 3, 4]
+    assert losses(run) == pytest.approx(losses(single), rel=1e-5)

@@ -236,3 +236,15 @@ def test_jpeg_shards_hold_the_images_to_within_a_few_levels(tiny_folder, folder_
     assert 0 < error.mean() < 2.0 and torch.equal(data.test.labels, folder_data.test.labels[order])
     assert [s["__key__"] for s in wds.WebDataset(str(out / "test-000000.tar"), shardshuffle=False)
             if "jpg" in s][:2] == ["test-00000000", "test-00000001"]
+
+
+def test_two_processes_train_on_shards_each_on_its_own_range(shards, tmp_path):
+    from tests.test_distributed import torchrun
+
+    out = tmp_path / "ddp"
+    done = torchrun("--data", str(shards), "--out", str(out), "--model", "fastnet_cifar_small", "--epochs", "2",
+                    "--batch-size", "24", "--precision", "fp32", "--quiet", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / rundir.SUMMARY).read_text())
+    assert summary["processes"] == 2 and [m["epoch"] for m in rundir.read_metrics(out)] == [1, 2]
+    assert all(math.isfinite(m["train_loss"]) for m in rundir.read_metrics(out))

@@ -665,11 +665,12 @@ def cmd_audit(args) -> int:
 
 
 def _shard_parser(sub, common) -> None:
-    sh = sub.add_parser("shard", parents=[common], help="write a dataset as WebDataset tar shards that train, eval "
-                        "and audit stream", description="Every split of DATA (val carved as train would carve it), "
-                        "resized once to --img-size, written as WebDataset tar shards (SPLIT-NNNNNN.tar: .cls and "
-                        ".png or .jpg per sample, in a seeded random order) with shards.json (classes, counts, sizes, "
-                        "labels, digests). train --data DIR (or a brace pattern of its tar files) then streams them.")
+    sh = sub.add_parser("shard", parents=[common], help="write a dataset as WebDataset tar shards that train, eval, "
+                        "predict and audit stream",
+                        description="Every split of DATA (val carved as train would carve it), resized once to "
+                        "--img-size, written as WebDataset tar shards (SPLIT-NNNNNN.tar: .cls and .png or .jpg per "
+                        "sample, in a seeded random order) with shards.json (classes, counts, sizes, labels, "
+                        "digests). train --data DIR (or a brace pattern of its tar files) then streams them.")
     sh.add_argument("data", help="cifar10, cifar10-mini or an image folder, as --data in train")
     sh.add_argument("--out", required=True, help="the new folder of shards (must not exist)")
     sh.add_argument("--shard-size", type=integer, default=1000, help="samples per shard (1000)")

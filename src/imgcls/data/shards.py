@@ -328,8 +328,6 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None, i
     """Every split of `dataset` (images already at its size) as shards in `out`, each image a PNG or a JPEG
     (`image_format`: png or jpg), written into a staging folder beside it and renamed into place whole.
     Returns the manifest."""
-    import webdataset as wds
-
     from imgcls.rundir import TMP_MARK, remove_stale_temps, write_sealed_json
 
     out = Path(out)
@@ -337,46 +335,18 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None, i
         raise UserError(f"--out {out} exists; shards are written into a new folder: choose another --out")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist; create it or name another")
-    remove_stale_temps(out)
-    stage = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
     if image_format not in IMAGE_FORMATS:
         raise UserError(f"--image-format must be png or jpg (got {image_format!r})")
-    encode = {"format": "PNG"} if image_format == "png" else {"format": "JPEG", "quality": JPEG_QUALITY,
-                                                               "subsampling": 0}
+    remove_stale_temps(out)
+    stage = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
     manifest = {"format": FORMAT, "source": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
                 "image_format": image_format, "splits": {}}
     try:
         stage.mkdir()
         for name in SPLITS:
             split = getattr(dataset, name)
-            if split is None:
-                continue
-            order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
-            labels, shards = [], []
-            written = 0
-            writer, count, shard_path = None, 0, None
-            for images, ys in split.batches(order, 64):
-                for image, y in zip(images, ys.tolist(), strict=True):
-                    if writer is None:
-                        shard_path = stage / f"{name}-{len(shards):06d}.tar"
-                        writer, count = wds.TarWriter(str(shard_path)), 0
-                    buffer = io.BytesIO()
-                    Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, **encode)
-                    writer.write({"__key__": f"{name}-{written:08d}", "cls": str(int(y)),
-                                  image_format: buffer.getvalue()})
-                    labels.append(int(y))
-                    written, count = written + 1, count + 1
-                    if count == shard_size:
-                        writer.close()
-                        shards.append(_entry(shard_path, count))
-                        writer = None
-                if say:
-                    say(f"shard: {name} {written}/{len(split)}")
-            if writer is not None:
-                writer.close()
-                shards.append(_entry(shard_path, count))
-            if written:
-                manifest["splits"][name] = {"count": written, "shards": shards, "labels": labels}
+            if split is not None and len(split):
+                manifest["splits"][name] = _write_split(split, name, stage, shard_size, seed, image_format, say)
         digest = hashlib.sha256(json.dumps({n: [e["sha256"] for e in p["shards"]]
                                             for n, p in manifest["splits"].items()}).encode())
         manifest["content_sha256"] = digest.hexdigest()[:16]
@@ -385,6 +355,37 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None, i
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def _write_split(split, name: str, stage: Path, shard_size: int, seed: int, image_format: str, say) -> dict:
+    """One split's shards in `stage`, its samples in a seeded random order: the manifest's entry for it."""
+    import webdataset as wds
+
+    encode = {"format": "PNG"} if image_format == "png" else {"format": "JPEG", "quality": JPEG_QUALITY,
+                                                               "subsampling": 0}
+    order = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))
+    labels, shards = [], []
+    writer, count, shard_path = None, 0, None
+    for images, ys in split.batches(order, 64):
+        for image, y in zip(images, ys.tolist(), strict=True):
+            if writer is None:
+                shard_path = stage / f"{name}-{len(shards):06d}.tar"
+                writer, count = wds.TarWriter(str(shard_path)), 0
+            buffer = io.BytesIO()
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(buffer, **encode)
+            writer.write({"__key__": f"{name}-{len(labels):08d}", "cls": str(int(y)), image_format: buffer.getvalue()})
+            labels.append(int(y))
+            count += 1
+            if count == shard_size:
+                writer.close()
+                shards.append(_entry(shard_path, count))
+                writer = None
+        if say:
+            say(f"shard: {name} {len(labels)}/{len(split)}")
+    if writer is not None:
+        writer.close()
+        shards.append(_entry(shard_path, count))
+    return {"count": len(labels), "shards": shards, "labels": labels}
 
 
 def _entry(path: Path, count: int) -> dict:
