@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +249,30 @@ def test_two_processes_train_on_shards_each_on_its_own_range(shards, tmp_path):
     summary = json.loads((out / rundir.SUMMARY).read_text())
     assert summary["processes"] == 2 and [m["epoch"] for m in rundir.read_metrics(out)] == [1, 2]
     assert all(math.isfinite(m["train_loss"]) for m in rundir.read_metrics(out))
+
+
+def test_a_shard_damaged_anywhere_is_one_line_naming_it(tiny_folder, shards, tmp_path, capsys):
+    def refused(copy: Path) -> str:
+        return one_line(capsys, ["audit", str(copy), "--out", str(tmp_path / "a.json"), "--quiet"])
+
+    copy = _copy(shards, tmp_path / "header")
+    with open(copy / "train-000000.tar", "r+b") as f:  # the first member's header checksum no longer holds
+        f.seek(100)
+        f.write(b"7777")
+    assert "train-000000.tar is damaged: it does not read as a tar file" in refused(copy)
+
+    copy = _copy(shards, tmp_path / "cls")
+    _patch_member(copy / "train-000000.tar", "train-00000003.cls", b"x")
+    assert "train-000000.tar is damaged: sample 3 has class 'x'" in refused(copy)
+
+    jpg = tmp_path / "jpg"  # JPEG decoders take a changed byte in the scan data: the digest does not
+    assert main(["shard", str(tiny_folder), "--out", str(jpg), "--img-size", "32", "--image-format", "jpg",
+                 "--quiet"]) == 0
+    with tarfile.open(jpg / "test-000000.tar") as tar:
+        member = tar.getmember("test-00000004.jpg")
+    with open(jpg / "test-000000.tar", "r+b") as f:
+        f.seek(member.offset_data + member.size - 40)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0x10]))
+    assert "test-000000.tar is damaged: its sha256 is not the manifest's" in refused(jpg)

@@ -16,7 +16,8 @@ each range into chunks of at most one shard, shuffled within (seeded), which the
 decode in parallel and hand back in order: memory stays at a few shards, the order does not depend on the
 worker count, and a run resumed mid-epoch skips the chunks already trained on and continues at the sample.
 Evaluation reads the shards in order. Every sample's key and class are checked against the manifest as it
-is read, and every shard's size before any is read.
+is read, every shard's size before any is read, and a shard read whole (as evaluation, and training in one
+process, read them) against its sha256 once read (a second pass over the file, from the page cache).
 """
 
 from __future__ import annotations
@@ -80,21 +81,31 @@ class ShardSplit:
         """uint8 (stop - start) x 3 x S x S: samples [start, stop) of shard `shard`, checked."""
         f = self.files[shard]
         out = np.empty((stop - start, self.size, self.size, 3), dtype=np.uint8)
-        with tarfile.open(f.path, "r:") as tar:
-            for i, (cls, encoded) in enumerate(_samples(tar, f, self.name, self.ext)):
-                if i >= stop:
-                    break
-                if i < start:
-                    continue
-                index = f.first + i
-                if int(cls) != int(self.labels[index]):
-                    raise _damaged(f.path, f"sample {index} has class {cls.decode(errors='replace')!r}, the manifest "
-                                           f"{int(self.labels[index])}")
-                out[i - start] = _pixels(encoded, self.ext, self.size, f.path, index)
-            else:
-                if i + 1 < stop:
-                    raise _damaged(f.path, f"it holds {i + 1} samples, the manifest {f.count}")
+        try:
+            with tarfile.open(f.path, "r:") as tar:
+                self._read_members(tar, f, start, stop, out)
+        except (tarfile.TarError, EOFError, OSError) as e:  # a header or member cut or overwritten
+            raise _damaged(f.path, f"it does not read as a tar file ({str(e).splitlines()[0] if str(e) else e!r})"
+                           ) from None
+        if start == 0 and stop == f.count and file_sha256(f.path) != f.sha256:  # a whole shard: its digest too
+            raise _damaged(f.path, "its sha256 is not the manifest's (a sample's pixels were changed)")
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def _read_members(self, tar: tarfile.TarFile, f: ShardFile, start: int, stop: int, out: np.ndarray) -> None:
+        count = 0
+        for i, (cls, encoded) in enumerate(_samples(tar, f, self.name, self.ext)):
+            if i >= stop:
+                break
+            count = i + 1
+            if i < start:
+                continue
+            index = f.first + i
+            if cls != str(int(self.labels[index])).encode():
+                raise _damaged(f.path, f"sample {index} has class {cls[:20].decode(errors='replace')!r}, the "
+                                       f"manifest {int(self.labels[index])}")
+            out[i - start] = _pixels(encoded, self.ext, self.size, f.path, index)
+        if count < stop:
+            raise _damaged(f.path, f"it holds {count} samples, the manifest {f.count}")
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, position in it) of split index `index`."""
@@ -388,9 +399,13 @@ def _write_split(split, name: str, stage: Path, shard_size: int, seed: int, imag
     return {"count": len(labels), "shards": shards, "labels": labels}
 
 
-def _entry(path: Path, count: int) -> dict:
+def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return h.hexdigest()
+
+
+def _entry(path: Path, count: int) -> dict:
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
