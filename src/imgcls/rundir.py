@@ -41,6 +41,15 @@ EXCLUDED = "excluded.json"  # train --exclude: the names as the run read them, s
 RUN_FILES = {CONFIG, PLAN, DATASET, METRICS, SUMMARY, LAST, BEST, TEST_PREDICTIONS, LOCK, CALIBRATION, EXCLUDED}
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 of a file's bytes, read a MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     """Where imgcls keeps what it measured or computed for reuse across runs (kernel timings, cached
     features): $IMGCLS_CACHE_DIR, else ~/.cache/imgcls."""

@@ -37,6 +37,7 @@ import torch
 from PIL import Image
 
 from imgcls.errors import UserError
+from imgcls.rundir import file_digest
 
 MANIFEST = "shards.json"
 FORMAT = "imgcls-shards/1"
@@ -87,7 +88,7 @@ class ShardSplit:
         except (tarfile.TarError, EOFError, OSError) as e:  # a header or member cut or overwritten
             raise _damaged(f.path, f"it does not read as a tar file ({str(e).splitlines()[0] if str(e) else e!r})"
                            ) from None
-        if start == 0 and stop == f.count and file_sha256(f.path) != f.sha256:  # a whole shard: its digest too
+        if start == 0 and stop == f.count and file_digest(f.path) != f.sha256:  # a whole shard: its digest too
             raise _damaged(f.path, "its sha256 is not the manifest's (a sample's pixels were changed)")
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
@@ -399,13 +400,5 @@ def _write_split(split, name: str, stage: Path, shard_size: int, seed: int, imag
     return {"count": len(labels), "shards": shards, "labels": labels}
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _entry(path: Path, count: int) -> dict:
-    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    return {"name": path.name, "count": count, "bytes": path.stat().st_size, "sha256": file_digest(path)}

@@ -32,9 +32,10 @@ from imgcls.evaluation.multilabel_analysis import analyze_multilabel
 from imgcls.evaluation.rejection import number_in, stored_ood
 from imgcls.inference.engine import Engine
 from imgcls.inference.reject import default_rule
-from imgcls.inference.run import TrainedRun, file_digest, load_run, run_engine
+from imgcls.inference.run import TrainedRun, load_run, run_engine
 from imgcls.inference.scaling import Scaling
 from imgcls.models.checkpoint import safe_torch_load
+from imgcls.rundir import file_digest
 from imgcls.runtime import resolve_device
 
 

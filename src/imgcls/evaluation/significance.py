@@ -28,7 +28,8 @@ import numpy as np
 
 from imgcls import rundir
 from imgcls.errors import UserError
-from imgcls.inference.run import file_digest, load_run, run_engine
+from imgcls.inference.run import load_run, run_engine
+from imgcls.rundir import file_digest
 
 TEST_PREDICTIONS = rundir.TEST_PREDICTIONS  # written by training at the end of fit
 BOOTSTRAP_RESAMPLES = 2000

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from imgcls.inference.exported import DOCUMENT_KEY, SPEC, TENSORS_KEY, WEIGHTS, document_digest
 from imgcls.inference.metadata import ExportSpec
-from imgcls.inference.run import file_digest
+from imgcls.rundir import file_digest
 
 
 def export_safetensors(model: torch.nn.Module, spec: ExportSpec, out: Path) -> Path:

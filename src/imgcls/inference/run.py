@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,14 +141,6 @@ def check_dataset_info(info, path: Path) -> None:
     read_run_data(info, f"{path} is damaged", "restore it from a backup or train the run again")
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | None = None,
              allow_data_change: bool = False, calibrated: bool = True) -> TrainedRun:
     """A run's config and model with weights from `checkpoint` ("best", "last" or a file path), on `device`,
@@ -199,7 +190,7 @@ def load_run(path: str | Path, checkpoint: str = "best", device: torch.device | 
     model = create_model(cfg.model, len(info["classes"]), head=cfg.head)
     restore_weights(model, ckpt, ckpt_path)
     model = model.to(device or torch.device("cpu")).eval()
-    digest = file_digest(ckpt_path)
+    digest = rundir.file_digest(ckpt_path)
     scaling, calibration = (_calibration(path, ckpt_path, digest, len(info["classes"]), cfg.task == "multilabel")
                             if calibrated else (None, None))
     return TrainedRun(path, cfg, info, model, ckpt_path, digest, scaling, calibration, allow_data_change)

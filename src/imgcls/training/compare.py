@@ -25,8 +25,8 @@ from imgcls.data.exclusions import excluded_names
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
-from imgcls.inference.run import file_digest
 from imgcls.models import model_spec
+from imgcls.rundir import file_digest
 from imgcls.training.train import fit
 from imgcls.yamlio import load_yaml_mapping
 
