@@ -276,3 +276,30 @@ def test_a_shard_damaged_anywhere_is_one_line_naming_it(tiny_folder, shards, tmp
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x10]))
     assert "test-000000.tar is damaged: its sha256 is not the manifest's" in refused(jpg)
+
+
+def test_a_pattern_or_a_count_the_files_cannot_back_is_refused_before_reading(shards, tmp_path):
+    with pytest.raises(UserError, match="has a range of over 100000 names"):
+        load_dataset(str(shards / "train-{000000..999999999}.tar"))  # braceexpand would make it a list first
+    with pytest.raises(UserError, match="names train-000005.tar, which .* does not list"):
+        load_dataset(str(shards / "train-{000000..099999}.tar"))  # refused at the first unknown name
+    with pytest.raises(UserError, match="expands to over 100000 names"):
+        load_dataset(str(shards / ("train-000000" + "{,}" * 17 + ".tar")))
+    copy = _copy(shards, tmp_path)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    part = manifest["splits"]["test"]
+    part["shards"][0]["count"] = 10**6  # counts that add up, and a seal made again
+    part["labels"] = [0] * sum(e["count"] for e in part["shards"])
+    rundir.write_sealed_json(copy / MANIFEST, manifest)
+    with pytest.raises(UserError, match=r"bytes cannot hold the 1000000 samples its manifest says"):
+        load_dataset(str(copy))
+
+
+def test_shards_train_at_their_own_size_unless_told_otherwise(tiny_folder, tmp_path, capsys):
+    data = tmp_path / "s40"
+    assert main(["shard", str(tiny_folder), "--out", str(data), "--img-size", "40", "--quiet"]) == 0
+    run = fit(tiny_config(data, tmp_path / "r", epochs=1, img_size=None))
+    assert rundir.read_json(run / "dataset.json")["img_size"] == 40
+    err = one_line(capsys, ["train", "--data", str(data), "--img-size", "32", "--out", str(tmp_path / "r32"),
+                            "--quiet"])
+    assert "holds 40 px images, not 32 px: train at 40 px (--img-size 40)" in err and not (tmp_path / "r32").exists()

@@ -314,7 +314,8 @@ def _load_shards(data: str, img_size: int | None, val_fraction: float, split_see
     manifest, parts = read_shards(data)
     size = manifest["img_size"]
     if img_size is not None and img_size != size:
-        raise UserError(f"{data} holds {size} px images; pass --img-size {size} (or write shards at {img_size} px)")
+        raise UserError(f"{data} holds {size} px images, not {img_size} px: train at {size} px (--img-size {size}), "
+                        f"or write the shards at {img_size} px (imgcls shard --img-size {img_size})")
     if exclude is not None:
         raise UserError("--exclude names images of a folder or manifest; shards have none of their names: exclude "
                         "the images before writing the shards")

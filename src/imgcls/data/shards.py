@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tarfile
 from dataclasses import dataclass, replace
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from braceexpand import braceexpand  # webdataset's dependency
 from PIL import Image
 
 from imgcls.errors import UserError
@@ -44,6 +46,8 @@ FORMAT = "imgcls-shards/1"
 SPLITS = ("train", "val", "test")
 IMAGE_FORMATS = {"png": "PNG", "jpg": "JPEG"}  # the member's extension: Pillow's format name
 JPEG_QUALITY = 95
+MAX_PATTERN_NAMES = 100_000
+MIN_SAMPLE_BYTES = 2048  # two tar members, each a 512-byte header and at least one 512-byte block
 MAX_OUT_OF_ORDER = 4096  # samples read in an order other than the shards' (a report's gallery) held at once
 
 
@@ -272,8 +276,6 @@ def read_shards(data: str, need_train: bool = True) -> tuple[dict, dict[str, Sha
     """(the manifest, its splits) of a shard folder, or of the shards a brace pattern names (`DIR/train-
     {000000..000009}.tar`; their folder holds the manifest), every file's size checked. Training needs
     the train shards among them; prediction takes any split."""
-    from braceexpand import braceexpand  # webdataset's dependency
-
     from imgcls.rundir import read_sealed_json
 
     path = Path(str(data))
@@ -283,7 +285,7 @@ def read_shards(data: str, need_train: bool = True) -> tuple[dict, dict[str, Sha
                         "its tar files")
     manifest = read_sealed_json(folder / MANIFEST, "write the shards again with imgcls shard")
     _check_manifest(manifest, folder)
-    chosen = None if path.is_dir() else {Path(p).name for p in braceexpand(path.name)}
+    chosen = None if path.is_dir() else _pattern_names(str(data), path.name, manifest, folder)
     splits = {}
     for name, part in manifest["splits"].items():
         files, first = [], 0
@@ -300,15 +302,32 @@ def read_shards(data: str, need_train: bool = True) -> tuple[dict, dict[str, Sha
                 raise UserError(f"shard {f.path} is missing; restore it, or write the shards again with imgcls shard")
             if f.path.stat().st_size != f.bytes:
                 raise _damaged(f.path, f"it has {f.path.stat().st_size} bytes, the manifest {f.bytes}")
+            if f.count * MIN_SAMPLE_BYTES > f.bytes:  # the manifest's count is bounded by the file before any read
+                raise _damaged(f.path, f"{f.bytes} bytes cannot hold the {f.count} samples its manifest says")
         splits[name] = ShardSplit(name, files, torch.tensor(part["labels"], dtype=torch.int64), manifest["img_size"],
                                   manifest["image_format"])
-    if chosen is not None:
-        unknown = chosen - {Path(e["name"]).name for p in manifest["splits"].values() for e in p["shards"]}
-        if unknown:
-            raise UserError(f"{data} names {sorted(unknown)[0]}, which {folder / MANIFEST} does not list")
     if need_train and "train" not in splits:
         raise UserError(f"{data} holds no train shards; name them too")
     return manifest, splits
+
+
+def _pattern_names(data: str, pattern: str, manifest: dict, folder: Path) -> set[str]:
+    """The file names a brace pattern expands to, every one a shard the manifest lists: read lazily, so a
+    pattern of a billion names is refused at the first name that is not a shard, not after expanding it."""
+    listed = {e["name"] for p in manifest["splits"].values() for e in p["shards"]}
+    # braceexpand makes each {A..B} a list before it expands the rest: a range is bounded before it runs
+    for low, high in re.findall(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}", data):
+        if abs(int(high) - int(low)) >= MAX_PATTERN_NAMES:
+            raise UserError(f"{data} has a range of over {MAX_PATTERN_NAMES} names; name each shard once")
+    names = set()
+    for k, name in enumerate(braceexpand(pattern)):
+        if k == MAX_PATTERN_NAMES:
+            raise UserError(f"{data} expands to over {MAX_PATTERN_NAMES} names; name each shard once")
+        name = Path(name).name
+        if name not in listed:
+            raise UserError(f"{data} names {name}, which {folder / MANIFEST} does not list")
+        names.add(name)
+    return names
 
 
 def _check_manifest(m: dict, folder: Path) -> None:

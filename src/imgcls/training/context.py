@@ -107,9 +107,13 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
     _check_parallel(cfg, world, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
     normalization, crop_pct = pretrained_preprocessing(cfg, spec)
-    dataset = dataset or load_dataset(cfg.data, cfg.data_dir, cfg.img_size or spec.img_size, cfg.val_fraction,
+    # shards hold images at the size they were written at, which is then the default
+    size = cfg.img_size or (None if shards.is_shards(cfg.data) else spec.img_size)
+    dataset = dataset or load_dataset(cfg.data, cfg.data_dir, size, cfg.val_fraction,
                            cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct,
                            exclude=exclude if exclude is not None else excluded_names(cfg), task=cfg.task)
+    if dataset.train.shards is not None and not cfg.cache_features:  # before any measuring
+        check_shard_options(cfg)
     check_task(cfg, dataset.task)
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)
@@ -129,7 +133,6 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
     configure(model, cfg.attention, cfg.depthwise_precision, cfg.memory_format)
     groups = plan_groups(model, cfg)
     if dataset.train.shards is not None and not cfg.cache_features:
-        check_shard_options(cfg)
         steps_per_epoch = shards.steps_per_epoch(dataset.train.shards, cfg.batch_size // world.size, world.size)
     else:
         steps_per_epoch = steps_in_epoch(len(dataset.train), cfg.batch_size, world)
