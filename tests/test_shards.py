@@ -191,6 +191,9 @@ def test_eval_predict_and_audit_read_shards_as_the_folder_they_came_from(shards,
            for r, c in zip(test_rows, truth, strict=True)]
     assert sum(nll) / len(nll) == pytest.approx(results["folder"]["loss"], rel=1e-5)  # eval's loss, per image
     assert "predict one shard set at a time" in one_line(capsys, ["predict", run, str(shards), str(tiny_folder)])
+    capsys.readouterr()
+    assert main(["predict", run, str(shards / "test-{000000..000001}.tar"), "--json"]) == 0  # one split alone
+    assert [r["path"] for r in json.loads(capsys.readouterr().out)] == [r["path"] for r in test_rows]
 
     leaky = tmp_path / "leaky"  # the folder with one training image copied into test
     shutil.copytree(tiny_folder, leaky)
