@@ -165,6 +165,8 @@ def test_brace_patterns_name_whole_splits(shards, tmp_path, capsys):
     err = one_line(capsys, ["train", "--data", str(shards), "--model", "fastnet_cifar_small", "--sampler", "balanced",
                             "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"])
     assert "--sampler chooses training images by index" in err
+    with pytest.raises(UserError, match="--data-mode memory holds images decoded in memory"):
+        load_dataset(str(shards), mode="memory")
     assert not (tmp_path / "r").exists()
 
 
