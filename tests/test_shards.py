@@ -165,8 +165,9 @@ def test_brace_patterns_name_whole_splits(shards, tmp_path, capsys):
     err = one_line(capsys, ["train", "--data", str(shards), "--model", "fastnet_cifar_small", "--sampler", "balanced",
                             "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"])
     assert "--sampler chooses training images by index" in err
-    with pytest.raises(UserError, match="--data-mode memory holds images decoded in memory"):
-        load_dataset(str(shards), mode="memory")
+    err = one_line(capsys, ["train", "--data", str(shards), "--model", "fastnet_cifar_small", "--data-mode", "memory",
+                            "--epochs", "1", "--out", str(tmp_path / "r"), "--quiet"])
+    assert "--data-mode memory holds images decoded in memory" in err
     assert not (tmp_path / "r").exists()
 
 
@@ -178,6 +179,10 @@ def test_eval_predict_and_audit_read_shards_as_the_folder_they_came_from(shards,
         out = tmp_path / f"eval-{name}.json"
         assert main(["eval", run, "--data", str(data), "--split", "test", "--out", str(out)]) == 0
         results[name] = json.loads(out.read_text())
+    for target in (shards / MANIFEST, shards / "other.json"):  # never into the data it reads
+        err = one_line(capsys, ["eval", run, "--data", str(shards), "--out", str(target)])
+        assert f"lies inside {shards}" in err, err
+    assert json.loads((shards / MANIFEST).read_text())["format"] == "imgcls-shards/1"
     for key in ("accuracy", "loss"):  # the same 30 images, in another order
         assert results["shards"][key] == pytest.approx(results["folder"][key], rel=1e-6)
 

@@ -342,10 +342,13 @@ def keep_metrics(run: Path, epochs: int) -> None:
 
 
 def folders(*paths: str | None) -> tuple[str, ...]:
-    """The folders of `paths` (a dataset's images, --data-dir; a manifest's folder, which holds its images): what
-    an output may not land in."""
+    """The folders of `paths` (a dataset's images, --data-dir; a manifest's folder, which holds its images; the
+    folder of a brace pattern of shards): what an output may not land in."""
+    def pattern(p: str) -> bool:
+        return "{" in Path(p).name and Path(p).parent.is_dir()
+
     return tuple(p if Path(p).is_dir() else str(Path(p).parent) for p in paths
-                 if p and (Path(p).is_dir() or Path(p).is_file()))
+                 if p and (Path(p).is_dir() or Path(p).is_file() or pattern(p)))
 
 
 def run_exclusions(run: Path, cfg) -> list[str] | None:

@@ -229,9 +229,6 @@ def load_dataset(
                                                                   split_seed, download, exclude)
         normalization = "cifar"
     elif is_shards(data):
-        if mode == "memory":
-            raise UserError("--data-mode memory holds images decoded in memory; shards are streamed a shard at a time: "
-                            "drop --data-mode, or train on the image folder")
         train, val, test, classes, size = _load_shards(data, img_size, val_fraction, split_seed, workers, exclude,
                                                        task)
         normalization, excluded = "imagenet", None

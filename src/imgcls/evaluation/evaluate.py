@@ -83,12 +83,25 @@ def eval_out(run: str | Path, split: str, data: str | None, out: str | Path | No
             raise UserError(f"--out {target}: the folder {target.parent} does not exist; create it or choose "
                             "another --out")
     if out is not None and target.resolve() != own.resolve():
-        rundir.refuse_run_file(target)  # another run's files, an export's
+        # another run's files, an export's; nor into the data eval reads, or the run's (a shard manifest)
+        rundir.refuse_run_file(target, within=rundir.folders(data, *_run_data(run)))
     run_dir = Path(run).resolve()
     if target.resolve().parent.is_relative_to(run_dir) and (data is not None or target.resolve() != own.resolve()):
         raise UserError(f"{target} is inside the run {run}, which holds only its own data's eval-{split}.json; "
                         "write these results elsewhere with --out FILE.json")
     return target
+
+
+def _run_data(run: str | Path) -> tuple[str | None, ...]:
+    """The data a run was trained on, as its config.yaml names it (nothing when that cannot be read: the
+    evaluation itself then says why)."""
+    from imgcls.config import load_config
+
+    try:
+        cfg = load_config(Path(run) / rundir.CONFIG)
+    except (UserError, OSError):
+        return ()
+    return cfg.data, cfg.data_dir
 
 
 def evaluate_run(run: str | Path, split: str = "test", data: str | None = None, data_dir: str | None = None,

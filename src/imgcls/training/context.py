@@ -298,7 +298,11 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: i
 
 
 def check_shard_options(cfg: TrainConfig) -> None:
-    """The options that need to pick training images by index, which shards read in their own order refuse."""
+    """The options shards cannot honour: holding the images in memory, and picking training images by index
+    (shards are read in their own order)."""
+    if cfg.data_mode == "memory":
+        raise UserError("--data-mode memory holds images decoded in memory; shards are streamed a shard at a time: "
+                        "drop --data-mode, or train on the image folder")
     given = [f for f, on in (("--sampler", cfg.sampler != "uniform"), ("--alt-flip", cfg.alt_flip)) if on]
     if given:
         raise UserError(f"{' and '.join(given)} choose{'s' * (len(given) == 1)} training images by index; shards "
