@@ -1,6 +1,7 @@
 """The training core under faults: divergence, two writers, changed data, signals, kills, a full disk,
 and run folders that failed early. Each test attacks the real code path (fit or the CLI)."""
 
+import contextlib
 import errno
 import json
 import os
@@ -106,6 +107,35 @@ def test_a_run_being_trained_cannot_be_resumed_until_its_trainer_dies(tiny_folde
         holder.kill()  # a kill -9 leaves the lock file behind; the kernel released the lock itself
         holder.wait()
     assert _metrics(fit(resume=run)) == _metrics(straight)
+
+
+HOLD_LOCK_WITH_A_WORKER = textwrap.dedent("""
+    import multiprocessing, sys, time
+    from imgcls.rundir import RunLock
+    lock = RunLock(sys.argv[1]); lock.acquire()
+    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a DataLoader forks
+    worker.start(); print(worker.pid, flush=True); time.sleep(60)
+""")
+
+
+def test_a_worker_that_outlives_its_killed_trainer_holds_no_lock(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK_WITH_A_WORKER, str(run)], stdout=subprocess.PIPE,
+                              text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        assert rundir.RunLock(run).held_elsewhere()
+        holder.kill()  # kill -9 of the trainer: its worker lives on, orphaned
+        holder.wait()
+        os.kill(worker, 0)  # still alive
+        assert not rundir.RunLock(run).held_elsewhere()
+        lock = rundir.RunLock(run)
+        lock.acquire()  # the restarted trainer takes the run at once
+        lock.release()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker, signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- 3. a run's data is pinned

@@ -455,9 +455,25 @@ def remove_temp_files(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+# The run locks this process holds. A forked child (a DataLoader worker) closes its inherited copy at
+# once: a flock belongs to the open file, so a worker that outlived a killed trainer would hold it on.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
+
+
 class RunLock:
     """An exclusive flock on RUN/.lock while a process trains the run. The kernel drops it when the
-    process dies, however it dies, so a stale lock file from a killed run never blocks anyone."""
+    process dies, however it dies (its forked workers hold no copy), so a stale lock file from a killed
+    run never blocks anyone."""
 
     def __init__(self, run: Path):
         self.path = Path(run) / LOCK
@@ -475,9 +491,11 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}".encode())
         self._fd = fd
+        _HELD_LOCKS.add(fd)
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD_LOCKS.discard(self._fd)
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
