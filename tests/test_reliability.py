@@ -12,8 +12,10 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from imgcls import rundir
 from imgcls.cli import main
@@ -51,6 +53,25 @@ def test_huge_learning_rate_fails_in_one_line_and_leaves_no_run(tiny_folder, tmp
     line = _one_line_error(capsys)
     assert "training diverged" in line and "lower --lr (now 1e+06)" in line
     assert not out.exists()  # failed before its first checkpoint: nothing is left behind
+
+
+def test_a_run_whose_validation_outputs_overflow_is_said_to_diverge(tmp_path, capsys):
+    """Outputs that overflow only at validation (the training loss still finite): the divergence line, not the
+    inference refusal that names a checkpoint and a flag train does not have."""
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 24), ("test", 8)):
+        for name, base in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(base) + rng.integers(-40, 41, 3), 0, 255)
+                Image.new("RGB", (20, 20), tuple(int(v) for v in pixels)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--model", "fastnet_cifar_small", "--img-size", "32",
+                 "--epochs", "2", "--lr", "1e3", "--out", str(out), "--quiet", "--precision", "fp32"]) == 2
+    line = _one_line_error(capsys)
+    assert "training diverged" in line and "lower --lr (now 1000)" in line and "--checkpoint" not in line, line
+    assert not out.exists()
 
 
 def _patch_loss(monkeypatch, wrap):

@@ -72,6 +72,9 @@ class Engine:
     module: torch.nn.Module | None = None  # the bare PyTorch model (Grad-CAM); None for ONNX
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     thresholds: torch.Tensor | None = None  # a multi-label model's, one per class: sigmoid outputs, not softmax
+    # False for training's validation: non-finite outputs there are the run diverging, which the loop says
+    # in its own line, on every rank alike (a refusal here would leave the other ranks in a collective)
+    outputs_checked: bool = True
 
     @property
     def multilabel(self) -> bool:
@@ -87,7 +90,8 @@ class Engine:
         """float32 logits of uint8 N x H x W x 3 `images`, `batch_size` at a time."""
         chunks = [self.backend(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         logits = torch.cat(chunks) if chunks else torch.empty(0, len(self.classes))
-        require_finite(logits, where)
+        if self.outputs_checked:
+            require_finite(logits, where)
         return logits
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

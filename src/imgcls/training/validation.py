@@ -20,12 +20,12 @@ from imgcls.training import distributed
 
 def engine_for(model: torch.nn.Module, cfg, dataset, device: torch.device) -> Engine:
     """The engine that scores `model`'s current weights (a resolved `cfg`: its inference kernels, precision,
-    batch size and layout), uncalibrated."""
+    batch size and layout), uncalibrated; non-finite outputs reach the validation loss (the loop's check)."""
     prep = Preprocessing(dataset.img_size, dataset.mean, dataset.std, dataset.crop_pct)
     view = inference_copy(model, cfg.eval_attention, cfg.eval_depthwise_precision)
     graph = InferenceModel(view, prep, memory_format=layout_of(cfg.memory_format))
     return Engine(TorchBackend(graph, device, cfg.eval_precision), dataset.classes, prep, cfg.eval_batch_size,
-                  precision=cfg.eval_precision, source="training", device=device)
+                  precision=cfg.eval_precision, source="training", device=device, outputs_checked=False)
 
 
 def validate(ctx, val: Split | None, features: bool = False, head: torch.nn.Module | None = None) -> dict:
@@ -56,6 +56,8 @@ def _multilabel_scores(ctx, logits: torch.Tensor, targets: torch.Tensor) -> dict
     shares = distributed.gather(ctx.world, (logits.float().cpu(), targets.cpu()))
     logits = torch.cat([s[0] for s in shares])
     targets = torch.cat([s[1] for s in shares]).float()
+    if not bool(torch.isfinite(logits).all()):  # the run diverged: the loop stops on the loss
+        return {"val_loss": float("nan")}
     found = multilabel_metrics(logits.sigmoid(), targets, ctx.dataset.classes)
     return {"val_loss": F.binary_cross_entropy_with_logits(logits, targets).item(),
             "val_acc": found["subset_accuracy"], "val_map": found["map"], "val_macro_f1": found["macro_f1"],
