@@ -82,7 +82,8 @@ def test_both_manifest_layouts_and_jsonl_read_the_same_labels(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ("path,labels\nimg/a.png,cat;dog\nimg/b.png,dog,extra\n", "row 3 has 3 field"),
-    ("path,labels\nimg/a.png,cat;dog\nimg/a.png,dog\n", "row 3: img/a.png is listed again"),
+    ("path,labels\nimg/a.png,cat;dog\nimg/a.png,dog\n", "row 3: img/a.png is the image of row 2 again"),
+    ("path,labels\nimg/a.png,cat;dog\nimg/./a.png,dog\n", "row 3: img/./a.png is the image of row 2 again"),
     ("path,labels\nimg/a.png,cat\nimg/nope.png,dog\n", "row 3: img/nope.png does not exist"),
     ("path,labels\n/etc/passwd.png,cat;dog\n", "row 2: /etc/passwd.png is not a path inside"),
     ("path,labels\nimg/../img/a.png,cat;dog\n", "is not a path inside"),
@@ -105,6 +106,31 @@ def test_a_bad_manifest_row_is_one_line_naming_the_row(tmp_path, text, message):
     assert "\n" not in str(e.value)
 
 
+def test_a_manifest_label_written_two_ways_is_refused_at_read(tmp_path):
+    _image(tmp_path / "img" / "a.png")
+    _image(tmp_path / "img" / "b.png")
+    (tmp_path / "m.csv").write_text("path,labels\nimg/a.png,caf\u00e9;dog\nimg/b.png,cafe\u0301\n")
+    with pytest.raises(UserError, match="are the same text in two Unicode spellings; write each label one way"):
+        read_manifest(tmp_path / "m.csv")
+    (tmp_path / "c.csv").write_text("path,caf\u00e9,cafe\u0301\nimg/a.png,1,0\nimg/b.png,0,1\n")
+    with pytest.raises(UserError, match="name each class column one way"):
+        read_manifest(tmp_path / "c.csv")
+
+
+def test_a_manifest_path_that_leads_outside_by_a_link_or_repeats_an_image_is_refused(tmp_path):
+    outside = tmp_path / "elsewhere" / "x.png"
+    _image(outside)
+    _image(tmp_path / "set" / "img" / "a.png")
+    (tmp_path / "set" / "out").symlink_to(outside.parent)
+    (tmp_path / "set" / "same").symlink_to(tmp_path / "set" / "img")
+    (tmp_path / "set" / "m.csv").write_text("path,labels\nimg/a.png,cat\nout/x.png,dog\n")
+    with pytest.raises(UserError, match="row 3: out/x.png leads outside the manifest's folder"):
+        read_manifest(tmp_path / "set" / "m.csv")
+    (tmp_path / "set" / "m.csv").write_text("path,labels\nimg/a.png,cat\nsame/a.png,dog\n")
+    with pytest.raises(UserError, match="row 3: same/a.png is the image of row 2 again"):
+        read_manifest(tmp_path / "set" / "m.csv")
+
+
 def test_a_bad_jsonl_line_is_named(tmp_path):
     _image(tmp_path / "img" / "a.png")
     (tmp_path / "m.jsonl").write_text('{"path": "img/a.png", "labels": ["a", "b"]}\n[1]\n')
@@ -112,6 +138,9 @@ def test_a_bad_jsonl_line_is_named(tmp_path):
         read_manifest(tmp_path / "m.jsonl")
     (tmp_path / "m.jsonl").write_text('{"path": "img/a.png", "labels": ["a", "b"]}\n{"path": "img/a.png"}\n')
     with pytest.raises(UserError, match="line 2 has keys"):
+        read_manifest(tmp_path / "m.jsonl")
+    (tmp_path / "m.jsonl").write_text('{"path": "img/a.png", "labels": "cat", "labels": "dog;bird"}\n')
+    with pytest.raises(UserError, match="line 1 is not a JSON object \\(the key 'labels' is given twice\\)"):
         read_manifest(tmp_path / "m.jsonl")
 
 

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from imgcls.data.folder import IMG_EXTS, SPLIT_NAMES, class_name_problem
+from imgcls.data.folder import IMG_EXTS, SPLIT_NAMES, class_name_problem, class_names_problem
 from imgcls.errors import UserError, shown
-from imgcls.rundir import read_text
+from imgcls.rundir import read_text, strict_json
 
 MANIFEST_SUFFIXES = (".csv", ".jsonl")
 PATH_COLUMNS = ("path", "image", "file", "filename")
@@ -82,10 +81,11 @@ def read_manifest(path: str | Path) -> Manifest:
     for (n, row), _ in zip(rows, targets, strict=True):
         name = str(row.get(path_key, "")).strip()
         file = _checked_file(name, path.parent, n, where)
-        if file in seen:
-            raise UserError(f"manifest {where} row {n}: {shown(name)} is listed again (first at row {seen[file]}); "
+        real = file.resolve()  # one image under two spellings (a link, ./) is one image
+        if real in seen:
+            raise UserError(f"manifest {where} row {n}: {shown(name)} is the image of row {seen[real]} again; "
                             "give each image one row with all its labels")
-        seen[file] = n
+        seen[real] = n
         split = str(row.get(split_key, "train")).strip().lower() if split_key else "train"
         if split not in SPLIT_NAMES:
             raise UserError(f"manifest {where} row {n}: split {shown(split)} is not train, val or test")
@@ -121,9 +121,11 @@ def _jsonl_rows(text: str, where: str) -> list[tuple[int, dict]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            raise UserError(f"manifest {where} line {n} is not a JSON object; write one object per line") from None
+            row = strict_json(line)
+        except ValueError as e:  # not JSON, nested too deeply, or a key given twice
+            why = f" ({e})" if "given twice" in str(e) else ""
+            raise UserError(f"manifest {where} line {n} is not a JSON object{why}; write one object per line, each "
+                            "key once") from None
         if not isinstance(row, dict):
             raise UserError(f"manifest {where} line {n} is not a JSON object; write one object per line")
         if keys is None:
@@ -156,6 +158,9 @@ def _label_list(value, n: int, where: str) -> list[str]:
 def _listed_labels(rows, where: str) -> tuple[list[str], np.ndarray]:
     lists = [_label_list(row["labels"], n, where) for n, row in rows]
     classes = sorted({label for labels in lists for label in labels})
+    problem = class_names_problem(classes)
+    if problem:
+        raise UserError(f"manifest {where}: {problem}; write each label one way")
     if len(classes) < 2:
         raise UserError(f"manifest {where} names {len(classes)} label(s); a classifier needs at least two")
     index = {c: i for i, c in enumerate(classes)}
@@ -173,6 +178,9 @@ def _indicator_columns(rows, columns: list[str], where: str) -> tuple[list[str],
         problem = class_name_problem(c)
         if problem:
             raise UserError(f"manifest {where}: class column {shown(c)}: {problem}")
+    problem = class_names_problem(columns)
+    if problem:
+        raise UserError(f"manifest {where}: {problem}; name each class column one way")
     targets = np.zeros((len(rows), len(columns)), dtype=np.uint8)
     for i, (n, row) in enumerate(rows):
         for j, c in enumerate(columns):
@@ -198,4 +206,7 @@ def _checked_file(name: str, root: Path, n: int, where: str) -> Path:
                         f"({', '.join(sorted(IMG_EXTS))})")
     if not file.is_file():
         raise UserError(f"manifest {where} row {n}: {shown(name)} does not exist beside the manifest; check the path")
+    if not file.resolve().is_relative_to(root.resolve()):
+        raise UserError(f"manifest {where} row {n}: {shown(name)} leads outside the manifest's folder (a link); "
+                        "copy the image into the folder")
     return file
