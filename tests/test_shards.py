@@ -313,3 +313,18 @@ def test_shards_train_at_their_own_size_unless_told_otherwise(tiny_folder, tmp_p
     err = one_line(capsys, ["train", "--data", str(data), "--img-size", "32", "--out", str(tmp_path / "r32"),
                             "--quiet"])
     assert "holds 40 px images, not 32 px: train at 40 px (--img-size 40)" in err and not (tmp_path / "r32").exists()
+
+
+def test_two_shard_commands_into_one_out_leave_the_first_and_say_so(folder_data, tmp_path, capsys):
+    out = tmp_path / "same"
+
+    def another_writer(line):  # while this one writes, another finishes first
+        if not out.exists():
+            write_shards(folder_data, out, shard_size=50)
+
+    with pytest.raises(UserError, match="was written meanwhile by another process"):
+        write_shards(folder_data, out, shard_size=25, say=another_writer)
+    assert [f.count for f in read_shards(str(out))[1]["train"].files] == [50, 50, 8]  # the first, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["same"]  # no stage left
+    assert "--split-seed must be >= 0" in one_line(capsys, ["shard", "cifar10-mini", "--out", str(tmp_path / "x"),
+                                                           "--split-seed", "-5"])

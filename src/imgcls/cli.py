@@ -685,10 +685,13 @@ def _shard_parser(sub, common) -> None:
 
 
 def cmd_shard(args) -> int:
+    from imgcls.config import build_config
+
     if not 1 <= args.shard_size <= 1_000_000:
         raise UserError(f"--shard-size must be from 1 to 1000000 samples (got {args.shard_size}); e.g. 1000")
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction must be in [0, 1) (got {args.val_fraction:g}); e.g. 0.1")
+    # the options train shares are checked as train checks them (bounds, float32)
+    build_config(data=args.data, data_dir=args.data_dir, img_size=args.img_size, val_fraction=args.val_fraction,
+                 split_seed=args.split_seed)
     if not args.quiet:
         _about(f"shard {args.data}: every split resized once and written as tar shards of {args.shard_size}; "
                f"writes {args.out}")

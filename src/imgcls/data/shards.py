@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import secrets
 import shutil
 import tarfile
 from dataclasses import dataclass, replace
@@ -369,7 +370,7 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None, i
     if image_format not in IMAGE_FORMATS:
         raise UserError(f"--image-format must be png or jpg (got {image_format!r})")
     remove_stale_temps(out)
-    stage = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}")
+    stage = out.with_name(f".{out.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")  # one per writer
     manifest = {"format": FORMAT, "source": dataset.name, "classes": dataset.classes, "img_size": dataset.img_size,
                 "image_format": image_format, "splits": {}}
     try:
@@ -382,7 +383,13 @@ def write_shards(dataset, out: Path, shard_size: int, seed: int = 0, say=None, i
                                             for n, p in manifest["splits"].items()}).encode())
         manifest["content_sha256"] = digest.hexdigest()[:16]
         write_sealed_json(stage / MANIFEST, manifest)
-        stage.rename(out)
+        try:
+            stage.rename(out)
+        except OSError:
+            if not out.exists():
+                raise
+            raise UserError(f"--out {out} was written meanwhile by another process; it is kept as that one wrote "
+                            "it, and these shards are not: choose another --out") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return manifest
