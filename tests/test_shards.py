@@ -278,14 +278,34 @@ def test_a_shard_damaged_anywhere_is_one_line_naming_it(tiny_folder, shards, tmp
     jpg = tmp_path / "jpg"  # JPEG decoders take a changed byte in the scan data: the digest does not
     assert main(["shard", str(tiny_folder), "--out", str(jpg), "--img-size", "32", "--image-format", "jpg",
                  "--quiet"]) == 0
-    with tarfile.open(jpg / "test-000000.tar") as tar:
-        member = tar.getmember("test-00000004.jpg")
-    with open(jpg / "test-000000.tar", "r+b") as f:
+    _flip_a_scan_byte(jpg / "test-000000.tar", "test-00000004.jpg")
+    assert "test-000000.tar is damaged: its sha256 is not the manifest's" in refused(jpg)
+
+
+def _flip_a_scan_byte(tar_path: Path, member_name: str) -> None:
+    with tarfile.open(tar_path) as tar:
+        member = tar.getmember(member_name)
+    with open(tar_path, "r+b") as f:
         f.seek(member.offset_data + member.size - 40)
         byte = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([byte[0] ^ 0x10]))
-    assert "test-000000.tar is damaged: its sha256 is not the manifest's" in refused(jpg)
+
+
+def test_a_rank_reading_part_of_a_changed_shard_refuses_it_in_one_line(tiny_folder, tmp_path):
+    jpg = tmp_path / "jpg"
+    assert main(["shard", str(tiny_folder), "--out", str(jpg), "--img-size", "32", "--shard-size", "25",
+                 "--image-format", "jpg", "--quiet"]) == 0
+    train = read_shards(str(jpg))[1]["train"]
+    ranks = [epoch_chunks(train, seed=1, rank=rank, world=2, done=0) for rank in (0, 1)]
+    shared = {c.shard for c in ranks[0]} & {c.shard for c in ranks[1]}  # the shard the cut between ranks falls in
+    assert len(shared) == 1
+    (k,) = shared
+    _flip_a_scan_byte(jpg / f"train-{k:06d}.tar", f"train-{train.files[k].first:08d}.jpg")  # that shard alone
+    for chunks in ranks:  # each rank reads a part of it
+        with pytest.raises(UserError, match=f"train-{k:06d}.tar is damaged: its sha256 is not the manifest's") as e:
+            list(chunk_batches(train, chunks, train.labels, 10, workers=2))  # in DataLoader workers
+        assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
 
 
 def test_a_pattern_or_a_count_the_files_cannot_back_is_refused_before_reading(shards, tmp_path):

@@ -16,8 +16,8 @@ each range into chunks of at most one shard, shuffled within (seeded), which the
 decode in parallel and hand back in order: memory stays at a few shards, the order does not depend on the
 worker count, and a run resumed mid-epoch skips the chunks already trained on and continues at the sample.
 Evaluation reads the shards in order. Every sample's key and class are checked against the manifest as it
-is read, every shard's size before any is read, and a shard read whole (as evaluation, and training in one
-process, read them) against its sha256 once read (a second pass over the file, from the page cache).
+is read, every shard's size before any is read, and every shard read, in whole or in part, against its
+sha256 (a second pass over the file, mostly from the page cache).
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class ShardSplit:
         except (tarfile.TarError, EOFError, OSError) as e:  # a header or member cut or overwritten
             raise _damaged(f.path, f"it does not read as a tar file ({str(e).splitlines()[0] if str(e) else e!r})"
                            ) from None
-        if start == 0 and stop == f.count and file_digest(f.path) != f.sha256:  # a whole shard: its digest too
+        # the whole file's digest, also when a rank reads a part (a pass over it, mostly from the page cache)
+        if file_digest(f.path) != f.sha256:
             raise _damaged(f.path, "its sha256 is not the manifest's (a sample's pixels were changed)")
         return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
@@ -236,7 +237,10 @@ class _ChunkReader(torch.utils.data.Dataset):
 
     def __getitem__(self, k: int):
         c = self.chunks[k]
-        pixels = self.split.read(c.shard, c.start, c.stop)
+        try:
+            pixels = self.split.read(c.shard, c.start, c.stop)
+        except UserError as e:  # handed back as it is: a worker's exception reaches the caller wrapped in its traceback
+            return e, None
         order = torch.randperm(c.stop - c.start, generator=torch.Generator().manual_seed(c.seed))[c.skip :]
         return pixels[order], self.split.files[c.shard].first + c.start + order
 
@@ -248,6 +252,8 @@ def chunk_batches(split: ShardSplit, chunks: list[Chunk], labels: torch.Tensor, 
                                          prefetch_factor=1 if workers else None)
     rest_x, rest_i = None, None  # the samples of earlier chunks that did not fill a batch
     for pixels, index in loader:
+        if isinstance(pixels, UserError):
+            raise pixels
         if rest_x is not None:  # only the tail is joined to the next chunk, never the whole chunk again
             take = min(batch_size - len(rest_i), len(index))
             rest_x, rest_i = torch.cat([rest_x, pixels[:take]]), torch.cat([rest_i, index[:take]])
