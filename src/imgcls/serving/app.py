@@ -8,6 +8,7 @@ by the framework, so that its size limit and its arrival deadline hold before an
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from contextlib import asynccontextmanager
 
@@ -125,6 +126,9 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+WHOLE_NUMBERS = {"topk"}  # query parameters that are whole numbers
+
+
 def _query(*names: str):
     """A route's query string checked whole (400 in JSON otherwise): each parameter once (?topk=1&topk=5 took the
     last, silently) and only those the route takes (?topK=5 was the default, silently)."""
@@ -139,6 +143,11 @@ def _query(*names: str):
             takes = f"it takes {', '.join(names)}" if names else "it takes none"
             raise RequestError(400, "invalid_parameter", f"{request.url.path} has no query parameter {unknown!r}; "
                                f"{takes}")
+        for name in WHOLE_NUMBERS & set(keys):  # as the flags read them: pydantic takes 1_0, 3.0, +3 and ' 3'
+            value = request.query_params[name]
+            if not re.fullmatch(r"[0-9]+", value):
+                raise RequestError(422, "invalid_parameter", f"{name}={value[:20]!r} is not a whole number written "
+                                   f"in ASCII digits; e.g. {name}=3")
 
     return Depends(check)
 
