@@ -134,3 +134,17 @@ def test_a_recipe_reads_numbers_as_the_command_line_does(tmp_path, text, value):
     if isinstance(value, str):
         with pytest.raises(UserError, match="recipe"):
             build_config(str(path))
+
+
+@pytest.mark.parametrize("text", ["epochs: !!int 1_0", "lr: !!float 0.0_0_1", "epochs: !!int 0x1", "seed: !!int 010_0"])
+def test_an_explicit_number_tag_reads_only_the_decimal_form(tmp_path, text):
+    """`!!int` and `!!float` have constructors of their own that take 1_0 and 0x1: the same decimal rule, and one
+    line naming the file and the line."""
+    from imgcls.yamlio import load_yaml_mapping
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("model: fastnet_cifar_small\n" + text + "\n")
+    with pytest.raises(UserError, match=r"recipe .*recipe.yaml is not valid YAML \('.*' is not a decimal .*, line 2\)"):
+        load_yaml_mapping(path, "recipe")
+    path.write_text("epochs: !!int 12\nlr: !!float 1e-3\nfloor: .inf\n")
+    assert load_yaml_mapping(path, "recipe") == {"epochs": 12, "lr": 0.001, "floor": float("inf")}

@@ -6,6 +6,7 @@ variant or an option written twice is never silently dropped.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -50,11 +51,31 @@ _StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _StrictLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-_StrictLoader.add_implicit_resolver(INT_TAG, re.compile(r"^[-+]?[0-9]+$"), list("-+0123456789"))
-_StrictLoader.add_implicit_resolver(
-    FLOAT_TAG, re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
-                          r"|\.(?:nan|NaN|NAN))$"), list("-+0123456789."))
-_StrictLoader.add_constructor(INT_TAG, lambda loader, node: int(loader.construct_scalar(node), 10))
+INT_FORM = re.compile(r"^[-+]?[0-9]+$")
+FLOAT_FORM = re.compile(r"^(?:[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+|[0-9]+)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)"
+                        r"|\.(?:nan|NaN|NAN))$")
+_StrictLoader.add_implicit_resolver(INT_TAG, INT_FORM, list("-+0123456789"))
+_StrictLoader.add_implicit_resolver(FLOAT_TAG, FLOAT_FORM, list("-+0123456789."))
+
+
+def _number(form: re.Pattern, kind: str, convert):
+    """A constructor that reads only the decimal form, also under an explicit `!!int`/`!!float` tag (whose own
+    constructors take `1_0`, `0x1`)."""
+    def construct(loader, node):
+        text = loader.construct_scalar(node)
+        if not form.match(text):
+            raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a decimal {kind}", node.start_mark)
+        return convert(text)
+    return construct
+
+
+_StrictLoader.add_constructor(INT_TAG, _number(INT_FORM, "whole number", lambda text: int(text, 10)))
+def _decimal_float(text: str) -> float:
+    special = {".inf": math.inf, "+.inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+    return special[text.lower()] if text.lower() in special else float(text)
+
+
+_StrictLoader.add_constructor(FLOAT_TAG, _number(FLOAT_FORM, "number", _decimal_float))
 
 
 def load_yaml_mapping(path: str | Path, what: str) -> dict:
