@@ -712,6 +712,8 @@ def test_a_weights_file_refuses_a_zero_weight(tmp_path):
     path = tmp_path / "w.json"
     path.write_text('{"a": 1, "b": 0}')
     assert "positive" in _one_line(lambda: class_weights(str(path), torch.tensor([0, 1]), ["a", "b"]))
+    path.write_text('{"a": 1, "b": 1' + "0" * 400 + "}")  # an integer no float holds: named, not an OverflowError
+    assert "the weight of 'b' is '1000" in _one_line(lambda: class_weights(str(path), torch.tensor([0, 1]), ["a", "b"]))
 
 
 def test_a_weights_file_with_duplicate_keys_or_deep_nesting_is_one_line(tmp_path):

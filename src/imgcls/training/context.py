@@ -118,6 +118,10 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
     if dataset.val is None:  # --val-fraction 0 on a folder without val/: nothing to validate on
         require_no_validation(cfg)
     check_crop_padding(cfg.crop_padding, dataset.img_size)
+    if dataset.multilabel:  # before the kernels are measured: a weights file is refused at once
+        weights = positive_weights(dataset.train.labels) if cfg.pos_weight == "auto" else None
+    else:
+        weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
     model, loaded = _build_model(cfg, spec, dataset, world, device, fresh)
     kernels = choose_run_kernels(cfg, model, dataset, world, device)
     if kernels.precision_train == NONE:  # cached features: a linear head trains, in fp32 unless told otherwise
@@ -145,10 +149,6 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
                                                              threshold_mode="abs")
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # fp16 needs loss scaling
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True) if cfg.ema else None
-    if dataset.multilabel:
-        weights = positive_weights(dataset.train.labels) if cfg.pos_weight == "auto" else None
-    else:
-        weights = class_weights(cfg.class_weights, dataset.train.labels, dataset.classes)
     lookahead = Lookahead(model, cfg.epochs * per_epoch) if cfg.lookahead else None
     ctx = TrainingContext(cfg, world, device, precision, dataset, model, groups, optimizer, scheduler, scaler, ema,
                           steps_per_epoch, loaded, make_loss(cfg, weights), weights, plateau, lookahead, kernels)

@@ -79,11 +79,19 @@ def _read_weights_file(path: Path, classes: list[str]) -> list[float]:
         have = sorted(mapping) if isinstance(mapping, dict) else type(mapping).__name__
         raise UserError(f"{path} must map every class ({', '.join(classes)}) to a weight, and nothing else "
                         f"(found {have})")
-    values = [mapping[c] for c in classes]
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < math.inf for v in values):
-        raise UserError(f"{path}: class weights must be finite, positive numbers (a weight of 0 means a class is "
-                        "never learned; to drop a class, remove its images)")
-    return [float(v) for v in values]
+    values = []
+    for c in classes:
+        v = mapping[c]
+        try:  # as a float first: a JSON integer of 400 digits is no float
+            number = float(v) if isinstance(v, int | float) and not isinstance(v, bool) else math.nan
+        except OverflowError:
+            number = math.inf
+        if not 0 < number < math.inf:
+            raise UserError(f"{path}: the weight of {c!r} is {str(v)[:20]!r}; class weights must be finite, positive "
+                            "numbers (a weight of 0 means a class is never learned; to drop a class, remove its "
+                            "images)")
+        values.append(number)
+    return values
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float,
