@@ -167,6 +167,7 @@ def test_cli_writes_json_and_html(planted, tmp_path, capsys):
     (["audit", "{tmp}/missing"], "does not exist"),
     (["audit", "cifar10-mini", "--img-size", "3"], "--img-size"),
     (["audit", "cifar10-mini", "--out", "{tmp}/report.txt"], "should end in .json"),
+    (["audit", "cifar10-mini", "--out", "{tmp}/report.html", "--html"], "should end in .json"),  # before the work
     (["audit", "cifar10-mini", "--out", "{tmp}/no/such/dir/a.json"], "does not exist"),
     (["audit", "cifar10-mini", "--max-distance", "40"], "--max-distance"),
     (["audit", "{tmp}", "--data-dir", "x"], "--data-dir is for"),

@@ -631,9 +631,10 @@ def cmd_audit(args) -> int:
         raise UserError(f"{', '.join(given)} {'is an option' if len(given) == 1 else 'are options'} of --labels; add "
                         "--labels, or drop them")
     out = Path(args.out)
-    targets = {out: ".json", **({out.with_suffix(".html"): ".html"} if args.html else {}),
-               **({label_issues_path(out): ".csv"} if args.labels else {})}
-    for target, suffix in targets.items():  # every output checked before the work, never after it
+    # a list, not a dict: with --out X.html, X.html is both the .json and the .html target, and both are checked
+    targets = [(out, ".json"), *([(out.with_suffix(".html"), ".html")] if args.html else []),
+               *([(label_issues_path(out), ".csv")] if args.labels else [])]
+    for target, suffix in targets:  # every output checked before the work, never after it
         check_out(target, suffix, within=_folders(args.data, args.data_dir),
                   flag="--out" if target == out else f"--out {args.out} (its {suffix[1:]} file)")
     if args.labels:
@@ -654,7 +655,7 @@ def cmd_audit(args) -> int:
         result.add_labels(*label_audit(args.data, args.data_dir, folds, args.label_model, args.label_recipe,
                                        args.label_epochs, args.img_size, seed, progress=not args.quiet))
     print_audit(result)
-    existed = _existing(targets)
+    existed = _existing(target for target, _ in targets)
     written = [write_audit_json(result, Path(args.out))]
     if args.labels:
         written.append(write_label_issues_csv(result, label_issues_path(Path(args.out))))
