@@ -167,7 +167,6 @@ def test_cli_writes_json_and_html(planted, tmp_path, capsys):
     (["audit", "{tmp}/missing"], "does not exist"),
     (["audit", "cifar10-mini", "--img-size", "3"], "--img-size"),
     (["audit", "cifar10-mini", "--out", "{tmp}/report.txt"], "should end in .json"),
-    (["audit", "cifar10-mini", "--out", "{tmp}/report.html", "--html"], "should end in .json"),  # before the work
     (["audit", "cifar10-mini", "--out", "{tmp}/no/such/dir/a.json"], "does not exist"),
     (["audit", "cifar10-mini", "--max-distance", "40"], "--max-distance"),
     (["audit", "{tmp}", "--data-dir", "x"], "--data-dir is for"),
@@ -176,6 +175,12 @@ def test_cli_errors_are_one_line(argv, message, tmp_path, capsys):
     assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("imgcls: error:") and message in err and err.count("\n") == 1
+
+
+def test_an_html_out_with_html_is_refused_before_the_audit_runs(tmp_path, capsys):
+    assert main(["audit", "cifar10-mini", "--out", str(tmp_path / "report.html"), "--html", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert "should end in .json" in err and out == ""  # no audit printed: refused before the work
 
 
 def test_copies_of_real_photos_are_found_and_distinct_photos_are_not_paired(tmp_path):
