@@ -215,6 +215,17 @@ def test_excluding_every_val_image_says_so(tiny_folder, tmp_path):
         load_dataset(str(data), img_size=32, exclude=every)
 
 
+def test_one_image_named_two_ways_is_excluded_and_counted_once(tiny_folder, tmp_path):
+    name = sorted((tiny_folder / "train").rglob("*.*"))[0].relative_to(tiny_folder).as_posix()
+    listed = tmp_path / "ex.txt"
+    listed.write_text(f"{name}\n{name.replace('/', chr(92))}\n")
+    assert read_exclusions(listed) == [name]
+    whole = load_dataset(str(tiny_folder), img_size=32)
+    kept = load_dataset(str(tiny_folder), img_size=32, exclude=read_exclusions(listed))
+    assert len(kept.train) + len(kept.val) == len(whole.train) + len(whole.val) - 1
+    assert kept.fingerprint["excluded"] == 1
+
+
 # ---------------------------------------------------------------- multi-label manifests
 
 def photo_mosaics(source, out, n: int, fraction: float, seed: int = 0) -> dict[str, str]:

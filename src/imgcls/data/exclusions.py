@@ -52,7 +52,9 @@ def read_exclusions(path: str | Path) -> list[str]:
                             "--labels does, e.g. train/cat/cat_00012.jpg or train/4711")
     if not names:
         raise UserError(f"{where} lists no images; pass the label-issues CSV, or drop --exclude")
-    return list(dict.fromkeys(f"{name}{GIVEN_MARK}{label}" if label else name for _, name, label in names))
+    # one image named twice (train/a/1.png and train\a\1.png) is one name: normalised before de-duplication
+    posix = [(name.replace("\\", "/"), label) for _, name, label in names]
+    return list(dict.fromkeys(f"{name}{GIVEN_MARK}{label}" if label else name for name, label in posix))
 
 
 def excluded_names(cfg) -> list[str] | None:
@@ -123,6 +125,7 @@ def split_names(names: list[str], known: dict[str, dict[str, str]], source: str)
             raise UserError(f"--exclude lists {shown(name)} as {shown(given)}, but it is {shown(label)} in "
                             f"{shown(source)}: the list is of other data (or the labels changed); audit this data "
                             "again")
-        normal.append(name)
+        if name not in normal:  # listed with and without its label: one image
+            normal.append(name)
     return Exclusion(tuple(n for n in normal if not n.startswith("test/")),
                      tuple(n for n in normal if n.startswith("test/")))
