@@ -19,7 +19,7 @@ from imgcls.data.audit import (
     quick_audit,
     suggest_command,
 )
-from imgcls.data.datasets import Split
+from imgcls.data.datasets import Split, load_dataset
 
 
 def _png(array: np.ndarray, path):
@@ -144,6 +144,23 @@ def test_quick_audit_warns_on_leakage_and_imbalance(mini):
     assert len(warnings) == 2
     assert warnings[0].startswith("leakage: 3 image(s) of test also appear in train")
     assert warnings[1].startswith("imbalance:") and "(airplane)" in warnings[1]
+
+
+def test_the_leakage_hint_names_the_data_as_a_command_can_find_it(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / "my data" / split / cls).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        for cls in ("a", "b"):
+            pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "my data" / "train" / cls / f"{i}.png")
+            if i == 0:  # the copy that leaks
+                Image.fromarray(pixels).save(tmp_path / "my data" / "test" / cls / "copy.png")
+    warning = next(w for w in quick_audit(load_dataset(str(tmp_path / "my data"), img_size=16)) if "leakage" in w)
+    assert f"run imgcls audit '{tmp_path / 'my data'}' to list them" in warning
 
 
 def test_suggestion_follows_the_imbalance():

@@ -449,8 +449,9 @@ def quick_audit(dataset: Dataset) -> list[str]:
             for h in mine:
                 seen.setdefault(h, name)
         for (a, b), n in leaks.items():
+            source = dataset.fingerprint.get("source", dataset.name)  # the path as given, not only its name
             warnings.append(f"leakage: {n} image(s) of {b} also appear in {a}; run imgcls audit "
-                            f"{dataset.name} to list them and remove them from {b}")
+                            f"{shlex.quote(str(source))} to list them and remove them from {b}")
     labels = [s.labels for s in (dataset.train, dataset.val) if s is not None]
     counts = images_per_class(torch.cat(labels), dataset.num_classes)
     ratio = imbalance(dict(zip(dataset.classes, counts.tolist(), strict=True)))
