@@ -148,3 +148,10 @@ def test_an_explicit_number_tag_reads_only_the_decimal_form(tmp_path, text):
         load_yaml_mapping(path, "recipe")
     path.write_text("epochs: !!int 12\nlr: !!float 1e-3\nfloor: .inf\n")
     assert load_yaml_mapping(path, "recipe") == {"epochs": 12, "lr": 0.001, "floor": float("inf")}
+
+
+def test_a_recipe_that_gives_an_option_under_both_spellings_is_refused(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("epochs: 1\nlabel_smoothing: 0.1\nlabel-smoothing: 0.2\n")
+    with pytest.raises(UserError, match="gives label_smoothing twice \\(as - and _\\); keep one"):
+        build_config(str(path))

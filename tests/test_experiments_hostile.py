@@ -397,3 +397,12 @@ def test_an_interrupted_run_resumes_only_with_its_own_options(tmp_path, tiny_fol
     argv[1] = str(experiment(tmp_path, tiny_folder, {"a": {"lr": 0.001}}))
     assert main(argv) == 0
     assert json.loads((run / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("text", ["1_0", "\u0663", "\uff12", "0x1", "1.0"])
+def test_seeds_on_the_command_line_are_ascii_decimal_as_every_integer_flag(text):
+    from imgcls.training.compare import parse_seeds
+
+    with pytest.raises(UserError, match="--seeds takes comma-separated integers"):
+        parse_seeds(f"0,{text}")
+    assert parse_seeds("0, 1,2") == [0, 1, 2]

@@ -386,6 +386,10 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
     raw = load_yaml_mapping(path, "recipe")
     values = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    if len(values) < len(raw):  # label-smoothing and label_smoothing: one option given twice
+        names = [str(k).replace("-", "_") for k in raw]
+        twice = next(n for n in names if names.count(n) > 1)
+        raise UserError(f"recipe {path} gives {twice} twice (as - and _); keep one")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"recipe {path}: unknown option(s) {', '.join(unknown)}; "

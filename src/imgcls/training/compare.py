@@ -26,6 +26,7 @@ from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
 from imgcls.models import model_spec
+from imgcls.options import integer
 from imgcls.rundir import file_digest
 from imgcls.training.train import fit
 from imgcls.yamlio import load_yaml_mapping
@@ -99,7 +100,7 @@ def check_seeds(seeds, where: str) -> list[int]:
 def parse_seeds(text: str) -> list[int]:
     """--seeds '0,1,2' -> [0, 1, 2]."""
     try:
-        seeds = [int(s) for s in text.split(",")]
+        seeds = [integer(s.strip()) for s in text.split(",")]  # ASCII digits, as every integer flag reads them
     except ValueError:
         raise UserError(f"--seeds takes comma-separated integers, e.g. 0,1,2 (got {text!r})") from None
     return check_seeds(seeds, "--seeds")
