@@ -260,6 +260,17 @@ def test_weights_without_batchnorm_statistics_are_refused(weights_file, tmp_path
     assert "BatchNorm statistics" in message and "running_mean" in message and "\n" not in message
 
 
+def test_weights_finite_only_in_float64_are_refused(weights_file, tmp_path):
+    state = torch.load(weights_file, weights_only=True)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() > 1)
+    state[name] = state[name].double().clone()
+    state[name].view(-1)[0] = 1e39  # finite in float64, infinite in the float32 the model holds it in
+    path = tmp_path / "big.pth"
+    torch.save(state, path)
+    with pytest.raises(UserError, match=f"non-finite weights \\(NaN or Inf in float32 in 1 tensors, e.g. {name}\\)"):
+        _load_into_fastnet(path)
+
+
 def test_weights_without_only_batch_counters_load_with_a_note(weights_file, tmp_path):
     state = torch.load(weights_file, weights_only=True)
     path = tmp_path / "no_counters.pth"

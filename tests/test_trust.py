@@ -20,6 +20,7 @@ import onnx
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import imgcls
 from imgcls import rundir
@@ -650,6 +651,20 @@ def test_two_class_folders_that_are_one_name_in_unicode_are_refused(tmp_path):
     for cls in ("caf\u00e9", "cafe\u0301"):
         (tmp_path / cls).mkdir()
     assert "two Unicode spellings" in _one_line(lambda: scan(tmp_path))
+
+
+@pytest.mark.parametrize("other, phrase", [("cat\u200b", "invisible character U+200B"),
+                                           ("c\u00adat", "invisible character U+00AD"),
+                                           ("cat\u2060", "invisible character U+2060"),
+                                           ("cat ", "begins or ends with white space"),
+                                           ("Cat", "differ only in case")])
+def test_two_class_folders_that_print_alike_are_refused(tmp_path, other, phrase):
+    from imgcls.data.folder import scan
+
+    for cls in ("cat", other):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / cls / "0.png")
+    assert phrase in _one_line(lambda: scan(tmp_path))
 
 
 def test_crop_padding_as_wide_as_the_image_is_refused(tiny_folder, tmp_path, capsys):

@@ -36,8 +36,12 @@ def class_name_problem(name: str) -> str | None:
         if unicodedata.category(ch) in ("Cc", "Cs") or ch in BIDI_CONTROLS:
             kind = "not UTF-8" if unicodedata.category(ch) == "Cs" else f"control character {ch!r}"
             return f"class name {name!r} holds a {kind}"
+        if unicodedata.category(ch) == "Cf":  # zero-width space, soft hyphen, word joiner: 'cat' prints as 'cat'
+            return f"class name {name!r} holds the invisible character U+{ord(ch):04X}"
     if not name.strip():
         return f"class name {name!r} is blank"
+    if name != name.strip():
+        return f"class name {name!r} begins or ends with white space, which prints as nothing"
     if name.strip().casefold() == REJECTED_LABEL:
         return f"class name {name!r} is the label predict gives a rejected image"
     return None
@@ -45,15 +49,19 @@ def class_name_problem(name: str) -> str | None:
 
 def class_names_problem(names: list[str]) -> str | None:
     """Why this list of class names cannot be used, or None: a name refused by class_name_problem, or two names
-    that are one text in Unicode's normal form (café written with é and with e + accent print alike)."""
+    that are one text in Unicode's normal form (café written with é and with e + accent print alike) or that
+    differ only in case (Cat and cat: one folder on macOS and Windows, and most often one class)."""
     problem = next(filter(None, map(class_name_problem, names)), None)
     if problem:
         return problem
     seen: dict[str, str] = {}
     for name in names:
-        key = unicodedata.normalize("NFC", name)
+        key = unicodedata.normalize("NFC", name).casefold()
         if key in seen:
-            return f"class names {seen[key]!r} and {name!r} are the same text in two Unicode spellings"
+            other = seen[key]
+            if unicodedata.normalize("NFC", other) == unicodedata.normalize("NFC", name):
+                return f"class names {other!r} and {name!r} are the same text in two Unicode spellings"
+            return f"class names {other!r} and {name!r} differ only in case (one folder on many file systems)"
         seen[key] = name
     return None
 

@@ -40,9 +40,10 @@ def safe_torch_load(path: Path, what: str, fix: str, mmap: bool = False):
 
 
 def nonfinite_tensors(state: dict) -> list[str]:
-    """Names of the floating-point tensors in `state` that hold a NaN or an infinity."""
+    """Names of the floating-point tensors in `state` that hold a NaN or an infinity in float32, the precision
+    models load them in (1e39 in a float64 tensor is finite there, infinite here)."""
     return [k for k, v in state.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v.float()).all()]
 
 
 def load_checkpoint(path: str | Path, model_name: str | None = None, num_classes: int | None = None) -> dict:

@@ -68,8 +68,8 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} holds no state dict of tensors; save the weights with model.state_dict()")
     bad = nonfinite_tensors(state)
     if bad:
-        raise UserError(f"weights file {path} holds non-finite weights (NaN or Inf in {len(bad)} tensors, e.g. "
-                        f"{bad[0]}); the training that wrote it diverged: pass weights from a healthy run")
+        raise UserError(f"weights file {path} holds non-finite weights (NaN or Inf in float32 in {len(bad)} tensors, "
+                        f"e.g. {bad[0]}); the training that wrote it diverged: pass weights from a healthy run")
     return {k.removeprefix("module."): v for k, v in state.items()}  # DistributedDataParallel's prefix
 
 
