@@ -233,3 +233,19 @@ def test_predict_runs_at_the_plans_inference_precision(run, tiny_folder):
     engine = run_engine(trained)
     assert engine.precision == "bf16"
     assert [r["top"] for r in predict_rows(engine, files, workers=0)] == [r["top"] for r in bf16]
+
+
+def test_predict_never_writes_into_a_folder_it_reads_nor_through_a_link_onto_an_image(tiny_folder, tmp_path,
+                                                                                      one_epoch_run, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder / "test", data)
+    image = sorted(data.rglob("*.png"))[0]
+    before = image.read_bytes()
+    assert main(["predict", str(one_epoch_run), str(data), "--out", str(data / "airplane" / "rows.csv")]) == 2
+    assert "lies inside" in capsys.readouterr().err and not (data / "airplane" / "rows.csv").exists()
+    (tmp_path / "l.csv").symlink_to(image)
+    other = sorted(data.rglob("*.png"))[1]  # predict one image, the link names another
+    assert main(["predict", str(one_epoch_run), str(other), "--out", str(tmp_path / "l.csv")]) == 2
+    assert "a link to" in capsys.readouterr().err and image.read_bytes() == before

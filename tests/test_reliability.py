@@ -134,8 +134,11 @@ HOLD_LOCK_WITH_A_WORKER = textwrap.dedent("""
     import multiprocessing, sys, time
     from imgcls.rundir import RunLock
     lock = RunLock(sys.argv[1]); lock.acquire()
-    worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))  # as a DataLoader forks
-    worker.start(); print(worker.pid, flush=True); time.sleep(60)
+    fork = multiprocessing.get_context("fork")  # as a DataLoader starts its workers
+    running = fork.Event()
+    worker = fork.Process(target=lambda: (running.set(), time.sleep(60)))
+    worker.start(); running.wait()  # the child runs (its at-fork hooks have run)
+    print(worker.pid, flush=True); time.sleep(60)
 """)
 
 

@@ -393,8 +393,9 @@ def cmd_predict(args) -> int:
     if shards and (len(args.images) > 1 or args.list):
         raise UserError(f"{shards[0]} is a shard set; predict one shard set at a time, without other files or --list")
     paths = [Path(shards[0])] if shards else collect_paths(args.images, args.list)
-    if out is not None:
-        rundir.refuse_run_file(out, inputs=(args.list, *paths))
+    if out is not None:  # nor into a folder it reads: the next predict of that folder would read the rows
+        read = rundir.folders(*(name for name in args.images if Path(name).is_dir() or is_shards(name)))
+        rundir.refuse_run_file(out, inputs=(args.list, *paths), within=read)
     if shards:
         count, rows = shard_rows(engine, shards[0], args.topk, tta, threshold)
     else:

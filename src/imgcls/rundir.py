@@ -119,16 +119,20 @@ def atomic_path(path: Path):
 
 def writable_target(path: Path) -> Path:
     """The file a write to `path` lands in (a link followed), refused in one line when it cannot be one: a
-    link loop, a folder, a device, FIFO or socket (renaming a file over /dev/null is not writing to it), or
-    a folder that does not exist."""
+    link loop, a link to a file of another kind (l.csv -> x.png), a folder, a device, FIFO or socket
+    (renaming a file over /dev/null is not writing to it), or a folder that does not exist."""
     path = Path(path)
     if path.is_symlink():
+        link = path
         try:
             path = Path(os.path.realpath(path, strict=True))
         except FileNotFoundError:  # a dangling link: its target is created, as a shell's > would
             path = Path(os.path.realpath(path))
         except OSError:
             raise UserError(f"cannot write {path}: it is a symbolic-link loop; name a file or fix the link") from None
+        if path.suffix.lower() != link.suffix.lower() and path.exists():  # l.csv -> a training image
+            raise UserError(f"cannot write {link}: it is a link to {path}, a file of another kind, which the "
+                            f"{link.suffix or 'output'} would replace; name a file")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder; name a file")
     if path.exists() and not path.is_file():
