@@ -292,6 +292,38 @@ def test_changed_data_is_refused_before_new_runs_train(tmp_path, tiny_folder, ca
     assert not (out / "b" / "seed-0").exists()
 
 
+def test_finished_runs_are_not_tabled_again_after_the_data_changed(tmp_path, tiny_folder, capsys):
+    """Two images swap classes (same names, same count, same labels per name: only their pixels moved)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_folder, data)
+    out = tmp_path / "out"
+    argv = ["compare", str(experiment(tmp_path, data, {"a": {}})), "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    before = (out / "results.json").read_bytes()
+    a, b = (sorted((data / "train" / c).iterdir())[1] for c in sorted(p.name for p in (data / "train").iterdir())[:2])
+    a_bytes = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(a_bytes)
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert "has changed since" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_a_summary_copied_from_another_run_is_refused(tmp_path, tiny_folder):
+    from imgcls.evaluation.analysis import training_record
+    from imgcls.training.train import fit
+    from tests.conftest import tiny_config
+
+    runs = [fit(tiny_config(tiny_folder, tmp_path / f"run{seed}", epochs=1, seed=seed)) for seed in (0, 7)]
+    shutil.copy(runs[1] / rundir.METRICS, runs[0] / rundir.METRICS)  # the epoch lines alone
+    with pytest.raises(UserError, match="it is not the file of epochs this summary was written from"):
+        training_record(runs[0])
+    shutil.copy(runs[1] / rundir.SUMMARY, runs[0] / rundir.SUMMARY)  # and the summary with them
+    with pytest.raises(UserError, match="seed 7 in the summary, 0 in the config"):
+        training_record(runs[0])
+
+
 # ---------------------------------------------------------------- report on a copied comparison
 
 

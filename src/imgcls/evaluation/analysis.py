@@ -188,11 +188,26 @@ def training_record(run: str | Path) -> tuple[dict, list[dict]]:
     if epochs != list(range(1, ran + 1)):
         raise UserError(f"{run / rundir.METRICS} does not hold epochs 1 to {ran} in order, as {rundir.SUMMARY} says "
                         f"the run trained (it holds {len(epochs)} lines); restore it or train the run again")
-    disagree = _selection_disagreement(run, summary, metrics)
+    disagree = _foreign(run, summary) or _selection_disagreement(run, summary, metrics)
     if disagree:
         raise UserError(f"{run / rundir.SUMMARY} does not agree with {disagree}: one of them was edited; restore it "
                         "or train the run again")
     return summary, metrics
+
+
+def _foreign(run: Path, summary: dict) -> str | None:
+    """Where a summary is another run's: trained with another model or seed than config.yaml says, or written
+    over other epoch lines than metrics.jsonl holds (a digest runs trained since record)."""
+    from imgcls.config import load_config
+
+    cfg = load_config(run / rundir.CONFIG)
+    for key, own in (("model", cfg.model), ("seed", cfg.seed)):
+        if summary.get(key, own) != own:
+            return f"{rundir.CONFIG} ({key} {summary.get(key)!r} in the summary, {own!r} in the config)"
+    recorded = summary.get("metrics_sha256")
+    if recorded is not None and recorded != rundir.file_digest(run / rundir.METRICS):
+        return f"{rundir.METRICS} (it is not the file of epochs this summary was written from)"
+    return None
 
 
 def _selection_disagreement(run: Path, summary: dict, metrics: list[dict]) -> str | None:

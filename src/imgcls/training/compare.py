@@ -20,14 +20,14 @@ import yaml
 
 from imgcls import rundir
 from imgcls.config import FIELDS, TrainConfig, build_config
-from imgcls.data.datasets import data_source, load_dataset
-from imgcls.data.exclusions import excluded_names
+from imgcls.data.datasets import data_source
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
 from imgcls.evaluation.significance import compare_to_first, run_test_predictions, test_scores
 from imgcls.models import model_spec
 from imgcls.options import integer
 from imgcls.rundir import file_digest
+from imgcls.training.context import load_training_data
 from imgcls.training.train import fit
 from imgcls.yamlio import load_yaml_mapping
 
@@ -373,22 +373,21 @@ def _check_planned_data(cfg: TrainConfig, out: Path) -> None:
 
 
 def _check_current_data(plans: list[Planned], out: Path) -> None:
-    """When new runs would join runs already in `out`, refuse before training if the data on disk has
-    changed since (images added, removed or relabelled), as the new runs could not be compared."""
-    todo = [p for p in plans if not (p.run / rundir.SUMMARY).exists()]
+    """When `out` holds runs already, refuse before anything trains or is tabled if the data on disk has
+    changed since (images added, removed, relabelled or edited): new runs could not be compared with them,
+    and finished ones would be tabled as results on data they never saw."""
     existing = _existing_fingerprints(out)
-    if not todo or not existing:
+    if not existing:
         return
-    cfg = todo[0].cfg
+    cfg = plans[0].cfg
     # Loaded as fit() will load it (the mode decides which unreadable files are skipped); this costs one
-    # extra read of the data, only when new runs join old ones.
-    dataset = load_dataset(cfg.data, cfg.data_dir, cfg.img_size, cfg.val_fraction, cfg.split_seed,
-                           cfg.data_mode, cfg.workers, download=False, exclude=excluded_names(cfg))
-    now = {k: dataset.fingerprint.get(k) for k in ("sizes", "labels_sha256", "excluded_sha256")}
+    # extra read of the data when `out` holds runs.
+    dataset = load_training_data(cfg, download=False)
+    now = {k: dataset.fingerprint.get(k) for k in ("sizes", "labels_sha256", "excluded_sha256", "content_sha256")}
     for run, found in existing.items():
         if {k: found.get(k) for k in now} != now:
-            raise UserError(f"the data in {cfg.data} has changed since {run} was trained (images added, removed or "
-                            f"relabelled); use a fresh --out, or restore the data")
+            raise UserError(f"the data in {cfg.data} has changed since {run} was trained (images added, removed, "
+                            f"relabelled or edited); use a fresh --out, or restore the data")
 
 
 def _clear_unstarted(run: Path) -> None:

@@ -95,6 +95,18 @@ class TrainingContext:
         return self.cfg.seed + 1_000_003 * self.world.rank
 
 
+def load_training_data(cfg: TrainConfig, exclude: list[str] | None = None, download: bool = True) -> Dataset:
+    """cfg.data as training loads it: at the model's size (shards: their own) and with its pretrained weights'
+    crop and normalisation; `exclude` instead of the names cfg.exclude's file lists now."""
+    spec = model_spec(cfg.model)
+    normalization, crop_pct = pretrained_preprocessing(cfg, spec)
+    # shards hold images at the size they were written at, which is then the default
+    size = cfg.img_size or (None if shards.is_shards(cfg.data) else spec.img_size)
+    return load_dataset(cfg.data, cfg.data_dir, size, cfg.val_fraction, cfg.split_seed, cfg.data_mode, cfg.workers,
+                        download=download, normalize=normalization, crop_pct=crop_pct,
+                        exclude=exclude if exclude is not None else excluded_names(cfg), task=cfg.task)
+
+
 def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
                   dataset: Dataset | None = None, exclude: list[str] | None = None) -> TrainingContext:
     """The context of a new run (`fresh`: pretrained weights and whitening applied) or of a resumed one
@@ -106,12 +118,7 @@ def build_context(cfg: TrainConfig, world: World, device_name: str, fresh: bool,
     check_precision(cfg.eval_precision, device)
     _check_parallel(cfg, world, device)
     spec = model_spec(cfg.model)  # fail fast on an unknown name, before loading data
-    normalization, crop_pct = pretrained_preprocessing(cfg, spec)
-    # shards hold images at the size they were written at, which is then the default
-    size = cfg.img_size or (None if shards.is_shards(cfg.data) else spec.img_size)
-    dataset = dataset or load_dataset(cfg.data, cfg.data_dir, size, cfg.val_fraction,
-                           cfg.split_seed, cfg.data_mode, cfg.workers, normalize=normalization, crop_pct=crop_pct,
-                           exclude=exclude if exclude is not None else excluded_names(cfg), task=cfg.task)
+    dataset = dataset or load_training_data(cfg, exclude)
     if dataset.train.shards is not None and not cfg.cache_features:  # before any measuring
         check_shard_options(cfg)
     check_task(cfg, dataset.task)

@@ -136,6 +136,7 @@ def _train(cfg: TrainConfig, resume, world: World, device_name: str, stop: StopO
             summary = summarize(ctx, run, state, cache_seconds)
             plan = rundir.read_plan(run)  # how the plan was made, also for a resumed run
             summary["kernels"] = plan and {k: v for k, v in plan.items() if k != "options"}  # config.yaml has them
+            summary["metrics_sha256"] = rundir.file_digest(run / rundir.METRICS)  # the epochs it summarises
             rundir.write_sealed_json(run / rundir.SUMMARY, summary)  # the card, report and compare read it
             if tb is not None:
                 _finish_tensorboard(tb, ctx, run, summary)
