@@ -438,3 +438,19 @@ def test_seeds_on_the_command_line_are_ascii_decimal_as_every_integer_flag(text)
     with pytest.raises(UserError, match="--seeds takes comma-separated integers"):
         parse_seeds(f"0,{text}")
     assert parse_seeds("0, 1,2") == [0, 1, 2]
+
+
+def test_a_report_killed_between_its_analysis_and_its_page_is_not_taken_as_current(tmp_path, tiny_folder):
+    from imgcls.evaluation.analysis import analyze_run, report_is_current
+    from imgcls.reporting.html import write_run_report
+    from imgcls.training.train import fit
+    from tests.conftest import tiny_config
+
+    run = fit(tiny_config(tiny_folder, tmp_path / "run", epochs=1))
+    analyze_run(run, "none", gallery=2)
+    write_run_report(run)
+    assert report_is_current(run, "none")
+    analyze_run(run, "flip", gallery=2)  # the next report's analysis landed; it was killed before its page
+    assert not report_is_current(run, "flip") and not report_is_current(run, "none")
+    write_run_report(run)
+    assert report_is_current(run, "flip")

@@ -229,6 +229,11 @@ def _selection_disagreement(run: Path, summary: dict, metrics: list[dict]) -> st
     return None
 
 
+def analysis_mark(analysis: dict) -> str:
+    """The line a run's report.html carries to say which analysis.json it shows (its seal)."""
+    return f"<!-- imgcls analysis {analysis.get(rundir.SEAL, '')} -->"
+
+
 def report_is_current(run: Path, tta: str) -> bool:
     """Whether RUN/report holds the report of the run's best.pt as it is now, with `tta`: what a comparison's report
     may link without making it again (a report taken from another run, or of an older checkpoint, is not)."""
@@ -239,4 +244,7 @@ def report_is_current(run: Path, tta: str) -> bool:
         analysis = rundir.read_sealed_json(path, "")
     except UserError:
         return False
-    return analysis.get("weights") == file_digest(run / rundir.BEST) and analysis.get("tta", {}).get("mode") == tta
+    # the page must show this analysis: a report killed between the two leaves them mixed
+    shown = analysis_mark(analysis) in page.read_text(encoding="utf-8", errors="replace")
+    return (shown and analysis.get("weights") == file_digest(run / rundir.BEST)
+            and analysis.get("tta", {}).get("mode") == tta)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls import rundir
-from imgcls.evaluation.analysis import training_record
+from imgcls.evaluation.analysis import analysis_mark, training_record
 from imgcls.plotting import cam_overlay
 from imgcls.progress import track
 from imgcls.reporting import figures
@@ -67,7 +67,7 @@ def write_run_report(run: Path) -> Path:
     config = (run / rundir.CONFIG).read_text()
     if a.get("task") == "multilabel":
         curves = figures.training_curves(metrics, folder / "curves.png")
-        return _write_page(folder, run, multilabel_body(run, folder, summary, curves, a, config))
+        return _write_page(folder, run, multilabel_body(run, folder, summary, curves, a, config), a)
     cal, tta = a["calibration"], a["tta"]
     drawn = _run_figures(folder, metrics, a, np.load(folder / rundir.ANALYSIS_NPZ))
     curves, confusion, reliability = drawn["curves"], drawn["confusion"], drawn["reliability"]
@@ -113,12 +113,13 @@ def write_run_report(run: Path) -> Path:
         "<h2>Top losses</h2>", img_file(losses, "top losses") if losses else "<p>no images</p>",
         "<h2>Configuration</h2>", f"<pre>{html.escape(config)}</pre>",
     ]
-    return _write_page(folder, run, body)
+    return _write_page(folder, run, body, a)
 
 
-def _write_page(folder: Path, run: Path, body: list[str]) -> Path:
+def _write_page(folder: Path, run: Path, body: list[str], analysis: dict) -> Path:
     out = folder / rundir.REPORT_HTML
-    rundir.atomic_write_bytes(out, html_page(f"imgcls report: {run.name}", "".join(body)).encode())
+    page = html_page(f"imgcls report: {run.name}", analysis_mark(analysis) + "".join(body))
+    rundir.atomic_write_bytes(out, page.encode())
     return out
 
 
