@@ -155,3 +155,11 @@ def test_a_recipe_that_gives_an_option_under_both_spellings_is_refused(tmp_path)
     path.write_text("epochs: 1\nlabel_smoothing: 0.1\nlabel-smoothing: 0.2\n")
     with pytest.raises(UserError, match="gives label_smoothing twice \\(as - and _\\); keep one"):
         build_config(str(path))
+
+
+def test_a_date_in_a_recipe_is_text_refused_as_the_flag_would_be(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 2019-01-01\n")
+    with pytest.raises(UserError, match="--lr") as e:
+        build_config(str(path))
+    assert "datetime" not in str(e.value) and "2019-01-01" in str(e.value)

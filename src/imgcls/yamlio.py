@@ -46,9 +46,11 @@ class _StrictLoader(yaml.SafeLoader):
 # as 60 (base 60) and `0x2` as 2, where `--seed 010` is 10 and `--lr 0x2` is refused. Decimal only here; the
 # other forms stay text, which the option schema then refuses in one line.
 # Booleans likewise: YAML 1.1 reads `prefetch: off` and `aug: no` as false; only true and false are booleans here.
+# Dates likewise stay text: `lr: 2019-01-01` is refused as text, not shown as datetime.date(2019, 1, 1).
 INT_TAG, FLOAT_TAG, BOOL_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool"
+TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG)]
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (INT_TAG, FLOAT_TAG, BOOL_TAG, TIMESTAMP_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _StrictLoader.add_implicit_resolver(BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 INT_FORM = re.compile(r"^[-+]?[0-9]+$")
