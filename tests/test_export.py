@@ -58,6 +58,8 @@ def _run_of(base_run, tmp_path, model: str):
     torch.manual_seed(0)
     net = create_model(model, 3)
     summary = json.loads((run / rundir.SUMMARY).read_text())  # the run's story, which best.pt must tell too
+    summary = {k: v for k, v in summary.items() if k != rundir.SEAL}
+    rundir.write_sealed_json(run / rundir.SUMMARY, {**summary, "model": model})  # a summary names its model
     save_checkpoint({"model_name": model, "num_classes": 3, "model": net.state_dict(), "epoch": summary["best_epoch"],
                      "val_acc": summary["best_val_acc"]}, run / rundir.BEST)
     return run

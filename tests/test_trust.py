@@ -828,8 +828,9 @@ def test_a_summary_edited_in_range_must_still_tell_the_epochs_and_the_checkpoint
     assert summary["best_val_acc"] != 0.95
     forged = {**summary, "best_val_acc": 0.95, "final_val_acc": 0.95}
     for metrics in (lines, [{**m, "val_acc": 0.95} for m in lines]):  # the summary alone, then both files
-        rundir.write_sealed_json(copy_ / rundir.SUMMARY, forged)  # past the seal: the cross-checks behind it
         (copy_ / rundir.METRICS).write_text("".join(rundir.sealed_line(m) for m in metrics))  # past those seals too
+        forged["metrics_sha256"] = rundir.file_digest(copy_ / rundir.METRICS)  # and the digest of the new lines
+        rundir.write_sealed_json(copy_ / rundir.SUMMARY, forged)  # past the seal: the cross-checks behind it
         against = rundir.METRICS if metrics is lines else rundir.BEST
         for argv in (["report", str(copy_), "--tta", "none"], ["export", str(copy_), "--format", "safetensors",
                                                                 "--out", str(tmp_path / "e")]):
