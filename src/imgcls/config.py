@@ -380,16 +380,23 @@ def _outside(v: float, low, high, meta: dict) -> bool:
 # ---------------------------------------------------------------- building and checking a config
 
 
+def underscored(raw: dict, where: str) -> dict[str, Any]:
+    """Options of a file by their field names (label-smoothing is label_smoothing); one given under both
+    spellings is refused in one line, as YAML's own repeated keys are."""
+    options: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name in options:
+            raise UserError(f"{where} gives {name} twice (as - and _); keep one")
+        options[name] = value
+    return options
+
+
 def read_recipe(path: str | Path) -> dict[str, Any]:
     """A YAML recipe: a mapping of TrainConfig fields (dashes or underscores), coerced by the schema."""
     from imgcls.yamlio import load_yaml_mapping
 
-    raw = load_yaml_mapping(path, "recipe")
-    values = {str(k).replace("-", "_"): v for k, v in raw.items()}
-    if len(values) < len(raw):  # label-smoothing and label_smoothing: one option given twice
-        names = [str(k).replace("-", "_") for k in raw]
-        twice = next(n for n in names if names.count(n) > 1)
-        raise UserError(f"recipe {path} gives {twice} twice (as - and _); keep one")
+    values = underscored(load_yaml_mapping(path, "recipe"), f"recipe {path}")
     unknown = sorted(set(values) - set(FIELDS))
     if unknown:
         raise UserError(f"recipe {path}: unknown option(s) {', '.join(unknown)}; "

@@ -388,7 +388,8 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     builtin = data in BUILTIN_DATA
     if data_dir and not builtin:
         raise UserError("--data-dir is for --data cifar10; for an image folder pass its path to --data")
-    decoded = builtin or is_shards(data)  # no files of their own: no header facts, no unreadable files
+    shards = is_shards(data)
+    decoded = builtin or shards  # no files of their own: no header facts, no unreadable files
     start = time.perf_counter()
     if decoded:
         images = _decoded_images(data, data_dir)
@@ -413,8 +414,7 @@ def audit(data: str, data_dir: str | None = None, img_size: int | None = None,
     }
     report["images_per_s"] = len(images.labels) / max(report["seconds"]["read_and_hash"], 1e-9)
     report["warnings"] = _warnings(report)
-    report["suggested_command"] = suggest_command(data, data_dir, ratio, images.multilabel,
-                                                  sampler=not is_shards(data))
+    report["suggested_command"] = suggest_command(data, data_dir, ratio, images.multilabel, sampler=not shards)
     offsets, n = {}, 0
     for split in dict.fromkeys(images.split):
         offsets[split] = n

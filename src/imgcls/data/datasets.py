@@ -229,8 +229,7 @@ def load_dataset(
                                                                   split_seed, download, exclude)
         normalization = "cifar"
     elif is_shards(data):
-        train, val, test, classes, size = _load_shards(data, img_size, val_fraction, split_seed, workers, exclude,
-                                                       task)
+        train, val, test, classes, size = _load_shards(data, img_size, val_fraction, workers, exclude, task)
         normalization, excluded = "imagenet", None
     elif is_manifest(data):
         train, val, test, classes, size, task, excluded = _load_manifest(Path(data), img_size or 64, val_fraction,
@@ -307,8 +306,8 @@ def _load_builtin(data: str, data_dir: str | None, size: int, val_fraction: floa
     return train, val, Split(y_test, images=x_test), classes, size, excluded
 
 
-def _load_shards(data: str, img_size: int | None, val_fraction: float, split_seed: int, workers: int,
-                 exclude: list[str] | None, task: str):
+def _load_shards(data: str, img_size: int | None, val_fraction: float, workers: int, exclude: list[str] | None,
+                 task: str):
     """(train, val, test, classes, size) of WebDataset shards written by imgcls shard: their splits as written
     and at the size they were written at. Training reads whole shards, so val is never carved from them."""
     manifest, parts = read_shards(data)

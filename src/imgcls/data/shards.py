@@ -114,12 +114,6 @@ class ShardSplit:
         if count < stop:
             raise _damaged(f.path, f"it holds {count} samples, the manifest {f.count}")
 
-    def locate(self, index: int) -> tuple[int, int]:
-        """(shard, position in it) of split index `index`."""
-        starts = [f.first for f in self.files]
-        shard = int(np.searchsorted(starts, index, side="right")) - 1
-        return shard, index - starts[shard]
-
     def in_order(self, ids: torch.Tensor, batch_size: int):
         """uint8 batches of the samples `ids` (split indices), in that order: streamed a shard at a time when
         ascending, else (a few images, such as a report's gallery) gathered first."""
@@ -135,21 +129,37 @@ class ShardSplit:
             for s in range(0, len(ids), batch_size):
                 yield pixels[s : s + batch_size]
             return
-        pending: list[torch.Tensor] = []
-        held = 0
-        for shard, f in enumerate(self.files):
-            mine = ids[(ids >= f.first) & (ids < f.first + f.count)] - f.first
-            if len(mine) == 0:
+        def per_shard():
+            for shard, f in enumerate(self.files):
+                mine = ids[(ids >= f.first) & (ids < f.first + f.count)] - f.first
+                if len(mine):
+                    yield (self.read(shard, int(mine.min()), int(mine.max()) + 1)[mine - mine.min()],)
+
+        for (pixels,) in _rebatch(per_shard(), batch_size):
+            yield pixels
+
+
+def _rebatch(parts, batch_size: int):
+    """Tuples of tensors aligned on their first dimension (a shard's or a chunk's pixels and indices), cut into
+    batches of `batch_size`, the last maybe short: views into each part, and only a tail that fills no batch is
+    joined to the next part (joining the whole remainder for every batch copied a shard per batch)."""
+    rest = None
+    for part in parts:
+        if rest is not None:
+            take = min(batch_size - len(rest[0]), len(part[0]))
+            rest = tuple(torch.cat([r, p[:take]]) for r, p in zip(rest, part, strict=True))
+            part = tuple(p[take:] for p in part)
+            if len(rest[0]) < batch_size:
                 continue
-            pixels = self.read(shard, int(mine.min()), int(mine.max()) + 1)[mine - mine.min()]
-            pending.append(pixels)
-            held += len(pixels)
-            while held >= batch_size:
-                joined = torch.cat(pending)
-                yield joined[:batch_size]
-                pending, held = [joined[batch_size:]], held - batch_size
-        if held:
-            yield torch.cat(pending)
+            yield rest
+            rest = None
+        full = len(part[0]) - len(part[0]) % batch_size
+        for start in range(0, full, batch_size):
+            yield tuple(p[start : start + batch_size] for p in part)
+        if full < len(part[0]):
+            rest = tuple(p[full:].clone() for p in part)
+    if rest is not None:
+        yield rest
 
 
 def _samples(tar: tarfile.TarFile, f: ShardFile, split: str, ext: str):
@@ -250,25 +260,15 @@ def chunk_batches(split: ShardSplit, chunks: list[Chunk], labels: torch.Tensor, 
     are the Split's, indexed by split index."""
     loader = torch.utils.data.DataLoader(_ChunkReader(split, chunks), batch_size=None, num_workers=workers,
                                          prefetch_factor=1 if workers else None)
-    rest_x, rest_i = None, None  # the samples of earlier chunks that did not fill a batch
-    for pixels, index in loader:
-        if isinstance(pixels, UserError):
-            raise pixels
-        if rest_x is not None:  # only the tail is joined to the next chunk, never the whole chunk again
-            take = min(batch_size - len(rest_i), len(index))
-            rest_x, rest_i = torch.cat([rest_x, pixels[:take]]), torch.cat([rest_i, index[:take]])
-            pixels, index = pixels[take:], index[take:]
-            if len(rest_i) < batch_size:
-                continue
-            yield rest_x, labels[rest_i]
-            rest_x, rest_i = None, None
-        full = len(index) - len(index) % batch_size
-        for start in range(0, full, batch_size):
-            yield pixels[start : start + batch_size], labels[index[start : start + batch_size]]
-        if full < len(index):
-            rest_x, rest_i = pixels[full:].clone(), index[full:].clone()
-    if rest_x is not None:
-        yield rest_x, labels[rest_i]
+
+    def per_chunk():
+        for pixels, index in loader:
+            if isinstance(pixels, UserError):  # a worker's refusal, handed back as it is
+                raise pixels
+            yield pixels, index
+
+    for pixels, index in _rebatch(per_chunk(), batch_size):
+        yield pixels, labels[index]
 
 
 # ---------------------------------------------------------------- reading a shard set

@@ -205,7 +205,7 @@ def _foreign(run: Path, summary: dict) -> str | None:
         if summary.get(key, own) != own:
             return f"{rundir.CONFIG} ({key} {summary.get(key)!r} in the summary, {own!r} in the config)"
     recorded = summary.get("metrics_sha256")
-    if recorded is not None and recorded != rundir.file_digest(run / rundir.METRICS):
+    if recorded is not None and recorded != file_digest(run / rundir.METRICS):
         return f"{rundir.METRICS} (it is not the file of epochs this summary was written from)"
     return None
 

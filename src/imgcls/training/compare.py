@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from imgcls import rundir
-from imgcls.config import FIELDS, TrainConfig, build_config
+from imgcls.config import FIELDS, TrainConfig, build_config, underscored
 from imgcls.data.datasets import data_source
 from imgcls.errors import UserError
 from imgcls.evaluation.analysis import training_record
@@ -111,12 +111,7 @@ def _options(raw, where: str) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise UserError(f"{where} must be a mapping of train options (option: value), not a {type(raw).__name__}")
-    options = {}
-    for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name in options:
-            raise UserError(f"{where} gives {name} twice (as - and _); keep one")
-        options[name] = value
+    options = underscored(raw, where)
     unknown = sorted(set(options) - set(FIELDS))
     if unknown:
         raise UserError(f"{where}: unknown option(s) {', '.join(unknown)}; use imgcls train option names")
